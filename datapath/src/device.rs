@@ -1,0 +1,323 @@
+//! A running virtio-net device: one worker thread per queue pair, the embedding API a VMM uses.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::engine::{self, EngineConfig, EngineError, EngineKind};
+use crate::features;
+use crate::memory::GuestMemory;
+use crate::pair::{PairSettings, QueuePair};
+use crate::stats::{Counters, QueuePairStats};
+use crate::tap::{TapError, TapQueue};
+use crate::virtqueue::{QueueConfig, QueueError, Virtqueue};
+
+/// How to run the device.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// The negotiated (driver-acked) virtio features.
+    pub features: u64,
+    /// Link MTU.
+    pub mtu: u16,
+    /// Which engine the workers run.
+    pub engine: EngineKind,
+    /// Engine tunables.
+    pub engine_config: EngineConfig,
+    /// CPU to pin each queue pair's worker to (by queue pair index); none: not pinned.
+    pub cpu_affinity: Vec<Option<usize>>,
+}
+
+impl DeviceConfig {
+    /// A configuration for these features and engine, MTU 1500, default tunables, no pinning.
+    pub fn new(features: u64, engine: EngineKind) -> DeviceConfig {
+        DeviceConfig {
+            features,
+            mtu: 1500,
+            engine,
+            engine_config: EngineConfig::default(),
+            cpu_affinity: Vec::new(),
+        }
+    }
+}
+
+/// One queue pair as the VMM hands it over.
+#[derive(Debug)]
+pub struct QueuePairSpec {
+    /// RX virtqueue (2n).
+    pub rx: QueueConfig,
+    /// TX virtqueue (2n + 1).
+    pub tx: QueueConfig,
+    /// The TAP queue serving this pair.
+    pub tap: TapQueue,
+}
+
+/// Errors of starting and stopping a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Features tapir does not implement, or VERSION_1 missing.
+    #[error("unsupported features {0:#x} (tapir needs VERSION_1 and supports {sup:#x})", sup = features::SUPPORTED)]
+    UnsupportedFeatures(u64),
+    /// No queue pairs.
+    #[error("a device needs at least one queue pair")]
+    NoQueuePairs,
+    /// A virtqueue's configuration.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The TAP.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// An eventfd or thread could not be created.
+    #[error("{what}: {source}")]
+    Os {
+        /// What failed.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A worker's engine failed.
+    #[error("queue pair {pair}: {source}")]
+    Engine {
+        /// Queue pair index.
+        pair: u16,
+        /// The cause.
+        #[source]
+        source: EngineError,
+    },
+    /// A worker panicked (a bug in tapir).
+    #[error("queue pair {0}: worker thread panicked")]
+    WorkerPanicked(u16),
+}
+
+struct Worker {
+    index: u16,
+    stop: EventFd,
+    stats: Arc<QueuePairStats>,
+    thread: JoinHandle<(QueuePair, Result<(), EngineError>)>,
+}
+
+/// A running device.
+pub struct Device {
+    memory: GuestMemory,
+    features: u64,
+    engine: EngineKind,
+    workers: Vec<Worker>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("engine", &self.engine)
+            .field("queue_pairs", &self.workers.len())
+            .finish()
+    }
+}
+
+/// A queue pair after its worker stopped: nothing in flight, ready to be snapshotted.
+#[derive(Debug)]
+pub struct QuiescedPair {
+    /// The pair, its rings, fds and counters.
+    pub pair: QueuePair,
+}
+
+impl QuiescedPair {
+    /// (next_avail, next_used) of the RX queue.
+    pub fn rx_positions(&self) -> (u16, u16) {
+        self.pair.rx.positions()
+    }
+    /// (next_avail, next_used) of the TX queue.
+    pub fn tx_positions(&self) -> (u16, u16) {
+        self.pair.tx.positions()
+    }
+    /// RX heads popped but not used, in ring order (a successor re-posts them first).
+    pub fn rx_in_flight(&self) -> Vec<u16> {
+        self.pair.spare_rx().collect()
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), DeviceError> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let os = |e: nix::errno::Errno| DeviceError::Os {
+        what: "fcntl on an eventfd",
+        source: e.into(),
+    };
+    let flags = OFlag::from_bits_retain(fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(os)?);
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(os)?;
+    Ok(())
+}
+
+impl Device {
+    /// Starts one worker per queue pair and returns once every engine is set up.
+    pub fn start(
+        cfg: DeviceConfig,
+        memory: GuestMemory,
+        pairs: Vec<QueuePairSpec>,
+    ) -> Result<Device, DeviceError> {
+        let unsupported = cfg.features & !features::SUPPORTED;
+        if unsupported != 0 || cfg.features & features::F_VERSION_1 == 0 {
+            return Err(DeviceError::UnsupportedFeatures(cfg.features));
+        }
+        let first = pairs.first().ok_or(DeviceError::NoQueuePairs)?;
+        let offloads = first.tap.set_offload_from_features(cfg.features)?;
+        tracing::info!(offloads, features = cfg.features, "TAP offloads set");
+        let event_idx = cfg.features & features::F_EVENT_IDX != 0;
+        let settings = PairSettings {
+            features: cfg.features,
+            mtu: cfg.mtu,
+        };
+        let mut device = Device {
+            memory: memory.clone(),
+            features: cfg.features,
+            engine: cfg.engine,
+            workers: Vec::with_capacity(pairs.len()),
+        };
+        let (ready_tx, ready_rx) = mpsc::channel::<u16>();
+        for (i, spec) in pairs.into_iter().enumerate() {
+            let index = u16::try_from(i).map_err(|_| DeviceError::NoQueuePairs)?;
+            set_nonblocking(&spec.rx.kick)?;
+            set_nonblocking(&spec.tx.kick)?;
+            let rx = Virtqueue::new(2 * index, spec.rx, event_idx, &memory)?;
+            let tx = Virtqueue::new(2 * index + 1, spec.tx, event_idx, &memory)?;
+            let stats = Arc::new(QueuePairStats::default());
+            let mut pair = QueuePair::new(
+                index,
+                memory.clone(),
+                rx,
+                tx,
+                spec.tap,
+                settings,
+                stats.clone(),
+            );
+            let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| DeviceError::Os {
+                    what: "eventfd",
+                    source: e.into(),
+                })?;
+            let stop_fd: OwnedFd =
+                stop.as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| DeviceError::Os {
+                        what: "dup",
+                        source,
+                    })?;
+            let cpu = cfg.cpu_affinity.get(i).copied().flatten();
+            let mut engine = engine::new_engine(cfg.engine, cfg.engine_config);
+            let ready = ready_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("tapir-qp{index}"))
+                .spawn(move || {
+                    pair.stats.set_tid(nix::unistd::gettid().as_raw());
+                    if let Some(cpu) = cpu {
+                        pin_to_cpu(cpu);
+                    }
+                    let span = tracing::info_span!("worker", pair = index, engine = %engine.kind());
+                    let _enter = span.enter();
+                    let mut signal_ready = || {
+                        let _ = ready.send(index);
+                    };
+                    let result = engine.run(&mut pair, &stop_fd, &mut signal_ready);
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "worker stopped");
+                    }
+                    (pair, result)
+                })
+                .map_err(|source| DeviceError::Os {
+                    what: "spawning a worker",
+                    source,
+                })?;
+            device.workers.push(Worker {
+                index,
+                stop,
+                stats,
+                thread,
+            });
+        }
+        drop(ready_tx);
+        // Wait until every engine is set up; a worker that fails its set-up drops its sender
+        // without sending, and its error comes out of stop().
+        let mut ready = 0;
+        while ready < device.workers.len() {
+            if ready_rx.recv().is_err() {
+                let err = device.stop_inner().err();
+                return Err(err.unwrap_or(DeviceError::WorkerPanicked(0)));
+            }
+            ready += 1;
+        }
+        Ok(device)
+    }
+
+    /// The guest memory the device works on (for dirty logs).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The engine the workers run.
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
+    /// Latest counters of each queue pair.
+    pub fn counters(&self) -> Vec<Counters> {
+        self.workers
+            .iter()
+            .map(|w| w.stats.counters.snapshot())
+            .collect()
+    }
+
+    /// Each worker's published stats (counters, thread id, CPU time).
+    pub fn worker_stats(&self) -> Vec<Arc<QueuePairStats>> {
+        self.workers.iter().map(|w| w.stats.clone()).collect()
+    }
+
+    /// Quiesces every worker (see [`engine::Engine`]) and returns the pairs, nothing in flight.
+    pub fn stop(mut self) -> Result<Vec<QuiescedPair>, DeviceError> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<Vec<QuiescedPair>, DeviceError> {
+        for w in &self.workers {
+            let _ = w.stop.write(1);
+        }
+        let mut pairs = Vec::with_capacity(self.workers.len());
+        let mut first_err = None;
+        for w in self.workers.drain(..) {
+            match w.thread.join() {
+                Ok((pair, Ok(()))) => pairs.push(QuiescedPair { pair }),
+                Ok((_, Err(source))) => {
+                    first_err.get_or_insert(DeviceError::Engine {
+                        pair: w.index,
+                        source,
+                    });
+                }
+                Err(_) => {
+                    first_err.get_or_insert(DeviceError::WorkerPanicked(w.index));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(pairs),
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if !self.workers.is_empty() {
+            let _ = self.stop_inner();
+        }
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+            tracing::warn!(cpu, error = %e, "could not pin worker");
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The classic engine: epoll and one `readv`/`writev` per chain (QEMU, Firecracker and Cloud
+//! Hypervisor work this way). The fallback where io_uring is disabled, and the baseline.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+use super::{Engine, EngineConfig, EngineError, EngineKind};
+use crate::pair::{QueuePair, RxRead, TxWrite};
+
+const TOKEN_TX_KICK: u64 = 1;
+const TOKEN_RX_KICK: u64 = 2;
+const TOKEN_TAP: u64 = 3;
+const TOKEN_STOP: u64 = 4;
+
+/// The epoll + readv/writev engine.
+#[derive(Debug)]
+pub struct ClassicEngine {
+    cfg: EngineConfig,
+}
+
+impl ClassicEngine {
+    /// An engine with these tunables.
+    pub fn new(cfg: EngineConfig) -> ClassicEngine {
+        ClassicEngine { cfg }
+    }
+}
+
+fn io_err(what: &'static str, source: io::Error) -> EngineError {
+    EngineError::Io {
+        engine: EngineKind::Classic,
+        what,
+        source,
+    }
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Writes every available TX chain to the TAP, one `writev` each.
+fn process_tx(pair: &mut QueuePair, w: &mut TxWrite, burst: usize) -> bool {
+    pair.tx.disable_notification(&pair.mem);
+    let mut n = 0;
+    loop {
+        if n == burst {
+            // Let RX and interrupts in; come back without waiting for a kick.
+            return true;
+        }
+        if !pair.next_tx(w) {
+            if pair.tx.enable_notification(&pair.mem) {
+                pair.tx.disable_notification(&pair.mem);
+                continue;
+            }
+            return false;
+        }
+        let iovcnt = libc::c_int::try_from(w.seg.iov.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the iovecs point into mapped guest memory and are valid for the call.
+        let rc = unsafe { libc::writev(pair.tap.as_raw_fd(), w.seg.iov.as_ptr(), iovcnt) };
+        pair.counters.io_syscalls += 1;
+        let result = usize::try_from(rc).map_err(|_| errno());
+        pair.complete_tx(w, result);
+        n += 1;
+    }
+}
+
+/// What RX found.
+enum RxOutcome {
+    /// The TAP has no more frames.
+    TapEmpty,
+    /// The guest has no more buffers.
+    NoBuffers,
+    /// The burst limit was reached.
+    Burst,
+}
+
+/// Reads frames from the TAP into guest buffers, one `readv` each.
+fn process_rx(pair: &mut QueuePair, r: &mut RxRead, burst: usize) -> RxOutcome {
+    pair.rx.disable_notification(&pair.mem);
+    for _ in 0..burst {
+        if !pair.prepare_rx(r, false) {
+            if pair.rx.enable_notification(&pair.mem) {
+                pair.rx.disable_notification(&pair.mem);
+                if !pair.prepare_rx(r, false) {
+                    return RxOutcome::NoBuffers;
+                }
+            } else {
+                return RxOutcome::NoBuffers;
+            }
+        }
+        let iovcnt = libc::c_int::try_from(r.seg.iov.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the iovecs point into mapped guest memory and the pair's overflow area, both
+        // valid for the call.
+        let rc = unsafe { libc::readv(pair.tap.as_raw_fd(), r.seg.iov.as_ptr(), iovcnt) };
+        pair.counters.io_syscalls += 1;
+        match usize::try_from(rc) {
+            Ok(n) if n > 0 => pair.complete_rx(r, n),
+            _ => {
+                let e = errno();
+                pair.return_rx(r);
+                if e != libc::EAGAIN {
+                    tracing::warn!(pair = pair.index, errno = e, "TAP read failed");
+                }
+                return RxOutcome::TapEmpty;
+            }
+        }
+    }
+    RxOutcome::Burst
+}
+
+impl Engine for ClassicEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Classic
+    }
+
+    fn run(
+        &mut self,
+        pair: &mut QueuePair,
+        stop: &OwnedFd,
+        ready: &mut dyn FnMut(),
+    ) -> Result<(), EngineError> {
+        let epoll =
+            Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| EngineError::Setup {
+                engine: EngineKind::Classic,
+                source: e.into(),
+            })?;
+        let add = |fd: std::os::fd::BorrowedFd<'_>, token: u64| {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+                .map_err(|e| io_err("epoll_ctl", e.into()))
+        };
+        add(pair.tx.kick.as_fd(), TOKEN_TX_KICK)?;
+        add(pair.rx.kick.as_fd(), TOKEN_RX_KICK)?;
+        add(stop.as_fd(), TOKEN_STOP)?;
+        add(pair.tap.as_fd(), TOKEN_TAP)?;
+        ready();
+        let mut tap_armed = true;
+        let mut w = TxWrite::new();
+        let mut r = RxRead::new(4);
+        let burst = self.cfg.tx_depth.max(1);
+        let rx_burst = self.cfg.rx_depth.max(1);
+        let mut events = [EpollEvent::empty(); 8];
+        let mut tx_more = true;
+        let mut rx_more = true;
+        loop {
+            let timeout = if tx_more || rx_more {
+                EpollTimeout::ZERO
+            } else {
+                EpollTimeout::NONE
+            };
+            let n = match epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => 0,
+                Err(e) => return Err(io_err("epoll_wait", e.into())),
+            };
+            pair.counters.batches += 1;
+            let mut stopping = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_TX_KICK => {
+                        if pair.tx.drain_kick() > 0 {
+                            pair.counters.tx_kicks += 1;
+                        }
+                        tx_more = true;
+                    }
+                    TOKEN_RX_KICK => {
+                        if pair.rx.drain_kick() > 0 {
+                            pair.counters.rx_kicks += 1;
+                        }
+                        rx_more = true;
+                    }
+                    TOKEN_TAP => rx_more = true,
+                    TOKEN_STOP => stopping = true,
+                    _ => {}
+                }
+            }
+            if stopping {
+                // Nothing is in flight between syscalls: quiescing is just stopping here.
+                break;
+            }
+            if tx_more {
+                tx_more = process_tx(pair, &mut w, burst);
+            }
+            if rx_more {
+                let outcome = process_rx(pair, &mut r, rx_burst);
+                rx_more = matches!(outcome, RxOutcome::Burst);
+                // Without guest buffers, stop listening to the TAP (it would wake us for
+                // nothing); the RX kick re-arms it.
+                let want_tap = !matches!(outcome, RxOutcome::NoBuffers);
+                if want_tap != tap_armed {
+                    let flags = if want_tap {
+                        EpollFlags::EPOLLIN
+                    } else {
+                        EpollFlags::empty()
+                    };
+                    epoll
+                        .modify(pair.tap.as_fd(), &mut EpollEvent::new(flags, TOKEN_TAP))
+                        .map_err(|e| io_err("epoll_ctl", e.into()))?;
+                    tap_armed = want_tap;
+                }
+            }
+            pair.interrupts(|q| q.signal());
+            pair.publish();
+        }
+        pair.interrupts(|q| q.signal());
+        pair.publish();
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! Engines move bytes between a queue pair's rings and its TAP queue. Both run one queue pair
+//! on one thread and share all device logic ([`crate::pair`]); they differ only in how they
+//! talk to the kernel:
+//!
+//! - [`uring`]: one io_uring per worker; TX chains become `Writev` SQEs submitted as a batch,
+//!   RX chains are posted as `Readv`s that the kernel completes when frames arrive, kicks are
+//!   pending reads on the kick eventfds and interrupts are `Write`s on the call eventfds that
+//!   ride along with the next submit.
+//! - [`classic`]: epoll plus one `readv`/`writev` syscall per chain, the design of QEMU,
+//!   Firecracker and Cloud Hypervisor; the fallback where io_uring is disabled and the baseline
+//!   of every benchmark.
+
+pub mod classic;
+pub mod uring;
+
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::str::FromStr;
+
+use crate::pair::QueuePair;
+
+/// Which engine a worker runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// io_uring, batched.
+    Uring,
+    /// epoll + readv/writev.
+    Classic,
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineKind::Uring => "uring",
+            EngineKind::Classic => "classic",
+        })
+    }
+}
+
+impl FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "uring" => Ok(EngineKind::Uring),
+            "classic" => Ok(EngineKind::Classic),
+            other => Err(format!("unknown engine {other:?} (uring or classic)")),
+        }
+    }
+}
+
+/// Tunables of an engine.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// TX writes in flight at most (uring) / chains per TX burst (classic).
+    pub tx_depth: usize,
+    /// TAP reads posted at most (uring) / reads per RX burst (classic).
+    pub rx_depth: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            tx_depth: 256,
+            rx_depth: 64,
+        }
+    }
+}
+
+/// Errors that stop a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine could not be set up (io_uring disabled, epoll failure, ...).
+    #[error("{engine} engine set-up failed: {source}")]
+    Setup {
+        /// Which engine.
+        engine: EngineKind,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A syscall the loop depends on failed.
+    #[error("{engine} engine: {what} failed: {source}")]
+    Io {
+        /// Which engine.
+        engine: EngineKind,
+        /// Which call.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An engine runs a queue pair until its stop eventfd is signalled, then quiesces: it stops
+/// popping, waits for every TAP write in flight, cancels or completes every TAP read in flight
+/// (the guest buffers of cancelled reads stay in the pair's spare list, in ring order) and
+/// returns with no I/O outstanding.
+pub trait Engine: Send {
+    /// Which engine this is.
+    fn kind(&self) -> EngineKind;
+    /// Runs the queue pair until `stop` is signalled.
+    /// `ready` is called once the engine is set up, before the first wait.
+    fn run(
+        &mut self,
+        pair: &mut QueuePair,
+        stop: &OwnedFd,
+        ready: &mut dyn FnMut(),
+    ) -> Result<(), EngineError>;
+}
+
+/// Builds an engine.
+pub fn new_engine(kind: EngineKind, cfg: EngineConfig) -> Box<dyn Engine> {
+    match kind {
+        EngineKind::Uring => Box::new(uring::UringEngine::new(cfg)),
+        EngineKind::Classic => Box::new(classic::ClassicEngine::new(cfg)),
+    }
+}
+
+/// True when this process may create an io_uring (not disabled by sysctl or seccomp).
+pub fn uring_available() -> bool {
+    io_uring::IoUring::new(2).is_ok()
+}

@@ -1,0 +1,31 @@
+//! tapir-datapath: a performance-first virtio-net datapath between a guest's split virtqueues
+//! and a multiqueue TAP, through io_uring (or epoll, as the `classic` baseline).
+//!
+//! A VMM embeds it like this: map guest memory ([`GuestMemory::from_regions`]), open or adopt
+//! the TAP ([`Tap`]), describe each queue pair ([`QueuePairSpec`]: ring addresses, kick and call
+//! eventfds, a TAP queue) and [`Device::start`] it with the negotiated features. One worker
+//! thread per queue pair runs until [`Device::stop`] quiesces it.
+//!
+//! Module map (one concern each): [`tap`] (TAP ioctls), [`memory`] (mapping, translation,
+//! dirty log), [`chain`] (descriptor chains to iovecs, both directions), [`vnet_hdr`] (the
+//! header), [`virtqueue`] (ring + eventfds + broken state), [`pair`] (the device logic of a
+//! queue pair, shared by the engines), [`engine`] (uring and classic), [`device`] (workers),
+//! [`stats`] (counters), [`features`] (feature bits and what follows from them).
+
+pub mod chain;
+pub mod device;
+pub mod engine;
+pub mod features;
+pub mod memory;
+pub mod pair;
+pub mod stats;
+pub mod tap;
+pub mod virtqueue;
+pub mod vnet_hdr;
+
+pub use device::{Device, DeviceConfig, DeviceError, QueuePairSpec, QuiescedPair};
+pub use engine::{EngineConfig, EngineKind};
+pub use memory::{GuestMemory, MemoryError, MemoryRegionSpec};
+pub use stats::Counters;
+pub use tap::{Tap, TapError, TapQueue};
+pub use virtqueue::QueueConfig;

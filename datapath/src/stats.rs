@@ -1,0 +1,110 @@
+//! Per-queue-pair counters: one flat struct, kept in plain integers by the worker and published
+//! to atomics once per batch (no locked instruction per packet).
+
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
+        /// A snapshot of one queue pair's counters.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct Counters {
+            $( $(#[doc = $doc])* pub $name: u64, )*
+        }
+
+        /// The published copy of a worker's [`Counters`], readable from any thread.
+        #[derive(Debug, Default)]
+        pub struct SharedCounters {
+            $( $name: AtomicU64, )*
+            tid: AtomicI32,
+        }
+
+        impl SharedCounters {
+            /// Publishes the worker's current counters.
+            pub fn publish(&self, c: &Counters) {
+                $( self.$name.store(c.$name, Ordering::Relaxed); )*
+            }
+
+            /// Reads the last published counters.
+            pub fn snapshot(&self) -> Counters {
+                Counters { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            }
+        }
+
+        impl Counters {
+            /// Field names and values, for reports.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($name), self.$name), )* ]
+            }
+
+            /// `self - earlier`, field by field (saturating).
+            pub fn delta(&self, earlier: &Counters) -> Counters {
+                Counters { $( $name: self.$name.saturating_sub(earlier.$name), )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Frames delivered to the guest.
+    rx_packets,
+    /// Bytes delivered to the guest (frames without the vnet header).
+    rx_bytes,
+    /// Frames larger than the posted RX buffers, dropped (never truncated).
+    rx_dropped_oversize,
+    /// Times the worker found no RX buffers while it wanted to post a read.
+    rx_no_buffers,
+    /// RX descriptor chains refused as malformed (used with length 0).
+    rx_malformed,
+    /// Kicks received on the RX queue.
+    rx_kicks,
+    /// Interrupts (call eventfd signals) raised for the RX queue.
+    rx_interrupts,
+    /// Frames written to the TAP.
+    tx_packets,
+    /// Bytes written to the TAP (frames without the vnet header).
+    tx_bytes,
+    /// TAP writes the kernel refused (bad GSO header, ...); the chain is still completed.
+    tx_errors,
+    /// TX descriptor chains refused as malformed (used with length 0).
+    tx_malformed,
+    /// Kicks received on the TX queue.
+    tx_kicks,
+    /// Interrupts raised for the TX queue.
+    tx_interrupts,
+    /// Worker loop iterations that waited for the kernel (io_uring_enter or epoll_wait).
+    batches,
+    /// Syscalls that moved packets (one per readv/writev in classic, one per submit in uring).
+    io_syscalls,
+    /// Queues marked broken (a ring the guest corrupted; serviced no more until reset).
+    queues_broken,
+}
+
+/// What a worker publishes: its counters and its thread id (for CPU accounting through
+/// `/proc/self/task/TID/schedstat`).
+#[derive(Debug, Default)]
+pub struct QueuePairStats {
+    /// The counters.
+    pub counters: SharedCounters,
+}
+
+impl QueuePairStats {
+    /// Records the worker's thread id.
+    pub fn set_tid(&self, tid: i32) {
+        self.counters.tid.store(tid, Ordering::Relaxed);
+    }
+
+    /// The worker's thread id (0 before it started).
+    pub fn tid(&self) -> i32 {
+        self.counters.tid.load(Ordering::Relaxed)
+    }
+
+    /// CPU time the worker thread has used so far, from the scheduler's own accounting.
+    pub fn cpu_time_ns(&self) -> Option<u64> {
+        let tid = self.tid();
+        if tid == 0 {
+            return None;
+        }
+        let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+        text.split_whitespace().next()?.parse().ok()
+    }
+}
