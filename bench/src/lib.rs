@@ -1,0 +1,9 @@
+//! tapir-bench (being written).
+
+pub mod cpu;
+pub mod floor;
+pub mod frames;
+pub mod netns;
+pub mod peers;
+pub mod report;
+pub mod rig;
