@@ -1,1 +1,128 @@
-fn main() {}
+//! `tapir`: the command line. Thin: parsing and printing; the work lives in the crates.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tapir_bench::runner::{self, BenchEngine, BenchOptions, Scenario};
+
+#[derive(Parser)]
+#[command(
+    name = "tapir",
+    version,
+    about = "A performance-first userspace virtio-net datapath"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure throughput of the datapath engines against the raw TAP floor, in a private
+    /// network namespace with a simulated guest (needs root: CAP_NET_ADMIN and CAP_SYS_ADMIN).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Directions: tx (guest to host), rx (host to guest).
+    #[arg(long, value_delimiter = ',', default_value = "tx,rx")]
+    scenario: Vec<Scenario>,
+    /// Ethernet frame sizes in bytes (65536: a TSO super-frame).
+    #[arg(long, value_delimiter = ',', default_value = "64,1500,65536")]
+    frame: Vec<usize>,
+    /// Queue pair counts (default: 1 and the number of CPUs).
+    #[arg(long, value_delimiter = ',')]
+    queues: Vec<usize>,
+    /// Engines side by side: uring, classic, floor.
+    #[arg(long, value_delimiter = ',', default_value = "uring,classic,floor")]
+    engines: Vec<BenchEngine>,
+    /// Seconds measured per repeat.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// Repeats per cell (the report gives medians and min..max).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Short run for CI smoke tests: 0.5 s windows, one repeat, 1 queue pair.
+    #[arg(long)]
+    quick: bool,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the report as Markdown.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    if args.duration <= 0.0 || !args.duration.is_finite() {
+        bail!("--duration must be a positive number of seconds");
+    }
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    if let Some(bad) = args.frame.iter().find(|&&f| !(64..=65_536).contains(&f)) {
+        bail!("--frame {bad}: frame sizes go from 64 to 65536 bytes");
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut queues = args.queues.clone();
+    if queues.is_empty() {
+        queues = if args.quick || cpus == 1 {
+            vec![1]
+        } else {
+            vec![1, cpus]
+        };
+    }
+    if let Some(bad) = queues.iter().find(|&&q| q == 0 || q > 16) {
+        bail!("--queues {bad}: between 1 and 16 queue pairs");
+    }
+    let (duration, repeats) = if args.quick {
+        (Duration::from_millis(500), 1)
+    } else {
+        (Duration::from_secs_f64(args.duration), args.repeats)
+    };
+    let opts = BenchOptions {
+        scenarios: args.scenario,
+        frames: args.frame,
+        queues,
+        engines: args.engines,
+        duration,
+        warmup: duration.mul_f64(0.25).max(Duration::from_millis(200)),
+        repeats,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let mut progress = |msg: &str| {
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[K{msg}");
+        let _ = err.flush();
+    };
+    let report = runner::run(&opts, &mut progress).context("benchmark failed")?;
+    eprintln!("\r\x1b[K");
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let mut text = serde_json::to_string_pretty(&report)?;
+        text.push('\n');
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, report.markdown())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Bench(args) => bench(args),
+    }
+}

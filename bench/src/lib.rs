@@ -7,3 +7,4 @@ pub mod netns;
 pub mod peers;
 pub mod report;
 pub mod rig;
+pub mod runner;

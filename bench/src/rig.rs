@@ -42,6 +42,9 @@ pub enum RigError {
     /// The device.
     #[error(transparent)]
     Device(#[from] tapir_datapath::DeviceError),
+    /// The TAP of a previous run did not go away.
+    #[error("TAP {TAP_NAME} still exists 5 s after its last fd was closed")]
+    TapLingers,
     /// Duplicating an fd.
     #[error("dup: {0}")]
     Dup(#[source] std::io::Error),
@@ -93,6 +96,19 @@ pub fn host_tap(queues: usize, mtu: u16) -> Result<Tap, RigError> {
         TAP_NAME,
     )?;
     Ok(tap)
+}
+
+/// Waits (up to 5 s) until the TAP is gone. A TAP disappears when its last queue fd closes, and
+/// an io_uring that had it registered drops its reference asynchronously after the ring closes.
+pub fn wait_tap_gone() -> Result<(), RigError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while netns::iface_index(TAP_NAME).is_ok() {
+        if std::time::Instant::now() > deadline {
+            return Err(RigError::TapLingers);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Ok(())
 }
 
 fn dup(fd: RawFd) -> Result<OwnedFd, RigError> {
@@ -203,11 +219,20 @@ impl Rig {
         }
     }
 
-    /// Stops the device (quiescing it) and returns its pairs.
+    /// Stops the device (quiescing it) and returns its pairs (which hold the TAP queues).
     pub fn stop(&mut self) -> Result<Vec<QuiescedPair>, RigError> {
         match self.device.take() {
             Some(d) => Ok(d.stop()?),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// Stops the device, closes the TAP and waits until it is gone, so that the next rig in
+    /// the same namespace can create it again.
+    pub fn shutdown(mut self) -> Result<(), RigError> {
+        let pairs = self.stop()?;
+        drop(pairs);
+        drop(self);
+        wait_tap_gone()
     }
 }

@@ -1,0 +1,665 @@
+//! The throughput benchmark: for each (scenario, frame size, queue pairs), every engine in the
+//! same run and the same namespace, repeated, interleaved (engine order rotates per repeat so
+//! slow drift of the machine hits every engine alike), medians reported.
+//!
+//! - `tx` (guest -> host): simulated-guest threads fill the TX rings; 64/1500-byte frames are
+//!   UDP datagrams to a host `UdpSink`, 65 535-byte frames are TSO (TCPv4 GSO) super-frames to
+//!   an address the host does not own (dropped by routing, unsegmented). The floor writes the
+//!   same frames to the same TAP with batched io_uring writes, no virtqueue.
+//! - `rx` (host -> guest): an AF_PACKET generator (`PACKET_QDISC_BYPASS`, TSO super-frames
+//!   with `PACKET_VNET_HDR`) sends on the TAP's host side; simulated-guest threads keep the RX
+//!   rings refilled and consume what arrives. The floor keeps batched io_uring reads posted on
+//!   the TAP queues instead.
+//!
+//! Rates are the datapath's own counters over the measurement window (after a warm-up); CPU
+//! per packet is the worker threads' scheduler-accounted CPU time over the same window.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use tapir_datapath::{Counters, EngineKind};
+use tapir_simguest::{features as gf, GuestConfig, RxDriver, TxDriver, VirtioNetHdr};
+
+use crate::cpu;
+use crate::floor;
+use crate::frames::{self, FlowSpec, VnetHdr};
+use crate::netns;
+use crate::peers::{
+    GeneratorConfig, PacketGenerator, RunControl, SeqMode, Template, UdpSink, UdpSinkConfig,
+};
+use crate::report::{median, Meta, Report, ThroughputResult};
+use crate::rig::{self, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
+
+/// Direction of a throughput scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// Guest to host.
+    Tx,
+    /// Host to guest.
+    Rx,
+}
+
+impl Scenario {
+    /// `tx` / `rx`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Tx => "tx",
+            Scenario::Rx => "rx",
+        }
+    }
+}
+
+impl std::str::FromStr for Scenario {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tx" => Ok(Scenario::Tx),
+            "rx" => Ok(Scenario::Rx),
+            o => Err(format!("unknown scenario {o:?} (tx or rx)")),
+        }
+    }
+}
+
+/// What is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchEngine {
+    /// A tapir engine.
+    Datapath(EngineKind),
+    /// The raw TAP limit: batched io_uring I/O of prebuilt frames, no virtqueue.
+    Floor,
+}
+
+impl BenchEngine {
+    /// `uring`, `classic` or `floor`.
+    pub fn name(self) -> String {
+        match self {
+            BenchEngine::Datapath(k) => k.to_string(),
+            BenchEngine::Floor => "floor".into(),
+        }
+    }
+}
+
+impl std::str::FromStr for BenchEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "floor" {
+            Ok(BenchEngine::Floor)
+        } else {
+            s.parse().map(BenchEngine::Datapath)
+        }
+    }
+}
+
+/// A benchmark run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Directions.
+    pub scenarios: Vec<Scenario>,
+    /// Ethernet frame sizes (65536 means a TSO super-frame of the largest size the kernel
+    /// keeps whole, 65 535 bytes).
+    pub frames: Vec<usize>,
+    /// Queue pair counts.
+    pub queues: Vec<usize>,
+    /// Engines, side by side.
+    pub engines: Vec<BenchEngine>,
+    /// Measurement window per repeat.
+    pub duration: Duration,
+    /// Warm-up before each window.
+    pub warmup: Duration,
+    /// Repeats per cell.
+    pub repeats: usize,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+/// Largest frame the kernel keeps whole as one GSO super-frame.
+const TSO_FRAME: usize = frames::MAX_GSO_FRAME;
+const TSO_MSS: u16 = 1448;
+const SINK_PORT: u16 = 9000;
+/// An address on the TAP's subnet that nobody owns: TSO frames sent there are dropped by the
+/// host's routing (forwarding is off) without being segmented or answered.
+const BLACKHOLE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 200);
+
+/// Features a Linux guest negotiates by default (plus EVENT_IDX and MRG_RXBUF).
+pub fn bench_features() -> u64 {
+    gf::VIRTIO_F_VERSION_1
+        | gf::VIRTIO_RING_F_EVENT_IDX
+        | gf::VIRTIO_NET_F_MRG_RXBUF
+        | gf::VIRTIO_NET_F_CSUM
+        | gf::VIRTIO_NET_F_GUEST_CSUM
+        | gf::VIRTIO_NET_F_HOST_TSO4
+        | gf::VIRTIO_NET_F_HOST_TSO6
+        | gf::VIRTIO_NET_F_GUEST_TSO4
+        | gf::VIRTIO_NET_F_GUEST_TSO6
+}
+
+fn frame_len(frame: usize) -> usize {
+    frame.min(TSO_FRAME)
+}
+
+/// The frames a scenario sends, each with its vnet header (one per flow).
+fn build_frames(
+    scenario: Scenario,
+    frame: usize,
+    flows: usize,
+    host_mac: [u8; 6],
+) -> Result<Vec<(VnetHdr, Vec<u8>)>> {
+    let mut out = Vec::with_capacity(flows);
+    for i in 0..flows {
+        let port = 10_000 + u16::try_from(i).unwrap_or(0);
+        let (spec, tso) = match scenario {
+            Scenario::Tx => (
+                FlowSpec {
+                    src_mac: GUEST_MAC,
+                    dst_mac: host_mac,
+                    src_ip: GUEST_IP,
+                    dst_ip: if frame > 1500 { BLACKHOLE_IP } else { HOST_IP },
+                    src_port: port,
+                    dst_port: SINK_PORT,
+                },
+                frame > 1500,
+            ),
+            Scenario::Rx => (
+                FlowSpec {
+                    src_mac: host_mac,
+                    dst_mac: GUEST_MAC,
+                    src_ip: HOST_IP,
+                    dst_ip: GUEST_IP,
+                    src_port: port,
+                    dst_port: SINK_PORT,
+                },
+                frame > 1500,
+            ),
+        };
+        let mut buf = vec![0u8; frame_len(frame)];
+        let flow = u32::try_from(i).unwrap_or(0);
+        if tso {
+            let f = frames::build_tcp_tso(&mut buf, &spec, frame_len(frame), TSO_MSS, 1, flow, 0)?;
+            buf.truncate(f.len);
+            out.push((f.vnet, buf));
+        } else {
+            let n = frames::build_udp(&mut buf, &spec, frame_len(frame), flow, 0)?;
+            buf.truncate(n);
+            out.push((VnetHdr::default(), buf));
+        }
+    }
+    Ok(out)
+}
+
+fn to_guest_hdr(h: &VnetHdr) -> VirtioNetHdr {
+    VirtioNetHdr::from_bytes(&h.to_bytes())
+}
+
+/// One measured window.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    pps: f64,
+    gbps: f64,
+    cpu_ns_per_packet: f64,
+    datapath_cpu: f64,
+    peer_pps: f64,
+    peer_cpu: f64,
+    guest_pps: f64,
+    drops: u64,
+    notes: Vec<String>,
+}
+
+/// CPU placement on this machine: the datapath (or floor) on the last CPUs, the guest and the
+/// peers on CPU 0.
+fn worker_cpu(i: usize) -> Option<usize> {
+    let n = cpu::online_cpus();
+    if n < 2 {
+        return None;
+    }
+    // Worker 0 on the last CPU, worker 1 on the one before, ...
+    Some(n - 1 - (i % n))
+}
+
+#[allow(clippy::cast_precision_loss, reason = "rates")]
+fn per_sec(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+struct GuestLoad {
+    stop: Arc<AtomicBool>,
+    packets: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl GuestLoad {
+    fn finish(self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().map_err(|_| anyhow!("guest thread panicked"))??;
+        }
+        Ok(())
+    }
+}
+
+fn guest_tx_loop(
+    mut tx: TxDriver,
+    hdr: VirtioNetHdr,
+    frame: Vec<u8>,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+) -> Result<()> {
+    cpu::pin_current_thread(0).ok();
+    while !stop.load(Ordering::Relaxed) {
+        tx.reclaim();
+        let mut n = 0u64;
+        while n < 64 && tx.push(&hdr, &frame)? {
+            n += 1;
+        }
+        if n > 0 {
+            tx.flush();
+            count.fetch_add(n, Ordering::Relaxed);
+        } else {
+            tx.wait(Duration::from_millis(5))?;
+        }
+    }
+    Ok(())
+}
+
+fn guest_rx_loop(mut rx: RxDriver, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) -> Result<()> {
+    cpu::pin_current_thread(0).ok();
+    while !stop.load(Ordering::Relaxed) {
+        rx.refill();
+        let got = rx.poll_with(|_, _| {})?;
+        if got > 0 {
+            count.fetch_add(u64::try_from(got).unwrap_or(0), Ordering::Relaxed);
+        } else {
+            rx.wait(Duration::from_millis(5))?;
+        }
+    }
+    Ok(())
+}
+
+fn start_guest(
+    rig: &mut Rig,
+    scenario: Scenario,
+    frames: &[(VnetHdr, Vec<u8>)],
+) -> Result<GuestLoad> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let packets = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for i in 0..rig.drivers.len() {
+        let (rx, tx) = rig.take(i);
+        let (stop, count) = (stop.clone(), packets.clone());
+        let t = match scenario {
+            Scenario::Tx => {
+                drop(rx);
+                let (h, f) = frames[i % frames.len()].clone();
+                std::thread::Builder::new()
+                    .name(format!("guest-tx{i}"))
+                    .spawn(move || guest_tx_loop(tx, to_guest_hdr(&h), f, stop, count))?
+            }
+            Scenario::Rx => {
+                drop(tx);
+                std::thread::Builder::new()
+                    .name(format!("guest-rx{i}"))
+                    .spawn(move || guest_rx_loop(rx, stop, count))?
+            }
+        };
+        threads.push(t);
+    }
+    Ok(GuestLoad {
+        stop,
+        packets,
+        threads,
+    })
+}
+
+fn sum_counters(v: &[Counters]) -> Counters {
+    let mut total = Counters::default();
+    for c in v {
+        total.rx_packets += c.rx_packets;
+        total.rx_bytes += c.rx_bytes;
+        total.tx_packets += c.tx_packets;
+        total.tx_bytes += c.tx_bytes;
+        total.rx_dropped_oversize += c.rx_dropped_oversize;
+        total.tx_errors += c.tx_errors;
+        total.tx_malformed += c.tx_malformed;
+        total.rx_malformed += c.rx_malformed;
+    }
+    total
+}
+
+/// The host-side peer of a scenario.
+enum Peer {
+    Sink(crate::peers::PeerHandle<crate::peers::SinkReport>),
+    Generator(crate::peers::PeerHandle<crate::peers::GeneratorReport>),
+    None,
+}
+
+impl Peer {
+    fn start(scenario: Scenario, frame: usize, frames: &[(VnetHdr, Vec<u8>)]) -> Result<Peer> {
+        match scenario {
+            Scenario::Tx if frame <= 1500 => {
+                let mut cfg = UdpSinkConfig::new(
+                    SocketAddrV4::new(HOST_IP, SINK_PORT),
+                    RunControl::new(Arc::new(AtomicBool::new(false))).with_cpu(0),
+                );
+                cfg.buf_size = 2048;
+                Ok(Peer::Sink(UdpSink::bind(cfg)?.spawn()?))
+            }
+            Scenario::Tx => Ok(Peer::None),
+            Scenario::Rx => {
+                let templates = frames
+                    .iter()
+                    .map(|(h, f)| Template {
+                        vnet: *h,
+                        frame: f.clone(),
+                    })
+                    .collect();
+                let mut cfg = GeneratorConfig::new(
+                    TAP_NAME,
+                    templates,
+                    RunControl::new(Arc::new(AtomicBool::new(false))).with_cpu(0),
+                );
+                cfg.vnet_hdr = frame > 1500;
+                cfg.seq_mode = SeqMode::Off;
+                Ok(Peer::Generator(PacketGenerator::new(cfg)?.spawn()?))
+            }
+        }
+    }
+
+    /// Stops the peer; returns (packets/s, CPU share).
+    fn finish(self) -> Result<(f64, f64)> {
+        match self {
+            Peer::Sink(h) => {
+                let r = h.stop_and_join()?;
+                Ok((r.active_pps(), r.stats.cpu_utilization()))
+            }
+            Peer::Generator(h) => {
+                let r = h.stop_and_join()?;
+                Ok((r.stats.pps(), r.stats.cpu_utilization()))
+            }
+            Peer::None => Ok((0.0, 0.0)),
+        }
+    }
+}
+
+fn measure_datapath(
+    engine: EngineKind,
+    scenario: Scenario,
+    frame: usize,
+    queues: usize,
+    opts: &BenchOptions,
+) -> Result<Sample> {
+    let guest = GuestConfig {
+        queue_pairs: u16::try_from(queues)?,
+        queue_size: 256,
+        features: bench_features(),
+        rx_buffer_size: 2048,
+        ..GuestConfig::default()
+    };
+    let cfg = RigConfig {
+        guest,
+        cpu_affinity: (0..queues).map(worker_cpu).collect(),
+        ..RigConfig::new(engine, u16::try_from(queues)?)
+    };
+    let mut rig = Rig::start(&cfg).context("starting the rig")?;
+    let frames = build_frames(scenario, frame, queues.max(1) * 4, rig.host_mac)?;
+    let peer = Peer::start(scenario, frame, &frames)?;
+    let load = start_guest(&mut rig, scenario, &frames)?;
+    std::thread::sleep(opts.warmup);
+    let stats = rig.device().worker_stats();
+    let cpu0: u64 = stats.iter().filter_map(|s| s.cpu_time_ns()).sum();
+    let c0 = sum_counters(&rig.device().counters());
+    let g0 = load.packets.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    std::thread::sleep(opts.duration);
+    let elapsed = t0.elapsed();
+    let c1 = sum_counters(&rig.device().counters());
+    let g1 = load.packets.load(Ordering::Relaxed);
+    let cpu1: u64 = stats.iter().filter_map(|s| s.cpu_time_ns()).sum();
+    load.finish()?;
+    let (peer_pps, peer_cpu) = peer.finish()?;
+    rig.shutdown()?;
+    let d = c1.delta(&c0);
+    let (packets, bytes) = match scenario {
+        Scenario::Tx => (d.tx_packets, d.tx_bytes),
+        Scenario::Rx => (d.rx_packets, d.rx_bytes),
+    };
+    let cpu_ns = cpu1.saturating_sub(cpu0);
+    Ok(sample(
+        packets,
+        bytes,
+        cpu_ns,
+        elapsed,
+        queues,
+        peer_pps,
+        peer_cpu,
+        per_sec(g1 - g0, elapsed),
+        d.rx_dropped_oversize + d.tx_errors + d.tx_malformed + d.rx_malformed,
+    ))
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    clippy::cast_precision_loss,
+    reason = "a plain record; rates"
+)]
+fn sample(
+    packets: u64,
+    bytes: u64,
+    cpu_ns: u64,
+    elapsed: Duration,
+    threads: usize,
+    peer_pps: f64,
+    peer_cpu: f64,
+    guest_pps: f64,
+    drops: u64,
+) -> Sample {
+    let mut s = Sample {
+        pps: per_sec(packets, elapsed),
+        gbps: per_sec(bytes, elapsed) * 8.0 / 1e9,
+        cpu_ns_per_packet: if packets > 0 {
+            cpu_ns as f64 / packets as f64
+        } else {
+            0.0
+        },
+        datapath_cpu: cpu_ns as f64 / elapsed.as_nanos() as f64 / threads.max(1) as f64,
+        peer_pps,
+        peer_cpu,
+        guest_pps,
+        drops,
+        notes: Vec::new(),
+    };
+    if peer_cpu > 0.95 {
+        s.notes.push(format!(
+            "host peer at {:.0}% CPU: may be peer-limited",
+            peer_cpu * 100.0
+        ));
+    }
+    if drops > 0 {
+        s.notes
+            .push(format!("{drops} frames dropped or refused by the datapath"));
+    }
+    s
+}
+
+fn measure_floor(
+    scenario: Scenario,
+    frame: usize,
+    queues: usize,
+    opts: &BenchOptions,
+) -> Result<Sample> {
+    let tap = rig::host_tap(queues, 1500)?;
+    let host_mac = netns::iface_mac(TAP_NAME)?;
+    for q in tap.queues() {
+        q.set_offload_from_features(bench_features())?;
+    }
+    let frames = build_frames(scenario, frame, queues.max(1) * 4, host_mac)?;
+    let peer = Peer::start(scenario, frame, &frames)?;
+    let window = opts.warmup + opts.duration;
+    let results: Vec<floor::FloorResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = tap
+            .queues()
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let frames = &frames;
+                s.spawn(move || {
+                    if let Some(c) = worker_cpu(i) {
+                        cpu::pin_current_thread(c).ok();
+                    }
+                    match scenario {
+                        Scenario::Tx => {
+                            let bufs: Vec<Vec<u8>> = frames
+                                .iter()
+                                .map(|(h, f)| {
+                                    let mut v = h.to_bytes().to_vec();
+                                    v.extend_from_slice(f);
+                                    v
+                                })
+                                .collect();
+                            floor::floor_tx(q.as_fd(), &bufs, 64, window)
+                        }
+                        Scenario::Rx => floor::floor_rx(q.as_fd(), 65_562 + 64, 64, window),
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow!("floor thread panicked"))?
+                    .map_err(Into::into)
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let (peer_pps, peer_cpu) = peer.finish()?;
+    drop(tap);
+    rig::wait_tap_gone()?;
+    // The floor counts over warm-up + window; it runs flat out from the start.
+    let packets: u64 = results.iter().map(|r| r.packets).sum();
+    let bytes: u64 = results.iter().map(|r| r.bytes).sum();
+    let cpu_ns: u64 = results.iter().map(|r| r.cpu_ns).sum();
+    let elapsed = results.iter().map(|r| r.elapsed).max().unwrap_or(window);
+    let errors: u64 = results.iter().map(|r| r.errors).sum();
+    Ok(sample(
+        packets, bytes, cpu_ns, elapsed, queues, peer_pps, peer_cpu, 0.0, errors,
+    ))
+}
+
+/// Runs the benchmark in a private network namespace and returns the report.
+pub fn run(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Result<Report> {
+    netns::run_in_new_netns_scoped(|| run_here(opts, progress))?
+}
+
+fn run_here(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Result<Report> {
+    let mut report = Report {
+        meta: Meta {
+            command: opts.command.clone(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            cpus: cpu::online_cpus(),
+            cpu_model: cpu_model(),
+            duration_s: opts.duration.as_secs_f64(),
+            repeats: opts.repeats,
+            started: utc_now(),
+        },
+        results: Vec::new(),
+    };
+    let cells: usize = opts.scenarios.len() * opts.frames.len() * opts.queues.len();
+    let mut cell = 0;
+    for &scenario in &opts.scenarios {
+        for &frame in &opts.frames {
+            for &queues in &opts.queues {
+                cell += 1;
+                let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); opts.engines.len()];
+                for rep in 0..opts.repeats {
+                    for k in 0..opts.engines.len() {
+                        let e = (k + rep) % opts.engines.len();
+                        let engine = opts.engines[e];
+                        progress(&format!(
+                            "[{cell}/{cells}] {} {frame}B q{queues} {} run {}/{}",
+                            scenario.name(),
+                            engine.name(),
+                            rep + 1,
+                            opts.repeats
+                        ));
+                        let s = match engine {
+                            BenchEngine::Datapath(kind) => {
+                                measure_datapath(kind, scenario, frame, queues, opts)
+                            }
+                            BenchEngine::Floor => measure_floor(scenario, frame, queues, opts),
+                        }
+                        .with_context(|| {
+                            format!("{} {frame} q{queues} {}", scenario.name(), engine.name())
+                        })?;
+                        samples[e].push(s);
+                    }
+                }
+                for (e, runs) in samples.into_iter().enumerate() {
+                    report
+                        .results
+                        .push(summarize(scenario, frame, queues, opts.engines[e], &runs));
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn summarize(
+    scenario: Scenario,
+    frame: usize,
+    queues: usize,
+    engine: BenchEngine,
+    runs: &[Sample],
+) -> ThroughputResult {
+    let col = |f: fn(&Sample) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    let pps: Vec<f64> = runs.iter().map(|s| s.pps).collect();
+    let mut notes: Vec<String> = runs.iter().flat_map(|s| s.notes.clone()).collect();
+    notes.sort();
+    notes.dedup();
+    ThroughputResult {
+        scenario: scenario.name().into(),
+        frame,
+        queues,
+        engine: engine.name(),
+        pps: median(&pps),
+        gbps: col(|s| s.gbps),
+        cpu_ns_per_packet: col(|s| s.cpu_ns_per_packet),
+        pps_min: pps.iter().copied().fold(f64::INFINITY, f64::min),
+        pps_max: pps.iter().copied().fold(0.0, f64::max),
+        pps_runs: pps,
+        peer_pps: col(|s| s.peer_pps),
+        peer_cpu: col(|s| s.peer_cpu),
+        datapath_cpu: col(|s| s.datapath_cpu),
+        guest_pps: col(|s| s.guest_pps),
+        datapath_drops: runs.iter().map(|s| s.drops).sum(),
+        notes,
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
