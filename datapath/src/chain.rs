@@ -81,6 +81,10 @@ pub struct Segments {
     pub len: u32,
 }
 
+// SAFETY: the iovecs point into the process-wide guest mapping (or buffers owned next to
+// them), which mean the same on every thread; `Segments` has no thread affinity.
+unsafe impl Send for Segments {}
+
 impl Segments {
     /// Empty segments with room for `cap` buffers.
     pub fn with_capacity(cap: usize) -> Segments {

@@ -15,9 +15,22 @@ use crate::tap::{TapQueue, VNET_HDR_LEN};
 use crate::virtqueue::Virtqueue;
 use crate::vnet_hdr::NUM_BUFFERS_OFFSET;
 
-/// Size of the discard area behind every RX read: a frame that does not fit the posted guest
-/// buffers spills into it and is dropped (and counted) instead of being truncated silently.
-const OVERFLOW_LEN: usize = 128 * 1024;
+/// Size of the spill area behind every RX read. With MRG_RXBUF a read is posted with guest
+/// buffers for the frame size recent traffic predicts; a larger frame spills here and is copied
+/// into further chains on completion. A frame that does not fit guest buffers plus spill, or
+/// that would need more chains than the guest has posted, is dropped and counted: never
+/// truncated silently.
+pub const SPILL_LEN: usize = 128 * 1024;
+
+/// A walked RX chain: host address, length and guest address of each piece. Host addresses
+/// are kept as integers so the pair stays `Send`; they point into the guest mapping, which
+/// lives as long as the pair.
+#[derive(Debug, Default)]
+struct WalkedChain {
+    valid: bool,
+    pieces: Vec<(usize, u32, u64)>,
+    len: u32,
+}
 
 /// Which queue of the pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,10 +44,12 @@ pub enum Direction {
 /// The guest buffers behind one posted TAP read: one chain, or several with MRG_RXBUF.
 #[derive(Debug)]
 pub struct RxRead {
-    /// Host iovecs of every chain, then the overflow area.
+    /// Host iovecs of every chain, then the spill area.
     pub seg: Segments,
     /// (head, capacity) of each chain, in order.
     chains: Vec<(u16, u32)>,
+    /// Where bytes beyond the posted chains land (pages are only touched when used).
+    spill: Box<[u8]>,
 }
 
 impl RxRead {
@@ -43,6 +58,7 @@ impl RxRead {
         RxRead {
             seg: Segments::with_capacity(chains * 2 + 1),
             chains: Vec::with_capacity(chains),
+            spill: vec![0u8; SPILL_LEN].into_boxed_slice(),
         }
     }
 
@@ -109,10 +125,19 @@ pub struct QueuePair {
     /// Where counters are published.
     pub stats: Arc<QueuePairStats>,
     mrg_rxbuf: bool,
+    /// Bytes (header included) of the largest frame the TAP may hand over.
     rx_capacity: u32,
+    /// Bytes of the largest frame without GSO: an MRG_RXBUF read always covers this.
+    rx_plain: u32,
+    /// Moving average of received frame sizes (header included), in bytes.
+    rx_ewma: u32,
     /// RX heads popped from the avail ring but not inside a posted read, in ring order.
     spare_rx: VecDeque<u16>,
-    overflow: Box<[u8]>,
+    /// Walked RX chains by head, valid from the walk until the chain is used: a chain that
+    /// goes back to `spare_rx` (MRG_RXBUF reads hold more chains than a small frame needs) is
+    /// not walked again.
+    rx_walked: Vec<WalkedChain>,
+    rx_scratch: Segments,
     rx_used_pending: bool,
     tx_used_pending: bool,
 }
@@ -129,6 +154,7 @@ impl QueuePair {
         stats: Arc<QueuePairStats>,
     ) -> QueuePair {
         let capacity = features::rx_frame_capacity(settings.features, settings.mtu);
+        let rx_queue_size = usize::from(rx.table().size);
         QueuePair {
             index,
             mem,
@@ -139,8 +165,12 @@ impl QueuePair {
             stats,
             mrg_rxbuf: settings.features & features::NET_F_MRG_RXBUF != 0,
             rx_capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+            rx_plain: u32::try_from(VNET_HDR_LEN + features::max_plain_frame(settings.mtu))
+                .unwrap_or(u32::MAX),
+            rx_ewma: 0,
             spare_rx: VecDeque::new(),
-            overflow: vec![0u8; OVERFLOW_LEN].into_boxed_slice(),
+            rx_walked: (0..rx_queue_size).map(|_| WalkedChain::default()).collect(),
+            rx_scratch: Segments::with_capacity(4),
             rx_used_pending: false,
             tx_used_pending: false,
         }
@@ -224,34 +254,36 @@ impl QueuePair {
         }
     }
 
-    /// Fills `r` with enough guest buffers for the largest frame the TAP can hand over (one
-    /// chain without MRG_RXBUF; several with it), then the overflow area. With
-    /// `others_posted`, a read short of the full size is not posted (its chains wait for
-    /// more); without, a partial read is posted so that progress never stalls.
-    /// Returns false when no buffers are available.
-    pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> bool {
-        r.clear();
+    /// How many bytes of guest buffers an MRG_RXBUF read is posted with: twice the recent
+    /// average frame, at least a full non-GSO frame, at most the largest frame. Small-frame
+    /// traffic then costs one chain per read, and 64 KiB GSO traffic lands zero-copy.
+    fn rx_target(&self) -> u32 {
+        self.rx_ewma
+            .saturating_mul(2)
+            .clamp(self.rx_plain.min(self.rx_capacity), self.rx_capacity)
+    }
+
+    /// Appends the next RX chain (from the spare list or the avail ring) to `r`. Malformed
+    /// chains are completed with length 0 on the way. Returns false when none is available.
+    fn add_rx_chain(&mut self, r: &mut RxRead) -> bool {
         loop {
-            if !r.chains.is_empty() && (!self.mrg_rxbuf || r.seg.len >= self.rx_capacity) {
-                break;
-            }
             let Some(head) = self.next_rx_head() else {
-                if r.chains.is_empty() || others_posted {
-                    self.return_rx(r);
-                    self.counters.rx_no_buffers += 1;
-                    return false;
-                }
-                break;
+                return false;
             };
-            let before = r.seg.len;
-            match chain::walk(
-                &self.mem,
-                self.rx.table(),
-                head,
-                Access::DeviceWrites,
-                &mut r.seg,
-            ) {
-                Ok(()) => r.chains.push((head, r.seg.len - before)),
+            match self.walk_rx(head) {
+                Ok(len) => {
+                    let walked = &self.rx_walked[usize::from(head)];
+                    for &(host, l, gpa) in &walked.pieces {
+                        r.seg.iov.push(libc::iovec {
+                            iov_base: host as *mut libc::c_void,
+                            iov_len: l as usize,
+                        });
+                        r.seg.gpa.push((gpa, l));
+                    }
+                    r.seg.len += len;
+                    r.chains.push((head, len));
+                    return true;
+                }
                 Err(e) => {
                     self.counters.rx_malformed += 1;
                     tracing::warn!(queue = self.rx.index, head, error = %e, "dropping malformed RX chain");
@@ -259,11 +291,52 @@ impl QueuePair {
                 }
             }
         }
+    }
+
+    /// Fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
+    /// predicted frame size), then the read's spill area. Returns false when the guest has
+    /// posted no buffers.
+    pub fn prepare_rx(&mut self, r: &mut RxRead) -> bool {
+        r.clear();
+        let target = if self.mrg_rxbuf { self.rx_target() } else { 0 };
+        while r.chains.is_empty() || r.seg.len < target {
+            if !self.add_rx_chain(r) {
+                break;
+            }
+        }
+        if r.chains.is_empty() {
+            self.counters.rx_no_buffers += 1;
+            return false;
+        }
         r.seg.iov.push(libc::iovec {
-            iov_base: self.overflow.as_mut_ptr().cast(),
-            iov_len: self.overflow.len(),
+            iov_base: r.spill.as_mut_ptr().cast(),
+            iov_len: r.spill.len(),
         });
         true
+    }
+
+    /// Walks an RX chain into the cache (or finds it there); returns its length.
+    fn walk_rx(&mut self, head: u16) -> Result<u32, ChainError> {
+        let slot = usize::from(head);
+        if self.rx_walked[slot].valid {
+            return Ok(self.rx_walked[slot].len);
+        }
+        self.rx_scratch.clear();
+        chain::walk(
+            &self.mem,
+            self.rx.table(),
+            head,
+            Access::DeviceWrites,
+            &mut self.rx_scratch,
+        )?;
+        let walked = &mut self.rx_walked[slot];
+        walked.pieces.clear();
+        for (iov, &(gpa, len)) in self.rx_scratch.iov.iter().zip(&self.rx_scratch.gpa) {
+            walked.pieces.push((iov.iov_base as usize, len, gpa));
+        }
+        walked.len = self.rx_scratch.len;
+        walked.valid = true;
+        Ok(walked.len)
     }
 
     /// Gives the chains of an unposted or cancelled read back (to the front, in order).
@@ -276,14 +349,19 @@ impl QueuePair {
 
     /// Completes a read that returned `n` bytes (header included).
     pub fn complete_rx(&mut self, r: &mut RxRead, n: usize) {
-        let capacity = r.seg.len as usize;
-        if n > capacity || n < VNET_HDR_LEN {
-            // Larger than the guest's buffers: it went into the overflow area. Dropped, counted,
-            // and the chains are reused.
+        let posted = r.seg.len as usize;
+        if n > posted && !self.spill_into_chains(r, n) {
+            self.return_rx(r);
+            return;
+        }
+        if n < VNET_HDR_LEN {
             self.counters.rx_dropped_oversize += 1;
             self.return_rx(r);
             return;
         }
+        // Moving average of frame sizes (1/8 weight), for sizing the next reads.
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        self.rx_ewma = self.rx_ewma - self.rx_ewma / 8 + n32 / 8;
         // How many chains the frame occupies.
         let mut left = n;
         let mut used = 0usize;
@@ -325,6 +403,29 @@ impl QueuePair {
         r.clear();
     }
 
+    /// A frame of `n` bytes overran the posted chains into the spill area: add chains until it
+    /// fits and copy the spilled bytes into them. False (frame dropped, counted) when the
+    /// frame is larger than the TAP may produce or the guest has not posted enough buffers.
+    fn spill_into_chains(&mut self, r: &mut RxRead, n: usize) -> bool {
+        let posted = r.seg.len as usize;
+        let spilled = n - posted;
+        if !self.mrg_rxbuf || n > self.rx_capacity as usize || spilled >= r.spill.len() {
+            // Without MRG_RXBUF a frame must fit one chain (virtio 1.2 §5.1.6.3.1); and no
+            // frame may exceed what the negotiated features allow.
+            self.counters.rx_dropped_oversize += 1;
+            return false;
+        }
+        while (r.seg.len as usize) < n {
+            if !self.add_rx_chain(r) {
+                self.counters.rx_dropped_no_buffers += 1;
+                return false;
+            }
+        }
+        self.write_at(&r.seg.gpa, posted, &r.spill[..spilled]);
+        self.counters.rx_spilled += 1;
+        true
+    }
+
     fn write_at(&self, gpas: &[(u64, u32)], mut offset: usize, bytes: &[u8]) {
         let mut bytes = bytes;
         for &(gpa, len) in gpas {
@@ -350,6 +451,12 @@ impl QueuePair {
     // ---- used ring and interrupts ----------------------------------------------------------
 
     fn complete_used(&mut self, dir: Direction, head: u16, len: u32) {
+        if dir == Direction::Rx {
+            // The guest owns the chain again and may rewrite its descriptors.
+            if let Some(w) = self.rx_walked.get_mut(usize::from(head)) {
+                w.valid = false;
+            }
+        }
         let (q, pending) = match dir {
             Direction::Rx => (&mut self.rx, &mut self.rx_used_pending),
             Direction::Tx => (&mut self.tx, &mut self.tx_used_pending),

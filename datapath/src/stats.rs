@@ -51,6 +51,11 @@ counters! {
     rx_bytes,
     /// Frames larger than the posted RX buffers, dropped (never truncated).
     rx_dropped_oversize,
+    /// Frames that overran the posted buffers of an MRG_RXBUF read and were copied into further
+    /// chains (a misprediction of the frame size; the frame is delivered).
+    rx_spilled,
+    /// Frames dropped because the guest had not posted enough buffers for them.
+    rx_dropped_no_buffers,
     /// Times the worker found no RX buffers while it wanted to post a read.
     rx_no_buffers,
     /// RX descriptor chains refused as malformed (used with length 0).

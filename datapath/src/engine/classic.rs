@@ -81,10 +81,10 @@ enum RxOutcome {
 fn process_rx(pair: &mut QueuePair, r: &mut RxRead, burst: usize) -> RxOutcome {
     pair.rx.disable_notification(&pair.mem);
     for _ in 0..burst {
-        if !pair.prepare_rx(r, false) {
+        if !pair.prepare_rx(r) {
             if pair.rx.enable_notification(&pair.mem) {
                 pair.rx.disable_notification(&pair.mem);
-                if !pair.prepare_rx(r, false) {
+                if !pair.prepare_rx(r) {
                     return RxOutcome::NoBuffers;
                 }
             } else {
@@ -92,7 +92,7 @@ fn process_rx(pair: &mut QueuePair, r: &mut RxRead, burst: usize) -> RxOutcome {
             }
         }
         let iovcnt = libc::c_int::try_from(r.seg.iov.len()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: the iovecs point into mapped guest memory and the pair's overflow area, both
+        // SAFETY: the iovecs point into mapped guest memory and the read's spill area, both
         // valid for the call.
         let rc = unsafe { libc::readv(pair.tap.as_raw_fd(), r.seg.iov.as_ptr(), iovcnt) };
         pair.counters.io_syscalls += 1;

@@ -32,7 +32,7 @@ static ONE: u64 = 1;
 /// How long RX pauses after the TAP refused a read (a detached queue, a link gone away).
 static RX_RETRY: io_uring::types::Timespec = io_uring::types::Timespec::new().nsec(10_000_000);
 
-/// An iovec count for an SQE: chains are capped at `MAX_SEGMENTS` (+1 overflow area), so
+/// An iovec count for an SQE: chains are capped at `MAX_SEGMENTS` (+1 spill area), so
 /// this never saturates.
 fn iov_count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -169,7 +169,7 @@ impl Loop {
         }
         pair.rx.disable_notification(&pair.mem);
         while let Some(slot) = self.rx_free.pop() {
-            if !pair.prepare_rx(&mut self.rx[slot], self.rx_posted > 0) {
+            if !pair.prepare_rx(&mut self.rx[slot]) {
                 self.rx_free.push(slot);
                 if pair.rx.enable_notification(&pair.mem) {
                     pair.rx.disable_notification(&pair.mem);
@@ -178,7 +178,7 @@ impl Loop {
                 return Ok(());
             }
             let r = &self.rx[slot];
-            // At most MAX_SEGMENTS chains' iovecs plus the overflow area.
+            // At most MAX_SEGMENTS chains' iovecs plus the spill area.
             let entry = opcode::Readv::new(
                 Fixed(FILE_TAP),
                 r.seg.iov.as_ptr(),
@@ -187,7 +187,7 @@ impl Loop {
             .build()
             .user_data(ud(OP_RX, slot));
             // SAFETY: the iovecs point into guest memory (mapped for the worker's life) and
-            // into the pair's overflow area (owned by the pair, which outlives the loop); the
+            // into the slot's spill area (owned by the slot, which outlives the loop); the
             // slot is untouched until the read's completion.
             unsafe { self.push(entry)? };
             self.rx_posted += 1;
@@ -351,10 +351,21 @@ impl Engine for UringEngine {
         }
         ready();
         let result = run_loop(&mut lp, pair);
-        if result.is_err() {
-            // Leave no operation pointing at memory we are about to free: dropping the ring
-            // cancels and waits for them.
-            drop(lp);
+        if result.is_err() && lp.outstanding > 0 {
+            // Operations may still be in flight, and closing the ring cancels them
+            // asynchronously: leak the buffers they point at rather than free them under the
+            // kernel. (Only on this error path; a normal stop drains everything first.)
+            let Loop {
+                ring,
+                tx,
+                rx,
+                kick_buf,
+                ..
+            } = lp;
+            drop(ring);
+            std::mem::forget(tx);
+            std::mem::forget(rx);
+            std::mem::forget(kick_buf);
         }
         pair.publish();
         result
