@@ -37,6 +37,12 @@ pub struct ThroughputResult {
     pub guest_pps: f64,
     /// Dropped or refused frames counted by the datapath during the measurement.
     pub datapath_drops: u64,
+    /// Packets moved per wait for the kernel (io_uring_enter / epoll_wait): the batch size.
+    pub packets_per_wait: f64,
+    /// Guest kicks per packet.
+    pub kicks_per_packet: f64,
+    /// Interrupts raised per packet.
+    pub interrupts_per_packet: f64,
     /// Warnings (peer-limited, drops, ...).
     pub notes: Vec<String>,
 }
@@ -87,50 +93,87 @@ impl Report {
         })
     }
 
+    /// The cells of one row, shared by the table and the Markdown.
+    fn row(&self, r: &ThroughputResult) -> Vec<String> {
+        let vs = |engine: &str| {
+            self.find(r, engine)
+                .map(|o| ratio(r.pps, o.pps))
+                .unwrap_or_default()
+        };
+        vec![
+            r.scenario.clone(),
+            r.frame.to_string(),
+            r.queues.to_string(),
+            r.engine.clone(),
+            format!("{:.3}", r.pps / 1e6),
+            format!("{:.3}..{:.3}", r.pps_min / 1e6, r.pps_max / 1e6),
+            format!("{:.2}", r.gbps),
+            format!("{:.0}", r.cpu_ns_per_packet),
+            format!("{:.1}", r.packets_per_wait),
+            format!("{:.3}", r.kicks_per_packet),
+            format!("{:.3}", r.interrupts_per_packet),
+            format!("{:.3}", r.peer_pps / 1e6),
+            vs("classic"),
+            vs("floor"),
+        ]
+    }
+
+    const HEADER: [&'static str; 14] = [
+        "dir",
+        "frame",
+        "q",
+        "engine",
+        "Mpps",
+        "min..max",
+        "Gbit/s",
+        "CPU ns/pkt",
+        "pkts/wait",
+        "kicks/pkt",
+        "irqs/pkt",
+        "peer Mpps",
+        "vs classic",
+        "vs floor",
+    ];
+
+    fn notes(&self) -> Vec<String> {
+        self.results
+            .iter()
+            .flat_map(|r| {
+                r.notes.iter().map(move |n| {
+                    format!("{} {} q{} {}: {n}", r.scenario, r.frame, r.queues, r.engine)
+                })
+            })
+            .collect()
+    }
+
     /// A readable table: one row per cell, with ratios to classic and to the floor.
     pub fn table(&self) -> String {
+        let rows: Vec<Vec<String>> =
+            std::iter::once(Self::HEADER.iter().map(|h| (*h).to_owned()).collect())
+                .chain(self.results.iter().map(|r| self.row(r)))
+                .collect();
+        let widths: Vec<usize> = (0..Self::HEADER.len())
+            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+            .collect();
         let mut out = String::new();
-        out.push_str(&format!(
-            "{:<4} {:>6} {:>2} {:<8} {:>10} {:>16} {:>8} {:>8} {:>8} {:>9} {:>9}\n",
-            "dir",
-            "frame",
-            "q",
-            "engine",
-            "Mpps",
-            "Mpps min..max",
-            "Gbit/s",
-            "ns/pkt",
-            "peer Mpps",
-            "vs classic",
-            "vs floor"
-        ));
-        for r in &self.results {
-            let classic = self
-                .find(r, "classic")
-                .map(|c| ratio(r.pps, c.pps))
-                .unwrap_or_default();
-            let floor = self
-                .find(r, "floor")
-                .map(|f| ratio(r.pps, f.pps))
-                .unwrap_or_default();
-            out.push_str(&format!(
-                "{:<4} {:>6} {:>2} {:<8} {:>10.3} {:>7.3}..{:<8.3} {:>8.2} {:>8.0} {:>9.3} {:>9} {:>9}\n",
-                r.scenario,
-                r.frame,
-                r.queues,
-                r.engine,
-                r.pps / 1e6,
-                r.pps_min / 1e6,
-                r.pps_max / 1e6,
-                r.gbps,
-                r.cpu_ns_per_packet,
-                r.peer_pps / 1e6,
-                classic,
-                floor
-            ));
-            for n in &r.notes {
-                out.push_str(&format!("      note: {n}\n"));
-            }
+        for row in &rows {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(c, (cell, w))| {
+                    if c < 4 {
+                        format!("{cell:<w$}")
+                    } else {
+                        format!("{cell:>w$}")
+                    }
+                })
+                .collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+        for n in self.notes() {
+            out.push_str(&format!("note: {n}\n"));
         }
         out
     }
@@ -142,49 +185,17 @@ impl Report {
             "Run `{}` on {} CPUs ({}), kernel {}, {} s x {} repeats per cell, started {}.\n\n",
             m.command, m.cpus, m.cpu_model, m.kernel, m.duration_s, m.repeats, m.started
         );
-        out.push_str("| dir | frame | queues | engine | Mpps (median) | min..max | Gbit/s | CPU ns/pkt | peer Mpps | vs classic | vs floor |\n");
-        out.push_str("|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|\n");
+        out.push_str(&format!("| {} |\n", Self::HEADER.join(" | ")));
+        out.push_str("|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.results {
-            let classic = self
-                .find(r, "classic")
-                .map(|c| ratio(r.pps, c.pps))
-                .unwrap_or_default();
-            let floor = self
-                .find(r, "floor")
-                .map(|f| ratio(r.pps, f.pps))
-                .unwrap_or_default();
-            out.push_str(&format!(
-                "| {} | {} | {} | {} | {:.3} | {:.3}..{:.3} | {:.2} | {:.0} | {:.3} | {} | {} |\n",
-                r.scenario,
-                r.frame,
-                r.queues,
-                r.engine,
-                r.pps / 1e6,
-                r.pps_min / 1e6,
-                r.pps_max / 1e6,
-                r.gbps,
-                r.cpu_ns_per_packet,
-                r.peer_pps / 1e6,
-                classic,
-                floor
-            ));
+            out.push_str(&format!("| {} |\n", self.row(r).join(" | ")));
         }
-        let notes: Vec<String> = self
-            .results
-            .iter()
-            .flat_map(|r| {
-                r.notes.iter().map(move |n| {
-                    format!(
-                        "- {} {} q{} {}: {n}",
-                        r.scenario, r.frame, r.queues, r.engine
-                    )
-                })
-            })
-            .collect();
+        let notes = self.notes();
         if !notes.is_empty() {
             out.push_str("\nNotes:\n");
-            out.push_str(&notes.join("\n"));
-            out.push('\n');
+            for n in notes {
+                out.push_str(&format!("- {n}\n"));
+            }
         }
         out
     }

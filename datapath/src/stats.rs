@@ -36,6 +36,11 @@ macro_rules! counters {
                 vec![ $( (stringify!($name), self.$name), )* ]
             }
 
+            /// Adds `other` field by field (for totals over queue pairs).
+            pub fn add(&mut self, other: &Counters) {
+                $( self.$name += other.$name; )*
+            }
+
             /// `self - earlier`, field by field (saturating).
             pub fn delta(&self, earlier: &Counters) -> Counters {
                 Counters { $( $name: self.$name.saturating_sub(earlier.$name), )* }

@@ -43,6 +43,8 @@ pub struct TxDriver {
     n_in_flight: usize,
     last_used: u16,
     foreign: Vec<(u32, u32)>,
+    /// Header + frame length every slot holds after `prefill`.
+    prefilled: Option<u32>,
 }
 
 impl TxDriver {
@@ -58,6 +60,7 @@ impl TxDriver {
             n_in_flight: 0,
             last_used: 0,
             foreign: Vec::with_capacity(64),
+            prefilled: None,
         }
     }
 
@@ -77,9 +80,54 @@ impl TxDriver {
         let Some(slot) = self.free.pop() else {
             return Ok(false);
         };
+        // This slot no longer holds the prefilled frame.
+        self.prefilled = None;
         let off = u64::from(slot) * self.geo.slot_stride;
         self.bufs.write(off, &hdr.to_bytes());
         self.bufs.write(off + HDR_LEN_U64, frame);
+        self.post_slot(slot, total32);
+        Ok(true)
+    }
+
+    /// Writes `hdr` + `frame` into every slot's buffer once, for
+    /// [`push_prefilled`](Self::push_prefilled).
+    pub fn prefill(&mut self, hdr: &VirtioNetHdr, frame: &[u8]) -> Result<(), Error> {
+        let total = VIRTIO_NET_HDR_LEN + frame.len();
+        if u32::try_from(total).map_or(true, |t| t > self.geo.capacity) {
+            return Err(Error::FrameTooLarge {
+                len: frame.len(),
+                max: usize::try_from(self.geo.capacity).unwrap_or(usize::MAX),
+            });
+        }
+        for slot in 0..self.geo.slots {
+            let off = u64::from(slot) * self.geo.slot_stride;
+            self.bufs.write(off, &hdr.to_bytes());
+            self.bufs.write(off + HDR_LEN_U64, frame);
+        }
+        self.prefilled = Some(u32::try_from(total).unwrap_or(u32::MAX));
+        Ok(())
+    }
+
+    /// Adds a free slot whose buffer already holds the frame written by
+    /// [`prefill`](Self::prefill), without copying it again: a guest whose
+    /// data is already in its buffers (benchmarks of large frames, where the
+    /// copy would otherwise measure the simulated guest instead of the
+    /// device). `Ok(false)` if every slot is in flight; an error without a
+    /// prefill.
+    pub fn push_prefilled(&mut self) -> Result<bool, Error> {
+        let Some(total) = self.prefilled else {
+            return Err(Error::InvalidConfig("push_prefilled before prefill".into()));
+        };
+        let Some(slot) = self.free.pop() else {
+            return Ok(false);
+        };
+        self.post_slot(slot, total);
+        Ok(true)
+    }
+
+    /// Writes the descriptors of a filled slot and adds it to the avail ring.
+    fn post_slot(&mut self, slot: u16, total32: u32) {
+        let off = u64::from(slot) * self.geo.slot_stride;
         let gpa = self.bufs.gpa(off);
         let frame_len = total32 - HDR_LEN_U32;
         // A zero-length frame descriptor is pointless; fall back to one.
@@ -114,7 +162,6 @@ impl TxDriver {
         self.in_flight[usize::from(slot)] = true;
         self.n_in_flight += 1;
         self.raw.push_avail(head);
-        Ok(true)
     }
 
     /// Publishes the avail index and kicks if the device wants it

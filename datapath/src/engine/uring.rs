@@ -195,6 +195,30 @@ impl Loop {
         Ok(())
     }
 
+    /// A read failed: stop posting reads until the TAP is readable again (EAGAIN: a read can
+    /// lose the race for a frame to another posted read) or for 10 ms (other errors: a detached
+    /// queue, a link that went away), so a failing TAP never makes the loop spin.
+    fn pause_rx(&mut self, pair: &QueuePair, res: i32) -> Result<(), EngineError> {
+        self.rx_paused = true;
+        let entry = if res == -libc::EAGAIN {
+            // POLLIN fits in u32 (it is 1).
+            opcode::PollAdd::new(Fixed(FILE_TAP), libc::POLLIN.unsigned_abs().into())
+                .build()
+                .user_data(ud(OP_RX_RETRY, 0))
+        } else {
+            tracing::warn!(
+                pair = pair.index,
+                errno = -res,
+                "TAP read failed; pausing RX for 10 ms"
+            );
+            opcode::Timeout::new(&RX_RETRY)
+                .build()
+                .user_data(ud(OP_RX_RETRY, 0))
+        };
+        // SAFETY: a poll carries no buffer; `RX_RETRY` is a static.
+        unsafe { self.push(entry) }
+    }
+
     fn signal(&mut self, file: u32) -> Result<(), EngineError> {
         let entry = opcode::Write::new(Fixed(file), std::ptr::from_ref(&ONE).cast::<u8>(), 8)
             .build()
@@ -256,18 +280,8 @@ impl Loop {
                     Ok(n) if n > 0 => pair.complete_rx(&mut self.rx[slot], n),
                     _ => {
                         pair.return_rx(&mut self.rx[slot]);
-                        if res != -libc::ECANCELED && !self.stopping {
-                            tracing::warn!(
-                                pair = pair.index,
-                                errno = -res,
-                                "TAP read failed; pausing RX for 10 ms"
-                            );
-                            self.rx_paused = true;
-                            let entry = opcode::Timeout::new(&RX_RETRY)
-                                .build()
-                                .user_data(ud(OP_RX_RETRY, 0));
-                            // SAFETY: `RX_RETRY` is a static.
-                            unsafe { self.push(entry)? };
+                        if res != -libc::ECANCELED && !self.stopping && !self.rx_paused {
+                            self.pause_rx(pair, res)?;
                         }
                     }
                 }
