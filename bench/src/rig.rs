@@ -175,6 +175,7 @@ impl Rig {
                 rx: queue_config(&guest.rx_queue(i))?,
                 tx: queue_config(&guest.tx_queue(i))?,
                 tap: tap_queue,
+                rx_in_flight: Vec::new(),
             });
         }
         let device = Device::start(

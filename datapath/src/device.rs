@@ -52,6 +52,9 @@ pub struct QueuePairSpec {
     pub tx: QueueConfig,
     /// The TAP queue serving this pair.
     pub tap: TapQueue,
+    /// RX heads a predecessor popped and did not use, in ring order (empty for a fresh
+    /// device): they are posted first, before anything new is popped.
+    pub rx_in_flight: Vec<u16>,
 }
 
 /// Errors of starting and stopping a device.
@@ -102,18 +105,37 @@ struct Worker {
 /// A running device.
 pub struct Device {
     memory: GuestMemory,
-    features: u64,
-    engine: EngineKind,
+    config: DeviceConfig,
     workers: Vec<Worker>,
 }
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
-            .field("features", &format_args!("{:#x}", self.features))
-            .field("engine", &self.engine)
+            .field("features", &format_args!("{:#x}", self.config.features))
+            .field("engine", &self.config.engine)
             .field("queue_pairs", &self.workers.len())
             .finish()
+    }
+}
+
+/// A device whose workers are stopped with nothing in flight.
+#[derive(Debug)]
+pub struct QuiescedDevice {
+    /// The configuration it ran with.
+    pub config: DeviceConfig,
+    /// Its guest memory.
+    pub memory: GuestMemory,
+    /// Its queue pairs (rings, TAP queues, eventfds, RX chains held).
+    pub pairs: Vec<QuiescedPair>,
+}
+
+impl QuiescedDevice {
+    /// Restarts the workers where they stopped (the rollback of a failed handoff). The RX
+    /// chains held at quiesce time are posted first.
+    pub fn resume(self) -> Result<Device, DeviceError> {
+        let pairs = self.pairs.into_iter().map(|p| p.pair).collect();
+        Device::spawn(self.config, self.memory, pairs)
     }
 }
 
@@ -169,20 +191,13 @@ impl Device {
             features: cfg.features,
             mtu: cfg.mtu,
         };
-        let mut device = Device {
-            memory: memory.clone(),
-            features: cfg.features,
-            engine: cfg.engine,
-            workers: Vec::with_capacity(pairs.len()),
-        };
-        let (ready_tx, ready_rx) = mpsc::channel::<u16>();
+        let mut built = Vec::with_capacity(pairs.len());
         for (i, spec) in pairs.into_iter().enumerate() {
             let index = u16::try_from(i).map_err(|_| DeviceError::NoQueuePairs)?;
             set_nonblocking(&spec.rx.kick)?;
             set_nonblocking(&spec.tx.kick)?;
             let rx = Virtqueue::new(2 * index, spec.rx, event_idx, &memory)?;
             let tx = Virtqueue::new(2 * index + 1, spec.tx, event_idx, &memory)?;
-            let stats = Arc::new(QueuePairStats::default());
             let mut pair = QueuePair::new(
                 index,
                 memory.clone(),
@@ -190,8 +205,29 @@ impl Device {
                 tx,
                 spec.tap,
                 settings,
-                stats.clone(),
+                Arc::new(QueuePairStats::default()),
             );
+            pair.restore_rx_in_flight(&spec.rx_in_flight)?;
+            built.push(pair);
+        }
+        Device::spawn(cfg, memory, built)
+    }
+
+    /// Starts a worker for each (set-up) pair.
+    fn spawn(
+        cfg: DeviceConfig,
+        memory: GuestMemory,
+        pairs: Vec<QueuePair>,
+    ) -> Result<Device, DeviceError> {
+        let mut device = Device {
+            memory,
+            config: cfg.clone(),
+            workers: Vec::with_capacity(pairs.len()),
+        };
+        let (ready_tx, ready_rx) = mpsc::channel::<u16>();
+        for (i, mut pair) in pairs.into_iter().enumerate() {
+            let index = pair.index;
+            let stats = pair.stats.clone();
             let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| DeviceError::Os {
                     what: "eventfd",
@@ -250,6 +286,11 @@ impl Device {
         Ok(device)
     }
 
+    /// The configuration the device runs with.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
     /// The guest memory the device works on (for dirty logs).
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
@@ -257,7 +298,7 @@ impl Device {
 
     /// The engine the workers run.
     pub fn engine(&self) -> EngineKind {
-        self.engine
+        self.config.engine
     }
 
     /// Latest counters of each queue pair.
@@ -274,8 +315,20 @@ impl Device {
     }
 
     /// Quiesces every worker (see [`engine::Engine`]) and returns the pairs, nothing in flight.
-    pub fn stop(mut self) -> Result<Vec<QuiescedPair>, DeviceError> {
-        self.stop_inner()
+    pub fn stop(self) -> Result<Vec<QuiescedPair>, DeviceError> {
+        Ok(self.quiesce()?.pairs)
+    }
+
+    /// Quiesces every worker: afterwards nothing is in flight, every TX chain the workers
+    /// popped is in the used ring, and the RX chains they hold are listed in order. The
+    /// device can then be snapshotted for a successor, or resumed ([`QuiescedDevice::resume`]).
+    pub fn quiesce(mut self) -> Result<QuiescedDevice, DeviceError> {
+        let pairs = self.stop_inner()?;
+        Ok(QuiescedDevice {
+            config: self.config.clone(),
+            memory: self.memory.clone(),
+            pairs,
+        })
     }
 
     fn stop_inner(&mut self) -> Result<Vec<QuiescedPair>, DeviceError> {

@@ -12,7 +12,7 @@ use crate::features;
 use crate::memory::GuestMemory;
 use crate::stats::{Counters, QueuePairStats};
 use crate::tap::{TapQueue, VNET_HDR_LEN};
-use crate::virtqueue::Virtqueue;
+use crate::virtqueue::{QueueError, Virtqueue};
 use crate::vnet_hdr::NUM_BUFFERS_OFFSET;
 
 /// Size of the spill area behind every RX read. With MRG_RXBUF a read is posted with guest
@@ -140,6 +140,7 @@ pub struct QueuePair {
     rx_scratch: Segments,
     rx_used_pending: bool,
     tx_used_pending: bool,
+    serviced: bool,
 }
 
 impl QueuePair {
@@ -173,7 +174,38 @@ impl QueuePair {
             rx_scratch: Segments::with_capacity(4),
             rx_used_pending: false,
             tx_used_pending: false,
+            serviced: false,
         }
+    }
+
+    /// Takes over RX heads a predecessor popped and did not use (in ring order). Each must be
+    /// below the queue size and listed once, and there must be exactly as many as the ring
+    /// positions say are outstanding (`next_avail - next_used`).
+    pub fn restore_rx_in_flight(&mut self, heads: &[u16]) -> Result<(), QueueError> {
+        let (next_avail, next_used) = self.rx.positions();
+        let outstanding = usize::from(next_avail.wrapping_sub(next_used));
+        let size = usize::from(self.rx.table().size);
+        let mut seen = vec![false; size];
+        let bad = |reason: String| QueueError::InvalidConfig {
+            index: self.rx.index,
+            reason,
+        };
+        if heads.len() != outstanding {
+            return Err(bad(format!(
+                "{} in-flight heads, but the ring positions say {outstanding}",
+                heads.len()
+            )));
+        }
+        for &h in heads {
+            match seen.get_mut(usize::from(h)) {
+                Some(s) if !*s => *s = true,
+                Some(_) => return Err(bad(format!("in-flight head {h} listed twice"))),
+                None => return Err(bad(format!("in-flight head {h} >= queue size {size}"))),
+            }
+        }
+        self.spare_rx.clear();
+        self.spare_rx.extend(heads.iter().copied());
+        Ok(())
     }
 
     /// Publishes the counters.
@@ -465,6 +497,10 @@ impl QueuePair {
             self.counters.queues_broken += 1;
         }
         *pending = true;
+        if !self.serviced {
+            self.serviced = true;
+            self.stats.mark_first_service();
+        }
     }
 
     /// For each queue with new used entries whose guest wants an interrupt, calls `signal`

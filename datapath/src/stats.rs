@@ -16,6 +16,7 @@ macro_rules! counters {
         pub struct SharedCounters {
             $( $name: AtomicU64, )*
             tid: AtomicI32,
+            first_service_ns: AtomicU64,
         }
 
         impl SharedCounters {
@@ -103,6 +104,24 @@ impl QueuePairStats {
         self.counters.tid.store(tid, Ordering::Relaxed);
     }
 
+    /// Records, once, when the worker first put a chain into a used ring (CLOCK_MONOTONIC ns,
+    /// comparable across processes: the end of a handoff's downtime).
+    pub fn mark_first_service(&self) {
+        if self.counters.first_service_ns.load(Ordering::Relaxed) == 0 {
+            self.counters
+                .first_service_ns
+                .store(monotonic_ns(), Ordering::Relaxed);
+        }
+    }
+
+    /// When the worker first serviced a ring (CLOCK_MONOTONIC ns), if it has.
+    pub fn first_service_ns(&self) -> Option<u64> {
+        match self.counters.first_service_ns.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
     /// The worker's thread id (0 before it started).
     pub fn tid(&self) -> i32 {
         self.counters.tid.load(Ordering::Relaxed)
@@ -117,4 +136,14 @@ impl QueuePairStats {
         let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
         text.split_whitespace().next()?.parse().ok()
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the same clock in every process on the host).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
+        .unwrap_or(0)
 }
