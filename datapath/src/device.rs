@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -119,6 +119,56 @@ impl std::fmt::Debug for Device {
     }
 }
 
+/// The decision paused workers wait for.
+#[derive(Debug, Default)]
+struct Gate {
+    decision: Mutex<Option<bool>>,
+    cond: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) -> bool {
+        let mut d = self.decision.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(go) = *d {
+                return go;
+            }
+            d = self.cond.wait(d).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn decide(&self, go: bool) {
+        *self.decision.lock().unwrap_or_else(|e| e.into_inner()) = Some(go);
+        self.cond.notify_all();
+    }
+}
+
+/// A device whose engines are set up but whose workers wait before touching any ring.
+#[derive(Debug)]
+pub struct PausedDevice {
+    device: Device,
+    gate: Arc<Gate>,
+}
+
+impl PausedDevice {
+    /// Lets the workers run.
+    pub fn go(self) -> Device {
+        self.gate.decide(true);
+        self.device
+    }
+
+    /// Ends the workers without servicing anything; returns the pairs untouched.
+    pub fn abort(self) -> Result<Vec<QuiescedPair>, DeviceError> {
+        self.gate.decide(false);
+        self.device.stop()
+    }
+
+    /// The device's per-pair stats.
+    pub fn worker_stats(&self) -> Vec<Arc<QueuePairStats>> {
+        self.device.worker_stats()
+    }
+}
+
 /// A device whose workers are stopped with nothing in flight.
 #[derive(Debug)]
 pub struct QuiescedDevice {
@@ -135,7 +185,7 @@ impl QuiescedDevice {
     /// chains held at quiesce time are posted first.
     pub fn resume(self) -> Result<Device, DeviceError> {
         let pairs = self.pairs.into_iter().map(|p| p.pair).collect();
-        Device::spawn(self.config, self.memory, pairs)
+        Device::spawn(self.config, self.memory, pairs, None)
     }
 }
 
@@ -183,6 +233,15 @@ impl Device {
         if unsupported != 0 || cfg.features & features::F_VERSION_1 == 0 {
             return Err(DeviceError::UnsupportedFeatures(cfg.features));
         }
+        let pairs = Device::build_pairs(&cfg, &memory, pairs)?;
+        Device::spawn(cfg, memory, pairs, None)
+    }
+
+    fn build_pairs(
+        cfg: &DeviceConfig,
+        memory: &GuestMemory,
+        pairs: Vec<QueuePairSpec>,
+    ) -> Result<Vec<QueuePair>, DeviceError> {
         let first = pairs.first().ok_or(DeviceError::NoQueuePairs)?;
         let offloads = first.tap.set_offload_from_features(cfg.features)?;
         tracing::info!(offloads, features = cfg.features, "TAP offloads set");
@@ -196,8 +255,8 @@ impl Device {
             let index = u16::try_from(i).map_err(|_| DeviceError::NoQueuePairs)?;
             set_nonblocking(&spec.rx.kick)?;
             set_nonblocking(&spec.tx.kick)?;
-            let rx = Virtqueue::new(2 * index, spec.rx, event_idx, &memory)?;
-            let tx = Virtqueue::new(2 * index + 1, spec.tx, event_idx, &memory)?;
+            let rx = Virtqueue::new(2 * index, spec.rx, event_idx, memory)?;
+            let tx = Virtqueue::new(2 * index + 1, spec.tx, event_idx, memory)?;
             let mut pair = QueuePair::new(
                 index,
                 memory.clone(),
@@ -210,7 +269,22 @@ impl Device {
             pair.restore_rx_in_flight(&spec.rx_in_flight)?;
             built.push(pair);
         }
-        Device::spawn(cfg, memory, built)
+        Ok(built)
+    }
+
+    /// Like [`Device::start`], but the workers stop after setting up their engines, before
+    /// touching a ring: [`PausedDevice::go`] lets them run, [`PausedDevice::abort`] ends them
+    /// without servicing anything. A handoff successor starts this way, so that everything
+    /// that can fail has failed before it says it is running.
+    pub fn start_paused(
+        cfg: DeviceConfig,
+        memory: GuestMemory,
+        pairs: Vec<QueuePairSpec>,
+    ) -> Result<PausedDevice, DeviceError> {
+        let gate = Arc::new(Gate::default());
+        let pairs = Device::build_pairs(&cfg, &memory, pairs)?;
+        let device = Device::spawn(cfg, memory, pairs, Some(gate.clone()))?;
+        Ok(PausedDevice { device, gate })
     }
 
     /// Starts a worker for each (set-up) pair.
@@ -218,6 +292,7 @@ impl Device {
         cfg: DeviceConfig,
         memory: GuestMemory,
         pairs: Vec<QueuePair>,
+        gate: Option<Arc<Gate>>,
     ) -> Result<Device, DeviceError> {
         let mut device = Device {
             memory,
@@ -243,6 +318,7 @@ impl Device {
             let cpu = cfg.cpu_affinity.get(i).copied().flatten();
             let mut engine = engine::new_engine(cfg.engine, cfg.engine_config);
             let ready = ready_tx.clone();
+            let gate = gate.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tapir-qp{index}"))
                 .spawn(move || {
@@ -254,6 +330,7 @@ impl Device {
                     let _enter = span.enter();
                     let mut signal_ready = || {
                         let _ = ready.send(index);
+                        gate.as_ref().is_none_or(|g| g.wait())
                     };
                     let result = engine.run(&mut pair, &stop_fd, &mut signal_ready);
                     if let Err(e) = &result {

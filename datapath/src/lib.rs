@@ -23,7 +23,9 @@ pub mod tap;
 pub mod virtqueue;
 pub mod vnet_hdr;
 
-pub use device::{Device, DeviceConfig, DeviceError, QueuePairSpec, QuiescedDevice, QuiescedPair};
+pub use device::{
+    Device, DeviceConfig, DeviceError, PausedDevice, QueuePairSpec, QuiescedDevice, QuiescedPair,
+};
 pub use engine::{EngineConfig, EngineKind};
 pub use memory::{GuestMemory, MemoryError, MemoryRegionSpec};
 pub use stats::Counters;

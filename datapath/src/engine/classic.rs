@@ -120,7 +120,7 @@ impl Engine for ClassicEngine {
         &mut self,
         pair: &mut QueuePair,
         stop: &OwnedFd,
-        ready: &mut dyn FnMut(),
+        ready: &mut dyn FnMut() -> bool,
     ) -> Result<(), EngineError> {
         let epoll =
             Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| EngineError::Setup {
@@ -136,7 +136,9 @@ impl Engine for ClassicEngine {
         add(pair.rx.kick.as_fd(), TOKEN_RX_KICK)?;
         add(stop.as_fd(), TOKEN_STOP)?;
         add(pair.tap.as_fd(), TOKEN_TAP)?;
-        ready();
+        if !ready() {
+            return Ok(());
+        }
         let mut tap_armed = true;
         let mut w = TxWrite::new();
         let mut r = RxRead::new(4);

@@ -100,12 +100,14 @@ pub trait Engine: Send {
     /// Which engine this is.
     fn kind(&self) -> EngineKind;
     /// Runs the queue pair until `stop` is signalled.
-    /// `ready` is called once the engine is set up, before the first wait.
+    /// `ready` is called once the engine is set up, before it touches a ring or posts any I/O;
+    /// when it returns false the engine returns at once without servicing anything (a
+    /// successor whose handoff was called off).
     fn run(
         &mut self,
         pair: &mut QueuePair,
         stop: &OwnedFd,
-        ready: &mut dyn FnMut(),
+        ready: &mut dyn FnMut() -> bool,
     ) -> Result<(), EngineError>;
 }
 

@@ -327,7 +327,7 @@ impl Engine for UringEngine {
         &mut self,
         pair: &mut QueuePair,
         stop: &OwnedFd,
-        ready: &mut dyn FnMut(),
+        ready: &mut dyn FnMut() -> bool,
     ) -> Result<(), EngineError> {
         let tx_depth = self.cfg.tx_depth.max(1);
         let rx_depth = self.cfg.rx_depth.max(1);
@@ -360,10 +360,12 @@ impl Engine for UringEngine {
             stopping: false,
             cancel_sent: false,
         };
+        if !ready() {
+            return Ok(());
+        }
         for which in 0..3 {
             lp.post_eventfd_read(which)?;
         }
-        ready();
         let result = run_loop(&mut lp, pair);
         if result.is_err() && lp.outstanding > 0 {
             // Operations may still be in flight, and closing the ring cancels them
