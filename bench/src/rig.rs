@@ -182,6 +182,7 @@ impl Rig {
             DeviceConfig {
                 features: guest.features(),
                 mtu: cfg.mtu,
+                mac: GUEST_MAC,
                 engine: cfg.engine,
                 engine_config: cfg.engine_config,
                 cpu_affinity: cfg.cpu_affinity.clone(),

@@ -22,6 +22,8 @@ pub struct DeviceConfig {
     pub features: u64,
     /// Link MTU.
     pub mtu: u16,
+    /// The device's MAC address (carried through handoffs; the datapath does not filter).
+    pub mac: [u8; 6],
     /// Which engine the workers run.
     pub engine: EngineKind,
     /// Engine tunables.
@@ -36,10 +38,76 @@ impl DeviceConfig {
         DeviceConfig {
             features,
             mtu: 1500,
+            mac: [0; 6],
             engine,
             engine_config: EngineConfig::default(),
             cpu_affinity: Vec::new(),
         }
+    }
+}
+
+/// Where a virtqueue's rings are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingAddrs {
+    /// Number of descriptors.
+    pub size: u16,
+    /// Descriptor table.
+    pub desc_table: u64,
+    /// Available ring.
+    pub avail_ring: u64,
+    /// Used ring.
+    pub used_ring: u64,
+}
+
+impl RingAddrs {
+    fn of(q: &QueueConfig) -> RingAddrs {
+        RingAddrs {
+            size: q.size,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// What a successor needs of a queue pair besides its ring positions: ring addresses and
+/// duplicates of its fds (taken at start, so they can be sent while the workers run).
+#[derive(Debug)]
+pub struct PairResources {
+    /// RX rings.
+    pub rx: RingAddrs,
+    /// TX rings.
+    pub tx: RingAddrs,
+    /// The TAP queue.
+    pub tap: OwnedFd,
+    /// RX kick eventfd.
+    pub rx_kick: OwnedFd,
+    /// RX call eventfd.
+    pub rx_call: OwnedFd,
+    /// TX kick eventfd.
+    pub tx_kick: OwnedFd,
+    /// TX call eventfd.
+    pub tx_call: OwnedFd,
+}
+
+fn dup_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, DeviceError> {
+    fd.try_clone_to_owned().map_err(|source| DeviceError::Os {
+        what: "dup",
+        source,
+    })
+}
+
+impl PairResources {
+    fn of(spec: &QueuePairSpec) -> Result<PairResources, DeviceError> {
+        Ok(PairResources {
+            rx: RingAddrs::of(&spec.rx),
+            tx: RingAddrs::of(&spec.tx),
+            tap: dup_fd(spec.tap.as_fd())?,
+            rx_kick: dup_fd(spec.rx.kick.as_fd())?,
+            rx_call: dup_fd(spec.rx.call.as_fd())?,
+            tx_kick: dup_fd(spec.tx.kick.as_fd())?,
+            tx_call: dup_fd(spec.tx.call.as_fd())?,
+        })
     }
 }
 
@@ -106,6 +174,7 @@ struct Worker {
 pub struct Device {
     memory: GuestMemory,
     config: DeviceConfig,
+    resources: Arc<Vec<PairResources>>,
     workers: Vec<Worker>,
 }
 
@@ -178,6 +247,8 @@ pub struct QuiescedDevice {
     pub memory: GuestMemory,
     /// Its queue pairs (rings, TAP queues, eventfds, RX chains held).
     pub pairs: Vec<QuiescedPair>,
+    /// Ring addresses and fd duplicates of each pair.
+    pub resources: Arc<Vec<PairResources>>,
 }
 
 impl QuiescedDevice {
@@ -185,7 +256,7 @@ impl QuiescedDevice {
     /// chains held at quiesce time are posted first.
     pub fn resume(self) -> Result<Device, DeviceError> {
         let pairs = self.pairs.into_iter().map(|p| p.pair).collect();
-        Device::spawn(self.config, self.memory, pairs, None)
+        Device::spawn(self.config, self.memory, pairs, self.resources, None)
     }
 }
 
@@ -233,16 +304,20 @@ impl Device {
         if unsupported != 0 || cfg.features & features::F_VERSION_1 == 0 {
             return Err(DeviceError::UnsupportedFeatures(cfg.features));
         }
-        let pairs = Device::build_pairs(&cfg, &memory, pairs)?;
-        Device::spawn(cfg, memory, pairs, None)
+        let (pairs, resources) = Device::build_pairs(&cfg, &memory, pairs)?;
+        Device::spawn(cfg, memory, pairs, Arc::new(resources), None)
     }
 
     fn build_pairs(
         cfg: &DeviceConfig,
         memory: &GuestMemory,
         pairs: Vec<QueuePairSpec>,
-    ) -> Result<Vec<QueuePair>, DeviceError> {
+    ) -> Result<(Vec<QueuePair>, Vec<PairResources>), DeviceError> {
         let first = pairs.first().ok_or(DeviceError::NoQueuePairs)?;
+        let resources = pairs
+            .iter()
+            .map(PairResources::of)
+            .collect::<Result<Vec<_>, _>>()?;
         let offloads = first.tap.set_offload_from_features(cfg.features)?;
         tracing::info!(offloads, features = cfg.features, "TAP offloads set");
         let event_idx = cfg.features & features::F_EVENT_IDX != 0;
@@ -269,7 +344,7 @@ impl Device {
             pair.restore_rx_in_flight(&spec.rx_in_flight)?;
             built.push(pair);
         }
-        Ok(built)
+        Ok((built, resources))
     }
 
     /// Like [`Device::start`], but the workers stop after setting up their engines, before
@@ -282,8 +357,8 @@ impl Device {
         pairs: Vec<QueuePairSpec>,
     ) -> Result<PausedDevice, DeviceError> {
         let gate = Arc::new(Gate::default());
-        let pairs = Device::build_pairs(&cfg, &memory, pairs)?;
-        let device = Device::spawn(cfg, memory, pairs, Some(gate.clone()))?;
+        let (pairs, resources) = Device::build_pairs(&cfg, &memory, pairs)?;
+        let device = Device::spawn(cfg, memory, pairs, Arc::new(resources), Some(gate.clone()))?;
         Ok(PausedDevice { device, gate })
     }
 
@@ -292,11 +367,13 @@ impl Device {
         cfg: DeviceConfig,
         memory: GuestMemory,
         pairs: Vec<QueuePair>,
+        resources: Arc<Vec<PairResources>>,
         gate: Option<Arc<Gate>>,
     ) -> Result<Device, DeviceError> {
         let mut device = Device {
             memory,
             config: cfg.clone(),
+            resources,
             workers: Vec::with_capacity(pairs.len()),
         };
         let (ready_tx, ready_rx) = mpsc::channel::<u16>();
@@ -363,6 +440,11 @@ impl Device {
         Ok(device)
     }
 
+    /// Ring addresses and fds of each queue pair, for a successor.
+    pub fn resources(&self) -> &[PairResources] {
+        &self.resources
+    }
+
     /// The configuration the device runs with.
     pub fn config(&self) -> &DeviceConfig {
         &self.config
@@ -404,6 +486,7 @@ impl Device {
         Ok(QuiescedDevice {
             config: self.config.clone(),
             memory: self.memory.clone(),
+            resources: self.resources.clone(),
             pairs,
         })
     }

@@ -24,7 +24,8 @@ pub mod virtqueue;
 pub mod vnet_hdr;
 
 pub use device::{
-    Device, DeviceConfig, DeviceError, PausedDevice, QueuePairSpec, QuiescedDevice, QuiescedPair,
+    Device, DeviceConfig, DeviceError, PairResources, PausedDevice, QueuePairSpec, QuiescedDevice,
+    QuiescedPair, RingAddrs,
 };
 pub use engine::{EngineConfig, EngineKind};
 pub use memory::{GuestMemory, MemoryError, MemoryRegionSpec};

@@ -35,6 +35,19 @@ pub struct MemoryRegionSpec {
     pub file_offset: u64,
 }
 
+/// Where a mapped region is and which fd backs it.
+#[derive(Debug)]
+pub struct RegionInfo<'a> {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Length.
+    pub size: u64,
+    /// Offset in the backing file.
+    pub file_offset: u64,
+    /// The backing fd.
+    pub fd: std::os::fd::BorrowedFd<'a>,
+}
+
 /// Errors of mapping and translating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -168,6 +181,22 @@ impl GuestMemory {
             }
         }
         pages
+    }
+
+    /// Each region's placement and backing fd (for handing the memory to a successor).
+    pub fn regions(&self) -> Vec<RegionInfo<'_>> {
+        self.mmap
+            .iter()
+            .filter_map(|r| {
+                let file = r.file_offset()?;
+                Some(RegionInfo {
+                    guest_addr: r.start_addr().raw_value(),
+                    size: r.len(),
+                    file_offset: file.start(),
+                    fd: std::os::fd::AsFd::as_fd(file.file()),
+                })
+            })
+            .collect()
     }
 
     /// True when the whole range is backed by guest memory.

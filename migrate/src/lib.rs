@@ -1,5 +1,7 @@
-//! tapir-migrate: hands a running datapath to a successor process over a Unix socket.
-//!
-//! Will hold the prepare / switch / commit protocol with SCM_RIGHTS fd passing and
-//! rollback (see `docs/HANDOFF.md` once written). Tracked by the handoff issue; empty
-//! until then.
+//! tapir-migrate: hands a running datapath to a successor process over a Unix socket, with
+//! its fds (TAP queues, guest memory, kick/call eventfds), so that the successor resumes the
+//! rings at the same positions. The protocol is written down in `docs/HANDOFF.md`.
+
+pub mod transport;
+
+pub use transport::{Channel, ChannelError, Listener, Message};

@@ -1,0 +1,324 @@
+//! The handoff channel: a Unix `SOCK_SEQPACKET` socket (reliable, message boundaries kept),
+//! the peer's credentials checked with `SO_PEERCRED`, fds passed with `SCM_RIGHTS`.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{
+    accept4, bind, connect, getsockopt, listen, recvmsg, sendmsg, socket, sockopt, AddressFamily,
+    Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+
+/// Largest message (payload + 1 kind byte) the channel carries.
+pub const MAX_MESSAGE: usize = 1 << 20;
+/// Most fds in one message (the kernel's `SCM_MAX_FD` is 253).
+pub const MAX_FDS_PER_MESSAGE: usize = 250;
+
+/// Errors of the channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// A socket call failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// The call.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer runs as another user.
+    #[error("peer pid {pid} runs as uid {uid}, expected uid {expected}: refused")]
+    ForeignPeer {
+        /// Its pid.
+        pid: i32,
+        /// Its uid.
+        uid: u32,
+        /// Ours.
+        expected: u32,
+    },
+    /// Nothing arrived in time.
+    #[error("no message within {0:?}")]
+    Timeout(Duration),
+    /// The peer closed the connection (or died).
+    #[error("the peer closed the connection")]
+    Closed,
+    /// A message too large, truncated, or carrying more fds than it may.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+fn os(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> ChannelError {
+    move |e| ChannelError::Os {
+        what,
+        source: e.into(),
+    }
+}
+
+/// A listening handoff socket; the socket file is removed when it is dropped.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Binds `path` (replacing a stale socket file) with mode 0600.
+    pub fn bind(path: &Path) -> Result<Listener, ChannelError> {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(os("socket"))?;
+        if path.exists() {
+            std::fs::remove_file(path).map_err(|source| ChannelError::Os {
+                what: "removing a stale socket file",
+                source,
+            })?;
+        }
+        let addr = UnixAddr::new(path).map_err(os("socket path"))?;
+        bind(fd.as_raw_fd(), &addr).map_err(os("bind"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| ChannelError::Os {
+                what: "chmod 0600",
+                source,
+            },
+        )?;
+        listen(&fd, Backlog::new(4).map_err(os("listen"))?).map_err(os("listen"))?;
+        Ok(Listener {
+            fd,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The listening fd (to poll for a successor while doing other work).
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Waits up to `timeout` (forever: None) for a peer and checks its credentials.
+    pub fn accept(&self, timeout: Option<Duration>) -> Result<Channel, ChannelError> {
+        if !wait_readable(self.fd.as_fd(), timeout)? {
+            return Err(ChannelError::Timeout(timeout.unwrap_or_default()));
+        }
+        let raw = accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC).map_err(os("accept"))?;
+        // SAFETY: accept4 returned a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Channel::checked(fd)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Returns true when `fd` is readable within `timeout`.
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool, ChannelError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let left = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let ms = d.saturating_duration_since(Instant::now()).as_millis();
+                PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match poll(&mut fds, left) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(os("poll")(e)),
+        }
+    }
+}
+
+/// A connected handoff channel.
+#[derive(Debug)]
+pub struct Channel {
+    fd: OwnedFd,
+    peer_pid: i32,
+}
+
+/// One received message.
+#[derive(Debug)]
+pub struct Message {
+    /// Its kind byte.
+    pub kind: u8,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// The fds that came with it.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Channel {
+    /// Connects to a handoff socket and checks the peer's credentials.
+    pub fn connect(path: &Path) -> Result<Channel, ChannelError> {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(os("socket"))?;
+        let addr = UnixAddr::new(path).map_err(os("socket path"))?;
+        connect(fd.as_raw_fd(), &addr).map_err(os("connect"))?;
+        Channel::checked(fd)
+    }
+
+    /// A connected pair (for a parent handing a datapath to a child it spawns).
+    pub fn pair() -> Result<(Channel, Channel), ChannelError> {
+        let (a, b) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(os("socketpair"))?;
+        Ok((Channel::checked(a)?, Channel::checked(b)?))
+    }
+
+    /// Wraps an inherited, connected fd (a child given one end of [`Channel::pair`]).
+    pub fn from_fd(fd: OwnedFd) -> Result<Channel, ChannelError> {
+        Channel::checked(fd)
+    }
+
+    /// Refuses a peer running as another user (root may talk to anyone).
+    fn checked(fd: OwnedFd) -> Result<Channel, ChannelError> {
+        let cred = getsockopt(&fd, sockopt::PeerCredentials).map_err(os("SO_PEERCRED"))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if cred.uid() != me && me != 0 {
+            return Err(ChannelError::ForeignPeer {
+                pid: cred.pid(),
+                uid: cred.uid(),
+                expected: me,
+            });
+        }
+        Ok(Channel {
+            fd,
+            peer_pid: cred.pid(),
+        })
+    }
+
+    /// The peer's pid (from `SO_PEERCRED`).
+    pub fn peer_pid(&self) -> i32 {
+        self.peer_pid
+    }
+
+    /// The raw fd (for a child to inherit).
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Gives up the fd.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// Sends one message with up to [`MAX_FDS_PER_MESSAGE`] fds.
+    pub fn send(
+        &self,
+        kind: u8,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ChannelError> {
+        if payload.len() + 1 > MAX_MESSAGE {
+            return Err(ChannelError::Malformed(format!(
+                "payload of {} bytes",
+                payload.len()
+            )));
+        }
+        if fds.len() > MAX_FDS_PER_MESSAGE {
+            return Err(ChannelError::Malformed(format!(
+                "{} fds in one message",
+                fds.len()
+            )));
+        }
+        let kind_buf = [kind];
+        let iov = [IoSlice::new(&kind_buf), IoSlice::new(payload)];
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {
+            Vec::new()
+        } else {
+            vec![ControlMessage::ScmRights(&raw)]
+        };
+        loop {
+            match sendmsg::<()>(
+                self.fd.as_raw_fd(),
+                &iov,
+                &cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
+                    return Err(ChannelError::Closed)
+                }
+                Err(e) => return Err(os("sendmsg")(e)),
+            }
+        }
+    }
+
+    /// Receives one message, waiting up to `timeout` (forever: None).
+    pub fn recv(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
+        if !wait_readable(self.fd.as_fd(), timeout)? {
+            return Err(ChannelError::Timeout(timeout.unwrap_or_default()));
+        }
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+        let (n, flags, mut fds) = loop {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            match recvmsg::<()>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(msg) => {
+                    let mut fds = Vec::new();
+                    for c in msg.cmsgs().map_err(os("recvmsg control data"))? {
+                        if let ControlMessageOwned::ScmRights(list) = c {
+                            for raw in list {
+                                // SAFETY: the kernel just installed this fd for us.
+                                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                            }
+                        }
+                    }
+                    break (msg.bytes, msg.flags, fds);
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::ECONNRESET) => return Err(ChannelError::Closed),
+                Err(e) => return Err(os("recvmsg")(e)),
+            }
+        };
+        if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+            return Err(ChannelError::Malformed(
+                "message or its fds truncated".into(),
+            ));
+        }
+        if n == 0 {
+            return Err(ChannelError::Closed);
+        }
+        buf.truncate(n);
+        let kind = buf.remove(0);
+        fds.shrink_to_fit();
+        Ok(Message {
+            kind,
+            payload: buf,
+            fds,
+        })
+    }
+}
