@@ -410,6 +410,7 @@ impl Device {
                         gate.as_ref().is_none_or(|g| g.wait())
                     };
                     let result = engine.run(&mut pair, &stop_fd, &mut signal_ready);
+                    pair.settle_rx_order();
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "worker stopped");
                     }

@@ -131,8 +131,14 @@ pub struct QueuePair {
     rx_plain: u32,
     /// Moving average of received frame sizes (header included), in bytes.
     rx_ewma: u32,
-    /// RX heads popped from the avail ring but not inside a posted read, in ring order.
-    spare_rx: VecDeque<u16>,
+    /// RX chains popped from the avail ring (and walked) but not inside a posted read:
+    /// (head, bytes).
+    spare_rx: VecDeque<(u16, u32)>,
+    /// Bytes of guest buffers in `spare_rx`.
+    spare_bytes: u64,
+    /// Pop order of each RX head (to list held heads in ring order at quiesce time).
+    rx_pop_seq: Vec<u64>,
+    rx_popped: u64,
     /// Walked RX chains by head, valid from the walk until the chain is used: a chain that
     /// goes back to `spare_rx` (MRG_RXBUF reads hold more chains than a small frame needs) is
     /// not walked again.
@@ -170,6 +176,9 @@ impl QueuePair {
                 .unwrap_or(u32::MAX),
             rx_ewma: 0,
             spare_rx: VecDeque::new(),
+            spare_bytes: 0,
+            rx_pop_seq: vec![0; rx_queue_size],
+            rx_popped: 0,
             rx_walked: (0..rx_queue_size).map(|_| WalkedChain::default()).collect(),
             rx_scratch: Segments::with_capacity(4),
             rx_used_pending: false,
@@ -204,7 +213,19 @@ impl QueuePair {
             }
         }
         self.spare_rx.clear();
-        self.spare_rx.extend(heads.iter().copied());
+        self.spare_bytes = 0;
+        for &h in heads {
+            self.rx_popped += 1;
+            self.rx_pop_seq[usize::from(h)] = self.rx_popped;
+            match self.walk_rx(h) {
+                Ok(len) => self.give_back(h, len),
+                Err(e) => {
+                    self.counters.rx_malformed += 1;
+                    tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
+                    self.complete_used(Direction::Rx, h, 0);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -215,7 +236,16 @@ impl QueuePair {
 
     /// RX heads held back (popped, in no read), in order: what a handoff re-posts.
     pub fn spare_rx(&self) -> impl Iterator<Item = u16> + '_ {
-        self.spare_rx.iter().copied()
+        self.spare_rx.iter().map(|&(h, _)| h)
+    }
+
+    /// Puts the held RX heads back in the order they were popped (reads that were cancelled
+    /// or refused hand their chains back in completion order). Called once a worker stopped.
+    pub fn settle_rx_order(&mut self) {
+        let seq = &self.rx_pop_seq;
+        self.spare_rx
+            .make_contiguous()
+            .sort_by_key(|&(h, _)| seq[usize::from(h)]);
     }
 
     // ---- TX ----------------------------------------------------------------------------
@@ -272,18 +302,59 @@ impl QueuePair {
 
     // ---- RX ----------------------------------------------------------------------------
 
-    fn next_rx_head(&mut self) -> Option<u16> {
-        if let Some(h) = self.spare_rx.pop_front() {
-            return Some(h);
+    /// Pops up to `max` chains from the avail ring into the spare list, walking each (a
+    /// malformed one is completed with length 0 and counted). Returns how many were popped.
+    fn fill_spare(&mut self, max: usize) -> usize {
+        let mut heads = [0u16; 64];
+        let mut n = 0;
+        let max = max.min(heads.len());
+        if self
+            .rx
+            .pop(&self.mem, max, |h| {
+                heads[n] = h;
+                n += 1;
+            })
+            .is_err()
+        {
+            self.counters.queues_broken += 1;
         }
-        let spare = &mut self.spare_rx;
-        match self.rx.pop(&self.mem, 64, |h| spare.push_back(h)) {
-            Ok(_) => self.spare_rx.pop_front(),
-            Err(_) => {
-                self.counters.queues_broken += 1;
-                None
+        for &h in &heads[..n] {
+            self.rx_popped += 1;
+            if let Some(s) = self.rx_pop_seq.get_mut(usize::from(h)) {
+                *s = self.rx_popped;
+            }
+            match self.walk_rx(h) {
+                Ok(len) => {
+                    self.spare_rx.push_back((h, len));
+                    self.spare_bytes += u64::from(len);
+                }
+                Err(e) => {
+                    self.counters.rx_malformed += 1;
+                    tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
+                    self.complete_used(Direction::Rx, h, 0);
+                }
             }
         }
+        n
+    }
+
+    /// The next RX chain: from the spare list, else from the avail ring.
+    fn next_rx_chain(&mut self) -> Option<(u16, u32)> {
+        loop {
+            if let Some((h, len)) = self.spare_rx.pop_front() {
+                self.spare_bytes -= u64::from(len);
+                return Some((h, len));
+            }
+            if self.fill_spare(64) == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Puts a walked chain back at the front of the spare list.
+    fn give_back(&mut self, head: u16, len: u32) {
+        self.spare_rx.push_front((head, len));
+        self.spare_bytes += u64::from(len);
     }
 
     /// How many bytes of guest buffers an MRG_RXBUF read is posted with: twice the recent
@@ -295,42 +366,41 @@ impl QueuePair {
             .clamp(self.rx_plain.min(self.rx_capacity), self.rx_capacity)
     }
 
-    /// Appends the next RX chain (from the spare list or the avail ring) to `r`. Malformed
-    /// chains are completed with length 0 on the way. Returns false when none is available.
+    /// Appends the next RX chain (from the spare list or the avail ring) to `r`. Returns false
+    /// when none is available.
     fn add_rx_chain(&mut self, r: &mut RxRead) -> bool {
-        loop {
-            let Some(head) = self.next_rx_head() else {
-                return false;
-            };
-            match self.walk_rx(head) {
-                Ok(len) => {
-                    let walked = &self.rx_walked[usize::from(head)];
-                    for &(host, l, gpa) in &walked.pieces {
-                        r.seg.iov.push(libc::iovec {
-                            iov_base: host as *mut libc::c_void,
-                            iov_len: l as usize,
-                        });
-                        r.seg.gpa.push((gpa, l));
-                    }
-                    r.seg.len += len;
-                    r.chains.push((head, len));
-                    return true;
-                }
-                Err(e) => {
-                    self.counters.rx_malformed += 1;
-                    tracing::warn!(queue = self.rx.index, head, error = %e, "dropping malformed RX chain");
-                    self.complete_used(Direction::Rx, head, 0);
-                }
-            }
+        let Some((head, len)) = self.next_rx_chain() else {
+            return false;
+        };
+        let walked = &self.rx_walked[usize::from(head)];
+        for &(host, l, gpa) in &walked.pieces {
+            r.seg.iov.push(libc::iovec {
+                iov_base: host as *mut libc::c_void,
+                iov_len: l as usize,
+            });
+            r.seg.gpa.push((gpa, l));
         }
+        r.seg.len += len;
+        r.chains.push((head, len));
+        true
     }
 
     /// Fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
     /// predicted frame size), then the read's spill area. Returns false when the guest has
-    /// posted no buffers.
-    pub fn prepare_rx(&mut self, r: &mut RxRead) -> bool {
+    /// posted no buffers, or (with `others_posted`, MRG_RXBUF and GSO) when posting it would
+    /// leave fewer spare buffers than a largest frame needs to spill into: a 64 KiB frame
+    /// arriving into a read sized for small ones must always find chains to continue in.
+    pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> bool {
         r.clear();
         let target = if self.mrg_rxbuf { self.rx_target() } else { 0 };
+        if others_posted && self.mrg_rxbuf && self.rx_capacity > self.rx_plain {
+            // Pop what the guest has made available, then keep a reserve.
+            while self.fill_spare(64) > 0 {}
+            let reserve = u64::from(self.rx_capacity) + u64::from(target);
+            if self.spare_bytes < reserve {
+                return false;
+            }
+        }
         while r.chains.is_empty() || r.seg.len < target {
             if !self.add_rx_chain(r) {
                 break;
@@ -373,8 +443,9 @@ impl QueuePair {
 
     /// Gives the chains of an unposted or cancelled read back (to the front, in order).
     pub fn return_rx(&mut self, r: &mut RxRead) {
-        for &(head, _) in r.chains.iter().rev() {
-            self.spare_rx.push_front(head);
+        for i in (0..r.chains.len()).rev() {
+            let (head, len) = r.chains[i];
+            self.give_back(head, len);
         }
         r.clear();
     }
@@ -427,8 +498,9 @@ impl QueuePair {
             self.complete_used(Direction::Rx, head, len);
         }
         // Unused chains go back for the next read.
-        for &(head, _) in r.chains[used..].iter().rev() {
-            self.spare_rx.push_front(head);
+        for i in (used..r.chains.len()).rev() {
+            let (head, len) = r.chains[i];
+            self.give_back(head, len);
         }
         self.counters.rx_packets += 1;
         self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;

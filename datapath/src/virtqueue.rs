@@ -4,7 +4,13 @@
 
 use std::os::fd::OwnedFd;
 
+use std::sync::atomic::Ordering;
+
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+/// `VRING_AVAIL_F_NO_INTERRUPT`.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 use crate::chain::DescTable;
 use crate::memory::GuestMemory;
@@ -184,6 +190,16 @@ impl Virtqueue {
         if self.broken {
             return false;
         }
+        if !self.queue.event_idx_enabled() {
+            // Without EVENT_IDX the driver suppresses interrupts with VRING_AVAIL_F_NO_INTERRUPT
+            // (virtio 1.2 §2.7.7.2: the device SHOULD NOT notify while it is set). The used
+            // ring writes must be visible before the flag is read, as with used_event.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let flags: Result<u16, _> = mem
+                .mmap()
+                .load(GuestAddress(self.queue.avail_ring()), Ordering::Relaxed);
+            return flags.map_or(true, |f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT == 0);
+        }
         self.queue.needs_notification(mem.mmap()).unwrap_or(true)
     }
 
@@ -215,7 +231,7 @@ impl Virtqueue {
             return false;
         }
         self.queue
-            .avail_idx(mem.mmap(), std::sync::atomic::Ordering::Acquire)
+            .avail_idx(mem.mmap(), Ordering::Acquire)
             .map(|idx| idx.0 != self.queue.next_avail())
             .unwrap_or(false)
     }

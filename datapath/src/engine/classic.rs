@@ -81,10 +81,10 @@ enum RxOutcome {
 fn process_rx(pair: &mut QueuePair, r: &mut RxRead, burst: usize) -> RxOutcome {
     pair.rx.disable_notification(&pair.mem);
     for _ in 0..burst {
-        if !pair.prepare_rx(r) {
+        if !pair.prepare_rx(r, false) {
             if pair.rx.enable_notification(&pair.mem) {
                 pair.rx.disable_notification(&pair.mem);
-                if !pair.prepare_rx(r) {
+                if !pair.prepare_rx(r, false) {
                     return RxOutcome::NoBuffers;
                 }
             } else {

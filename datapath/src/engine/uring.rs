@@ -88,6 +88,11 @@ struct Loop {
     tx_pending: bool,
     rx_pending: bool,
     rx_paused: bool,
+    /// Reads posted per burst: grows by one per read that found a frame, halves on a read
+    /// that found none (RX reads are RWF_NOWAIT: they complete inline, with a frame or
+    /// EAGAIN, and never wait in the kernel or in io-wq, so frames land in ring order).
+    rx_burst: usize,
+    rx_depth: usize,
     stopping: bool,
     cancel_sent: bool,
 }
@@ -168,8 +173,11 @@ impl Loop {
             return Ok(());
         }
         pair.rx.disable_notification(&pair.mem);
-        while let Some(slot) = self.rx_free.pop() {
-            if !pair.prepare_rx(&mut self.rx[slot]) {
+        while self.rx_posted < self.rx_burst {
+            let Some(slot) = self.rx_free.pop() else {
+                break;
+            };
+            if !pair.prepare_rx(&mut self.rx[slot], self.rx_posted > 0) {
                 self.rx_free.push(slot);
                 if pair.rx.enable_notification(&pair.mem) {
                     pair.rx.disable_notification(&pair.mem);
@@ -184,6 +192,7 @@ impl Loop {
                 r.seg.iov.as_ptr(),
                 iov_count(r.seg.iov.len()),
             )
+            .rw_flags(libc::RWF_NOWAIT)
             .build()
             .user_data(ud(OP_RX, slot));
             // SAFETY: the iovecs point into guest memory (mapped for the worker's life) and
@@ -195,9 +204,10 @@ impl Loop {
         Ok(())
     }
 
-    /// A read failed: stop posting reads until the TAP is readable again (EAGAIN: a read can
-    /// lose the race for a frame to another posted read) or for 10 ms (other errors: a detached
-    /// queue, a link that went away), so a failing TAP never makes the loop spin.
+    /// A read found nothing or failed: stop posting reads until the TAP is readable again
+    /// (EAGAIN: the TAP queue is empty; one POLLIN wait replaces a pending read per slot) or
+    /// for 10 ms (other errors: a detached queue, a link that went away), so a failing TAP
+    /// never makes the loop spin.
     fn pause_rx(&mut self, pair: &QueuePair, res: i32) -> Result<(), EngineError> {
         self.rx_paused = true;
         let entry = if res == -libc::EAGAIN {
@@ -277,8 +287,14 @@ impl Loop {
             OP_RX => {
                 self.rx_posted -= 1;
                 match usize::try_from(res) {
-                    Ok(n) if n > 0 => pair.complete_rx(&mut self.rx[slot], n),
+                    Ok(n) if n > 0 => {
+                        pair.complete_rx(&mut self.rx[slot], n);
+                        self.rx_burst = (self.rx_burst + 1).min(self.rx_depth);
+                    }
                     _ => {
+                        if res == -libc::EAGAIN {
+                            self.rx_burst = (self.rx_burst / 2).max(1);
+                        }
                         pair.return_rx(&mut self.rx[slot]);
                         if res != -libc::ECANCELED && !self.stopping && !self.rx_paused {
                             self.pause_rx(pair, res)?;
@@ -357,6 +373,8 @@ impl Engine for UringEngine {
             tx_pending: true,
             rx_pending: true,
             rx_paused: false,
+            rx_burst: 4.min(rx_depth),
+            rx_depth,
             stopping: false,
             cancel_sent: false,
         };
@@ -411,6 +429,9 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
         if lp.stopping && lp.outstanding == 0 {
             break;
         }
+        // Publish before blocking: what this iteration counted (malformed chains completed
+        // while popping, a queue found broken, interrupts) must not wait for the next event.
+        pair.publish();
         match lp.ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -427,7 +448,6 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
         pair.counters.batches += 1;
         pair.counters.io_syscalls += 1;
         lp.reap(pair)?;
-        pair.publish();
     }
     // Interrupts for the last completions.
     pair.interrupts(|q| q.signal());
