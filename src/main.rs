@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tapir_bench::runner::{self, BenchEngine, BenchOptions, Scenario};
 
+mod datapath_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "tapir",
@@ -24,13 +26,28 @@ enum Command {
     /// Measure throughput of the datapath engines against the raw TAP floor, in a private
     /// network namespace with a simulated guest (needs root: CAP_NET_ADMIN and CAP_SYS_ADMIN).
     Bench(BenchArgs),
+    /// Run a datapath taken over from a predecessor (or a launcher) and hand it on to the next
+    /// successor that connects to --listen (used by the handoff benchmark and tests).
+    Datapath(datapath_cmd::DatapathArgs),
 }
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Directions: tx (guest to host), rx (host to guest).
-    #[arg(long, value_delimiter = ',', default_value = "tx,rx")]
-    scenario: Vec<Scenario>,
+    /// Scenarios: tx (guest to host), rx (host to guest), handoff (successive handoffs
+    /// between datapath processes under bidirectional traffic).
+    #[arg(long, value_delimiter = ',', default_value = "tx,rx,handoff")]
+    scenario: Vec<String>,
+    /// Handoffs per handoff run.
+    #[arg(long, default_value_t = 50)]
+    handoffs: usize,
+    /// Traffic per direction during handoff runs, packets/s.
+    #[arg(long, default_value_t = 20_000)]
+    handoff_pps: u64,
+    /// SCHED_FIFO priority for the datapath workers in handoff runs (0: ordinary
+    /// scheduling). Realtime workers resume within microseconds of the switch even when
+    /// every CPU is busy, as on this 2-core machine with guest and traffic threads.
+    #[arg(long, default_value_t = 0)]
+    handoff_rt_priority: u8,
     /// Ethernet frame sizes in bytes (65536: a TSO super-frame).
     #[arg(long, value_delimiter = ',', default_value = "64,1500,65536")]
     frame: Vec<usize>,
@@ -84,8 +101,25 @@ fn bench(args: BenchArgs) -> Result<()> {
     } else {
         (Duration::from_secs_f64(args.duration), args.repeats)
     };
+    let mut scenarios = Vec::new();
+    let mut handoff = false;
+    for s in &args.scenario {
+        if s == "handoff" {
+            handoff = true;
+        } else {
+            scenarios.push(s.parse::<Scenario>().map_err(anyhow::Error::msg)?);
+        }
+    }
+    let handoffs = match (handoff, args.quick) {
+        (false, _) => 0,
+        (true, true) => args.handoffs.min(10),
+        (true, false) => args.handoffs,
+    };
     let opts = BenchOptions {
-        scenarios: args.scenario,
+        scenarios,
+        handoffs,
+        handoff_pps: args.handoff_pps,
+        handoff_rt_priority: (args.handoff_rt_priority > 0).then_some(args.handoff_rt_priority),
         frames: args.frame,
         queues,
         engines: args.engines,
@@ -124,5 +158,6 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Bench(args) => bench(args),
+        Command::Datapath(args) => datapath_cmd::run(args),
     }
 }

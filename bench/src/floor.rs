@@ -480,27 +480,4 @@ mod tests {
         assert!(r.elapsed < Duration::from_millis(500));
         assert!(floor_rx(std::io::stdin().as_fd(), 8, 1, Duration::ZERO).is_err());
     }
-
-    /// `cargo test -p tapir-bench --release -- --ignored --nocapture floor_rates`
-    #[test]
-    #[ignore = "measurement, prints rates"]
-    fn floor_rates() {
-        let d = Duration::from_secs(1);
-        let t = run_tx(d);
-        println!(
-            "floor_tx 64B: {:.0} pps, {:.0} ns cpu/pkt, ring mode {} ({t:?})",
-            t.pps(),
-            t.cpu_ns_per_packet(),
-            t.ring_mode
-        );
-        let (r, g) = run_rx(d);
-        println!(
-            "floor_rx 64B: {:.0} pps, {:.0} ns cpu/pkt, ring mode {} ({r:?}); generator {:.0} pps, cpu {:.2}",
-            r.pps(),
-            r.cpu_ns_per_packet(),
-            r.ring_mode,
-            g.stats.pps(),
-            g.stats.cpu_utilization()
-        );
-    }
 }

@@ -54,6 +54,45 @@ pub struct Report {
     pub meta: Meta,
     /// Throughput cells.
     pub results: Vec<ThroughputResult>,
+    /// Handoff runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub handoff: Vec<HandoffResult>,
+}
+
+/// One handoff run: many successive handoffs between processes under traffic.
+#[derive(Clone, Debug, Serialize)]
+pub struct HandoffResult {
+    /// Queue pairs.
+    pub queues: usize,
+    /// Handoffs made.
+    pub handoffs: usize,
+    /// Engine of every process.
+    pub engine: String,
+    /// Median downtime: quiesce start to the successor's first used-ring update.
+    pub downtime_us_p50: f64,
+    /// 99th percentile downtime.
+    pub downtime_us_p99: f64,
+    /// Largest downtime.
+    pub downtime_us_max: f64,
+    /// Median quiesce start to RUNNING.
+    pub switch_us_p50: f64,
+    /// Largest inter-arrival gap seen by the traffic endpoints (either direction).
+    pub gap_us_max: f64,
+    /// Datagrams lost (both directions).
+    pub lost: u64,
+    /// Datagrams duplicated.
+    pub duplicated: u64,
+    /// Datagrams out of order within their flow.
+    pub reordered: u64,
+    /// Offered traffic per direction, packets/s.
+    pub traffic_pps: u64,
+    /// Datagrams sent (both directions).
+    pub sent: u64,
+    /// Median of each blackout phase, µs: [quiesce + encode + send, decode + engine set-up,
+    /// READY to GO, GO to RUNNING, RUNNING to the first used-ring update].
+    pub phases_us_p50: [f64; 5],
+    /// Every handoff's downtime.
+    pub downtime_us: Vec<f64>,
 }
 
 /// Where and how the report was made.
@@ -146,32 +185,61 @@ impl Report {
             .collect()
     }
 
+    /// The handoff runs as a table.
+    fn handoff_table(&self) -> Vec<Vec<String>> {
+        let mut rows = vec![[
+            "queues",
+            "engine",
+            "handoffs",
+            "downtime p50 µs",
+            "p99 µs",
+            "max µs",
+            "gap max µs",
+            "lost",
+            "dup",
+            "reordered",
+            "sent",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect::<Vec<_>>()];
+        for h in &self.handoff {
+            rows.push(vec![
+                h.queues.to_string(),
+                h.engine.clone(),
+                h.handoffs.to_string(),
+                format!("{:.0}", h.downtime_us_p50),
+                format!("{:.0}", h.downtime_us_p99),
+                format!("{:.0}", h.downtime_us_max),
+                format!("{:.0}", h.gap_us_max),
+                h.lost.to_string(),
+                h.duplicated.to_string(),
+                h.reordered.to_string(),
+                h.sent.to_string(),
+            ]);
+        }
+        rows
+    }
+
     /// A readable table: one row per cell, with ratios to classic and to the floor.
     pub fn table(&self) -> String {
+        let mut out = self.throughput_table();
+        if !self.handoff.is_empty() {
+            out.push('\n');
+            out.push_str(&align(&self.handoff_table(), 2));
+        }
+        out
+    }
+
+    fn throughput_table(&self) -> String {
+        if self.results.is_empty() {
+            return String::new();
+        }
         let rows: Vec<Vec<String>> =
             std::iter::once(Self::HEADER.iter().map(|h| (*h).to_owned()).collect())
                 .chain(self.results.iter().map(|r| self.row(r)))
                 .collect();
-        let widths: Vec<usize> = (0..Self::HEADER.len())
-            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-            .collect();
-        let mut out = String::new();
-        for row in &rows {
-            let cells: Vec<String> = row
-                .iter()
-                .zip(&widths)
-                .enumerate()
-                .map(|(c, (cell, w))| {
-                    if c < 4 {
-                        format!("{cell:<w$}")
-                    } else {
-                        format!("{cell:>w$}")
-                    }
-                })
-                .collect();
-            out.push_str(cells.join("  ").trim_end());
-            out.push('\n');
-        }
+        let mut out = align(&rows, 4);
         for n in self.notes() {
             out.push_str(&format!("note: {n}\n"));
         }
@@ -197,8 +265,44 @@ impl Report {
                 out.push_str(&format!("- {n}\n"));
             }
         }
+        if !self.handoff.is_empty() {
+            let rows = self.handoff_table();
+            out.push_str("\nHandoffs (downtime: quiesce start to the successor's first used-ring update):\n\n");
+            for (i, r) in rows.iter().enumerate() {
+                out.push_str(&format!("| {} |\n", r.join(" | ")));
+                if i == 0 {
+                    out.push_str(&format!("|{}\n", "---|".repeat(r.len())));
+                }
+            }
+        }
         out
     }
+}
+
+/// Aligns rows into columns: the first `left` columns left-aligned, the rest right-aligned.
+fn align(rows: &[Vec<String>], left: usize) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (cell, w))| {
+                if c < left {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// The median of `v` (0 for an empty slice).

@@ -31,7 +31,7 @@ use crate::netns;
 use crate::peers::{
     GeneratorConfig, PacketGenerator, RunControl, SeqMode, Template, UdpSink, UdpSinkConfig,
 };
-use crate::report::{median, Meta, Report, ThroughputResult};
+use crate::report::{median, HandoffResult, Meta, Report, ThroughputResult};
 use crate::rig::{self, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 
 /// Direction of a throughput scenario.
@@ -114,6 +114,12 @@ pub struct BenchOptions {
     pub repeats: usize,
     /// The command line, for the report.
     pub command: String,
+    /// Handoffs per handoff-scenario run (0: no handoff scenario).
+    pub handoffs: usize,
+    /// Traffic per direction during the handoff scenario, packets/s.
+    pub handoff_pps: u64,
+    /// SCHED_FIFO priority of the datapath workers in the handoff scenario.
+    pub handoff_rt_priority: Option<u8>,
 }
 
 /// Largest frame the kernel keeps whole as one GSO super-frame.
@@ -604,7 +610,25 @@ fn run_here(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Res
             started: utc_now(),
         },
         results: Vec::new(),
+        handoff: Vec::new(),
     };
+    if opts.handoffs > 0 {
+        for &queues in &opts.queues {
+            for engine in &opts.engines {
+                let BenchEngine::Datapath(kind) = *engine else {
+                    continue;
+                };
+                progress(&format!(
+                    "handoff q{queues} {kind}: {} handoffs",
+                    opts.handoffs
+                ));
+                report.handoff.push(
+                    measure_handoffs(kind, queues, opts)
+                        .with_context(|| format!("handoff q{queues} {kind}"))?,
+                );
+            }
+        }
+    }
     let cells: usize = opts.scenarios.len() * opts.frames.len() * opts.queues.len();
     let mut cell = 0;
     for &scenario in &opts.scenarios {
@@ -701,4 +725,74 @@ fn utc_now() -> String {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
+}
+
+/// Hands the datapath from process to process `opts.handoffs` times under steady
+/// bidirectional traffic; downtime is measured inside (quiesce start to the successor's first
+/// used-ring update), gaps and losses by the traffic endpoints outside.
+fn measure_handoffs(
+    engine: EngineKind,
+    queues: usize,
+    opts: &BenchOptions,
+) -> Result<HandoffResult> {
+    let exe = std::env::current_exe().context("locating the tapir binary")?;
+    let guest = GuestConfig {
+        queue_pairs: u16::try_from(queues)?,
+        ..GuestConfig::default()
+    };
+    let child = crate::handoff::ChildOptions {
+        cpus: Vec::new(),
+        rt_priority: opts.handoff_rt_priority,
+    };
+    let mut rig = crate::handoff::HandoffRig::launch(&exe, engine, guest, child)?;
+    let traffic = crate::handoff::SteadyTraffic::start(&mut rig, opts.handoff_pps)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let mut downtime = Vec::with_capacity(opts.handoffs);
+    let mut switch = Vec::with_capacity(opts.handoffs);
+    let mut phases = Vec::with_capacity(opts.handoffs);
+    for _ in 0..opts.handoffs {
+        let s = rig.handoff()?;
+        downtime.push(s.downtime_us);
+        switch.push(s.switch_us);
+        phases.push(s.phases_us);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let t = traffic.finish()?;
+    rig.shutdown()?;
+    let pct = |v: &[f64], p: f64| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        if s.is_empty() {
+            return 0.0;
+        }
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "an index into a short vector"
+        )]
+        let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+        s[i.min(s.len() - 1)]
+    };
+    let (g, h) = (t.guest_to_host, t.host_to_guest);
+    Ok(HandoffResult {
+        queues,
+        handoffs: opts.handoffs,
+        engine: engine.to_string(),
+        downtime_us_p50: pct(&downtime, 50.0),
+        downtime_us_p99: pct(&downtime, 99.0),
+        downtime_us_max: pct(&downtime, 100.0),
+        switch_us_p50: pct(&switch, 50.0),
+        gap_us_max: g.max_gap_us.max(h.max_gap_us),
+        lost: g.lost + h.lost,
+        duplicated: g.duplicated + h.duplicated,
+        reordered: g.reordered + h.reordered,
+        traffic_pps: opts.handoff_pps,
+        sent: g.sent + h.sent,
+        phases_us_p50: std::array::from_fn(|i| {
+            pct(&phases.iter().map(|p| p[i]).collect::<Vec<_>>(), 50.0)
+        }),
+        downtime_us: downtime,
+    })
 }

@@ -1,16 +1,19 @@
 //! A running virtio-net device: one worker thread per queue pair, the embedding API a VMM uses.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::engine::{self, EngineConfig, EngineError, EngineKind};
+use crate::engine::{self, EngineConfig, EngineError, EngineKind, Leftovers};
 use crate::features;
 use crate::memory::GuestMemory;
-use crate::pair::{PairSettings, QueuePair};
+use crate::pair::{PairPositions, PairSettings, QueuePair};
+
 use crate::stats::{Counters, QueuePairStats};
 use crate::tap::{TapError, TapQueue};
 use crate::virtqueue::{QueueConfig, QueueError, Virtqueue};
@@ -167,7 +170,7 @@ struct Worker {
     index: u16,
     stop: EventFd,
     stats: Arc<QueuePairStats>,
-    thread: JoinHandle<(QueuePair, Result<(), EngineError>)>,
+    thread: JoinHandle<(QueuePair, Result<Leftovers, EngineError>)>,
 }
 
 /// A running device.
@@ -188,26 +191,60 @@ impl std::fmt::Debug for Device {
     }
 }
 
-/// The decision paused workers wait for.
-#[derive(Debug, Default)]
-struct Gate {
-    decision: Mutex<Option<bool>>,
-    cond: Condvar,
+/// What paused workers wait for.
+#[derive(Clone, Debug)]
+enum Decision {
+    Go(Option<Arc<Vec<PairPositions>>>),
+    Abort,
 }
 
+#[derive(Debug, Default)]
+struct Gate {
+    decision: Mutex<Option<Decision>>,
+    cond: Condvar,
+    /// Set by [`PausedDevice::arm`]: the decision is imminent; wait spinning, not sleeping.
+    armed: AtomicBool,
+    /// Realtime workers wake fast and must not spin (they would starve the thread that is
+    /// about to decide).
+    no_spin: bool,
+    decided: AtomicBool,
+}
+
+/// How long armed workers spin for the decision before they sleep again.
+const ARMED_SPIN: Duration = Duration::from_millis(2);
+
 impl Gate {
-    fn wait(&self) -> bool {
-        let mut d = self.decision.lock().unwrap_or_else(|e| e.into_inner());
+    fn wait(&self) -> Decision {
+        let mut spun = false;
         loop {
-            if let Some(go) = *d {
-                return go;
+            let d = self.decision.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(decision) = &*d {
+                return decision.clone();
             }
-            d = self.cond.wait(d).unwrap_or_else(|e| e.into_inner());
+            if self.armed.load(Ordering::Acquire) && !spun && !self.no_spin {
+                drop(d);
+                spun = true;
+                let until = Instant::now() + ARMED_SPIN;
+                // Yielding, not pure spinning: on a small machine the thread that will send
+                // the decision may need this CPU.
+                while !self.decided.load(Ordering::Acquire) && Instant::now() < until {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            let _d = self.cond.wait(d).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    fn decide(&self, go: bool) {
-        *self.decision.lock().unwrap_or_else(|e| e.into_inner()) = Some(go);
+    fn arm(&self) {
+        let _d = self.decision.lock().unwrap_or_else(|e| e.into_inner());
+        self.armed.store(true, Ordering::Release);
+        self.cond.notify_all();
+    }
+
+    fn decide(&self, decision: Decision) {
+        *self.decision.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
+        self.decided.store(true, Ordering::Release);
         self.cond.notify_all();
     }
 }
@@ -220,15 +257,29 @@ pub struct PausedDevice {
 }
 
 impl PausedDevice {
-    /// Lets the workers run.
+    /// Tells the parked workers that the decision is imminent: they wake up now and wait
+    /// spinning (for a few milliseconds at most), so that [`go_at`](Self::go_at) starts them
+    /// without a sleep/wake-up (the successor calls this as it sends READY).
+    pub fn arm(&self) {
+        self.gate.arm();
+    }
+
+    /// Lets the workers run where the rings were when the device was started.
     pub fn go(self) -> Device {
-        self.gate.decide(true);
+        self.gate.decide(Decision::Go(None));
+        self.device
+    }
+
+    /// Lets the workers run from these positions (one entry per queue pair; validate them
+    /// first with [`PairPositions::check`]: a worker that cannot take its position stops).
+    pub fn go_at(self, positions: Vec<PairPositions>) -> Device {
+        self.gate.decide(Decision::Go(Some(Arc::new(positions))));
         self.device
     }
 
     /// Ends the workers without servicing anything; returns the pairs untouched.
     pub fn abort(self) -> Result<Vec<QuiescedPair>, DeviceError> {
-        self.gate.decide(false);
+        self.gate.decide(Decision::Abort);
         self.device.stop()
     }
 
@@ -265,6 +316,8 @@ impl QuiescedDevice {
 pub struct QuiescedPair {
     /// The pair, its rings, fds and counters.
     pub pair: QueuePair,
+    /// The stopped engine's ring and buffers, freed with the pair (after a blackout).
+    _leftovers: Leftovers,
 }
 
 impl QuiescedPair {
@@ -356,7 +409,10 @@ impl Device {
         memory: GuestMemory,
         pairs: Vec<QueuePairSpec>,
     ) -> Result<PausedDevice, DeviceError> {
-        let gate = Arc::new(Gate::default());
+        let gate = Arc::new(Gate {
+            no_spin: cfg.engine_config.realtime_priority.is_some(),
+            ..Gate::default()
+        });
         let (pairs, resources) = Device::build_pairs(&cfg, &memory, pairs)?;
         let device = Device::spawn(cfg, memory, pairs, Arc::new(resources), Some(gate.clone()))?;
         Ok(PausedDevice { device, gate })
@@ -393,6 +449,7 @@ impl Device {
                         source,
                     })?;
             let cpu = cfg.cpu_affinity.get(i).copied().flatten();
+            let realtime = cfg.engine_config.realtime_priority;
             let mut engine = engine::new_engine(cfg.engine, cfg.engine_config);
             let ready = ready_tx.clone();
             let gate = gate.clone();
@@ -403,11 +460,30 @@ impl Device {
                     if let Some(cpu) = cpu {
                         pin_to_cpu(cpu);
                     }
+                    if let Some(prio) = realtime {
+                        set_realtime(prio);
+                    }
                     let span = tracing::info_span!("worker", pair = index, engine = %engine.kind());
                     let _enter = span.enter();
-                    let mut signal_ready = || {
+                    let mut signal_ready = |pair: &mut QueuePair| {
                         let _ = ready.send(index);
-                        gate.as_ref().is_none_or(|g| g.wait())
+                        let Some(gate) = &gate else { return true };
+                        let decision = gate.wait();
+                        pair.stats.mark_resumed();
+                        match decision {
+                            Decision::Abort => false,
+                            Decision::Go(None) => true,
+                            Decision::Go(Some(positions)) => match positions.get(usize::from(index)) {
+                                Some(p) => match pair.reposition(p) {
+                                    Ok(()) => true,
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "cannot resume at the given ring positions");
+                                        false
+                                    }
+                                },
+                                None => true,
+                            },
+                        }
                     };
                     let result = engine.run(&mut pair, &stop_fd, &mut signal_ready);
                     pair.settle_rx_order();
@@ -500,7 +576,10 @@ impl Device {
         let mut first_err = None;
         for w in self.workers.drain(..) {
             match w.thread.join() {
-                Ok((pair, Ok(()))) => pairs.push(QuiescedPair { pair }),
+                Ok((pair, Ok(leftovers))) => pairs.push(QuiescedPair {
+                    pair,
+                    _leftovers: leftovers,
+                }),
                 Ok((_, Err(source))) => {
                     first_err.get_or_insert(DeviceError::Engine {
                         pair: w.index,
@@ -524,6 +603,16 @@ impl Drop for Device {
         if !self.workers.is_empty() {
             let _ = self.stop_inner();
         }
+    }
+}
+
+fn set_realtime(priority: u8) {
+    let param = libc::sched_param {
+        sched_priority: libc::c_int::from(priority.clamp(1, 99)),
+    };
+    // SAFETY: plain syscall on the calling thread with a valid parameter struct.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        tracing::warn!(priority, error = %std::io::Error::last_os_error(), "could not make the worker SCHED_FIFO");
     }
 }
 

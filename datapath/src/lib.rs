@@ -29,6 +29,7 @@ pub use device::{
 };
 pub use engine::{EngineConfig, EngineKind};
 pub use memory::{GuestMemory, MemoryError, MemoryRegionSpec};
+pub use pair::PairPositions;
 pub use stats::Counters;
 pub use tap::{Tap, TapError, TapQueue};
 pub use virtqueue::QueueConfig;

@@ -199,6 +199,58 @@ impl GuestMemory {
             .collect()
     }
 
+    /// Builds this process's page tables for all of guest memory now
+    /// (`MADV_POPULATE_WRITE`), so the first packets after a handoff do not pay a page fault
+    /// per guest page they touch. The memory itself is already resident (it is shared with
+    /// the VMM); this only maps it. Kernels without the advice (before 5.14) are skipped.
+    pub fn populate(&self) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        for r in self.mmap.iter() {
+            let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else {
+                continue;
+            };
+            let Ok(len) = usize::try_from(r.len()) else {
+                continue;
+            };
+            // SAFETY: `host..host+len` is exactly one mapped region of ours; the advice only
+            // faults pages in and changes no contents.
+            let rc = unsafe { libc::madvise(host.cast(), len, MADV_POPULATE_WRITE) };
+            if rc != 0 {
+                tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_POPULATE_WRITE refused");
+                return;
+            }
+        }
+    }
+
+    /// Drops this process's page tables for guest memory in small steps, yielding between
+    /// them (`MADV_DONTNEED` on a shared mapping only unmaps; the memory stays with the VMM
+    /// and the successor). A handoff source calls this after it committed: tearing down the
+    /// mapping of a large guest in one go (as process exit does) is long kernel work that can
+    /// delay the successor's workers on the same CPU by milliseconds.
+    ///
+    /// The device must not touch guest memory afterwards (reads would see zero-filled pages
+    /// only for private mappings; tapir's are shared, but nothing should rely on it).
+    pub fn release_gently(&self) {
+        const STEP: usize = 256 * 1024;
+        for r in self.mmap.iter() {
+            let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else {
+                continue;
+            };
+            let Ok(len) = usize::try_from(r.len()) else {
+                continue;
+            };
+            let mut off = 0;
+            while off < len {
+                let step = STEP.min(len - off);
+                // SAFETY: `host+off..+step` lies inside one mapped region of ours; DONTNEED on
+                // a shared file mapping drops page-table entries, not data.
+                unsafe { libc::madvise(host.add(off).cast(), step, libc::MADV_DONTNEED) };
+                off += step;
+                std::thread::yield_now();
+            }
+        }
+    }
+
     /// True when the whole range is backed by guest memory.
     pub fn contains(&self, addr: u64, len: u64) -> bool {
         self.mmap.check_range(

@@ -17,6 +17,7 @@ macro_rules! counters {
             $( $name: AtomicU64, )*
             tid: AtomicI32,
             first_service_ns: AtomicU64,
+            resumed_ns: AtomicU64,
         }
 
         impl SharedCounters {
@@ -111,6 +112,21 @@ impl QueuePairStats {
             self.counters
                 .first_service_ns
                 .store(monotonic_ns(), Ordering::Relaxed);
+        }
+    }
+
+    /// Records when the worker left its start gate (CLOCK_MONOTONIC ns).
+    pub fn mark_resumed(&self) {
+        self.counters
+            .resumed_ns
+            .store(monotonic_ns(), Ordering::Relaxed);
+    }
+
+    /// When the worker left its start gate, if it has.
+    pub fn resumed_ns(&self) -> Option<u64> {
+        match self.counters.resumed_ns.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
         }
     }
 

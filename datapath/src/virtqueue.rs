@@ -220,6 +220,12 @@ impl Virtqueue {
         }
     }
 
+    /// Moves the queue to these ring positions (a successor resuming a predecessor's rings).
+    pub fn set_positions(&mut self, next_avail: u16, next_used: u16) {
+        self.queue.set_next_avail(next_avail);
+        self.queue.set_next_used(next_used);
+    }
+
     /// Next available index (ring position) and next used index.
     pub fn positions(&self) -> (u16, u16) {
         (self.queue.next_avail(), self.queue.next_used())

@@ -1,7 +1,21 @@
 //! tapir-migrate: hands a running datapath to a successor process over a Unix socket, with
 //! its fds (TAP queues, guest memory, kick/call eventfds), so that the successor resumes the
 //! rings at the same positions. The protocol is written down in `docs/HANDOFF.md`.
+//!
+//! - [`transport`]: the SEQPACKET channel, peer credentials, fd passing;
+//! - [`protocol`]: message kinds, timeouts, errors;
+//! - [`snapshot`]: a device as a `tapir-state` snapshot plus its fds;
+//! - [`source`]: prepare / switch / commit or roll back, for a running device
+//!   ([`DeviceSource`]) or anything else that implements [`HandoffSource`];
+//! - [`successor`]: the other side, [`take_over`].
 
+pub mod protocol;
+pub mod snapshot;
+pub mod source;
+pub mod successor;
 pub mod transport;
 
+pub use protocol::{MigrateError, Timeouts};
+pub use source::{hand_off, DeviceSource, HandoffReport, HandoffSource, LaunchSource, Outcome};
+pub use successor::{take_over, FailPoint, SuccessorOptions, TakeOver};
 pub use transport::{Channel, ChannelError, Listener, Message};

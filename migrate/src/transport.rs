@@ -14,6 +14,8 @@ use nix::sys::socket::{
 
 /// Largest message (payload + 1 kind byte) the channel carries.
 pub const MAX_MESSAGE: usize = 1 << 20;
+/// How long [`Channel::recv_spinning`] polls before it sleeps.
+pub const SPIN: Duration = Duration::from_micros(0);
 /// Most fds in one message (the kernel's `SCM_MAX_FD` is 253).
 pub const MAX_FDS_PER_MESSAGE: usize = 250;
 
@@ -132,7 +134,10 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool, 
             None => PollTimeout::NONE,
             Some(d) => {
                 let ms = d.saturating_duration_since(Instant::now()).as_millis();
-                PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+                i32::try_from(ms)
+                    .ok()
+                    .and_then(|ms| PollTimeout::try_from(ms).ok())
+                    .unwrap_or(PollTimeout::MAX)
             }
         };
         let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
@@ -150,6 +155,9 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool, 
 pub struct Channel {
     fd: OwnedFd,
     peer_pid: i32,
+    /// Receive buffer, allocated once: a fresh 1 MiB buffer per message would cost page
+    /// faults inside a handoff's blackout.
+    buf: std::sync::Mutex<Vec<u8>>,
 }
 
 /// One received message.
@@ -209,6 +217,7 @@ impl Channel {
         Ok(Channel {
             fd,
             peer_pid: cred.pid(),
+            buf: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -277,15 +286,41 @@ impl Channel {
         if !wait_readable(self.fd.as_fd(), timeout)? {
             return Err(ChannelError::Timeout(timeout.unwrap_or_default()));
         }
-        let mut buf = vec![0u8; MAX_MESSAGE];
+        match self.recv_now(MsgFlags::empty())? {
+            Some(m) => Ok(m),
+            None => Err(ChannelError::Timeout(timeout.unwrap_or_default())),
+        }
+    }
+
+    /// Like [`recv`](Self::recv), but first polls the socket without sleeping for up to
+    /// [`SPIN`]: during a handoff's blackout each side answers the other within
+    /// microseconds, and a sleep/wake-up per message would cost more than the work.
+    pub fn recv_spinning(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
+        let spin_until = Instant::now() + SPIN;
+        while Instant::now() < spin_until {
+            if let Some(m) = self.recv_now(MsgFlags::MSG_DONTWAIT)? {
+                return Ok(m);
+            }
+            std::hint::spin_loop();
+        }
+        self.recv(timeout)
+    }
+
+    /// One `recvmsg`; `None` when nothing is there (with `MSG_DONTWAIT`).
+    fn recv_now(&self, flags: MsgFlags) -> Result<Option<Message>, ChannelError> {
+        let mut guard = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.len() < MAX_MESSAGE {
+            guard.resize(MAX_MESSAGE, 0);
+        }
+        let buf: &mut [u8] = &mut guard;
         let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
-        let (n, flags, mut fds) = loop {
-            let mut iov = [IoSliceMut::new(&mut buf)];
+        let (n, msg_flags, mut fds) = loop {
+            let mut iov = [IoSliceMut::new(&mut *buf)];
             match recvmsg::<()>(
                 self.fd.as_raw_fd(),
                 &mut iov,
                 Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
+                flags | MsgFlags::MSG_CMSG_CLOEXEC,
             ) {
                 Ok(msg) => {
                     let mut fds = Vec::new();
@@ -300,11 +335,12 @@ impl Channel {
                     break (msg.bytes, msg.flags, fds);
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(None),
                 Err(nix::errno::Errno::ECONNRESET) => return Err(ChannelError::Closed),
                 Err(e) => return Err(os("recvmsg")(e)),
             }
         };
-        if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+        if msg_flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
             return Err(ChannelError::Malformed(
                 "message or its fds truncated".into(),
             ));
@@ -312,13 +348,9 @@ impl Channel {
         if n == 0 {
             return Err(ChannelError::Closed);
         }
-        buf.truncate(n);
-        let kind = buf.remove(0);
+        let kind = buf[0];
+        let payload = buf[1..n].to_vec();
         fds.shrink_to_fit();
-        Ok(Message {
-            kind,
-            payload: buf,
-            fds,
-        })
+        Ok(Some(Message { kind, payload, fds }))
     }
 }

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use super::{Engine, EngineConfig, EngineError, EngineKind};
+use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers};
 use crate::pair::{QueuePair, RxRead, TxWrite};
 
 const TOKEN_TX_KICK: u64 = 1;
@@ -120,8 +120,8 @@ impl Engine for ClassicEngine {
         &mut self,
         pair: &mut QueuePair,
         stop: &OwnedFd,
-        ready: &mut dyn FnMut() -> bool,
-    ) -> Result<(), EngineError> {
+        ready: &mut dyn FnMut(&mut QueuePair) -> bool,
+    ) -> Result<Leftovers, EngineError> {
         let epoll =
             Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| EngineError::Setup {
                 engine: EngineKind::Classic,
@@ -136,8 +136,8 @@ impl Engine for ClassicEngine {
         add(pair.rx.kick.as_fd(), TOKEN_RX_KICK)?;
         add(stop.as_fd(), TOKEN_STOP)?;
         add(pair.tap.as_fd(), TOKEN_TAP)?;
-        if !ready() {
-            return Ok(());
+        if !ready(pair) {
+            return Ok(Leftovers(None));
         }
         let mut tap_armed = true;
         let mut w = TxWrite::new();
@@ -209,6 +209,6 @@ impl Engine for ClassicEngine {
         }
         pair.interrupts(|q| q.signal());
         pair.publish();
-        Ok(())
+        Ok(Leftovers(Some(Box::new((epoll, w, r)))))
     }
 }

@@ -56,6 +56,10 @@ pub struct EngineConfig {
     pub tx_depth: usize,
     /// TAP reads posted at most (uring) / reads per RX burst (classic).
     pub rx_depth: usize,
+    /// Run workers under `SCHED_FIFO` at this priority (1-99): a woken worker then preempts
+    /// ordinary threads at once, which bounds wake-up latency (a handoff's resume, bursts
+    /// after idle) on a busy machine. None: ordinary scheduling.
+    pub realtime_priority: Option<u8>,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +67,7 @@ impl Default for EngineConfig {
         EngineConfig {
             tx_depth: 256,
             rx_depth: 64,
+            realtime_priority: None,
         }
     }
 }
@@ -101,14 +106,31 @@ pub trait Engine: Send {
     fn kind(&self) -> EngineKind;
     /// Runs the queue pair until `stop` is signalled.
     /// `ready` is called once the engine is set up, before it touches a ring or posts any I/O;
-    /// when it returns false the engine returns at once without servicing anything (a
-    /// successor whose handoff was called off).
+    /// it may still reposition the pair (a handoff successor learns the ring positions only
+    /// at the switch). When it returns false the engine returns at once without servicing
+    /// anything (a successor whose handoff was called off).
     fn run(
         &mut self,
         pair: &mut QueuePair,
         stop: &OwnedFd,
-        ready: &mut dyn FnMut() -> bool,
-    ) -> Result<(), EngineError>;
+        ready: &mut dyn FnMut(&mut QueuePair) -> bool,
+    ) -> Result<Leftovers, EngineError>;
+}
+
+/// What an engine leaves behind after a clean stop (its ring, buffers, epoll fd). Nothing in
+/// it is in use any more; it is handed back instead of dropped so that tearing it down
+/// (unmapping buffers, closing an io_uring, which the kernel finishes asynchronously) happens
+/// after a handoff's blackout rather than inside it.
+pub struct Leftovers(pub Option<Box<dyn std::any::Any + Send>>);
+
+impl std::fmt::Debug for Leftovers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Leftovers(..)"
+        } else {
+            "Leftovers(none)"
+        })
+    }
 }
 
 /// Builds an engine.

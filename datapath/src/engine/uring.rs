@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use io_uring::types::{CancelBuilder, Fixed};
 use io_uring::{opcode, squeue, IoUring};
 
-use super::{Engine, EngineConfig, EngineError, EngineKind};
+use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers};
 use crate::pair::{QueuePair, RxRead, TxWrite};
 use crate::virtqueue::Virtqueue;
 
@@ -343,8 +343,8 @@ impl Engine for UringEngine {
         &mut self,
         pair: &mut QueuePair,
         stop: &OwnedFd,
-        ready: &mut dyn FnMut() -> bool,
-    ) -> Result<(), EngineError> {
+        ready: &mut dyn FnMut(&mut QueuePair) -> bool,
+    ) -> Result<Leftovers, EngineError> {
         let tx_depth = self.cfg.tx_depth.max(1);
         let rx_depth = self.cfg.rx_depth.max(1);
         let entries = u32::try_from((tx_depth + rx_depth + 16).next_power_of_two())
@@ -378,8 +378,8 @@ impl Engine for UringEngine {
             stopping: false,
             cancel_sent: false,
         };
-        if !ready() {
-            return Ok(());
+        if !ready(pair) {
+            return Ok(Leftovers(Some(Box::new(lp))));
         }
         for which in 0..3 {
             lp.post_eventfd_read(which)?;
@@ -400,9 +400,11 @@ impl Engine for UringEngine {
             std::mem::forget(tx);
             std::mem::forget(rx);
             std::mem::forget(kick_buf);
+            pair.publish();
+            return result.map(|()| Leftovers(None));
         }
         pair.publish();
-        result
+        result.map(|()| Leftovers(Some(Box::new(lp))))
     }
 }
 

@@ -1,0 +1,661 @@
+//! The handoff rig: a simulated guest and a TAP in this process, the datapath in a child
+//! process (`tapir datapath`), handed from child to fresh child on demand while traffic runs.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tapir_datapath::{DeviceConfig, EngineKind, PairResources, RingAddrs};
+use tapir_migrate::{hand_off, LaunchSource, Listener, Outcome, Timeouts};
+use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver, VirtqueueInfo};
+
+use crate::netns;
+use crate::rig::{self, GUEST_MAC, TAP_NAME};
+
+/// One event a datapath child printed.
+#[derive(Clone, Debug)]
+pub struct ChildEvent {
+    /// `running`, `first_service`, `committed`, `rolled_back`.
+    pub event: String,
+    /// The whole line, parsed.
+    pub json: serde_json::Value,
+}
+
+struct DatapathChild {
+    child: Child,
+    events: Receiver<ChildEvent>,
+    socket: PathBuf,
+}
+
+impl DatapathChild {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_event(&self, name: &str, timeout: Duration) -> Result<ChildEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(e) if e.event == name => return Ok(e),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "datapath child {}: no {name:?} within {timeout:?}",
+                    self.pid()
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!("datapath child {} exited before {name:?}", self.pid())
+                }
+            }
+        }
+    }
+}
+
+impl Drop for DatapathChild {
+    fn drop(&mut self) {
+        // A child this rig started and no longer tracks (a failed handoff): end it.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What one handoff measured.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HandoffSample {
+    /// Quiesce start to the successor's first used-ring update.
+    pub downtime_us: f64,
+    /// Quiesce start to the successor's RUNNING.
+    pub switch_us: f64,
+    /// Successor spawn to predecessor exit (the whole handoff, prepare included).
+    pub total_ms: f64,
+    /// Blackout phases in µs: quiesce + encode + send (quiesce start to SWITCH received),
+    /// decode + engine set-up (to READY), READY to GO, GO to RUNNING, RUNNING to the first
+    /// used-ring update.
+    pub phases_us: [f64; 5],
+}
+
+/// How datapath children run.
+#[derive(Clone, Debug, Default)]
+pub struct ChildOptions {
+    /// Pin queue pair i's worker to `cpus[i]`.
+    pub cpus: Vec<usize>,
+    /// Run workers SCHED_FIFO at this priority.
+    pub rt_priority: Option<u8>,
+}
+
+/// A guest in this process, its datapath in a child process.
+pub struct HandoffRig {
+    exe: PathBuf,
+    dir: PathBuf,
+    engine: EngineKind,
+    child: ChildOptions,
+    /// The simulated guest.
+    pub guest: SimGuest,
+    /// Each pair's drivers, for the caller to take.
+    pub drivers: Vec<Option<(RxDriver, TxDriver)>>,
+    /// The TAP's MAC.
+    pub host_mac: [u8; 6],
+    current: Option<DatapathChild>,
+    counter: u64,
+}
+
+fn dup(fd: std::os::fd::RawFd) -> Result<std::os::fd::OwnedFd> {
+    // SAFETY: the fd belongs to the SimGuest, which outlives this call.
+    Ok(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?)
+}
+
+fn ring(q: &VirtqueueInfo) -> RingAddrs {
+    RingAddrs {
+        size: q.size,
+        desc_table: q.desc_table,
+        avail_ring: q.avail_ring,
+        used_ring: q.used_ring,
+    }
+}
+
+impl HandoffRig {
+    /// Creates the TAP and the guest (in the calling thread's namespace) and launches the
+    /// first datapath child with the `tapir` binary at `exe`.
+    pub fn launch(
+        exe: &Path,
+        engine: EngineKind,
+        guest_cfg: GuestConfig,
+        child: ChildOptions,
+    ) -> Result<HandoffRig> {
+        let pairs = guest_cfg.queue_pairs;
+        let tap = rig::host_tap(usize::from(pairs), 1500)?;
+        let host_mac = netns::iface_mac(TAP_NAME)?;
+        let mut guest = SimGuest::new(guest_cfg)?;
+        let memory = rig::guest_memory(&guest)?;
+        let mut resources = Vec::new();
+        for (i, q) in tap.into_queues().into_iter().enumerate() {
+            let i = u16::try_from(i)?;
+            let (rx, tx) = (guest.rx_queue(i), guest.tx_queue(i));
+            resources.push(PairResources {
+                rx: ring(&rx),
+                tx: ring(&tx),
+                tap: q.into_fd(),
+                rx_kick: dup(rx.kick_fd)?,
+                rx_call: dup(rx.call_fd)?,
+                tx_kick: dup(tx.kick_fd)?,
+                tx_call: dup(tx.call_fd)?,
+            });
+        }
+        let config = DeviceConfig {
+            mac: GUEST_MAC,
+            ..DeviceConfig::new(guest.features(), engine)
+        };
+        let dir = std::env::temp_dir().join(
+            format!(
+                "tapir-handoff-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            )
+            .replace(['(', ')'], ""),
+        );
+        std::fs::create_dir_all(&dir)?;
+        let drivers = (0..pairs).map(|i| Some(guest.take_pair(i))).collect();
+        let mut rig = HandoffRig {
+            exe: exe.to_owned(),
+            dir,
+            engine,
+            child,
+            guest,
+            drivers,
+            host_mac,
+            current: None,
+            counter: 0,
+        };
+        // The launch: this process plays the source.
+        let launch_sock = rig.dir.join("launch.sock");
+        let listener = Listener::bind(&launch_sock)?;
+        let child = rig.spawn(&launch_sock)?;
+        let ch = listener
+            .accept(Some(Duration::from_secs(10)))
+            .context("the first datapath child did not connect")?;
+        let mut source = LaunchSource::new(config, memory, resources);
+        match hand_off(&mut source, &ch, Timeouts::default())? {
+            Outcome::Committed(_) => {}
+            Outcome::RolledBack(e) => return Err(anyhow!("launching the datapath failed: {e}")),
+        }
+        child.wait_event("running", Duration::from_secs(10))?;
+        rig.current = Some(child);
+        Ok(rig)
+    }
+
+    fn spawn(&mut self, take_over: &Path) -> Result<DatapathChild> {
+        self.spawn_with(take_over, &[])
+    }
+
+    fn spawn_with(&mut self, take_over: &Path, extra: &[&str]) -> Result<DatapathChild> {
+        self.counter += 1;
+        let socket = self.dir.join(format!("dp{}.sock", self.counter));
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("datapath")
+            .arg("--take-over")
+            .arg(take_over)
+            .arg("--listen")
+            .arg(&socket)
+            .arg("--engine")
+            .arg(self.engine.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .args(extra);
+        if !self.child.cpus.is_empty() {
+            let list: Vec<String> = self.child.cpus.iter().map(ToString::to_string).collect();
+            cmd.arg("--cpus").arg(list.join(","));
+        }
+        if let Some(p) = self.child.rt_priority {
+            cmd.arg("--rt-priority").arg(p.to_string());
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", self.exe.display()))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let event = json["event"].as_str().unwrap_or_default().to_owned();
+                    if tx.send(ChildEvent { event, json }).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(DatapathChild {
+            child,
+            events: rx,
+            socket,
+        })
+    }
+
+    /// Takes queue pair `i`'s drivers (once).
+    pub fn take(&mut self, i: usize) -> (RxDriver, TxDriver) {
+        self.drivers[i].take().expect("drivers taken twice")
+    }
+
+    /// The pid of the datapath process now running.
+    pub fn datapath_pid(&self) -> Option<u32> {
+        self.current.as_ref().map(DatapathChild::pid)
+    }
+
+    /// Hands the datapath to a fresh child process and waits until the old one has exited.
+    pub fn handoff(&mut self) -> Result<HandoffSample> {
+        let start = Instant::now();
+        let old_socket = self
+            .current
+            .as_ref()
+            .ok_or_else(|| anyhow!("no datapath running"))?
+            .socket
+            .clone();
+        let new = self.spawn(&old_socket)?;
+        let running = new.wait_event("running", Duration::from_secs(10))?;
+        let first = new.wait_event("first_service", Duration::from_secs(10))?;
+        let mut old = self
+            .current
+            .take()
+            .ok_or_else(|| anyhow!("no datapath running"))?;
+        let committed = old.wait_event("committed", Duration::from_secs(10));
+        let status = old.child.wait()?;
+        let committed = committed?;
+        if std::env::var_os("TAPIR_HANDOFF_TRACE").is_some() {
+            let c = |k: &str| committed.json[k].as_u64().unwrap_or(0);
+            let r = |k: &str| running.json[k].as_u64().unwrap_or(0);
+            let q = c("quiesce_ns");
+            eprintln!(
+                "handoff trace (µs from quiesce): switch sent {} | successor got switch {} | ready sent {} | source got ready {} | successor got go {} | running {} | source got running {} | worker resumed {} | first service {}",
+                c("switch_sent_ns").saturating_sub(q) / 1000,
+                r("switch_ns").saturating_sub(q) / 1000,
+                r("ready_ns").saturating_sub(q) / 1000,
+                c("ready_ns").saturating_sub(q) / 1000,
+                r("go_ns").saturating_sub(q) / 1000,
+                r("running_ns").saturating_sub(q) / 1000,
+                c("running_ns").saturating_sub(q) / 1000,
+                first.json["resumed_ns"].as_u64().unwrap_or(0).saturating_sub(q) / 1000,
+                first.json["first_service_ns"].as_u64().unwrap_or(0).saturating_sub(q) / 1000,
+            );
+        }
+        if !status.success() {
+            bail!("the old datapath exited with {status}");
+        }
+        let total_ms = start.elapsed().as_secs_f64() * 1e3;
+        self.current = Some(new);
+        let at = |k: &str| running.json[k].as_u64().unwrap_or(0);
+        let (q, r) = (at("quiesce_ns"), at("running_ns"));
+        let f = first.json["first_service_ns"].as_u64().unwrap_or(0);
+        let d = first.json["downtime_ns"].as_u64().unwrap_or(0);
+        #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+        let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
+        Ok(HandoffSample {
+            downtime_us: us(0, d),
+            switch_us: us(q, r),
+            total_ms,
+            phases_us: [
+                us(q, at("switch_ns")),
+                us(at("switch_ns"), at("ready_ns")),
+                us(at("ready_ns"), at("go_ns")),
+                us(at("go_ns"), r),
+                us(r, f),
+            ],
+        })
+    }
+
+    /// Starts a successor that dies at `fail_at` (`before-fds`, `after-fds`, `after-state`,
+    /// `before-running`) and checks that the running datapath rolled back and still runs.
+    pub fn failed_handoff(&mut self, fail_at: &str) -> Result<()> {
+        let old_socket = self
+            .current
+            .as_ref()
+            .ok_or_else(|| anyhow!("no datapath running"))?
+            .socket
+            .clone();
+        let mut doomed = self.spawn_with(&old_socket, &["--fail-at", fail_at])?;
+        let status = doomed.child.wait()?;
+        if status.code() != Some(86) {
+            bail!("the failing successor exited with {status}, not by its test hook");
+        }
+        let current = self
+            .current
+            .as_mut()
+            .ok_or_else(|| anyhow!("no datapath running"))?;
+        current.wait_event("rolled_back", Duration::from_secs(10))?;
+        if current.child.try_wait()?.is_some() {
+            bail!("the datapath exited after a failed handoff");
+        }
+        Ok(())
+    }
+
+    /// Stops the datapath child (SIGTERM, then waits) and waits until the TAP is gone.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop_child()?;
+        drop(self.drivers.drain(..));
+        rig::wait_tap_gone()?;
+        Ok(())
+    }
+
+    fn stop_child(&mut self) -> Result<()> {
+        if let Some(mut c) = self.current.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.pid())?);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if c.child.try_wait()?.is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.child.kill();
+                    let _ = c.child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HandoffRig {
+    fn drop(&mut self) {
+        let _ = self.stop_child();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---- steady bidirectional traffic ------------------------------------------------------
+
+/// Per-direction result of a steady traffic run.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct DirectionReport {
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Distinct datagrams received.
+    pub received: u64,
+    /// Sent and never received.
+    pub lost: u64,
+    /// Received more than once.
+    pub duplicated: u64,
+    /// Received after a later one of the same flow.
+    pub reordered: u64,
+    /// Largest time between two consecutive arrivals, in µs.
+    pub max_gap_us: f64,
+}
+
+#[derive(Default)]
+struct FlowTrack {
+    next: u64,
+    seen: std::collections::HashSet<u64>,
+    duplicated: u64,
+    reordered: u64,
+}
+
+/// Sequence tracking over many flows plus the largest inter-arrival gap.
+#[derive(Default)]
+struct Tracker {
+    flows: std::collections::HashMap<u32, FlowTrack>,
+    last: Option<Instant>,
+    max_gap: Duration,
+}
+
+impl Tracker {
+    fn record(&mut self, flow: u32, seq: u64) {
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            self.max_gap = self.max_gap.max(now - last);
+        }
+        self.last = Some(now);
+        let f = self.flows.entry(flow).or_default();
+        if !f.seen.insert(seq) {
+            f.duplicated += 1;
+        } else if seq < f.next {
+            f.reordered += 1;
+        } else {
+            f.next = seq + 1;
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.flows.values().map(|f| f.seen.len() as u64).sum()
+    }
+
+    fn report(&self, sent: u64) -> DirectionReport {
+        let received = self.received();
+        DirectionReport {
+            sent,
+            received,
+            lost: sent.saturating_sub(received),
+            duplicated: self.flows.values().map(|f| f.duplicated).sum(),
+            reordered: self.flows.values().map(|f| f.reordered).sum(),
+            max_gap_us: self.max_gap.as_secs_f64() * 1e6,
+        }
+    }
+}
+
+/// Both directions.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct TrafficReport {
+    /// Guest to host.
+    pub guest_to_host: DirectionReport,
+    /// Host to guest.
+    pub host_to_guest: DirectionReport,
+}
+
+/// Sequence-numbered UDP in both directions at a steady rate, one flow per queue pair and
+/// direction, sent in 100 µs ticks (so that the first frame after a handoff's blackout comes
+/// within ~100 µs and the measured downtime is not padded by idle time).
+pub struct SteadyTraffic {
+    stop: Arc<AtomicBool>,
+    senders: Vec<std::thread::JoinHandle<Result<u64>>>,
+    receivers: Vec<std::thread::JoinHandle<Result<()>>>,
+    receiving: Arc<AtomicBool>,
+    host_track: Arc<Mutex<Tracker>>,
+    guest_track: Arc<Mutex<Tracker>>,
+}
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+const SINK_PORT: u16 = 9000;
+/// Traffic is sent in bursts this far apart.
+const TICK: Duration = Duration::from_micros(100);
+const GUEST_PORT: u16 = 7000;
+/// Host-to-guest flows are numbered from here.
+const H2G_FLOW_BASE: u32 = 1000;
+
+fn ticks(stop: &AtomicBool, per_tick: u64, mut send: impl FnMut(u64) -> Result<()>) -> Result<u64> {
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut tick = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..per_tick {
+            send(sent)?;
+            sent += 1;
+        }
+        tick += 1;
+        let next = start + TICK * u32::try_from(tick).unwrap_or(u32::MAX);
+        if let Some(d) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    }
+    Ok(sent)
+}
+
+impl SteadyTraffic {
+    /// Starts `pps` datagrams per second per direction (split over the queue pairs). Takes
+    /// every pair's drivers from the rig. Must run in the rig's namespace.
+    pub fn start(rig: &mut HandoffRig, pps: u64) -> Result<SteadyTraffic> {
+        let pairs = rig.drivers.len();
+        let ticks_per_s = 1_000_000 / u64::try_from(TICK.as_micros()).unwrap_or(1_000_000);
+        let per_tick = (pps / ticks_per_s / pairs as u64).max(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let receiving = Arc::new(AtomicBool::new(true));
+        let host_track = Arc::new(Mutex::new(Tracker::default()));
+        let guest_track = Arc::new(Mutex::new(Tracker::default()));
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        // Host sink.
+        let sink = std::net::UdpSocket::bind((rig::HOST_IP, SINK_PORT))?;
+        sink.set_read_timeout(Some(Duration::from_millis(20)))?;
+        {
+            let (receiving, track) = (receiving.clone(), host_track.clone());
+            receivers.push(std::thread::spawn(move || -> Result<()> {
+                let mut buf = vec![0u8; 2048];
+                while receiving.load(Ordering::Relaxed) {
+                    match sink.recv_from(&mut buf) {
+                        Ok((n, _)) => {
+                            let (flow, seq) = crate::frames::read_payload_header(&buf[..n])
+                                .ok_or_else(|| anyhow!("host sink: datagram without a header"))?;
+                            track
+                                .lock()
+                                .map_err(|_| anyhow!("poisoned"))?
+                                .record(flow, seq);
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(())
+            }));
+        }
+        for i in 0..pairs {
+            let (mut rx, mut tx) = rig.take(i);
+            let flow = crate::frames::FlowSpec {
+                src_mac: GUEST_MAC,
+                dst_mac: rig.host_mac,
+                src_ip: rig::GUEST_IP,
+                dst_ip: rig::HOST_IP,
+                src_port: 20_000 + u16::try_from(i)?,
+                dst_port: SINK_PORT,
+            };
+            // Guest TX.
+            let s = stop.clone();
+            senders.push(std::thread::spawn(move || -> Result<u64> {
+                let mut buf = vec![0u8; 256];
+                let flow_id = u32::try_from(i)?;
+                let hdr = tapir_simguest::VirtioNetHdr::default();
+                let sent = ticks(&s, per_tick, |seq| {
+                    let n = crate::frames::build_udp(&mut buf, &flow, 128, flow_id, seq)?;
+                    loop {
+                        tx.reclaim();
+                        if tx.push(&hdr, &buf[..n])? {
+                            break;
+                        }
+                        tx.wait(Duration::from_millis(1))?;
+                    }
+                    tx.flush();
+                    Ok(())
+                })?;
+                // Let the last ones complete.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while tx.in_flight() > 0 && Instant::now() < deadline {
+                    tx.reclaim();
+                    tx.wait(Duration::from_millis(5))?;
+                }
+                Ok(sent)
+            }));
+            // Guest RX.
+            let (receiving, track) = (receiving.clone(), guest_track.clone());
+            receivers.push(std::thread::spawn(move || -> Result<()> {
+                while receiving.load(Ordering::Relaxed) {
+                    rx.refill();
+                    let mut err = None;
+                    let got = rx.poll_with(|_, slices| {
+                        let frame: Vec<u8> = slices.concat();
+                        match crate::frames::parse_udp(&frame)
+                            .and_then(|u| crate::frames::read_payload_header(u.payload))
+                        {
+                            Some((flow, seq)) => {
+                                if let Ok(mut t) = track.lock() {
+                                    t.record(flow, seq);
+                                }
+                            }
+                            None => err = Some(anyhow!("guest: a frame that is not our UDP")),
+                        }
+                    })?;
+                    if let Some(e) = err {
+                        return Err(e);
+                    }
+                    if got == 0 {
+                        rx.wait(Duration::from_millis(5))?;
+                    }
+                }
+                Ok(())
+            }));
+            // Host -> guest.
+            let s = stop.clone();
+            senders.push(std::thread::spawn(move || -> Result<u64> {
+                let sock = std::net::UdpSocket::bind((rig::HOST_IP, 0))?;
+                let flow_id = H2G_FLOW_BASE + u32::try_from(i)?;
+                let mut payload = vec![0u8; 128];
+                let dst = (rig::GUEST_IP, GUEST_PORT + u16::try_from(i)?);
+                ticks(&s, per_tick, |seq| {
+                    crate::frames::write_payload(&mut payload, flow_id, seq);
+                    sock.send_to(&payload, dst)?;
+                    Ok(())
+                })
+            }));
+        }
+        Ok(SteadyTraffic {
+            stop,
+            senders,
+            receivers,
+            receiving,
+            host_track,
+            guest_track,
+        })
+    }
+
+    /// Stops sending, waits (up to 5 s) for everything sent to arrive, and reports.
+    pub fn finish(self) -> Result<TrafficReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut g2h_sent = 0;
+        let mut h2g_sent = 0;
+        for (k, s) in self.senders.into_iter().enumerate() {
+            let n = s.join().map_err(|_| anyhow!("sender panicked"))??;
+            // Senders alternate: guest TX, host -> guest.
+            if k % 2 == 0 {
+                g2h_sent += n;
+            } else {
+                h2g_sent += n;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let h = self
+                .host_track
+                .lock()
+                .map_err(|_| anyhow!("poisoned"))?
+                .received();
+            let g = self
+                .guest_track
+                .lock()
+                .map_err(|_| anyhow!("poisoned"))?
+                .received();
+            if (h >= g2h_sent && g >= h2g_sent) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.receiving.store(false, Ordering::Relaxed);
+        for r in self.receivers {
+            r.join().map_err(|_| anyhow!("receiver panicked"))??;
+        }
+        let host = self.host_track.lock().map_err(|_| anyhow!("poisoned"))?;
+        let guest = self.guest_track.lock().map_err(|_| anyhow!("poisoned"))?;
+        Ok(TrafficReport {
+            guest_to_host: host.report(g2h_sent),
+            host_to_guest: guest.report(h2g_sent),
+        })
+    }
+}

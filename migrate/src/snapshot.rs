@@ -1,0 +1,203 @@
+//! Describing a device as a `tapir-state` snapshot plus the fds that travel with it, and
+//! rebuilding queue-pair specs from one.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use tapir_datapath::features::{tap_offload_flags, F_EVENT_IDX};
+use tapir_datapath::tap::VNET_HDR_LEN;
+use tapir_datapath::{DeviceConfig, GuestMemory, PairResources, QuiescedPair, RingAddrs};
+use tapir_state::{
+    DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction, MemoryRegionState, QueuePairState,
+    SourceInfo, TapQueueState, VirtqueueState,
+};
+
+/// A virtqueue's position: (next_avail, next_used) and the heads it holds.
+#[derive(Clone, Debug, Default)]
+pub struct Position {
+    /// Next available index.
+    pub next_avail: u16,
+    /// Next used index.
+    pub next_used: u16,
+    /// Heads popped and not used, in ring order.
+    pub in_flight: Vec<u16>,
+}
+
+/// The positions of one queue pair.
+#[derive(Clone, Debug, Default)]
+pub struct PairPosition {
+    /// RX queue.
+    pub rx: Position,
+    /// TX queue.
+    pub tx: Position,
+}
+
+impl PairPosition {
+    /// Where a quiesced pair stopped.
+    pub fn of(p: &QuiescedPair) -> PairPosition {
+        let (rx_avail, rx_used) = p.rx_positions();
+        let (tx_avail, tx_used) = p.tx_positions();
+        PairPosition {
+            rx: Position {
+                next_avail: rx_avail,
+                next_used: rx_used,
+                in_flight: p.rx_in_flight(),
+            },
+            tx: Position {
+                next_avail: tx_avail,
+                next_used: tx_used,
+                in_flight: Vec::new(),
+            },
+        }
+    }
+}
+
+fn u16_of(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+/// Describes a device: its configuration, memory, rings and (optionally) positions. The fds
+/// come back in manifest order: each region's backing fd, then per pair the TAP queue, RX
+/// kick, RX call, TX kick, TX call. Without positions, every ring is at 0 with nothing in
+/// flight (the layout a successor prepares with before the switch).
+pub fn describe<'a>(
+    config: &DeviceConfig,
+    memory: &'a GuestMemory,
+    resources: &'a [PairResources],
+    positions: Option<&[PairPosition]>,
+    generation: u64,
+) -> (DeviceSnapshot, Vec<BorrowedFd<'a>>) {
+    let mut fds: Vec<BorrowedFd<'a>> = Vec::new();
+    let mut manifest = Vec::new();
+    let mut regions = Vec::new();
+    for (i, r) in memory.regions().into_iter().enumerate() {
+        regions.push(MemoryRegionState {
+            guest_addr: r.guest_addr,
+            size: r.size,
+            file_offset: r.file_offset,
+            fd: u16_of(fds.len()),
+        });
+        manifest.push(FdEntry {
+            kind: FdKind::MemoryRegion,
+            queue_pair: None,
+            region: Some(u16_of(i)),
+        });
+        fds.push(r.fd);
+    }
+    let event_idx = config.features & F_EVENT_IDX != 0;
+    let mut pairs = Vec::new();
+    for (i, res) in resources.iter().enumerate() {
+        let qp = Some(u16_of(i));
+        let mut add = |kind: FdKind, fd: BorrowedFd<'a>| {
+            let index = u16_of(fds.len());
+            manifest.push(FdEntry {
+                kind,
+                queue_pair: qp,
+                region: None,
+            });
+            fds.push(fd);
+            index
+        };
+        let tap = add(FdKind::TapQueue, res.tap.as_fd());
+        let rx_kick = add(FdKind::Kick, res.rx_kick.as_fd());
+        let rx_call = add(FdKind::Call, res.rx_call.as_fd());
+        let tx_kick = add(FdKind::Kick, res.tx_kick.as_fd());
+        let tx_call = add(FdKind::Call, res.tx_call.as_fd());
+        let pos = positions
+            .and_then(|p| p.get(i))
+            .cloned()
+            .unwrap_or_default();
+        let queue = |index: u16,
+                     addrs: &RingAddrs,
+                     pos: &Position,
+                     kick: u16,
+                     call: u16,
+                     action: InFlightAction| {
+            VirtqueueState {
+                index,
+                size: addrs.size,
+                desc_table: addrs.desc_table,
+                avail_ring: addrs.avail_ring,
+                used_ring: addrs.used_ring,
+                next_avail: pos.next_avail,
+                next_used: pos.next_used,
+                event_idx,
+                signalled_used: None,
+                in_flight: pos
+                    .in_flight
+                    .iter()
+                    .map(|&head| InFlight { head, action })
+                    .collect(),
+                kick_fd: kick,
+                call_fd: call,
+                broken: false,
+            }
+        };
+        let index = u16_of(i);
+        pairs.push(QueuePairState {
+            rx: queue(
+                2 * index,
+                &res.rx,
+                &pos.rx,
+                rx_kick,
+                rx_call,
+                InFlightAction::RepostRx,
+            ),
+            tx: queue(
+                2 * index + 1,
+                &res.tx,
+                &pos.tx,
+                tx_kick,
+                tx_call,
+                InFlightAction::CompleteTx,
+            ),
+            tap: TapQueueState {
+                vnet_hdr_len: u8::try_from(VNET_HDR_LEN).unwrap_or(12),
+                offloads: tap_offload_flags(config.features),
+                attached: true,
+                fd: tap,
+            },
+        });
+    }
+    let snapshot = DeviceSnapshot {
+        features: config.features,
+        mac: config.mac,
+        mtu: config.mtu,
+        status: 0x0f,
+        memory: regions,
+        queue_pairs: pairs,
+        fds: manifest,
+        source: SourceInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            time_ns: tapir_datapath::stats::monotonic_ns(),
+            generation,
+        },
+    };
+    (snapshot, fds)
+}
+
+/// True when two snapshots describe the same device (everything but positions, in-flight
+/// heads and source information): a successor checks that the switch-time snapshot matches
+/// what it prepared with.
+pub fn same_layout(a: &DeviceSnapshot, b: &DeviceSnapshot) -> bool {
+    let strip = |s: &DeviceSnapshot| {
+        let mut s = s.clone();
+        s.source = SourceInfo::default();
+        for p in &mut s.queue_pairs {
+            for q in [&mut p.rx, &mut p.tx] {
+                q.next_avail = 0;
+                q.next_used = 0;
+                q.in_flight.clear();
+                q.signalled_used = None;
+                q.broken = false;
+            }
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
+/// Takes fd `index` out of the received list (each is used once).
+pub fn take_fd(fds: &mut [Option<OwnedFd>], index: u16) -> Option<OwnedFd> {
+    fds.get_mut(usize::from(index)).and_then(Option::take)
+}

@@ -1,0 +1,287 @@
+//! The source side of a handoff: prepare while running, switch (the only blackout), commit
+//! or roll back.
+
+use std::os::fd::BorrowedFd;
+
+use tapir_datapath::{Device, GuestMemory, PairResources, QuiescedDevice};
+use tapir_state::DeviceSnapshot;
+
+use crate::protocol::{self, expect, MigrateError, Timeouts};
+use crate::snapshot::{describe, PairPosition};
+use crate::transport::{Channel, ChannelError, MAX_FDS_PER_MESSAGE};
+
+/// Something that can be handed to a successor: a running device, or a VMM (or test parent)
+/// launching the first datapath process.
+pub trait HandoffSource {
+    /// The layout snapshot (rings at 0, nothing in flight) and the fds, in manifest order.
+    fn layout(&self) -> (DeviceSnapshot, Vec<BorrowedFd<'_>>);
+    /// Stops servicing the rings; returns the final snapshot.
+    fn quiesce(&mut self) -> Result<DeviceSnapshot, MigrateError>;
+    /// Takes service back after a switch that failed.
+    fn resume(&mut self) -> Result<(), MigrateError>;
+}
+
+enum DeviceState {
+    Running(Device),
+    Quiesced(QuiescedDevice),
+    Gone,
+}
+
+/// A running device as a handoff source.
+pub struct DeviceSource {
+    state: DeviceState,
+    generation: u64,
+}
+
+impl DeviceSource {
+    /// Wraps a running device; `generation` counts handoffs so far (the successor gets +1).
+    pub fn new(device: Device, generation: u64) -> DeviceSource {
+        DeviceSource {
+            state: DeviceState::Running(device),
+            generation,
+        }
+    }
+
+    /// The device, if it is running (after a rollback, or when no handoff happened).
+    pub fn into_running(self) -> Option<Device> {
+        match self.state {
+            DeviceState::Running(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// After a committed handoff: unmaps guest memory gently (see
+    /// [`GuestMemory::release_gently`]) before the process tears the rest down.
+    pub fn release(self) {
+        if let DeviceState::Quiesced(q) = &self.state {
+            q.memory.release_gently();
+        }
+    }
+
+    /// The running device.
+    pub fn device(&self) -> Option<&Device> {
+        match &self.state {
+            DeviceState::Running(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+impl HandoffSource for DeviceSource {
+    fn layout(&self) -> (DeviceSnapshot, Vec<BorrowedFd<'_>>) {
+        let (config, memory, resources): (_, &GuestMemory, &[PairResources]) = match &self.state {
+            DeviceState::Running(d) => (d.config(), d.memory(), d.resources()),
+            DeviceState::Quiesced(q) => (&q.config, &q.memory, q.resources.as_slice()),
+            DeviceState::Gone => unreachable!("layout of a device that is gone"),
+        };
+        describe(config, memory, resources, None, self.generation + 1)
+    }
+
+    fn quiesce(&mut self) -> Result<DeviceSnapshot, MigrateError> {
+        let state = std::mem::replace(&mut self.state, DeviceState::Gone);
+        let quiesced = match state {
+            DeviceState::Running(d) => d.quiesce()?,
+            DeviceState::Quiesced(q) => q,
+            DeviceState::Gone => return Err(MigrateError::Fds("device is gone".into())),
+        };
+        let positions: Vec<PairPosition> = quiesced.pairs.iter().map(PairPosition::of).collect();
+        let (snapshot, _) = describe(
+            &quiesced.config,
+            &quiesced.memory,
+            &quiesced.resources,
+            Some(&positions),
+            self.generation + 1,
+        );
+        self.state = DeviceState::Quiesced(quiesced);
+        Ok(snapshot)
+    }
+
+    fn resume(&mut self) -> Result<(), MigrateError> {
+        let state = std::mem::replace(&mut self.state, DeviceState::Gone);
+        self.state = match state {
+            DeviceState::Quiesced(q) => DeviceState::Running(q.resume()?),
+            other => other,
+        };
+        Ok(())
+    }
+}
+
+/// What a committed handoff looked like.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HandoffReport {
+    /// The successor's pid.
+    pub successor_pid: i32,
+    /// When the source stopped servicing (CLOCK_MONOTONIC ns).
+    pub quiesce_ns: u64,
+    /// When the successor said RUNNING.
+    pub running_ns: u64,
+    /// When the quiesce finished and SWITCH went out.
+    pub switch_sent_ns: u64,
+    /// When READY arrived.
+    pub ready_ns: u64,
+}
+
+/// How a handoff ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The successor runs the device; the source must close its fds and go.
+    Committed(HandoffReport),
+    /// The successor failed or vanished; the source runs again (or never stopped).
+    RolledBack(MigrateError),
+}
+
+fn abort(ch: &Channel, why: &MigrateError) {
+    let _ = ch.send(protocol::ABORT, why.to_string().as_bytes(), &[]);
+}
+
+/// Hands `source` to the successor at the other end of `ch`. Errors before the switch leave
+/// the source running; errors during it resume the source (rollback). Only a source that can
+/// neither quiesce nor resume gives an `Err`.
+pub fn hand_off(
+    source: &mut dyn HandoffSource,
+    ch: &Channel,
+    t: Timeouts,
+) -> Result<Outcome, MigrateError> {
+    // Prepare: the source keeps running.
+    if let Err(e) = prepare(source, ch, t) {
+        abort(ch, &e);
+        return Ok(Outcome::RolledBack(e));
+    }
+    // Switch: the blackout starts here.
+    let quiesce_ns = tapir_datapath::stats::monotonic_ns();
+    let snapshot = source.quiesce()?;
+    let quiesced_ns = tapir_datapath::stats::monotonic_ns();
+    let mut payload = quiesce_ns.to_le_bytes().to_vec();
+    payload.extend_from_slice(&tapir_state::encode(&snapshot));
+    let ready = ch
+        .send(protocol::SWITCH, &payload, &[])
+        .map_err(MigrateError::from)
+        .and_then(|()| {
+            let msg = ch.recv_spinning(Some(t.switch))?;
+            expect(&msg, protocol::READY, "READY")
+        });
+    if let Err(e) = ready {
+        // The successor has not touched a ring (it only does after GO): resume.
+        abort(ch, &e);
+        source.resume()?;
+        return Ok(Outcome::RolledBack(e));
+    }
+    let ready_ns = tapir_datapath::stats::monotonic_ns();
+    ch.send(protocol::GO, &[], &[]).ok();
+    // The successor sends RUNNING before it touches a ring: no RUNNING (it died, or aborted)
+    // means it never serviced anything, and the source may resume.
+    match ch.recv_spinning(Some(t.switch)) {
+        Ok(msg) if msg.kind == protocol::RUNNING => Ok(Outcome::Committed(HandoffReport {
+            successor_pid: ch.peer_pid(),
+            quiesce_ns,
+            running_ns: tapir_datapath::stats::monotonic_ns(),
+            switch_sent_ns: quiesced_ns,
+            ready_ns,
+        })),
+        Ok(msg) => {
+            let e = expect(&msg, protocol::RUNNING, "RUNNING").err().unwrap_or(
+                MigrateError::Unexpected {
+                    expected: "RUNNING",
+                    got: msg.kind,
+                },
+            );
+            source.resume()?;
+            Ok(Outcome::RolledBack(e))
+        }
+        Err(ChannelError::Timeout(d)) => {
+            // A successor that is alive but silent could still send RUNNING and run: fence it
+            // before taking the rings back.
+            tracing::error!(
+                pid = ch.peer_pid(),
+                ?d,
+                "successor silent after GO; killing it"
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(ch.peer_pid()),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            match ch.recv(Some(t.switch)) {
+                Ok(msg) if msg.kind == protocol::RUNNING => {
+                    tracing::error!(
+                        "successor said RUNNING before it was killed; the device is down"
+                    );
+                    Ok(Outcome::Committed(HandoffReport {
+                        successor_pid: ch.peer_pid(),
+                        quiesce_ns,
+                        running_ns: 0,
+                        switch_sent_ns: quiesced_ns,
+                        ready_ns,
+                    }))
+                }
+                _ => {
+                    source.resume()?;
+                    Ok(Outcome::RolledBack(ChannelError::Timeout(d).into()))
+                }
+            }
+        }
+        Err(e) => {
+            source.resume()?;
+            Ok(Outcome::RolledBack(e.into()))
+        }
+    }
+}
+
+fn prepare(source: &mut dyn HandoffSource, ch: &Channel, t: Timeouts) -> Result<(), MigrateError> {
+    let hello = ch.recv(Some(t.prepare))?;
+    expect(&hello, protocol::HELLO, "HELLO")?;
+    let version = hello
+        .payload
+        .get(..2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .ok_or(MigrateError::Short(protocol::HELLO))?;
+    if version != protocol::PROTOCOL_VERSION {
+        return Err(MigrateError::Version(version));
+    }
+    let (layout, fds) = source.layout();
+    ch.send(protocol::PREPARE, &tapir_state::encode(&layout), &[])?;
+    for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
+        let first = u32::try_from(i * MAX_FDS_PER_MESSAGE).unwrap_or(u32::MAX);
+        ch.send(protocol::FDS, &first.to_le_bytes(), chunk)?;
+    }
+    let msg = ch.recv(Some(t.prepare))?;
+    expect(&msg, protocol::PREPARED, "PREPARED")
+}
+
+/// A device that is described but not running: a VMM (or a test) launching the first datapath
+/// process hands it over with the same protocol. Its rings are at 0 with nothing in flight;
+/// quiescing and resuming are no-ops.
+pub struct LaunchSource {
+    config: tapir_datapath::DeviceConfig,
+    memory: GuestMemory,
+    resources: Vec<PairResources>,
+}
+
+impl LaunchSource {
+    /// Describes a fresh device: its configuration, guest memory, and each queue pair's ring
+    /// addresses and fds.
+    pub fn new(
+        config: tapir_datapath::DeviceConfig,
+        memory: GuestMemory,
+        resources: Vec<PairResources>,
+    ) -> LaunchSource {
+        LaunchSource {
+            config,
+            memory,
+            resources,
+        }
+    }
+}
+
+impl HandoffSource for LaunchSource {
+    fn layout(&self) -> (DeviceSnapshot, Vec<BorrowedFd<'_>>) {
+        describe(&self.config, &self.memory, &self.resources, None, 1)
+    }
+
+    fn quiesce(&mut self) -> Result<DeviceSnapshot, MigrateError> {
+        Ok(self.layout().0)
+    }
+
+    fn resume(&mut self) -> Result<(), MigrateError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,313 @@
+//! The successor side of a handoff: receive the layout and fds, map and adopt them, then on
+//! the switch rebuild the rings at the source's positions and run.
+
+use std::os::fd::OwnedFd;
+
+use tapir_datapath::engine::EngineConfig;
+use tapir_datapath::memory::MemoryRegionSpec;
+use tapir_datapath::{
+    Device, DeviceConfig, EngineKind, GuestMemory, PairPositions, QueueConfig, QueuePairSpec,
+    TapQueue,
+};
+use tapir_state::{DeviceSnapshot, FdKind, VirtqueueState};
+
+use crate::protocol::{self, expect, MigrateError, Timeouts};
+use crate::snapshot::{same_layout, take_fd};
+use crate::transport::Channel;
+
+/// How the successor runs the device it takes over.
+#[derive(Clone, Debug)]
+pub struct SuccessorOptions {
+    /// Engine.
+    pub engine: EngineKind,
+    /// Engine tunables.
+    pub engine_config: EngineConfig,
+    /// Worker pinning.
+    pub cpu_affinity: Vec<Option<usize>>,
+    /// Step timeouts.
+    pub timeouts: Timeouts,
+    /// Test hook: exit the process abruptly at this point of the protocol (to test that the
+    /// source rolls back).
+    pub fail_at: Option<FailPoint>,
+}
+
+/// Where a successor can be made to die (tests of the source's rollback).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailPoint {
+    /// After HELLO, before any fd arrived.
+    BeforeFds,
+    /// With the fds received and memory mapped, before PREPARED.
+    AfterFds,
+    /// With the final snapshot received, before READY.
+    AfterState,
+    /// After GO, before RUNNING.
+    BeforeRunning,
+}
+
+impl std::str::FromStr for FailPoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "before-fds" => Ok(FailPoint::BeforeFds),
+            "after-fds" => Ok(FailPoint::AfterFds),
+            "after-state" => Ok(FailPoint::AfterState),
+            "before-running" => Ok(FailPoint::BeforeRunning),
+            o => Err(format!(
+                "unknown fail point {o:?} (before-fds, after-fds, after-state, before-running)"
+            )),
+        }
+    }
+}
+
+fn fail_here(opts: &SuccessorOptions, point: FailPoint) {
+    if opts.fail_at == Some(point) {
+        tracing::error!(?point, "test hook: dying at this point of the handoff");
+        // SAFETY: _exit ends the process at once; no Rust state is used afterwards.
+        unsafe { libc::_exit(86) };
+    }
+}
+
+impl SuccessorOptions {
+    /// Defaults for `engine`.
+    pub fn new(engine: EngineKind) -> SuccessorOptions {
+        SuccessorOptions {
+            engine,
+            engine_config: EngineConfig::default(),
+            cpu_affinity: Vec::new(),
+            timeouts: Timeouts::default(),
+            fail_at: None,
+        }
+    }
+}
+
+/// A device taken over.
+#[derive(Debug)]
+pub struct TakeOver {
+    /// The running device.
+    pub device: Device,
+    /// When the source stopped servicing (CLOCK_MONOTONIC ns; 0 for a first launch).
+    pub quiesce_ns: u64,
+    /// When this side sent RUNNING.
+    pub running_ns: u64,
+    /// When SWITCH arrived.
+    pub switch_ns: u64,
+    /// When the engines were set up (READY sent).
+    pub ready_ns: u64,
+    /// When GO arrived.
+    pub go_ns: u64,
+    /// Handoffs this device has been through.
+    pub generation: u64,
+}
+
+/// Per-queue-pair fds received at prepare time.
+struct PairFds {
+    tap: TapQueue,
+    rx_kick: OwnedFd,
+    rx_call: OwnedFd,
+    tx_kick: OwnedFd,
+    tx_call: OwnedFd,
+}
+
+struct Prepared {
+    layout: DeviceSnapshot,
+    memory: GuestMemory,
+    pairs: Vec<PairFds>,
+}
+
+/// Takes over the device offered at the other end of `ch`.
+pub fn take_over(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, MigrateError> {
+    let result = take_over_inner(ch, opts);
+    if let Err(e) = &result {
+        let _ = ch.send(protocol::ABORT, e.to_string().as_bytes(), &[]);
+    }
+    result
+}
+
+fn take_over_inner(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, MigrateError> {
+    let t = opts.timeouts;
+    let mut hello = protocol::PROTOCOL_VERSION.to_le_bytes().to_vec();
+    hello.extend_from_slice(&std::process::id().to_le_bytes());
+    ch.send(protocol::HELLO, &hello, &[])?;
+    fail_here(opts, FailPoint::BeforeFds);
+    let prepared = prepare(ch, t)?;
+    fail_here(opts, FailPoint::AfterFds);
+    // Everything that does not depend on the ring positions happens before the switch, while
+    // the source still runs: rings checked against memory, engines (io_uring, registered
+    // files, buffers) and worker threads set up and parked.
+    let layout = prepared.layout;
+    let specs = prepared
+        .pairs
+        .into_iter()
+        .zip(&layout.queue_pairs)
+        .map(|(fds, state)| QueuePairSpec {
+            rx: queue_config(&state.rx, fds.rx_kick, fds.rx_call),
+            tx: queue_config(&state.tx, fds.tx_kick, fds.tx_call),
+            tap: fds.tap,
+            rx_in_flight: Vec::new(),
+        })
+        .collect();
+    let config = DeviceConfig {
+        features: layout.features,
+        mtu: layout.mtu,
+        mac: layout.mac,
+        engine: opts.engine,
+        engine_config: opts.engine_config,
+        cpu_affinity: opts.cpu_affinity.clone(),
+    };
+    let paused = Device::start_paused(config, prepared.memory, specs)?;
+    let switched = switch(ch, opts, &layout);
+    let (positions, quiesce_ns, switch_ns, generation) = match switched {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = paused.abort();
+            return Err(e);
+        }
+    };
+    let ready_ns = tapir_datapath::stats::monotonic_ns();
+    paused.arm();
+    let go = ch
+        .send(protocol::READY, &[], &[])
+        .map_err(MigrateError::from)
+        .and_then(|()| ch.recv_spinning(Some(t.switch)).map_err(MigrateError::from))
+        .and_then(|m| expect(&m, protocol::GO, "GO"));
+    if let Err(e) = go {
+        let _ = paused.abort();
+        return Err(e);
+    }
+    let go_ns = tapir_datapath::stats::monotonic_ns();
+    fail_here(opts, FailPoint::BeforeRunning);
+    // RUNNING goes out before any ring is touched: if this process dies in between, the
+    // source knows it never ran (see hand_off).
+    let running_ns = tapir_datapath::stats::monotonic_ns();
+    if let Err(e) = ch.send(protocol::RUNNING, &[], &[]) {
+        let _ = paused.abort();
+        return Err(e.into());
+    }
+    Ok(TakeOver {
+        device: paused.go_at(positions),
+        quiesce_ns,
+        running_ns,
+        switch_ns,
+        ready_ns,
+        go_ns,
+        generation,
+    })
+}
+
+/// Receives the switch: the final snapshot, checked against the prepared layout, as the
+/// positions each pair resumes at.
+fn switch(
+    ch: &Channel,
+    opts: &SuccessorOptions,
+    layout: &DeviceSnapshot,
+) -> Result<(Vec<PairPositions>, u64, u64, u64), MigrateError> {
+    ch.send(protocol::PREPARED, &[], &[])?;
+    let msg = ch.recv_spinning(Some(opts.timeouts.prepare))?;
+    let switch_ns = tapir_datapath::stats::monotonic_ns();
+    expect(&msg, protocol::SWITCH, "SWITCH")?;
+    let quiesce_ns = msg
+        .payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or(MigrateError::Short(protocol::SWITCH))?;
+    let snapshot = tapir_state::decode(&msg.payload[8..])?;
+    fail_here(opts, FailPoint::AfterState);
+    if !same_layout(&snapshot, layout) {
+        return Err(MigrateError::LayoutChanged);
+    }
+    let mut positions = Vec::with_capacity(snapshot.queue_pairs.len());
+    for p in &snapshot.queue_pairs {
+        let pos = PairPositions {
+            rx: (p.rx.next_avail, p.rx.next_used),
+            tx: (p.tx.next_avail, p.tx.next_used),
+            rx_in_flight: p.rx.in_flight.iter().map(|f| f.head).collect(),
+        };
+        pos.check(p.rx.size, p.tx.size)
+            .map_err(|e| MigrateError::Positions(format!("queue pair {}: {e}", p.rx.index / 2)))?;
+        positions.push(pos);
+    }
+    Ok((positions, quiesce_ns, switch_ns, snapshot.source.generation))
+}
+
+fn queue_config(q: &VirtqueueState, kick: OwnedFd, call: OwnedFd) -> QueueConfig {
+    QueueConfig {
+        size: q.size,
+        desc_table: q.desc_table,
+        avail_ring: q.avail_ring,
+        used_ring: q.used_ring,
+        next_avail: q.next_avail,
+        next_used: q.next_used,
+        kick,
+        call,
+    }
+}
+
+fn prepare(ch: &Channel, t: Timeouts) -> Result<Prepared, MigrateError> {
+    let msg = ch.recv(Some(t.prepare))?;
+    expect(&msg, protocol::PREPARE, "PREPARE")?;
+    let layout = tapir_state::decode(&msg.payload)?;
+    let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(layout.fds.len());
+    while fds.len() < layout.fds.len() {
+        let msg = ch.recv(Some(t.prepare))?;
+        expect(&msg, protocol::FDS, "FDS")?;
+        let first = msg
+            .payload
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or(MigrateError::Short(protocol::FDS))?;
+        if usize::try_from(first).ok() != Some(fds.len()) || msg.fds.is_empty() {
+            return Err(MigrateError::Fds(format!(
+                "chunk starts at {first}, expected {}",
+                fds.len()
+            )));
+        }
+        fds.extend(msg.fds.into_iter().map(Some));
+    }
+    if fds.len() != layout.fds.len() {
+        return Err(MigrateError::Fds(format!(
+            "{} fds received, the manifest lists {}",
+            fds.len(),
+            layout.fds.len()
+        )));
+    }
+    let missing =
+        |what: &str, i: u16| MigrateError::Fds(format!("{what} fd {i} missing or used twice"));
+    let mut regions = Vec::new();
+    for r in &layout.memory {
+        regions.push(MemoryRegionSpec {
+            guest_addr: r.guest_addr,
+            size: r.size,
+            fd: take_fd(&mut fds, r.fd).ok_or_else(|| missing("memory", r.fd))?,
+            file_offset: r.file_offset,
+        });
+    }
+    let memory = GuestMemory::from_regions(regions)?;
+    // Fault the mapping in now, while the source still runs, not on the first packets.
+    memory.populate();
+    let mut pairs = Vec::new();
+    for p in &layout.queue_pairs {
+        if layout.fds.get(usize::from(p.tap.fd)).map(|e| e.kind) != Some(FdKind::TapQueue) {
+            return Err(missing("TAP", p.tap.fd));
+        }
+        let tap =
+            TapQueue::adopt(take_fd(&mut fds, p.tap.fd).ok_or_else(|| missing("TAP", p.tap.fd))?)?;
+        pairs.push(PairFds {
+            tap,
+            rx_kick: take_fd(&mut fds, p.rx.kick_fd)
+                .ok_or_else(|| missing("kick", p.rx.kick_fd))?,
+            rx_call: take_fd(&mut fds, p.rx.call_fd)
+                .ok_or_else(|| missing("call", p.rx.call_fd))?,
+            tx_kick: take_fd(&mut fds, p.tx.kick_fd)
+                .ok_or_else(|| missing("kick", p.tx.kick_fd))?,
+            tx_call: take_fd(&mut fds, p.tx.call_fd)
+                .ok_or_else(|| missing("call", p.tx.call_fd))?,
+        });
+    }
+    Ok(Prepared {
+        layout,
+        memory,
+        pairs,
+    })
+}
