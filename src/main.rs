@@ -29,6 +29,32 @@ enum Command {
     /// Run a datapath taken over from a predecessor (or a launcher) and hand it on to the next
     /// successor that connects to --listen (used by the handoff benchmark and tests).
     Datapath(datapath_cmd::DatapathArgs),
+    /// Work with handoff state blobs.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Decode and validate a state blob and print it as JSON (exit 1 with the reason if it is
+    /// refused).
+    Inspect {
+        /// The blob.
+        file: PathBuf,
+    },
+}
+
+fn state(cmd: StateCommand) -> Result<()> {
+    match cmd {
+        StateCommand::Inspect { file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let snapshot = tapir_state::decode(&bytes)
+                .with_context(|| format!("{} is not a valid tapir state blob", file.display()))?;
+            println!("{}", tapir_state::to_json(&snapshot));
+            Ok(())
+        }
+    }
 }
 
 #[derive(Args)]
@@ -159,5 +185,6 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Bench(args) => bench(args),
         Command::Datapath(args) => datapath_cmd::run(args),
+        Command::State(cmd) => state(cmd),
     }
 }

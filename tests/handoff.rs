@@ -19,21 +19,35 @@ fn guest(pairs: u16) -> GuestConfig {
     }
 }
 
-fn assert_clean(what: &str, r: &TrafficReport) {
+/// Nothing lost, duplicated or reordered. With `kernel_drops_allowed` (a machine driven past
+/// what its CPUs can carry), losses are accepted only where the kernel counted them itself:
+/// a full TAP queue or socket buffer, never inside tapir.
+fn assert_clean(what: &str, r: &TrafficReport, kernel_drops_allowed: bool) {
     for (dir, d) in [
         ("guest->host", r.guest_to_host),
         ("host->guest", r.host_to_guest),
     ] {
         assert!(d.sent > 1000, "{what} {dir}: only {} sent", d.sent);
-        assert_eq!(d.lost, 0, "{what} {dir}: {d:?}");
         assert_eq!(d.duplicated, 0, "{what} {dir}: {d:?}");
         assert_eq!(d.reordered, 0, "{what} {dir}: {d:?}");
-        assert_eq!(d.received, d.sent, "{what} {dir}: {d:?}");
+        if kernel_drops_allowed {
+            assert!(
+                d.lost <= d.dropped_by_kernel,
+                "{what} {dir}: lost beyond what the kernel dropped: {d:?}"
+            );
+        } else {
+            assert_eq!(d.lost, 0, "{what} {dir}: {d:?}");
+            assert_eq!(d.received, d.sent, "{what} {dir}: {d:?}");
+        }
     }
 }
 
 fn handoffs_under_traffic(engine: EngineKind, pairs: u16, handoffs: usize) {
-    let what = format!("{engine} {pairs}qp");
+    handoffs_at_rate(engine, pairs, handoffs, 20_000);
+}
+
+fn handoffs_at_rate(engine: EngineKind, pairs: u16, handoffs: usize, pps: u64) {
+    let what = format!("{engine} {pairs}qp {pps}pps");
     run_in_new_netns(move || {
         let mut rig = HandoffRig::launch(
             Path::new(EXE),
@@ -42,7 +56,7 @@ fn handoffs_under_traffic(engine: EngineKind, pairs: u16, handoffs: usize) {
             ChildOptions::default(),
         )
         .unwrap();
-        let traffic = SteadyTraffic::start(&mut rig, 20_000).unwrap();
+        let traffic = SteadyTraffic::start(&mut rig, pps).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         let mut pids = vec![rig.datapath_pid()];
         for i in 0..handoffs {
@@ -65,7 +79,7 @@ fn handoffs_under_traffic(engine: EngineKind, pairs: u16, handoffs: usize) {
             handoffs + 1,
             "{what}: every handoff runs a new process"
         );
-        assert_clean(&what, &report);
+        assert_clean(&what, &report, pps > 20_000);
         println!("{what}: {report:?}");
     })
     .unwrap();
@@ -82,6 +96,16 @@ fn twenty_handoffs_one_queue_pair() {
 fn twenty_handoffs_two_queue_pairs() {
     for engine in [EngineKind::Uring, EngineKind::Classic] {
         handoffs_under_traffic(engine, 2, 20);
+    }
+}
+
+/// At a high rate every switch finds TX chains queued and RX chains held by the source:
+/// each is used exactly once across the switch (the simulated guest refuses a used entry it
+/// did not post, or a chain that never comes back; the traffic counts every datagram).
+#[test]
+fn handoffs_with_descriptors_in_flight() {
+    for engine in [EngineKind::Uring, EngineKind::Classic] {
+        handoffs_at_rate(engine, 1, 10, 100_000);
     }
 }
 
@@ -107,7 +131,7 @@ fn successor_death_at_every_phase_rolls_back() {
             std::thread::sleep(Duration::from_millis(50));
             let report = traffic.finish().unwrap();
             rig.shutdown().unwrap();
-            assert_clean(&format!("{engine} rollbacks"), &report);
+            assert_clean(&format!("{engine} rollbacks"), &report, false);
         })
         .unwrap();
     }

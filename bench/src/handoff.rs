@@ -386,6 +386,10 @@ pub struct DirectionReport {
     pub reordered: u64,
     /// Largest time between two consecutive arrivals, in µs.
     pub max_gap_us: f64,
+    /// Frames the kernel itself dropped on the way, outside tapir: a full TAP queue
+    /// (host->guest, when the datapath or the guest is starved of CPU) or a full socket
+    /// buffer (guest->host).
+    pub dropped_by_kernel: u64,
 }
 
 #[derive(Default)]
@@ -425,9 +429,10 @@ impl Tracker {
         self.flows.values().map(|f| f.seen.len() as u64).sum()
     }
 
-    fn report(&self, sent: u64) -> DirectionReport {
+    fn report(&self, sent: u64, dropped_by_kernel: u64) -> DirectionReport {
         let received = self.received();
         DirectionReport {
+            dropped_by_kernel,
             sent,
             received,
             lost: sent.saturating_sub(received),
@@ -457,6 +462,15 @@ pub struct SteadyTraffic {
     receiving: Arc<AtomicBool>,
     host_track: Arc<Mutex<Tracker>>,
     guest_track: Arc<Mutex<Tracker>>,
+    /// TAP TX drops and UDP receive-buffer errors when the traffic started.
+    kernel_drops0: (u64, u64),
+}
+
+fn kernel_drops() -> (u64, u64) {
+    (
+        netns::iface_stats(TAP_NAME).map_or(0, |s| s.tx_dropped),
+        netns::snmp_counter("Udp", "RcvbufErrors").unwrap_or(0),
+    )
 }
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -494,6 +508,7 @@ impl SteadyTraffic {
         let pairs = rig.drivers.len();
         let ticks_per_s = 1_000_000 / u64::try_from(TICK.as_micros()).unwrap_or(1_000_000);
         let per_tick = (pps / ticks_per_s / pairs as u64).max(1);
+        let kernel_drops0 = kernel_drops();
         let stop = Arc::new(AtomicBool::new(false));
         let receiving = Arc::new(AtomicBool::new(true));
         let host_track = Arc::new(Mutex::new(Tracker::default()));
@@ -503,6 +518,9 @@ impl SteadyTraffic {
         // Host sink.
         let sink = std::net::UdpSocket::bind((rig::HOST_IP, SINK_PORT))?;
         sink.set_read_timeout(Some(Duration::from_millis(20)))?;
+        // A large receive buffer: the sink thread shares two CPUs with the guest, the traffic
+        // and the datapath processes, and must not drop what tapir delivered.
+        nix::sys::socket::setsockopt(&sink, nix::sys::socket::sockopt::RcvBufForce, &(32 << 20))?;
         {
             let (receiving, track) = (receiving.clone(), host_track.clone());
             receivers.push(std::thread::spawn(move || -> Result<()> {
@@ -562,6 +580,15 @@ impl SteadyTraffic {
                     tx.reclaim();
                     tx.wait(Duration::from_millis(5))?;
                 }
+                // Every TX chain must come back exactly once, with a head the guest posted.
+                let st = tx.stats();
+                if st.device_errors > 0 || tx.in_flight() > 0 {
+                    bail!(
+                        "guest TX: {} bogus used entries, {} chains never completed",
+                        st.device_errors,
+                        tx.in_flight()
+                    );
+                }
                 Ok(sent)
             }));
             // Guest RX.
@@ -613,6 +640,7 @@ impl SteadyTraffic {
             receiving,
             host_track,
             guest_track,
+            kernel_drops0,
         })
     }
 
@@ -653,9 +681,11 @@ impl SteadyTraffic {
         }
         let host = self.host_track.lock().map_err(|_| anyhow!("poisoned"))?;
         let guest = self.guest_track.lock().map_err(|_| anyhow!("poisoned"))?;
+        let (tap1, udp1) = kernel_drops();
+        let (tap0, udp0) = self.kernel_drops0;
         Ok(TrafficReport {
-            guest_to_host: host.report(g2h_sent),
-            host_to_guest: guest.report(h2g_sent),
+            guest_to_host: host.report(g2h_sent, udp1.saturating_sub(udp0)),
+            host_to_guest: guest.report(h2g_sent, tap1.saturating_sub(tap0)),
         })
     }
 }

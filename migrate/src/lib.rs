@@ -16,6 +16,8 @@ pub mod successor;
 pub mod transport;
 
 pub use protocol::{MigrateError, Timeouts};
-pub use source::{hand_off, DeviceSource, HandoffReport, HandoffSource, LaunchSource, Outcome};
-pub use successor::{take_over, FailPoint, SuccessorOptions, TakeOver};
+pub use source::{
+    hand_off, snapshot_of, DeviceSource, HandoffReport, HandoffSource, LaunchSource, Outcome,
+};
+pub use successor::{restore, take_over, FailPoint, SuccessorOptions, TakeOver};
 pub use transport::{Channel, ChannelError, Listener, Message};

@@ -84,14 +84,7 @@ impl HandoffSource for DeviceSource {
             DeviceState::Quiesced(q) => q,
             DeviceState::Gone => return Err(MigrateError::Fds("device is gone".into())),
         };
-        let positions: Vec<PairPosition> = quiesced.pairs.iter().map(PairPosition::of).collect();
-        let (snapshot, _) = describe(
-            &quiesced.config,
-            &quiesced.memory,
-            &quiesced.resources,
-            Some(&positions),
-            self.generation + 1,
-        );
+        let (snapshot, _) = snapshot_of(&quiesced, self.generation + 1);
         self.state = DeviceState::Quiesced(quiesced);
         Ok(snapshot)
     }
@@ -245,6 +238,19 @@ fn prepare(source: &mut dyn HandoffSource, ch: &Channel, t: Timeouts) -> Result<
     }
     let msg = ch.recv(Some(t.prepare))?;
     expect(&msg, protocol::PREPARED, "PREPARED")
+}
+
+/// Describes a quiesced device for a successor in this process (the embedding API's
+/// snapshot): the snapshot, and its fds in manifest order (duplicate them to hand them on).
+pub fn snapshot_of(q: &QuiescedDevice, generation: u64) -> (DeviceSnapshot, Vec<BorrowedFd<'_>>) {
+    let positions: Vec<PairPosition> = q.pairs.iter().map(PairPosition::of).collect();
+    describe(
+        &q.config,
+        &q.memory,
+        &q.resources,
+        Some(&positions),
+        generation,
+    )
 }
 
 /// A device that is described but not running: a VMM (or a test) launching the first datapath

@@ -134,27 +134,7 @@ fn take_over_inner(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, Mi
     // Everything that does not depend on the ring positions happens before the switch, while
     // the source still runs: rings checked against memory, engines (io_uring, registered
     // files, buffers) and worker threads set up and parked.
-    let layout = prepared.layout;
-    let specs = prepared
-        .pairs
-        .into_iter()
-        .zip(&layout.queue_pairs)
-        .map(|(fds, state)| QueuePairSpec {
-            rx: queue_config(&state.rx, fds.rx_kick, fds.rx_call),
-            tx: queue_config(&state.tx, fds.tx_kick, fds.tx_call),
-            tap: fds.tap,
-            rx_in_flight: Vec::new(),
-        })
-        .collect();
-    let config = DeviceConfig {
-        features: layout.features,
-        mtu: layout.mtu,
-        mac: layout.mac,
-        engine: opts.engine,
-        engine_config: opts.engine_config,
-        cpu_affinity: opts.cpu_affinity.clone(),
-    };
-    let paused = Device::start_paused(config, prepared.memory, specs)?;
+    let (layout, paused) = start_parked(prepared, opts)?;
     let switched = switch(ch, opts, &layout);
     let (positions, quiesce_ns, switch_ns, generation) = match switched {
         Ok(v) => v,
@@ -194,6 +174,68 @@ fn take_over_inner(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, Mi
     })
 }
 
+/// Starts the workers of a prepared device, parked before their first ring access (the
+/// rings are set up at position 0; the real positions come with the switch).
+fn start_parked(
+    prepared: Prepared,
+    opts: &SuccessorOptions,
+) -> Result<(DeviceSnapshot, tapir_datapath::PausedDevice), MigrateError> {
+    let layout = prepared.layout;
+    let specs = prepared
+        .pairs
+        .into_iter()
+        .zip(&layout.queue_pairs)
+        .map(|(fds, state)| QueuePairSpec {
+            rx: queue_config(&state.rx, fds.rx_kick, fds.rx_call),
+            tx: queue_config(&state.tx, fds.tx_kick, fds.tx_call),
+            tap: fds.tap,
+            rx_in_flight: Vec::new(),
+        })
+        .collect();
+    let config = DeviceConfig {
+        features: layout.features,
+        mtu: layout.mtu,
+        mac: layout.mac,
+        engine: opts.engine,
+        engine_config: opts.engine_config,
+        cpu_affinity: opts.cpu_affinity.clone(),
+    };
+    let paused = Device::start_paused(config, prepared.memory, specs)?;
+    Ok((layout, paused))
+}
+
+/// The positions each pair of a (validated) snapshot resumes at.
+fn positions(snapshot: &DeviceSnapshot) -> Result<Vec<PairPositions>, MigrateError> {
+    let mut positions = Vec::with_capacity(snapshot.queue_pairs.len());
+    for p in &snapshot.queue_pairs {
+        let pos = PairPositions {
+            rx: (p.rx.next_avail, p.rx.next_used),
+            tx: (p.tx.next_avail, p.tx.next_used),
+            rx_in_flight: p.rx.in_flight.iter().map(|f| f.head).collect(),
+        };
+        pos.check(p.rx.size, p.tx.size)
+            .map_err(|e| MigrateError::Positions(format!("queue pair {}: {e}", p.rx.index / 2)))?;
+        positions.push(pos);
+    }
+    Ok(positions)
+}
+
+/// Restores a device from a snapshot and the fds its manifest lists, in this process,
+/// without the socket protocol (a VMM that embeds tapir and moves the device itself). The
+/// snapshot comes from [`crate::snapshot::describe`] of a quiesced device (or was decoded
+/// with `tapir_state::decode`, which validates it).
+pub fn restore(
+    snapshot: DeviceSnapshot,
+    fds: Vec<OwnedFd>,
+    opts: &SuccessorOptions,
+) -> Result<Device, MigrateError> {
+    snapshot.validate()?;
+    let positions = positions(&snapshot)?;
+    let prepared = adopt(snapshot, fds)?;
+    let (_, paused) = start_parked(prepared, opts)?;
+    Ok(paused.go_at(positions))
+}
+
 /// Receives the switch: the final snapshot, checked against the prepared layout, as the
 /// positions each pair resumes at.
 fn switch(
@@ -216,18 +258,12 @@ fn switch(
     if !same_layout(&snapshot, layout) {
         return Err(MigrateError::LayoutChanged);
     }
-    let mut positions = Vec::with_capacity(snapshot.queue_pairs.len());
-    for p in &snapshot.queue_pairs {
-        let pos = PairPositions {
-            rx: (p.rx.next_avail, p.rx.next_used),
-            tx: (p.tx.next_avail, p.tx.next_used),
-            rx_in_flight: p.rx.in_flight.iter().map(|f| f.head).collect(),
-        };
-        pos.check(p.rx.size, p.tx.size)
-            .map_err(|e| MigrateError::Positions(format!("queue pair {}: {e}", p.rx.index / 2)))?;
-        positions.push(pos);
-    }
-    Ok((positions, quiesce_ns, switch_ns, snapshot.source.generation))
+    Ok((
+        positions(&snapshot)?,
+        quiesce_ns,
+        switch_ns,
+        snapshot.source.generation,
+    ))
 }
 
 fn queue_config(q: &VirtqueueState, kick: OwnedFd, call: OwnedFd) -> QueueConfig {
@@ -265,6 +301,11 @@ fn prepare(ch: &Channel, t: Timeouts) -> Result<Prepared, MigrateError> {
         }
         fds.extend(msg.fds.into_iter().map(Some));
     }
+    adopt(layout, fds.into_iter().flatten().collect())
+}
+
+/// Maps the memory and adopts the TAP queues and eventfds a snapshot's manifest lists.
+fn adopt(layout: DeviceSnapshot, fds: Vec<OwnedFd>) -> Result<Prepared, MigrateError> {
     if fds.len() != layout.fds.len() {
         return Err(MigrateError::Fds(format!(
             "{} fds received, the manifest lists {}",
@@ -272,6 +313,7 @@ fn prepare(ch: &Channel, t: Timeouts) -> Result<Prepared, MigrateError> {
             layout.fds.len()
         )));
     }
+    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     let missing =
         |what: &str, i: u16| MigrateError::Fds(format!("{what} fd {i} missing or used twice"));
     let mut regions = Vec::new();
