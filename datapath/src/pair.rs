@@ -32,6 +32,13 @@ struct WalkedChain {
     len: u32,
 }
 
+/// Outcome of continuing a frame into further chains.
+enum Spill {
+    Done,
+    Wait,
+    Drop,
+}
+
 /// Which queue of the pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -50,6 +57,23 @@ pub struct RxRead {
     chains: Vec<(u16, u32)>,
     /// Where bytes beyond the posted chains land (pages are only touched when used).
     spill: Box<[u8]>,
+    /// Guest bytes the read was posted with (the spill area follows them).
+    posted: u32,
+    /// Length of the frame the read returned (header included), once it completed.
+    frame: usize,
+    /// The frame is waiting for guest buffers.
+    deferred: bool,
+}
+
+/// What became of a completed read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxCompletion {
+    /// Delivered to the guest, or dropped and counted: the read is free again.
+    Done,
+    /// The frame overran the posted buffers and the guest has not posted enough further ones
+    /// yet: it waits in the read's spill area ([`QueuePair::retry_rx`] when the guest
+    /// refills). Frames after it must wait too, to stay in order.
+    Deferred,
 }
 
 impl RxRead {
@@ -59,7 +83,15 @@ impl RxRead {
             seg: Segments::with_capacity(chains * 2 + 1),
             chains: Vec::with_capacity(chains),
             spill: vec![0u8; SPILL_LEN].into_boxed_slice(),
+            posted: 0,
+            frame: 0,
+            deferred: false,
         }
+    }
+
+    /// Records the length of the frame the read returned (see [`QueuePair::retry_rx`]).
+    pub fn set_frame(&mut self, n: usize) {
+        self.frame = n;
     }
 
     /// The heads this read holds.
@@ -70,6 +102,9 @@ impl RxRead {
     fn clear(&mut self) {
         self.seg.clear();
         self.chains.clear();
+        self.posted = 0;
+        self.frame = 0;
+        self.deferred = false;
     }
 }
 
@@ -431,18 +466,20 @@ impl QueuePair {
 
     /// Fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
     /// predicted frame size), then the read's spill area. Returns false when the guest has
-    /// posted no buffers, or (with `others_posted`, MRG_RXBUF and GSO) when posting it would
-    /// leave fewer spare buffers than a largest frame needs to spill into: a 64 KiB frame
-    /// arriving into a read sized for small ones must always find chains to continue in.
+    /// posted no buffers, or (with `others_posted`, MRG_RXBUF and GSO) when the guest's spare
+    /// buffers could not take a largest frame beyond what posted reads hold.
     pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> bool {
         r.clear();
         let target = if self.mrg_rxbuf { self.rx_target() } else { 0 };
-        if others_posted && self.mrg_rxbuf && self.rx_capacity > self.rx_plain {
-            // Pop what the guest has made available, then keep a reserve.
-            while self.fill_spare(64) > 0 {}
-            let reserve = u64::from(self.rx_capacity) + u64::from(target);
-            if self.spare_bytes < reserve {
-                return false;
+        if self.mrg_rxbuf && self.rx_capacity > self.rx_plain {
+            // Pop what the guest has made available; a further read is posted only while the
+            // guest's spare buffers can still take a largest frame spilling out of one, so
+            // that a spill rarely has to wait for the guest (it is never dropped for it).
+            if others_posted {
+                while self.fill_spare(64) > 0 {}
+                if self.spare_bytes < u64::from(self.rx_capacity) + u64::from(target) {
+                    return false;
+                }
             }
         }
         while r.chains.is_empty() || r.seg.len < target {
@@ -454,6 +491,7 @@ impl QueuePair {
             self.counters.rx_no_buffers += 1;
             return false;
         }
+        r.posted = r.seg.len;
         r.seg.iov.push(libc::iovec {
             iov_base: r.spill.as_mut_ptr().cast(),
             iov_len: r.spill.len(),
@@ -495,17 +533,52 @@ impl QueuePair {
     }
 
     /// Completes a read that returned `n` bytes (header included).
-    pub fn complete_rx(&mut self, r: &mut RxRead, n: usize) {
-        let posted = r.seg.len as usize;
-        if n > posted && !self.spill_into_chains(r, n) {
-            self.return_rx(r);
-            return;
-        }
+    pub fn complete_rx(&mut self, r: &mut RxRead, n: usize) -> RxCompletion {
+        r.frame = n;
+        self.retry_rx(r)
+    }
+
+    /// Completes (or tries again to complete) a read whose frame length is recorded.
+    pub fn retry_rx(&mut self, r: &mut RxRead) -> RxCompletion {
+        let n = r.frame;
         if n < VNET_HDR_LEN {
             self.counters.rx_dropped_oversize += 1;
             self.return_rx(r);
-            return;
+            return RxCompletion::Done;
         }
+        if n > r.posted as usize {
+            match self.spill_into_chains(r, n) {
+                Spill::Done => {}
+                Spill::Wait => {
+                    if !r.deferred {
+                        r.deferred = true;
+                        self.counters.rx_deferred += 1;
+                    }
+                    return RxCompletion::Deferred;
+                }
+                Spill::Drop => {
+                    self.return_rx(r);
+                    return RxCompletion::Done;
+                }
+            }
+        }
+        self.finish_rx(r, n);
+        RxCompletion::Done
+    }
+
+    /// Gives up on a deferred frame (the worker is stopping and the guest never posted the
+    /// buffers it needs): dropped and counted.
+    pub fn drop_deferred(&mut self, r: &mut RxRead) {
+        self.counters.rx_dropped_no_buffers += 1;
+        tracing::warn!(
+            pair = self.index,
+            bytes = r.frame,
+            "dropping a frame that waited for RX buffers at stop"
+        );
+        self.return_rx(r);
+    }
+
+    fn finish_rx(&mut self, r: &mut RxRead, n: usize) {
         // Moving average of frame sizes (1/8 weight), for sizing the next reads.
         let n32 = u32::try_from(n).unwrap_or(u32::MAX);
         self.rx_ewma = self.rx_ewma - self.rx_ewma / 8 + n32 / 8;
@@ -554,24 +627,23 @@ impl QueuePair {
     /// A frame of `n` bytes overran the posted chains into the spill area: add chains until it
     /// fits and copy the spilled bytes into them. False (frame dropped, counted) when the
     /// frame is larger than the TAP may produce or the guest has not posted enough buffers.
-    fn spill_into_chains(&mut self, r: &mut RxRead, n: usize) -> bool {
-        let posted = r.seg.len as usize;
+    fn spill_into_chains(&mut self, r: &mut RxRead, n: usize) -> Spill {
+        let posted = r.posted as usize;
         let spilled = n - posted;
         if !self.mrg_rxbuf || n > self.rx_capacity as usize || spilled >= r.spill.len() {
             // Without MRG_RXBUF a frame must fit one chain (virtio 1.2 §5.1.6.3.1); and no
             // frame may exceed what the negotiated features allow.
             self.counters.rx_dropped_oversize += 1;
-            return false;
+            return Spill::Drop;
         }
         while (r.seg.len as usize) < n {
             if !self.add_rx_chain(r) {
-                self.counters.rx_dropped_no_buffers += 1;
-                return false;
+                return Spill::Wait;
             }
         }
         self.write_at(&r.seg.gpa, posted, &r.spill[..spilled]);
         self.counters.rx_spilled += 1;
-        true
+        Spill::Done
     }
 
     fn write_at(&self, gpas: &[(u64, u32)], mut offset: usize, bytes: &[u8]) {

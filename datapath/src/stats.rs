@@ -61,8 +61,11 @@ counters! {
     /// Frames that overran the posted buffers of an MRG_RXBUF read and were copied into further
     /// chains (a misprediction of the frame size; the frame is delivered).
     rx_spilled,
-    /// Frames dropped because the guest had not posted enough buffers for them.
+    /// Frames dropped because the guest had not posted enough buffers for them by the time
+    /// the worker stopped (a frame waits for buffers otherwise).
     rx_dropped_no_buffers,
+    /// Frames that overran their read's buffers and waited for the guest to post more.
+    rx_deferred,
     /// Times the worker found no RX buffers while it wanted to post a read.
     rx_no_buffers,
     /// RX descriptor chains refused as malformed (used with length 0).

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers};
-use crate::pair::{QueuePair, RxRead, TxWrite};
+use crate::pair::{QueuePair, RxCompletion, RxRead, TxWrite};
 
 const TOKEN_TX_KICK: u64 = 1;
 const TOKEN_RX_KICK: u64 = 2;
@@ -78,7 +78,18 @@ enum RxOutcome {
 }
 
 /// Reads frames from the TAP into guest buffers, one `readv` each.
-fn process_rx(pair: &mut QueuePair, r: &mut RxRead, burst: usize) -> RxOutcome {
+fn process_rx(pair: &mut QueuePair, r: &mut RxRead, waiting: &mut bool, burst: usize) -> RxOutcome {
+    if *waiting {
+        // The last frame waits for guest buffers; nothing else is read before it is in.
+        if pair.retry_rx(r) == RxCompletion::Deferred {
+            if pair.rx.enable_notification(&pair.mem) && pair.retry_rx(r) == RxCompletion::Done {
+                *waiting = false;
+            } else {
+                return RxOutcome::NoBuffers;
+            }
+        }
+        *waiting = false;
+    }
     pair.rx.disable_notification(&pair.mem);
     for _ in 0..burst {
         if !pair.prepare_rx(r, false) {
@@ -97,7 +108,13 @@ fn process_rx(pair: &mut QueuePair, r: &mut RxRead, burst: usize) -> RxOutcome {
         let rc = unsafe { libc::readv(pair.tap.as_raw_fd(), r.seg.iov.as_ptr(), iovcnt) };
         pair.counters.io_syscalls += 1;
         match usize::try_from(rc) {
-            Ok(n) if n > 0 => pair.complete_rx(r, n),
+            Ok(n) if n > 0 => {
+                if pair.complete_rx(r, n) == RxCompletion::Deferred {
+                    *waiting = true;
+                    pair.rx.enable_notification(&pair.mem);
+                    return RxOutcome::NoBuffers;
+                }
+            }
             _ => {
                 let e = errno();
                 pair.return_rx(r);
@@ -147,6 +164,7 @@ impl Engine for ClassicEngine {
         let mut events = [EpollEvent::empty(); 8];
         let mut tx_more = true;
         let mut rx_more = true;
+        let mut rx_waiting = false;
         loop {
             let timeout = if tx_more || rx_more {
                 EpollTimeout::ZERO
@@ -180,14 +198,18 @@ impl Engine for ClassicEngine {
                 }
             }
             if stopping {
-                // Nothing is in flight between syscalls: quiescing is just stopping here.
+                // Nothing is in flight between syscalls: quiescing is just stopping here,
+                // but a frame waiting for guest buffers cannot be carried over.
+                if rx_waiting && pair.retry_rx(&mut r) == RxCompletion::Deferred {
+                    pair.drop_deferred(&mut r);
+                }
                 break;
             }
             if tx_more {
                 tx_more = process_tx(pair, &mut w, burst);
             }
             if rx_more {
-                let outcome = process_rx(pair, &mut r, rx_burst);
+                let outcome = process_rx(pair, &mut r, &mut rx_waiting, rx_burst);
                 rx_more = matches!(outcome, RxOutcome::Burst);
                 // Without guest buffers, stop listening to the TAP (it would wake us for
                 // nothing); the RX kick re-arms it.
