@@ -81,10 +81,10 @@ enum RxOutcome {
 fn process_rx(pair: &mut QueuePair, r: &mut RxRead, waiting: &mut bool, burst: usize) -> RxOutcome {
     if *waiting {
         // The last frame waits for guest buffers; nothing else is read before it is in.
-        if pair.retry_rx(r) == RxCompletion::Deferred {
-            if pair.rx.enable_notification(&pair.mem) && pair.retry_rx(r) == RxCompletion::Done {
-                *waiting = false;
-            } else {
+        // Each failed try re-arms the guest's kick and re-checks (virtio's lost-wakeup rule:
+        // going to sleep armed at a stale position would never be woken).
+        while pair.retry_rx(r) == RxCompletion::Deferred {
+            if !pair.rx.enable_notification(&pair.mem) {
                 return RxOutcome::NoBuffers;
             }
         }
@@ -92,13 +92,8 @@ fn process_rx(pair: &mut QueuePair, r: &mut RxRead, waiting: &mut bool, burst: u
     }
     pair.rx.disable_notification(&pair.mem);
     for _ in 0..burst {
-        if !pair.prepare_rx(r, false) {
-            if pair.rx.enable_notification(&pair.mem) {
-                pair.rx.disable_notification(&pair.mem);
-                if !pair.prepare_rx(r, false) {
-                    return RxOutcome::NoBuffers;
-                }
-            } else {
+        while !pair.prepare_rx(r, false) {
+            if !pair.rx.enable_notification(&pair.mem) {
                 return RxOutcome::NoBuffers;
             }
         }
@@ -110,9 +105,14 @@ fn process_rx(pair: &mut QueuePair, r: &mut RxRead, waiting: &mut bool, burst: u
         match usize::try_from(rc) {
             Ok(n) if n > 0 => {
                 if pair.complete_rx(r, n) == RxCompletion::Deferred {
+                    // Wait for buffers, re-arming and re-checking as above.
                     *waiting = true;
-                    pair.rx.enable_notification(&pair.mem);
-                    return RxOutcome::NoBuffers;
+                    while pair.retry_rx(r) == RxCompletion::Deferred {
+                        if !pair.rx.enable_notification(&pair.mem) {
+                            return RxOutcome::NoBuffers;
+                        }
+                    }
+                    *waiting = false;
                 }
             }
             _ => {

@@ -1,0 +1,108 @@
+//! RX under pressure: 64 KiB TSO frames flooding a guest whose ring holds only a few of them
+//! (MRG_RXBUF, 2048-byte buffers), on 2 queue pairs, with the guest, the generator and one
+//! worker sharing a CPU. Frames must keep flowing (no lost wake-up while a frame waits for
+//! buffers) and none may be dropped or truncated by the datapath.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tapir_bench::frames::{build_tcp_tso, FlowSpec};
+use tapir_bench::netns::run_in_new_netns;
+use tapir_bench::peers::{GeneratorConfig, PacketGenerator, RunControl, SeqMode, Template};
+use tapir_bench::rig::{Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
+use tapir_datapath::EngineKind;
+
+#[test]
+fn tso_flood_into_a_small_ring_keeps_flowing() {
+    for engine in [EngineKind::Uring, EngineKind::Classic] {
+        run_in_new_netns(move || {
+            let mut cfg = RigConfig::new(engine, 2);
+            cfg.guest.features = tapir_bench::runner::bench_features();
+            cfg.guest.rx_buffer_size = 2048;
+            cfg.cpu_affinity = vec![Some(1), Some(0)];
+            let mut rig = Rig::start(&cfg).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut guests = Vec::new();
+            for i in 0..2 {
+                let (mut rx, _tx) = rig.take(i);
+                let stop = stop.clone();
+                guests.push(std::thread::spawn(move || {
+                    tapir_bench::cpu::pin_current_thread(0).ok();
+                    while !stop.load(Ordering::Relaxed) {
+                        rx.refill();
+                        let mut bad = 0;
+                        let n = rx
+                            .poll_with(|h, s| {
+                                let len: usize = s.iter().map(|x| x.len()).sum();
+                                if len != 65535 || h.gso_type & 0x7f != 1 {
+                                    bad += 1;
+                                }
+                            })
+                            .unwrap();
+                        assert_eq!(
+                            bad, 0,
+                            "{engine}: a frame arrived cut or without its GSO header"
+                        );
+                        if n == 0 {
+                            rx.wait(Duration::from_millis(5)).unwrap();
+                        }
+                    }
+                    rx.stats()
+                }));
+            }
+            let templates = (0..8u16)
+                .map(|i| {
+                    let spec = FlowSpec {
+                        src_mac: rig.host_mac,
+                        dst_mac: GUEST_MAC,
+                        src_ip: HOST_IP,
+                        dst_ip: GUEST_IP,
+                        src_port: 10_000 + i,
+                        dst_port: 9000,
+                    };
+                    let mut buf = vec![0u8; 65535];
+                    let f = build_tcp_tso(&mut buf, &spec, 65535, 1448, 1, 0, 0).unwrap();
+                    buf.truncate(f.len);
+                    Template {
+                        vnet: f.vnet,
+                        frame: buf,
+                    }
+                })
+                .collect();
+            let mut g = GeneratorConfig::new(
+                TAP_NAME,
+                templates,
+                RunControl::new(Arc::new(AtomicBool::new(false))).with_cpu(0),
+            );
+            g.vnet_hdr = true;
+            g.seq_mode = SeqMode::Off;
+            let generator = PacketGenerator::new(g).unwrap().spawn().unwrap();
+            let mut last = [0u64; 2];
+            for window in 0..8 {
+                std::thread::sleep(Duration::from_millis(250));
+                let c = rig.device().counters();
+                for (p, c) in c.iter().enumerate() {
+                    assert!(
+                        c.rx_packets > last[p],
+                        "{engine}: queue pair {p} stalled in window {window}: {c:?}"
+                    );
+                    last[p] = c.rx_packets;
+                    assert_eq!(
+                        c.rx_dropped_oversize + c.rx_dropped_no_buffers,
+                        0,
+                        "{engine}: {c:?}"
+                    );
+                }
+            }
+            generator.stop_and_join().unwrap();
+            stop.store(true, Ordering::Relaxed);
+            for g in guests {
+                let st = g.join().unwrap();
+                assert_eq!(st.device_errors, 0, "{engine}: {st:?}");
+            }
+            rig.shutdown().unwrap();
+        })
+        .unwrap();
+    }
+}
