@@ -19,7 +19,7 @@ record() { # scenario frame engine
     local scenario=$1 frame=$2 engine=$3 name="$1-$2-$3"
     echo "== $name"
     ./target/release/tapir bench --scenario "$scenario" --frame "$frame" --queues 1 \
-        --engines "$engine" --duration 8 --repeats 1 >"$out/$name.txt" 2>/dev/null &
+        --engines "$engine" --duration 8 --repeats 1 >"/tmp/tapir-$name.txt" 2>/dev/null &
     local bench=$!
     sleep 3
     perf record -q -e cpu-clock -F 2999 -g -C "$dp_cpu" -o "/tmp/tapir-$name.perf" -- sleep 3 2>/dev/null
