@@ -59,6 +59,16 @@ fn os(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> ChannelError {
     }
 }
 
+fn seqpacket_socket() -> Result<OwnedFd, ChannelError> {
+    socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(os("socket"))
+}
+
 /// A listening handoff socket; the socket file is removed when it is dropped.
 #[derive(Debug)]
 pub struct Listener {
@@ -69,13 +79,7 @@ pub struct Listener {
 impl Listener {
     /// Binds `path` (replacing a stale socket file) with mode 0600.
     pub fn bind(path: &Path) -> Result<Listener, ChannelError> {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(os("socket"))?;
+        let fd = seqpacket_socket()?;
         if path.exists() {
             std::fs::remove_file(path).map_err(|source| ChannelError::Os {
                 what: "removing a stale socket file",
@@ -174,13 +178,7 @@ pub struct Message {
 impl Channel {
     /// Connects to a handoff socket and checks the peer's credentials.
     pub fn connect(path: &Path) -> Result<Channel, ChannelError> {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(os("socket"))?;
+        let fd = seqpacket_socket()?;
         let addr = UnixAddr::new(path).map_err(os("socket path"))?;
         connect(fd.as_raw_fd(), &addr).map_err(os("connect"))?;
         Channel::checked(fd)
