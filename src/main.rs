@@ -59,10 +59,14 @@ fn state(cmd: StateCommand) -> Result<()> {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Scenarios: tx (guest to host), rx (host to guest), handoff (successive handoffs
-    /// between datapath processes under bidirectional traffic).
-    #[arg(long, value_delimiter = ',', default_value = "tx,rx,handoff")]
+    /// Scenarios: tx (guest to host), rx (host to guest), latency (request/response round
+    /// trips, idle and loaded), handoff (successive handoffs between datapath processes under
+    /// bidirectional traffic).
+    #[arg(long, value_delimiter = ',', default_value = "tx,rx,latency,handoff")]
     scenario: Vec<String>,
+    /// Round trips per latency run.
+    #[arg(long, default_value_t = 5000)]
+    latency_samples: u64,
     /// Handoffs per handoff run.
     #[arg(long, default_value_t = 50)]
     handoffs: usize,
@@ -129,9 +133,12 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     let mut scenarios = Vec::new();
     let mut handoff = false;
+    let mut latency = false;
     for s in &args.scenario {
         if s == "handoff" {
             handoff = true;
+        } else if s == "latency" {
+            latency = true;
         } else {
             scenarios.push(s.parse::<Scenario>().map_err(anyhow::Error::msg)?);
         }
@@ -145,6 +152,11 @@ fn bench(args: BenchArgs) -> Result<()> {
         scenarios,
         handoffs,
         handoff_pps: args.handoff_pps,
+        latency_samples: match (latency, args.quick) {
+            (false, _) => 0,
+            (true, true) => args.latency_samples.min(500),
+            (true, false) => args.latency_samples,
+        },
         handoff_rt_priority: (args.handoff_rt_priority > 0).then_some(args.handoff_rt_priority),
         frames: args.frame,
         queues,

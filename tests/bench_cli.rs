@@ -1,12 +1,12 @@
 //! `tapir bench --quick` end to end: the README's main command in its short form produces a
-//! complete report (every engine side by side, the handoff section) with sane numbers.
+//! complete report (every engine side by side, latency, the handoff section) with sane numbers.
 
 use std::process::Command;
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapir");
 
 #[test]
-fn quick_bench_reports_every_engine_and_the_handoff() {
+fn quick_bench_reports_every_engine_latency_and_the_handoff() {
     let dir = std::env::temp_dir().join(format!("tapir-bench-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("bench.json");
@@ -53,6 +53,21 @@ fn quick_bench_reports_every_engine_and_the_handoff() {
                 assert!(r["cpu_ns_per_packet"].as_f64().unwrap() > 0.0, "{r}");
             }
         }
+    }
+    let latency = report["latency"].as_array().unwrap();
+    assert_eq!(
+        latency.len(),
+        6,
+        "uring, classic, floor x idle, loaded: {report}"
+    );
+    for l in latency {
+        let (p50, p99, max) = (
+            l["p50_us"].as_f64().unwrap(),
+            l["p99_us"].as_f64().unwrap(),
+            l["max_us"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{l}");
+        assert_eq!(l["samples"], 500);
     }
     let handoff = report["handoff"].as_array().unwrap();
     assert_eq!(handoff.len(), 2, "{report}");

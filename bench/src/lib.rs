@@ -4,6 +4,7 @@ pub mod cpu;
 pub mod floor;
 pub mod frames;
 pub mod handoff;
+pub mod latency;
 pub mod netns;
 pub mod peers;
 pub mod report;

@@ -57,6 +57,28 @@ pub struct Report {
     /// Handoff runs.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub handoff: Vec<HandoffResult>,
+    /// Request/response round trips.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub latency: Vec<LatencyResult>,
+}
+
+/// Round trips guest -> host echo -> guest (or, for `floor`, TAP -> host echo -> TAP).
+#[derive(Clone, Debug, Serialize)]
+pub struct LatencyResult {
+    /// `uring`, `classic` or `floor`.
+    pub engine: String,
+    /// `idle`, or `loaded` (a host->guest stream runs meanwhile).
+    pub load: String,
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// 99.9th percentile, µs.
+    pub p999_us: f64,
+    /// Largest, µs.
+    pub max_us: f64,
+    /// Round trips measured.
+    pub samples: u64,
 }
 
 /// One handoff run: many successive handoffs between processes under traffic.
@@ -221,9 +243,40 @@ impl Report {
         rows
     }
 
+    fn latency_table(&self) -> Vec<Vec<String>> {
+        let mut rows = vec![[
+            "engine",
+            "load",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "max µs",
+            "samples",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect::<Vec<_>>()];
+        for l in &self.latency {
+            rows.push(vec![
+                l.engine.clone(),
+                l.load.clone(),
+                format!("{:.1}", l.p50_us),
+                format!("{:.1}", l.p99_us),
+                format!("{:.1}", l.p999_us),
+                format!("{:.1}", l.max_us),
+                l.samples.to_string(),
+            ]);
+        }
+        rows
+    }
+
     /// A readable table: one row per cell, with ratios to classic and to the floor.
     pub fn table(&self) -> String {
         let mut out = self.throughput_table();
+        if !self.latency.is_empty() {
+            out.push('\n');
+            out.push_str(&align(&self.latency_table(), 2));
+        }
         if !self.handoff.is_empty() {
             out.push('\n');
             out.push_str(&align(&self.handoff_table(), 2));
@@ -263,6 +316,17 @@ impl Report {
             out.push_str("\nNotes:\n");
             for n in notes {
                 out.push_str(&format!("- {n}\n"));
+            }
+        }
+        if !self.latency.is_empty() {
+            out.push_str(
+                "\nRound trips guest -> host UDP echo -> guest (floor: TAP -> echo -> TAP):\n\n",
+            );
+            for (i, r) in self.latency_table().iter().enumerate() {
+                out.push_str(&format!("| {} |\n", r.join(" | ")));
+                if i == 0 {
+                    out.push_str(&format!("|{}\n", "---|".repeat(r.len())));
+                }
             }
         }
         if !self.handoff.is_empty() {

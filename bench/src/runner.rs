@@ -120,6 +120,8 @@ pub struct BenchOptions {
     pub handoff_pps: u64,
     /// SCHED_FIFO priority of the datapath workers in the handoff scenario.
     pub handoff_rt_priority: Option<u8>,
+    /// Round trips per latency run (0: no latency scenario).
+    pub latency_samples: u64,
 }
 
 /// Largest frame the kernel keeps whole as one GSO super-frame.
@@ -611,7 +613,23 @@ fn run_here(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Res
         },
         results: Vec::new(),
         handoff: Vec::new(),
+        latency: Vec::new(),
     };
+    if opts.latency_samples > 0 {
+        for load in [false, true] {
+            for engine in &opts.engines {
+                progress(&format!(
+                    "latency {} {}",
+                    engine.name(),
+                    if load { "loaded" } else { "idle" }
+                ));
+                report.latency.push(
+                    crate::latency::measure(*engine, load, opts.latency_samples)
+                        .with_context(|| format!("latency {}", engine.name()))?,
+                );
+            }
+        }
+    }
     if opts.handoffs > 0 {
         for &queues in &opts.queues {
             for engine in &opts.engines {

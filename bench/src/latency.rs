@@ -1,0 +1,198 @@
+//! Request/response latency: the simulated guest sends a UDP request to a host echo reflector
+//! and waits (on its interrupt, as a guest would) for the reply; idle, or while a host->guest
+//! stream loads the same queue. The `floor` does the same round trip on the TAP fd itself
+//! (write the request frame, poll and read the reply), with no virtqueue.
+
+use std::net::SocketAddrV4;
+use std::os::fd::AsFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use tapir_simguest::{GuestConfig, VirtioNetHdr};
+
+use crate::frames::{self, FlowSpec};
+use crate::netns;
+use crate::peers::{
+    PeerHandle, RunControl, SenderReport, UdpEcho, UdpEchoConfig, UdpSender, UdpSenderConfig,
+};
+use crate::report::LatencyResult;
+use crate::rig::{self, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
+use crate::runner::{bench_features, BenchEngine};
+
+const ECHO_PORT: u16 = 7;
+const GUEST_PORT: u16 = 40_000;
+/// Port the background load goes to (the guest ignores it).
+const LOAD_PORT: u16 = 40_001;
+/// Background host->guest load, packets/s.
+const LOAD_PPS: u64 = 50_000;
+const REQUEST_LEN: usize = 128;
+
+fn request_flow(host_mac: [u8; 6]) -> FlowSpec {
+    FlowSpec {
+        src_mac: GUEST_MAC,
+        dst_mac: host_mac,
+        src_ip: GUEST_IP,
+        dst_ip: HOST_IP,
+        src_port: GUEST_PORT,
+        dst_port: ECHO_PORT,
+    }
+}
+
+fn start_echo() -> Result<PeerHandle<crate::peers::EchoReport>> {
+    let cfg = UdpEchoConfig::new(
+        SocketAddrV4::new(HOST_IP, ECHO_PORT),
+        RunControl::new(Arc::new(AtomicBool::new(false))),
+    );
+    Ok(UdpEcho::bind(cfg)?.spawn()?)
+}
+
+fn start_load(load: bool) -> Result<Option<PeerHandle<SenderReport>>> {
+    if !load {
+        return Ok(None);
+    }
+    let mut cfg = UdpSenderConfig::new(
+        SocketAddrV4::new(GUEST_IP, LOAD_PORT),
+        REQUEST_LEN,
+        RunControl::new(Arc::new(AtomicBool::new(false))),
+    );
+    cfg.rate_pps = Some(LOAD_PPS);
+    cfg.batch = 8;
+    Ok(Some(UdpSender::new(cfg)?.spawn()?))
+}
+
+fn summarize(engine: BenchEngine, load: bool, h: &Histogram<u64>) -> LatencyResult {
+    #[allow(clippy::cast_precision_loss, reason = "nanoseconds to microseconds")]
+    let us = |ns: u64| ns as f64 / 1e3;
+    LatencyResult {
+        engine: engine.name(),
+        load: if load { "loaded" } else { "idle" }.into(),
+        p50_us: us(h.value_at_quantile(0.5)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        p999_us: us(h.value_at_quantile(0.999)),
+        max_us: us(h.max()),
+        samples: h.len(),
+    }
+}
+
+fn histogram() -> Result<Histogram<u64>> {
+    Histogram::new_with_bounds(100, 10_000_000_000, 3).map_err(|e| anyhow!("histogram: {e}"))
+}
+
+/// Measures `samples` round trips (after a short warm-up) with `engine`, idle or loaded.
+/// Must run inside the benchmark's namespace.
+pub fn measure(engine: BenchEngine, load: bool, samples: u64) -> Result<LatencyResult> {
+    match engine {
+        BenchEngine::Datapath(kind) => {
+            let guest = GuestConfig {
+                features: bench_features(),
+                rx_buffer_size: 2048,
+                ..GuestConfig::default()
+            };
+            let mut rig = Rig::start(&RigConfig {
+                guest,
+                ..RigConfig::new(kind, 1)
+            })?;
+            let echo = start_echo()?;
+            let loader = start_load(load)?;
+            let result = guest_round_trips(&mut rig, samples);
+            if let Some(l) = loader {
+                l.stop_and_join()?;
+            }
+            echo.stop_and_join()?;
+            rig.shutdown()?;
+            Ok(summarize(engine, load, &result?))
+        }
+        BenchEngine::Floor => {
+            let tap = rig::host_tap(1, 1500)?;
+            let host_mac = netns::iface_mac(TAP_NAME)?;
+            let echo = start_echo()?;
+            let loader = start_load(load)?;
+            let result = tap_round_trips(tap.queues()[0].as_fd(), host_mac, samples);
+            if let Some(l) = loader {
+                l.stop_and_join()?;
+            }
+            echo.stop_and_join()?;
+            drop(tap);
+            rig::wait_tap_gone()?;
+            Ok(summarize(engine, load, &result?))
+        }
+    }
+}
+
+fn is_reply(frame: &[u8], seq: u64) -> bool {
+    frames::parse_udp(frame)
+        .filter(|u| u.src_port == ECHO_PORT && u.dst_port == GUEST_PORT)
+        .and_then(|u| frames::read_payload_header(u.payload))
+        .is_some_and(|(_, s)| s == seq)
+}
+
+fn guest_round_trips(rig: &mut Rig, samples: u64) -> Result<Histogram<u64>> {
+    let (mut rx, mut tx) = rig.take(0);
+    let flow = request_flow(rig.host_mac);
+    let mut buf = vec![0u8; 256];
+    let mut h = histogram()?;
+    let warmup = samples / 10 + 10;
+    rx.refill();
+    for seq in 0..samples + warmup {
+        let n = frames::build_udp(&mut buf, &flow, REQUEST_LEN, 1, seq)?;
+        let start = Instant::now();
+        tx.reclaim();
+        if !tx.send(&VirtioNetHdr::default(), &buf[..n])? {
+            bail!("guest TX ring full");
+        }
+        let deadline = start + Duration::from_secs(2);
+        'reply: loop {
+            rx.refill();
+            while let Some(p) = rx.poll()? {
+                if is_reply(&p.data, seq) {
+                    break 'reply;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no echo for request {seq} within 2 s");
+            }
+            rx.wait(Duration::from_millis(100))?;
+        }
+        if seq >= warmup {
+            h.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+        }
+    }
+    Ok(h)
+}
+
+fn tap_round_trips(
+    tap: std::os::fd::BorrowedFd<'_>,
+    host_mac: [u8; 6],
+    samples: u64,
+) -> Result<Histogram<u64>> {
+    let flow = request_flow(host_mac);
+    let mut out = vec![0u8; 12 + 256];
+    let mut inb = vec![0u8; 12 + 65_562];
+    let mut h = histogram()?;
+    let warmup = samples / 10 + 10;
+    for seq in 0..samples + warmup {
+        let n = frames::build_udp(&mut out[12..], &flow, REQUEST_LEN, 1, seq)?;
+        let start = Instant::now();
+        nix::unistd::write(tap, &out[..12 + n]).context("writing the request to the TAP")?;
+        let deadline = start + Duration::from_secs(2);
+        loop {
+            let mut fds = [nix::poll::PollFd::new(tap, nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16))?;
+            match nix::unistd::read(tap, &mut inb) {
+                Ok(got) if got > 12 && is_reply(&inb[12..got], seq) => break,
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => {}
+                Err(e) => return Err(e).context("reading the TAP"),
+            }
+            if Instant::now() > deadline {
+                bail!("no echo for request {seq} within 2 s");
+            }
+        }
+        if seq >= warmup {
+            h.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+        }
+    }
+    Ok(h)
+}
