@@ -10,6 +10,10 @@ use tapir_bench::runner::{self, BenchEngine, BenchOptions, Scenario};
 
 mod datapath_cmd;
 
+/// Counts heap allocations, for `tapir bench`'s allocations-per-packet column.
+#[global_allocator]
+static ALLOCATOR: tapir_bench::alloc_count::Counting = tapir_bench::alloc_count::Counting;
+
 #[derive(Parser)]
 #[command(
     name = "tapir",

@@ -51,6 +51,14 @@ fn quick_bench_reports_every_engine_latency_and_the_handoff() {
                 assert!(r["pps"].as_f64().unwrap() > 1000.0, "{r}");
                 assert!(r["gbps"].as_f64().unwrap() > 0.0, "{r}");
                 assert!(r["cpu_ns_per_packet"].as_f64().unwrap() > 0.0, "{r}");
+                if engine != "floor" {
+                    // No heap allocation per packet in steady state (process-wide count).
+                    let allocs = r["allocations_per_packet"].as_f64().unwrap();
+                    assert!(
+                        allocs < 0.001,
+                        "{scenario} {frame} {engine}: {allocs} allocations/packet"
+                    );
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
 //! tapir-bench (being written).
 
+pub mod alloc_count;
 pub mod cpu;
 pub mod floor;
 pub mod frames;

@@ -43,6 +43,9 @@ pub struct ThroughputResult {
     pub kicks_per_packet: f64,
     /// Interrupts raised per packet.
     pub interrupts_per_packet: f64,
+    /// Heap allocations per packet during the measurement window, whole process (the largest
+    /// of the repeats; None where not counted, e.g. the floor or a library caller).
+    pub allocations_per_packet: Option<f64>,
     /// Warnings (peer-limited, drops, ...).
     pub notes: Vec<String>,
 }
@@ -173,13 +176,15 @@ impl Report {
             format!("{:.1}", r.packets_per_wait),
             format!("{:.3}", r.kicks_per_packet),
             format!("{:.3}", r.interrupts_per_packet),
+            r.allocations_per_packet
+                .map_or_else(|| "-".to_owned(), |a| format!("{a:.4}")),
             format!("{:.3}", r.peer_pps / 1e6),
             vs("classic"),
             vs("floor"),
         ]
     }
 
-    const HEADER: [&'static str; 14] = [
+    const HEADER: [&'static str; 15] = [
         "dir",
         "frame",
         "q",
@@ -191,6 +196,7 @@ impl Report {
         "pkts/wait",
         "kicks/pkt",
         "irqs/pkt",
+        "allocs/pkt",
         "peer Mpps",
         "vs classic",
         "vs floor",
@@ -307,7 +313,7 @@ impl Report {
             m.command, m.cpus, m.cpu_model, m.kernel, m.duration_s, m.repeats, m.started
         );
         out.push_str(&format!("| {} |\n", Self::HEADER.join(" | ")));
-        out.push_str("|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        out.push_str("|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.results {
             out.push_str(&format!("| {} |\n", self.row(r).join(" | ")));
         }

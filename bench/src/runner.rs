@@ -219,6 +219,7 @@ struct Sample {
     per_wait: f64,
     kicks: f64,
     interrupts: f64,
+    allocs_per_packet: Option<f64>,
     notes: Vec<String>,
 }
 
@@ -433,11 +434,13 @@ fn measure_datapath(
     let cpu0: u64 = stats.iter().filter_map(|s| s.cpu_time_ns()).sum();
     let c0 = sum_counters(&rig.device().counters());
     let g0 = load.packets.load(Ordering::Relaxed);
+    let a0 = crate::alloc_count::allocations();
     let t0 = Instant::now();
     std::thread::sleep(opts.duration);
     let elapsed = t0.elapsed();
     let c1 = sum_counters(&rig.device().counters());
     let g1 = load.packets.load(Ordering::Relaxed);
+    let a1 = crate::alloc_count::allocations();
     let cpu1: u64 = stats.iter().filter_map(|s| s.cpu_time_ns()).sum();
     load.finish()?;
     let (peer_pps, peer_cpu) = peer.finish()?;
@@ -463,10 +466,17 @@ fn measure_datapath(
             + d.tx_malformed
             + d.rx_malformed,
     )
-    .with_counters(packets, &d))
+    .with_counters(packets, &d)
+    .with_allocations(a0.zip(a1).map(|(a, b)| b - a), packets))
 }
 
 impl Sample {
+    #[allow(clippy::cast_precision_loss, reason = "ratios")]
+    fn with_allocations(mut self, allocs: Option<u64>, packets: u64) -> Sample {
+        self.allocs_per_packet = allocs.map(|a| a as f64 / packets.max(1) as f64);
+        self
+    }
+
     #[allow(clippy::cast_precision_loss, reason = "ratios")]
     fn with_counters(mut self, packets: u64, d: &Counters) -> Sample {
         let p = packets.max(1) as f64;
@@ -509,6 +519,7 @@ fn sample(
         per_wait: 0.0,
         kicks: 0.0,
         interrupts: 0.0,
+        allocs_per_packet: None,
         notes: Vec::new(),
     };
     if peer_cpu > 0.95 {
@@ -719,6 +730,10 @@ fn summarize(
         packets_per_wait: col(|s| s.per_wait),
         kicks_per_packet: col(|s| s.kicks),
         interrupts_per_packet: col(|s| s.interrupts),
+        allocations_per_packet: runs
+            .iter()
+            .filter_map(|s| s.allocs_per_packet)
+            .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a)))),
         notes,
     }
 }
