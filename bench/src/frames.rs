@@ -122,64 +122,18 @@ pub enum PayloadError {
     },
 }
 
-/// The 12-byte `virtio_net_hdr_v1` preceding every frame on a TAP queue fd.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VnetHdr {
-    /// `VIRTIO_NET_HDR_F_*`.
-    pub flags: u8,
-    /// `VIRTIO_NET_HDR_GSO_*`.
-    pub gso_type: u8,
-    /// Length of the headers (Ethernet to end of L4 header) for GSO.
-    pub hdr_len: u16,
-    /// Segment payload size for GSO.
-    pub gso_size: u16,
-    /// Where checksumming starts (from the Ethernet header) if `NEEDS_CSUM`.
-    pub csum_start: u16,
-    /// Offset of the checksum field from `csum_start`.
-    pub csum_offset: u16,
-    /// Number of merged rx buffers (0 from a TAP).
-    pub num_buffers: u16,
-}
+/// The 12-byte `virtio_net_hdr_v1` preceding every frame on a TAP queue fd (the datapath's
+/// typed view).
+pub use tapir_datapath::vnet_hdr::VirtioNetHdr as VnetHdr;
 
-impl VnetHdr {
-    /// Serializes to the little-endian wire layout.
-    #[must_use]
-    pub fn to_bytes(&self) -> [u8; VNET_HDR_LEN] {
-        let mut b = [0u8; VNET_HDR_LEN];
-        b[0] = self.flags;
-        b[1] = self.gso_type;
-        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
-        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
-        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
-        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
-        b[10..12].copy_from_slice(&self.num_buffers.to_le_bytes());
-        b
-    }
-
-    /// Parses the first 12 bytes of `b`.
-    #[must_use]
-    pub fn from_bytes(b: &[u8]) -> Option<Self> {
-        let b = b.get(..VNET_HDR_LEN)?;
-        Some(Self {
-            flags: b[0],
-            gso_type: b[1],
-            hdr_len: rd16le(b, 2),
-            gso_size: rd16le(b, 4),
-            csum_start: rd16le(b, 6),
-            csum_offset: rd16le(b, 8),
-            num_buffers: rd16le(b, 10),
-        })
-    }
-
-    /// Writes the header into the first 12 bytes of `buf`.
-    ///
-    /// # Errors
-    /// [`FrameError::BufferTooSmall`].
-    pub fn write_to(&self, buf: &mut [u8]) -> Result<(), FrameError> {
-        check_len(buf, VNET_HDR_LEN)?;
-        buf[..VNET_HDR_LEN].copy_from_slice(&self.to_bytes());
-        Ok(())
-    }
+/// Writes `h` into the first 12 bytes of `buf`.
+///
+/// # Errors
+/// [`FrameError::BufferTooSmall`].
+pub fn write_vnet_hdr(h: &VnetHdr, buf: &mut [u8]) -> Result<(), FrameError> {
+    check_len(buf, VNET_HDR_LEN)?;
+    buf[..VNET_HDR_LEN].copy_from_slice(&h.to_bytes());
+    Ok(())
 }
 
 /// Addresses and ports of a frame (ports unused for ICMP).
@@ -220,11 +174,6 @@ impl FlowSpec {
 #[inline]
 fn rd16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
-}
-
-#[inline]
-fn rd16le(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
 }
 
 #[inline]
@@ -606,7 +555,7 @@ pub fn build_udp_vnet(
     seq: u64,
 ) -> Result<usize, FrameError> {
     check_len(buf, VNET_HDR_LEN)?;
-    VnetHdr::default().write_to(buf)?;
+    write_vnet_hdr(&VnetHdr::default(), buf)?;
     Ok(VNET_HDR_LEN + build_udp(&mut buf[VNET_HDR_LEN..], spec, frame_len, flow, seq)?)
 }
 
@@ -1178,7 +1127,7 @@ mod tests {
         assert!(l4_checksum_ok(&buf[..n]));
         let n = build_udp_vnet(&mut buf, &spec(), 64, 1, 5).unwrap();
         assert_eq!(n, 76);
-        assert_eq!(VnetHdr::from_bytes(&buf).unwrap(), VnetHdr::default());
+        assert_eq!(VnetHdr::parse(&buf).unwrap(), VnetHdr::default());
     }
 
     #[test]
@@ -1224,7 +1173,7 @@ mod tests {
         let p = build_tcp_tso(&mut buf, &spec(), 200, 1448, 0, 0, 0).unwrap();
         assert_eq!(p.vnet.gso_type, VIRTIO_NET_HDR_GSO_NONE);
         let h = p.vnet.to_bytes();
-        assert_eq!(VnetHdr::from_bytes(&h), Some(p.vnet));
+        assert_eq!(VnetHdr::parse(&h), Some(p.vnet));
     }
 
     #[test]

@@ -1730,7 +1730,7 @@ mod tests {
             let mut rx = vec![0u8; 4096];
             let mut expect = 1000u64;
             while let Some(n) = read_frame(&tap, &mut rx, Duration::from_millis(200)).unwrap() {
-                let hdr = VnetHdr::from_bytes(&rx[..n]).unwrap();
+                let hdr = VnetHdr::parse(&rx[..n]).unwrap();
                 let f = &rx[VNET_HDR_LEN..n];
                 let Some(u) = frames::parse_udp(f) else {
                     continue; // e.g. stray ARP
@@ -1772,7 +1772,7 @@ mod tests {
             let mut rx = vec![0u8; 65562 + 64];
             let mut got = 0u64;
             while let Some(n) = read_frame(&tap, &mut rx, Duration::from_millis(200)).unwrap() {
-                let hdr = VnetHdr::from_bytes(&rx[..n]).unwrap();
+                let hdr = VnetHdr::parse(&rx[..n]).unwrap();
                 let f = &rx[VNET_HDR_LEN..n];
                 if frames::parse_ipv4(f).is_none_or(|ip| ip.proto != frames::IPPROTO_TCP) {
                     continue;

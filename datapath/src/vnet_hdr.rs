@@ -72,6 +72,12 @@ impl VirtioNetHdr {
         }
     }
 
+    /// Decodes the first 12 bytes of `b`; None if it is shorter.
+    pub fn parse(b: &[u8]) -> Option<VirtioNetHdr> {
+        let head: &[u8; VNET_HDR_LEN] = b.get(..VNET_HDR_LEN)?.try_into().ok()?;
+        Some(VirtioNetHdr::from_bytes(head))
+    }
+
     /// Encodes the header.
     pub fn to_bytes(&self) -> [u8; VNET_HDR_LEN] {
         let mut b = [0u8; VNET_HDR_LEN];
