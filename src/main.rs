@@ -63,10 +63,14 @@ fn state(cmd: StateCommand) -> Result<()> {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Scenarios: tx (guest to host), rx (host to guest), latency (request/response round
-    /// trips, idle and loaded), handoff (successive handoffs between datapath processes under
+    /// Scenarios: tx (guest to host), rx (host to guest), bidir (both at once), latency
+    /// (request/response round trips, idle and loaded), handoff (successive handoffs between datapath processes under
     /// bidirectional traffic).
-    #[arg(long, value_delimiter = ',', default_value = "tx,rx,latency,handoff")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "tx,rx,bidir,latency,handoff"
+    )]
     scenario: Vec<String>,
     /// Round trips per latency run.
     #[arg(long, default_value_t = 5000)]

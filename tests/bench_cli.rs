@@ -38,7 +38,7 @@ fn quick_bench_reports_every_engine_latency_and_the_handoff() {
     );
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let results = report["results"].as_array().unwrap();
-    for scenario in ["tx", "rx"] {
+    for scenario in ["tx", "rx", "bidir"] {
         for frame in [64, 65536] {
             for engine in ["uring", "classic", "floor"] {
                 let r = results

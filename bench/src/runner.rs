@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tapir_datapath::{Counters, EngineKind};
 use tapir_simguest::{features as gf, GuestConfig, RxDriver, TxDriver, VirtioNetHdr};
 
@@ -41,14 +41,26 @@ pub enum Scenario {
     Tx,
     /// Host to guest.
     Rx,
+    /// Both at once (the sum is reported).
+    Bidir,
 }
 
 impl Scenario {
+    /// The single directions a scenario runs.
+    fn directions(self) -> &'static [Scenario] {
+        match self {
+            Scenario::Tx => &[Scenario::Tx],
+            Scenario::Rx => &[Scenario::Rx],
+            Scenario::Bidir => &[Scenario::Tx, Scenario::Rx],
+        }
+    }
+
     /// `tx` / `rx`.
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Tx => "tx",
             Scenario::Rx => "rx",
+            Scenario::Bidir => "bidir",
         }
     }
 }
@@ -59,7 +71,8 @@ impl std::str::FromStr for Scenario {
         match s {
             "tx" => Ok(Scenario::Tx),
             "rx" => Ok(Scenario::Rx),
-            o => Err(format!("unknown scenario {o:?} (tx or rx)")),
+            "bidir" => Ok(Scenario::Bidir),
+            o => Err(format!("unknown scenario {o:?} (tx, rx or bidir)")),
         }
     }
 }
@@ -173,7 +186,7 @@ fn build_frames(
                 },
                 frame > 1500,
             ),
-            Scenario::Rx => (
+            Scenario::Rx | Scenario::Bidir => (
                 FlowSpec {
                     src_mac: host_mac,
                     dst_mac: GUEST_MAC,
@@ -308,33 +321,37 @@ fn guest_rx_loop(mut rx: RxDriver, stop: Arc<AtomicBool>, count: Arc<AtomicU64>)
     Ok(())
 }
 
-fn start_guest(
-    rig: &mut Rig,
-    scenario: Scenario,
-    frames: &[(VnetHdr, Vec<u8>)],
-) -> Result<GuestLoad> {
+/// The frames of each direction a scenario runs.
+type DirFrames = Vec<(Scenario, Vec<(VnetHdr, Vec<u8>)>)>;
+
+fn start_guest(rig: &mut Rig, dirs: &DirFrames) -> Result<GuestLoad> {
     let stop = Arc::new(AtomicBool::new(false));
     let packets = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for i in 0..rig.drivers.len() {
         let (rx, tx) = rig.take(i);
-        let (stop, count) = (stop.clone(), packets.clone());
-        let t = match scenario {
-            Scenario::Tx => {
-                drop(rx);
-                let (h, f) = frames[i % frames.len()].clone();
-                std::thread::Builder::new()
-                    .name(format!("guest-tx{i}"))
-                    .spawn(move || guest_tx_loop(tx, to_guest_hdr(&h), f, stop, count))?
-            }
-            Scenario::Rx => {
-                drop(tx);
-                std::thread::Builder::new()
-                    .name(format!("guest-rx{i}"))
-                    .spawn(move || guest_rx_loop(rx, stop, count))?
-            }
-        };
-        threads.push(t);
+        let mut rx = Some(rx);
+        let mut tx = Some(tx);
+        for (dir, frames) in dirs {
+            let (stop, count) = (stop.clone(), packets.clone());
+            let t = match (dir, tx.take(), rx.take()) {
+                (Scenario::Tx, Some(tx), rx_back) => {
+                    rx = rx_back;
+                    let (h, f) = frames[i % frames.len()].clone();
+                    std::thread::Builder::new()
+                        .name(format!("guest-tx{i}"))
+                        .spawn(move || guest_tx_loop(tx, to_guest_hdr(&h), f, stop, count))?
+                }
+                (_, tx_back, Some(rx)) => {
+                    tx = tx_back;
+                    std::thread::Builder::new()
+                        .name(format!("guest-rx{i}"))
+                        .spawn(move || guest_rx_loop(rx, stop, count))?
+                }
+                _ => bail!("a direction twice in one scenario"),
+            };
+            threads.push(t);
+        }
     }
     Ok(GuestLoad {
         stop,
@@ -370,7 +387,7 @@ impl Peer {
                 Ok(Peer::Sink(UdpSink::bind(cfg)?.spawn()?))
             }
             Scenario::Tx => Ok(Peer::None),
-            Scenario::Rx => {
+            Scenario::Rx | Scenario::Bidir => {
                 let templates = frames
                     .iter()
                     .map(|(h, f)| Template {
@@ -406,6 +423,18 @@ impl Peer {
     }
 }
 
+/// Stops the peers; their summed rate and their highest CPU share.
+fn finish_peers(peers: Vec<Peer>) -> Result<(f64, f64)> {
+    let mut pps = 0.0;
+    let mut cpu: f64 = 0.0;
+    for p in peers {
+        let (r, c) = p.finish()?;
+        pps += r;
+        cpu = cpu.max(c);
+    }
+    Ok((pps, cpu))
+}
+
 fn measure_datapath(
     engine: EngineKind,
     scenario: Scenario,
@@ -426,9 +455,16 @@ fn measure_datapath(
         ..RigConfig::new(engine, u16::try_from(queues)?)
     };
     let mut rig = Rig::start(&cfg).context("starting the rig")?;
-    let frames = build_frames(scenario, frame, queues.max(1) * 4, rig.host_mac)?;
-    let peer = Peer::start(scenario, frame, &frames)?;
-    let load = start_guest(&mut rig, scenario, &frames)?;
+    let dirs: DirFrames = scenario
+        .directions()
+        .iter()
+        .map(|&d| Ok((d, build_frames(d, frame, queues.max(1) * 4, rig.host_mac)?)))
+        .collect::<Result<_>>()?;
+    let peers = dirs
+        .iter()
+        .map(|(d, f)| Peer::start(*d, frame, f))
+        .collect::<Result<Vec<_>>>()?;
+    let load = start_guest(&mut rig, &dirs)?;
     std::thread::sleep(opts.warmup);
     let stats = rig.device().worker_stats();
     let cpu0: u64 = stats.iter().filter_map(|s| s.cpu_time_ns()).sum();
@@ -443,12 +479,13 @@ fn measure_datapath(
     let a1 = crate::alloc_count::allocations();
     let cpu1: u64 = stats.iter().filter_map(|s| s.cpu_time_ns()).sum();
     load.finish()?;
-    let (peer_pps, peer_cpu) = peer.finish()?;
+    let (peer_pps, peer_cpu) = finish_peers(peers)?;
     rig.shutdown()?;
     let d = c1.delta(&c0);
     let (packets, bytes) = match scenario {
         Scenario::Tx => (d.tx_packets, d.tx_bytes),
         Scenario::Rx => (d.rx_packets, d.rx_bytes),
+        Scenario::Bidir => (d.tx_packets + d.rx_packets, d.tx_bytes + d.rx_bytes),
     };
     let cpu_ns = cpu1.saturating_sub(cpu0);
     Ok(sample(
@@ -546,21 +583,28 @@ fn measure_floor(
     for q in tap.queues() {
         q.set_offload_from_features(bench_features())?;
     }
-    let frames = build_frames(scenario, frame, queues.max(1) * 4, host_mac)?;
-    let peer = Peer::start(scenario, frame, &frames)?;
+    let dirs: DirFrames = scenario
+        .directions()
+        .iter()
+        .map(|&d| Ok((d, build_frames(d, frame, queues.max(1) * 4, host_mac)?)))
+        .collect::<Result<_>>()?;
+    let peers = dirs
+        .iter()
+        .map(|(d, f)| Peer::start(*d, frame, f))
+        .collect::<Result<Vec<_>>>()?;
     let window = opts.warmup + opts.duration;
     let results: Vec<floor::FloorResult> = std::thread::scope(|s| {
         let handles: Vec<_> = tap
             .queues()
             .iter()
             .enumerate()
-            .map(|(i, q)| {
-                let frames = &frames;
+            .flat_map(|(i, q)| dirs.iter().map(move |(dir, frames)| (i, q, *dir, frames)))
+            .map(|(i, q, dir, frames)| {
                 s.spawn(move || {
                     if let Some(c) = worker_cpu(i) {
                         cpu::pin_current_thread(c).ok();
                     }
-                    match scenario {
+                    match dir {
                         Scenario::Tx => {
                             // As many distinct buffers as the guest has TX slots, so the
                             // floor copies from the same memory footprint (a 64 KiB frame
@@ -575,7 +619,9 @@ fn measure_floor(
                                 .collect();
                             floor::floor_tx(q.as_fd(), &bufs, 64, window)
                         }
-                        Scenario::Rx => floor::floor_rx(q.as_fd(), 65_562 + 64, 64, window),
+                        Scenario::Rx | Scenario::Bidir => {
+                            floor::floor_rx(q.as_fd(), 65_562 + 64, 64, window)
+                        }
                     }
                 })
             })
@@ -589,7 +635,7 @@ fn measure_floor(
             })
             .collect::<Result<Vec<_>>>()
     })?;
-    let (peer_pps, peer_cpu) = peer.finish()?;
+    let (peer_pps, peer_cpu) = finish_peers(peers)?;
     drop(tap);
     rig::wait_tap_gone()?;
     // The floor counts over warm-up + window; it runs flat out from the start.
