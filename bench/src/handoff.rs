@@ -242,6 +242,17 @@ impl HandoffRig {
         self.drivers[i].take().expect("drivers taken twice")
     }
 
+    /// Anonymous resident memory of the datapath process now running, KiB (`RssAnon`: its
+    /// own heap and buffers; guest memory is shared and not counted).
+    pub fn datapath_rss_anon_kib(&self) -> Option<u64> {
+        let pid = self.datapath_pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// The pid of the datapath process now running.
     pub fn datapath_pid(&self) -> Option<u32> {
         self.current.as_ref().map(DatapathChild::pid)

@@ -113,6 +113,9 @@ pub struct HandoffResult {
     pub traffic_pps: u64,
     /// Datagrams sent (both directions).
     pub sent: u64,
+    /// Anonymous resident memory of the datapath process under traffic, KiB (all queue
+    /// pairs; guest memory is shared with the VMM and not counted).
+    pub rss_anon_kib: u64,
     /// Median of each blackout phase, µs: [quiesce + encode + send, decode + engine set-up,
     /// READY to GO, GO to RUNNING, RUNNING to the first used-ring update].
     pub phases_us_p50: [f64; 5],
@@ -227,6 +230,7 @@ impl Report {
             "dup",
             "reordered",
             "sent",
+            "RSS KiB/pair",
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -244,6 +248,7 @@ impl Report {
                 h.duplicated.to_string(),
                 h.reordered.to_string(),
                 h.sent.to_string(),
+                (h.rss_anon_kib / u64::try_from(h.queues.max(1)).unwrap_or(1)).to_string(),
             ]);
         }
         rows

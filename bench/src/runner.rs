@@ -826,6 +826,7 @@ fn measure_handoffs(
     let mut rig = crate::handoff::HandoffRig::launch(&exe, engine, guest, child)?;
     let traffic = crate::handoff::SteadyTraffic::start(&mut rig, opts.handoff_pps)?;
     std::thread::sleep(Duration::from_millis(200));
+    let rss_kib = rig.datapath_rss_anon_kib().unwrap_or(0);
     let mut downtime = Vec::with_capacity(opts.handoffs);
     let mut switch = Vec::with_capacity(opts.handoffs);
     let mut phases = Vec::with_capacity(opts.handoffs);
@@ -869,6 +870,7 @@ fn measure_handoffs(
         reordered: g.reordered + h.reordered,
         traffic_pps: opts.handoff_pps,
         sent: g.sent + h.sent,
+        rss_anon_kib: rss_kib,
         phases_us_p50: std::array::from_fn(|i| {
             pct(&phases.iter().map(|p| p[i]).collect::<Vec<_>>(), 50.0)
         }),
