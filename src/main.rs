@@ -110,6 +110,9 @@ struct BenchArgs {
     /// Write the report as Markdown.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Write SVG charts (throughput by frame size, latency CDF, handoff downtime) into DIR.
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
@@ -186,6 +189,11 @@ fn bench(args: BenchArgs) -> Result<()> {
         let mut text = serde_json::to_string_pretty(&report)?;
         text.push('\n');
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(dir) = &args.svg {
+        for p in tapir_bench::charts::write_all(&report, dir).context("writing charts")? {
+            eprintln!("wrote {}", p.display());
+        }
     }
     if let Some(path) = &args.markdown {
         std::fs::write(path, report.markdown())

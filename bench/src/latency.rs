@@ -74,6 +74,12 @@ fn summarize(engine: BenchEngine, load: bool, h: &Histogram<u64>) -> LatencyResu
         p999_us: us(h.value_at_quantile(0.999)),
         max_us: us(h.max()),
         samples: h.len(),
+        cdf: [
+            0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0,
+        ]
+        .iter()
+        .map(|&q| (us(h.value_at_quantile(q)), q))
+        .collect(),
     }
 }
 

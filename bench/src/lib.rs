@@ -1,6 +1,7 @@
 //! tapir-bench (being written).
 
 pub mod alloc_count;
+pub mod charts;
 pub mod cpu;
 pub mod floor;
 pub mod frames;

@@ -82,6 +82,8 @@ pub struct LatencyResult {
     pub max_us: f64,
     /// Round trips measured.
     pub samples: u64,
+    /// The distribution: (µs, fraction of round trips at or below it), for CDF charts.
+    pub cdf: Vec<(f64, f64)>,
 }
 
 /// One handoff run: many successive handoffs between processes under traffic.
