@@ -1,6 +1,5 @@
 //! `tapir`: the command line. Thin: parsing and printing; the work lives in the crates.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -177,13 +176,21 @@ fn bench(args: BenchArgs) -> Result<()> {
         repeats,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
+    let bar = indicatif::ProgressBar::new(opts.steps());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut started = 0u64;
     let mut progress = |msg: &str| {
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[K{msg}");
-        let _ = err.flush();
+        bar.set_position(started);
+        started += 1;
+        bar.set_message(msg.to_owned());
     };
-    let report = runner::run(&opts, &mut progress).context("benchmark failed")?;
-    eprintln!("\r\x1b[K");
+    let report = runner::run(&opts, &mut progress).context("benchmark failed");
+    bar.finish_and_clear();
+    let report = report?;
     print!("{}", report.table());
     if let Some(path) = &args.json {
         let mut text = serde_json::to_string_pretty(&report)?;

@@ -141,7 +141,10 @@ fn latency(report: &Report, path: &Path) -> Result<()> {
         * 0.8;
     let xmax = report.latency.iter().map(|l| l.max_us).fold(1.0, f64::max) * 1.2;
     let mut chart = ChartBuilder::on(&root)
-        .caption("round trip guest -> host echo -> guest: CDF", ("sans-serif", 18))
+        .caption(
+            "round trip guest -> host echo -> guest: CDF",
+            ("sans-serif", 18),
+        )
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(45)

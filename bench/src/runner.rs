@@ -137,6 +137,32 @@ pub struct BenchOptions {
     pub latency_samples: u64,
 }
 
+impl BenchOptions {
+    /// How many measurements a run makes (for a progress bar).
+    pub fn steps(&self) -> u64 {
+        let n = |x: usize| u64::try_from(x).unwrap_or(0);
+        let datapath_engines = n(self
+            .engines
+            .iter()
+            .filter(|e| matches!(e, BenchEngine::Datapath(_)))
+            .count());
+        let throughput = n(self.scenarios.len() * self.frames.len() * self.queues.len())
+            * n(self.repeats)
+            * n(self.engines.len());
+        let latency = if self.latency_samples > 0 {
+            2 * n(self.engines.len())
+        } else {
+            0
+        };
+        let handoff = if self.handoffs > 0 {
+            n(self.queues.len()) * datapath_engines
+        } else {
+            0
+        };
+        throughput + latency + handoff
+    }
+}
+
 /// Largest frame the kernel keeps whole as one GSO super-frame.
 const TSO_FRAME: usize = frames::MAX_GSO_FRAME;
 const TSO_MSS: u16 = 1448;
