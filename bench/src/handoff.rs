@@ -253,6 +253,16 @@ impl HandoffRig {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
+    /// The handoff socket the running datapath listens on.
+    fn current_socket(&self) -> Result<PathBuf> {
+        Ok(self
+            .current
+            .as_ref()
+            .ok_or_else(|| anyhow!("no datapath running"))?
+            .socket
+            .clone())
+    }
+
     /// The pid of the datapath process now running.
     pub fn datapath_pid(&self) -> Option<u32> {
         self.current.as_ref().map(DatapathChild::pid)
@@ -261,12 +271,7 @@ impl HandoffRig {
     /// Hands the datapath to a fresh child process and waits until the old one has exited.
     pub fn handoff(&mut self) -> Result<HandoffSample> {
         let start = Instant::now();
-        let old_socket = self
-            .current
-            .as_ref()
-            .ok_or_else(|| anyhow!("no datapath running"))?
-            .socket
-            .clone();
+        let old_socket = self.current_socket()?;
         let new = self.spawn(&old_socket)?;
         let running = new.wait_event("running", Duration::from_secs(10))?;
         let first = new.wait_event("first_service", Duration::from_secs(10))?;
@@ -322,12 +327,7 @@ impl HandoffRig {
     /// Starts a successor that dies at `fail_at` (`before-fds`, `after-fds`, `after-state`,
     /// `before-running`) and checks that the running datapath rolled back and still runs.
     pub fn failed_handoff(&mut self, fail_at: &str) -> Result<()> {
-        let old_socket = self
-            .current
-            .as_ref()
-            .ok_or_else(|| anyhow!("no datapath running"))?
-            .socket
-            .clone();
+        let old_socket = self.current_socket()?;
         let mut doomed = self.spawn_with(&old_socket, &["--fail-at", fail_at])?;
         let status = doomed.child.wait()?;
         if status.code() != Some(86) {

@@ -419,6 +419,36 @@ fn u64_of(n: usize) -> u64 {
 }
 
 /// Zeroed mmsghdr/iovec arrays (plain old data).
+/// One `recvmmsg` (`MSG_WAITFORONE`) into `msgs`: the number of messages received, or None on
+/// backpressure (try again).
+///
+/// # Safety
+/// Every header in `msgs` must point at live iovecs (and names, if set) whose buffers stay
+/// valid and unaliased for the call.
+unsafe fn recv_batch(raw: RawFd, msgs: &mut [libc::mmsghdr]) -> Result<Option<usize>, PeerError> {
+    // SAFETY: forwarded to the caller's contract; the length is the slice's.
+    let rc = unsafe {
+        libc::recvmmsg(
+            raw,
+            msgs.as_mut_ptr(),
+            c_uint(msgs.len()),
+            libc::MSG_WAITFORONE,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if is_backpressure(&e) {
+            return Ok(None);
+        }
+        return Err(PeerError::Io {
+            context: "recvmmsg",
+            source: e,
+        });
+    }
+    Ok(Some(count(rc)))
+}
+
 fn zeroed_vec<T>(n: usize) -> Vec<T> {
     // SAFETY: only used for libc iovec / mmsghdr / sockaddr types, for which
     // all-zero bytes are a valid value.
@@ -1184,26 +1214,9 @@ impl UdpSink {
             }
             // SAFETY: every mmsghdr points at its own iovec and a disjoint
             // `bs`-byte region of `bufs`, all alive for the call.
-            let rc = unsafe {
-                libc::recvmmsg(
-                    raw,
-                    msgs.as_mut_ptr(),
-                    c_uint(batch),
-                    libc::MSG_WAITFORONE,
-                    std::ptr::null_mut(),
-                )
+            let Some(n) = (unsafe { recv_batch(raw, &mut msgs)? }) else {
+                continue;
             };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if is_backpressure(&e) {
-                    continue;
-                }
-                return Err(PeerError::Io {
-                    context: "recvmmsg",
-                    source: e,
-                });
-            }
-            let n = count(rc);
             let now = Instant::now();
             first.get_or_insert(now);
             last = now;
@@ -1367,26 +1380,9 @@ impl UdpEcho {
             }
             // SAFETY: each mmsghdr points at its own iovec, name and disjoint
             // buffer region, all alive for the call.
-            let rc = unsafe {
-                libc::recvmmsg(
-                    raw,
-                    msgs.as_mut_ptr(),
-                    c_uint(batch),
-                    libc::MSG_WAITFORONE,
-                    std::ptr::null_mut(),
-                )
+            let Some(n) = (unsafe { recv_batch(raw, &mut msgs)? }) else {
+                continue;
             };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if is_backpressure(&e) {
-                    continue;
-                }
-                return Err(PeerError::Io {
-                    context: "recvmmsg",
-                    source: e,
-                });
-            }
-            let n = count(rc);
             for i in 0..n {
                 iovs[i].iov_len = usize::try_from(msgs[i].msg_len).unwrap_or(0).min(bs);
             }

@@ -94,11 +94,6 @@ impl RxRead {
         self.frame = n;
     }
 
-    /// The heads this read holds.
-    pub fn heads(&self) -> impl Iterator<Item = u16> + '_ {
-        self.chains.iter().map(|c| c.0)
-    }
-
     fn clear(&mut self) {
         self.seg.clear();
         self.chains.clear();

@@ -230,15 +230,4 @@ impl Virtqueue {
     pub fn positions(&self) -> (u16, u16) {
         (self.queue.next_avail(), self.queue.next_used())
     }
-
-    /// True if the guest made buffers available that were not popped yet.
-    pub fn has_available(&self, mem: &GuestMemory) -> bool {
-        if self.broken {
-            return false;
-        }
-        self.queue
-            .avail_idx(mem.mmap(), Ordering::Acquire)
-            .map(|idx| idx.0 != self.queue.next_avail())
-            .unwrap_or(false)
-    }
 }
