@@ -426,6 +426,18 @@ fn clamp_frame(frame_len: usize, min: usize) -> Result<usize, FrameError> {
     Ok(frame_len.max(min))
 }
 
+/// Writes the Ethernet and IPv4 headers of a `buf.len()`-byte frame; the IP id is the low 16
+/// bits of `seq`.
+fn write_eth_ipv4(buf: &mut [u8], spec: &FlowSpec, proto: u8, seq: u64) {
+    write_eth(buf, spec.dst_mac, spec.src_mac, ETHERTYPE_IPV4);
+    let ip_len = buf.len() - ETH_HLEN;
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "IP id is the low 16 bits of seq"
+    )]
+    write_ipv4(buf, spec, proto, ip_len, seq as u16);
+}
+
 /// Writes Ethernet + IPv4 + UDP header + payload, leaving the UDP checksum 0.
 fn build_udp_common(
     buf: &mut [u8],
@@ -437,13 +449,7 @@ fn build_udp_common(
     let len = clamp_frame(frame_len, MIN_UDP_FRAME)?;
     check_len(buf, len)?;
     let buf = &mut buf[..len];
-    write_eth(buf, spec.dst_mac, spec.src_mac, ETHERTYPE_IPV4);
-    // Truncation is the intended IP id.
-    #[allow(
-        clippy::cast_possible_truncation,
-        reason = "IP id is the low 16 bits of seq"
-    )]
-    write_ipv4(buf, spec, IPPROTO_UDP, len - ETH_HLEN, seq as u16);
+    write_eth_ipv4(buf, spec, IPPROTO_UDP, seq);
     let udp = &mut buf[L4_OFF..];
     wr16(udp, 0, spec.src_port);
     wr16(udp, 2, spec.dst_port);
@@ -579,12 +585,7 @@ pub fn build_tcp_tso(
     let len = clamp_frame(frame_len, MIN_TCP_FRAME)?;
     check_len(buf, len)?;
     let buf = &mut buf[..len];
-    write_eth(buf, spec.dst_mac, spec.src_mac, ETHERTYPE_IPV4);
-    #[allow(
-        clippy::cast_possible_truncation,
-        reason = "IP id is the low 16 bits of seq"
-    )]
-    write_ipv4(buf, spec, IPPROTO_TCP, len - ETH_HLEN, seq as u16);
+    write_eth_ipv4(buf, spec, IPPROTO_TCP, seq);
     let tcp = &mut buf[L4_OFF..];
     wr16(tcp, 0, spec.src_port);
     wr16(tcp, 2, spec.dst_port);
