@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tapir_bench::runner::{self, BenchEngine, BenchOptions, Scenario};
 
 mod datapath_cmd;
+mod serve_cmd;
 
 /// Counts heap allocations, for `tapir bench`'s allocations-per-packet column.
 #[global_allocator]
@@ -32,6 +33,9 @@ enum Command {
     /// Run a datapath taken over from a predecessor (or a launcher) and hand it on to the next
     /// successor that connects to --listen (used by the handoff benchmark and tests).
     Datapath(datapath_cmd::DatapathArgs),
+    /// A vhost-user-net backend: serve a frontend (QEMU, Cloud Hypervisor, DPDK) over a
+    /// vhost-user socket with a multiqueue TAP; hand a live session to a successor.
+    Serve(serve_cmd::ServeArgs),
     /// Work with handoff state blobs.
     #[command(subcommand)]
     State(StateCommand),
@@ -220,6 +224,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Bench(args) => bench(args),
         Command::Datapath(args) => datapath_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(args),
         Command::State(cmd) => state(cmd),
     }
 }

@@ -19,5 +19,5 @@ pub use protocol::{MigrateError, Timeouts};
 pub use source::{
     hand_off, snapshot_of, DeviceSource, HandoffReport, HandoffSource, LaunchSource, Outcome,
 };
-pub use successor::{restore, take_over, FailPoint, SuccessorOptions, TakeOver};
+pub use successor::{restore, take_over, Extension, FailPoint, SuccessorOptions, TakeOver};
 pub use transport::{Channel, ChannelError, Listener, Message};

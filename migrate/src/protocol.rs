@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::transport::ChannelError;
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Successor -> source: version (u16 LE), pid (u32 LE).
 pub const HELLO: u8 = 1;
@@ -25,6 +25,9 @@ pub const GO: u8 = 7;
 pub const RUNNING: u8 = 8;
 /// Either way: give up; payload: a UTF-8 reason.
 pub const ABORT: u8 = 9;
+/// Source -> successor, after the FDS chunks: state the embedder hands on besides the
+/// device (an opaque blob, possibly empty) and its fds (e.g. a vhost-user session).
+pub const EXTENSION: u8 = 10;
 
 /// Timeouts of each step.
 #[derive(Clone, Copy, Debug)]

@@ -19,6 +19,12 @@ pub trait HandoffSource {
     fn quiesce(&mut self) -> Result<DeviceSnapshot, MigrateError>;
     /// Takes service back after a switch that failed.
     fn resume(&mut self) -> Result<(), MigrateError>;
+    /// State handed on besides the device, sent at prepare time: an opaque blob for the
+    /// successor's embedder and its fds (at most [`MAX_FDS_PER_MESSAGE`]). The source must not
+    /// change it between prepare and commit. Default: nothing.
+    fn extension(&self) -> (Vec<u8>, Vec<BorrowedFd<'_>>) {
+        (Vec::new(), Vec::new())
+    }
 }
 
 enum DeviceState {
@@ -236,6 +242,14 @@ fn prepare(source: &mut dyn HandoffSource, ch: &Channel, t: Timeouts) -> Result<
         let first = u32::try_from(i * MAX_FDS_PER_MESSAGE).unwrap_or(u32::MAX);
         ch.send(protocol::FDS, &first.to_le_bytes(), chunk)?;
     }
+    let (blob, extension_fds) = source.extension();
+    if extension_fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(MigrateError::Fds(format!(
+            "{} extension fds, at most {MAX_FDS_PER_MESSAGE}",
+            extension_fds.len()
+        )));
+    }
+    ch.send(protocol::EXTENSION, &blob, &extension_fds)?;
     let msg = ch.recv(Some(t.prepare))?;
     expect(&msg, protocol::PREPARED, "PREPARED")
 }

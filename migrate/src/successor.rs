@@ -97,6 +97,17 @@ pub struct TakeOver {
     pub go_ns: u64,
     /// Handoffs this device has been through.
     pub generation: u64,
+    /// What the source's embedder handed on besides the device.
+    pub extension: Extension,
+}
+
+/// State a source hands on besides the device (see `HandoffSource::extension`).
+#[derive(Debug, Default)]
+pub struct Extension {
+    /// The embedder's opaque blob (empty if none).
+    pub blob: Vec<u8>,
+    /// Its fds, in the order the source listed them.
+    pub fds: Vec<OwnedFd>,
 }
 
 /// Per-queue-pair fds received at prepare time.
@@ -112,6 +123,7 @@ struct Prepared {
     layout: DeviceSnapshot,
     memory: GuestMemory,
     pairs: Vec<PairFds>,
+    extension: Extension,
 }
 
 /// Takes over the device offered at the other end of `ch`.
@@ -134,7 +146,7 @@ fn take_over_inner(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, Mi
     // Everything that does not depend on the ring positions happens before the switch, while
     // the source still runs: rings checked against memory, engines (io_uring, registered
     // files, buffers) and worker threads set up and parked.
-    let (layout, paused) = start_parked(prepared, opts)?;
+    let (layout, paused, extension) = start_parked(prepared, opts)?;
     let switched = switch(ch, opts, &layout);
     let (positions, quiesce_ns, switch_ns, generation) = match switched {
         Ok(v) => v,
@@ -171,6 +183,7 @@ fn take_over_inner(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, Mi
         ready_ns,
         go_ns,
         generation,
+        extension,
     })
 }
 
@@ -179,8 +192,9 @@ fn take_over_inner(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, Mi
 fn start_parked(
     prepared: Prepared,
     opts: &SuccessorOptions,
-) -> Result<(DeviceSnapshot, tapir_datapath::PausedDevice), MigrateError> {
+) -> Result<(DeviceSnapshot, tapir_datapath::PausedDevice, Extension), MigrateError> {
     let layout = prepared.layout;
+    let extension = prepared.extension;
     let specs = prepared
         .pairs
         .into_iter()
@@ -201,7 +215,7 @@ fn start_parked(
         cpu_affinity: opts.cpu_affinity.clone(),
     };
     let paused = Device::start_paused(config, prepared.memory, specs)?;
-    Ok((layout, paused))
+    Ok((layout, paused, extension))
 }
 
 /// The positions each pair of a (validated) snapshot resumes at.
@@ -232,7 +246,7 @@ pub fn restore(
     snapshot.validate()?;
     let positions = positions(&snapshot)?;
     let prepared = adopt(snapshot, fds)?;
-    let (_, paused) = start_parked(prepared, opts)?;
+    let (_, paused, _) = start_parked(prepared, opts)?;
     Ok(paused.go_at(positions))
 }
 
@@ -301,7 +315,14 @@ fn prepare(ch: &Channel, t: Timeouts) -> Result<Prepared, MigrateError> {
         }
         fds.extend(msg.fds.into_iter().map(Some));
     }
-    adopt(layout, fds.into_iter().flatten().collect())
+    let msg = ch.recv(Some(t.prepare))?;
+    expect(&msg, protocol::EXTENSION, "EXTENSION")?;
+    let mut prepared = adopt(layout, fds.into_iter().flatten().collect())?;
+    prepared.extension = Extension {
+        blob: msg.payload,
+        fds: msg.fds,
+    };
+    Ok(prepared)
 }
 
 /// Maps the memory and adopts the TAP queues and eventfds a snapshot's manifest lists.
@@ -351,5 +372,6 @@ fn adopt(layout: DeviceSnapshot, fds: Vec<OwnedFd>) -> Result<Prepared, MigrateE
         layout,
         memory,
         pairs,
+        extension: Extension::default(),
     })
 }

@@ -101,6 +101,26 @@ impl Listener {
         })
     }
 
+    /// Adopts a listening SEQPACKET socket (handed over by a predecessor) bound at `path`.
+    pub fn from_fd(fd: OwnedFd, path: &Path) -> Listener {
+        Listener {
+            fd,
+            path: path.to_owned(),
+        }
+    }
+
+    /// Gives up the listening socket without removing its file (to hand it on): a duplicate
+    /// of the fd.
+    pub fn into_fd(mut self) -> Result<OwnedFd, ChannelError> {
+        let fd = self.fd.try_clone().map_err(|source| ChannelError::Os {
+            what: "dup of the listening socket",
+            source,
+        })?;
+        // Nothing to remove on drop any more.
+        self.path = PathBuf::new();
+        Ok(fd)
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -125,6 +145,9 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        if self.path.as_os_str().is_empty() {
+            return;
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }

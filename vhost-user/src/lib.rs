@@ -1,4 +1,23 @@
-//! tapir-vhost-user: a vhost-user-net backend over tapir-datapath.
+//! tapir-vhost-user: a vhost-user-net backend over tapir-datapath (`tapir serve`).
 //!
-//! Will dispatch vhost-user requests (QEMU, Cloud Hypervisor, DPDK virtio-user) onto
-//! tapir's own workers. Tracked by the vhost-user issue; empty until then.
+//! The `vhost` crate supplies the message layouts; tapir does its own dispatch
+//! ([`session`]) so that it can run its io_uring workers, accept requests in the order real
+//! frontends send them, and hand a live session (connection included) to a successor
+//! ([`handoff`]).
+//!
+//! - [`wire`]: the vhost-user socket (header, body, `SCM_RIGHTS`);
+//! - [`memory_table`]: the frontend's memory regions and address translation;
+//! - [`dirty_log`]: the shared dirty log for the frontend's live migration;
+//! - [`session`]: one frontend's state and the device running its ready queue pairs;
+//! - [`handoff`]: a session as handoff state, out and back in;
+//! - [`daemon`]: the serve loop (server or client mode, handoffs).
+
+pub mod daemon;
+pub mod dirty_log;
+pub mod handoff;
+pub mod memory_table;
+pub mod session;
+pub mod wire;
+
+pub use daemon::{serve, take_over_daemon, Endpoint, ServeError, ServeOptions};
+pub use session::{offered_features, offered_protocol_features, Session, SessionConfig};

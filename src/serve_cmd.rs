@@ -1,0 +1,106 @@
+//! `tapir serve`: the vhost-user-net backend daemon (see `tapir-vhost-user`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tapir_datapath::engine::EngineConfig;
+use tapir_datapath::EngineKind;
+use tapir_migrate::{SuccessorOptions, Timeouts};
+use tapir_vhost_user::{Endpoint, ServeOptions, SessionConfig};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The vhost-user socket: tapir listens on it (the frontend connects), or with --client
+    /// connects to it (the frontend listens, e.g. QEMU `-chardev socket,server=on`).
+    #[arg(long, required_unless_present = "takeover")]
+    socket: Option<PathBuf>,
+    /// Connect to --socket instead of listening on it (retrying until it is there).
+    #[arg(long)]
+    client: bool,
+    /// The TAP interface (a multiqueue TAP with this name is created if it does not exist).
+    #[arg(long, required_unless_present = "takeover")]
+    tap: Option<String>,
+    /// Queue pairs offered to the frontend (one TAP queue and one worker each).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// MAC address kept with the device (the guest-visible MAC is the frontend's, e.g. QEMU
+    /// `-device virtio-net-pci,mac=...`).
+    #[arg(long, value_parser = parse_mac)]
+    mac: Option<[u8; 6]>,
+    /// Engine: uring or classic.
+    #[arg(long, default_value = "uring")]
+    engine: EngineKind,
+    /// Pin queue pair i's worker to the i-th CPU of this list.
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
+    /// Listen here for a successor (`tapir serve --takeover PATH`).
+    #[arg(long)]
+    handoff_socket: Option<PathBuf>,
+    /// Take over the running `tapir serve` listening on this handoff socket: its frontend
+    /// connection, TAP queues and running device, at the same ring positions. The successor
+    /// then listens on the same handoff socket.
+    #[arg(long, conflicts_with_all = ["socket", "tap", "client", "handoff_socket"])]
+    takeover: Option<PathBuf>,
+    /// Blackout step timeout of a handoff, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    switch_timeout_ms: u64,
+    /// Test hook: die at this point of taking over (before-fds, after-fds, after-state,
+    /// before-running).
+    #[arg(long, hide = true)]
+    fail_at: Option<tapir_migrate::FailPoint>,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+    }
+    Ok(mac)
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.queues == 0 {
+        bail!("--queues must be at least 1");
+    }
+    let timeouts = Timeouts {
+        switch: Duration::from_millis(args.switch_timeout_ms),
+        ..Timeouts::default()
+    };
+    let cpu_affinity: Vec<Option<usize>> = args.cpus.iter().map(|&c| Some(c)).collect();
+    if let Some(path) = &args.takeover {
+        let mut opts = SuccessorOptions::new(args.engine);
+        opts.cpu_affinity = cpu_affinity;
+        opts.timeouts = timeouts;
+        opts.fail_at = args.fail_at;
+        return tapir_vhost_user::take_over_daemon(path, &opts)
+            .with_context(|| format!("taking over the tapir serve at {}", path.display()));
+    }
+    let (Some(socket), Some(tap)) = (args.socket, args.tap) else {
+        bail!("--socket and --tap are required");
+    };
+    let endpoint = if args.client {
+        Endpoint::Client(socket)
+    } else {
+        Endpoint::Server(socket)
+    };
+    let opts = ServeOptions {
+        endpoint,
+        tap,
+        session: SessionConfig {
+            queue_pairs: args.queues,
+            engine: args.engine,
+            engine_config: EngineConfig::default(),
+            mac: args.mac.unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]),
+            cpu_affinity,
+        },
+        handoff: args.handoff_socket,
+        timeouts,
+    };
+    tapir_vhost_user::serve(opts).context("tapir serve")
+}

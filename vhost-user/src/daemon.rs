@@ -1,0 +1,467 @@
+//! The `tapir serve` loop: reach a frontend (listen on the vhost-user socket, or connect to
+//! it in client mode), serve its session, and when it disconnects wait for the next one.
+//! With a handoff socket, a successor (`tapir serve --takeover`) can take the live session
+//! over, connection included: the frontend's requests wait in the socket meanwhile.
+//!
+//! Events go to stdout as JSON lines (`listening`, `connected`, `disconnected`,
+//! `handoff_committed`, `handoff_rolled_back`, `running`) for supervisors and tests.
+
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tapir_datapath::{Tap, TapQueue};
+use tapir_migrate::{
+    hand_off, protocol, take_over, Channel, DeviceSource, HandoffSource, Listener, MigrateError,
+    Outcome, SuccessorOptions, Timeouts,
+};
+use tapir_state::DeviceSnapshot;
+
+use crate::handoff::{self, EndpointState, FdList};
+use crate::session::{Running, Session, SessionConfig};
+use crate::wire::{Connection, WireError};
+
+/// Where the frontend is.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// tapir listens on this path (QEMU `-chardev socket,path=...` without `server=on`).
+    Server(PathBuf),
+    /// tapir connects to this path, retrying until the frontend listens (QEMU
+    /// `-chardev socket,path=...,server=on`).
+    Client(PathBuf),
+}
+
+impl Endpoint {
+    fn path(&self) -> &Path {
+        match self {
+            Endpoint::Server(p) | Endpoint::Client(p) => p,
+        }
+    }
+}
+
+/// Options of `tapir serve`.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The vhost-user socket.
+    pub endpoint: Endpoint,
+    /// The TAP interface (created if missing).
+    pub tap: String,
+    /// Devices' configuration (queue pairs, engine, ...).
+    pub session: SessionConfig,
+    /// Listen here for a successor.
+    pub handoff: Option<PathBuf>,
+    /// Handoff step timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// Errors that end the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The TAP.
+    #[error(transparent)]
+    Tap(#[from] tapir_datapath::TapError),
+    /// A socket.
+    #[error("{0}: {1}")]
+    Socket(String, #[source] std::io::Error),
+    /// The handoff.
+    #[error("handoff: {0}")]
+    Handoff(#[from] MigrateError),
+    /// The handoff listener.
+    #[error(transparent)]
+    Channel(#[from] tapir_migrate::ChannelError),
+    /// The session blob a predecessor sent.
+    #[error(transparent)]
+    SessionState(#[from] handoff::SessionStateError),
+    /// Starting the taken-over session.
+    #[error("restoring the session: {0}")]
+    Restore(String),
+}
+
+fn event(json: String) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{json}");
+    let _ = out.flush();
+}
+
+struct Daemon {
+    endpoint: Endpoint,
+    vhost_listener: Option<UnixListener>,
+    handoff: Option<Listener>,
+    taps: Arc<Vec<TapQueue>>,
+    config: SessionConfig,
+    timeouts: Timeouts,
+}
+
+enum SessionEnd {
+    Disconnected,
+    HandedOff,
+}
+
+/// Runs `tapir serve` until it is handed off (returns `Ok`) or fails.
+pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    let tap = Tap::open(&opts.tap, usize::from(opts.session.queue_pairs))?;
+    tracing::info!(tap = tap.name(), queues = opts.session.queue_pairs, "TAP open");
+    let vhost_listener = match &opts.endpoint {
+        Endpoint::Server(path) => {
+            if path.exists() {
+                std::fs::remove_file(path)
+                    .map_err(|e| ServeError::Socket(format!("removing stale {}", path.display()), e))?;
+            }
+            Some(
+                UnixListener::bind(path)
+                    .map_err(|e| ServeError::Socket(format!("binding {}", path.display()), e))?,
+            )
+        }
+        Endpoint::Client(_) => None,
+    };
+    let handoff = opts.handoff.as_deref().map(Listener::bind).transpose()?;
+    let daemon = Daemon {
+        endpoint: opts.endpoint,
+        vhost_listener,
+        handoff,
+        taps: Arc::new(tap.into_queues()),
+        config: opts.session,
+        timeouts: opts.timeouts,
+    };
+    event(format!(
+        "{{\"event\":\"listening\",\"socket\":{:?},\"tap\":{:?}}}",
+        daemon.endpoint.path().display().to_string(),
+        opts.tap
+    ));
+    daemon.run(None)
+}
+
+/// `tapir serve --takeover PATH`: takes a running `tapir serve` over, session and all, and
+/// carries on serving.
+pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), ServeError> {
+    let ch = Channel::connect(path)?;
+    let took = take_over(&ch, opts)?;
+    drop(ch);
+    let ext = took.extension;
+    let state = handoff::decode(&ext.blob, ext.fds.len())?;
+    let mut fds: Vec<Option<OwnedFd>> = ext.fds.into_iter().map(Some).collect();
+    let mut taps = Vec::with_capacity(state.taps.len());
+    for &t in &state.taps {
+        taps.push(
+            TapQueue::adopt(handoff::take(&mut fds, t)?)
+                .map_err(|e| ServeError::Restore(e.to_string()))?,
+        );
+    }
+    let config = SessionConfig {
+        queue_pairs: state.queue_pairs,
+        engine: opts.engine,
+        engine_config: opts.engine_config,
+        mac: state.mac,
+        cpu_affinity: opts.cpu_affinity.clone(),
+    };
+    let taps = Arc::new(taps);
+    let mut session = Session::new(config.clone(), taps.clone());
+    session.features = state.features;
+    session.protocol_features = state.protocol_features;
+    session.requests = state.requests;
+    session.generation = took.generation;
+    let mut regions = Vec::with_capacity(state.regions.len());
+    for r in &state.regions {
+        regions.push(crate::memory_table::Region {
+            guest_addr: r.guest_addr,
+            size: r.size,
+            user_addr: r.user_addr,
+            mmap_offset: r.mmap_offset,
+            fd: handoff::take(&mut fds, r.fd)?,
+        });
+    }
+    session
+        .table
+        .replace(regions)
+        .map_err(|e| ServeError::Restore(e.to_string()))?;
+    for (v, s) in session.vrings.iter_mut().zip(&state.vrings) {
+        *v = handoff::vring_of(s, &mut fds)?;
+    }
+    if let Some(l) = &state.log {
+        let fd = handoff::take(&mut fds, l.fd)?;
+        session.log = Some(
+            crate::dirty_log::DirtyLog::map(fd, l.mmap_size, l.mmap_offset)
+                .map_err(|e| ServeError::Restore(e.to_string()))?,
+        );
+    }
+    session.adopt_running(took.device, state.running_pairs.clone());
+    let connection = Connection::new(UnixStream::from(handoff::take(&mut fds, state.connection)?));
+    let path = PathBuf::from(&state.endpoint.path);
+    let endpoint = if state.endpoint.client {
+        Endpoint::Client(path)
+    } else {
+        Endpoint::Server(path)
+    };
+    let vhost_listener = match state.endpoint.listener {
+        Some(i) => Some(UnixListener::from(handoff::take(&mut fds, i)?)),
+        None => None,
+    };
+    let handoff = match &state.endpoint.handoff {
+        Some((p, i)) => Some(Listener::from_fd(handoff::take(&mut fds, *i)?, Path::new(p))),
+        None => None,
+    };
+    event(format!(
+        "{{\"event\":\"running\",\"pid\":{},\"generation\":{},\"pairs\":{:?},\"quiesce_ns\":{},\"running_ns\":{}}}",
+        std::process::id(),
+        took.generation,
+        state.running_pairs,
+        took.quiesce_ns,
+        took.running_ns
+    ));
+    let daemon = Daemon {
+        endpoint,
+        vhost_listener,
+        handoff,
+        taps,
+        config,
+        timeouts: opts.timeouts,
+    };
+    daemon.run(Some((connection, session)))
+}
+
+/// Polls `fds` for input; returns which are readable (or hung up).
+fn wait(fds: &[Option<BorrowedFd<'_>>], timeout: Option<Duration>) -> Result<Vec<bool>, ServeError> {
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .flatten()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    let t = match timeout {
+        None => PollTimeout::NONE,
+        Some(d) => PollTimeout::try_from(d.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX),
+    };
+    match poll(&mut polled, t) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+        Err(e) => return Err(ServeError::Socket("poll".into(), e.into())),
+    }
+    let mut it = polled.iter();
+    Ok(fds
+        .iter()
+        .map(|fd| match fd {
+            Some(_) => it
+                .next()
+                .and_then(|p| p.revents())
+                .is_some_and(|r| !r.is_empty()),
+            None => false,
+        })
+        .collect())
+}
+
+impl Daemon {
+    fn run(mut self, mut current: Option<(Connection, Session)>) -> Result<(), ServeError> {
+        loop {
+            let (conn, mut session) = match current.take() {
+                Some(c) => c,
+                None => {
+                    let conn = self.reach_frontend()?;
+                    event("{\"event\":\"connected\"}".into());
+                    (conn, Session::new(self.config.clone(), self.taps.clone()))
+                }
+            };
+            match self.session_loop(&conn, &mut session)? {
+                SessionEnd::HandedOff => {
+                    if let Some(l) = self.handoff.take() {
+                        // The successor listens on it now: do not remove the socket file.
+                        let _ = l.into_fd();
+                    }
+                    return Ok(());
+                }
+                SessionEnd::Disconnected => {
+                    session.stop_device();
+                    event(format!(
+                        "{{\"event\":\"disconnected\",\"requests\":{}}}",
+                        session.requests
+                    ));
+                    drop(session);
+                    drop(conn);
+                }
+            }
+        }
+    }
+
+    /// Waits for a frontend; refuses handoffs meanwhile (there is no session to hand on).
+    fn reach_frontend(&self) -> Result<Connection, ServeError> {
+        loop {
+            if let Endpoint::Client(path) = &self.endpoint {
+                match UnixStream::connect(path) {
+                    Ok(s) => return Ok(Connection::new(s)),
+                    Err(e) => tracing::debug!(error = %e, "frontend not listening yet"),
+                }
+            }
+            let listen = self.vhost_listener.as_ref().map(|l| l.as_fd());
+            let handoff = self.handoff.as_ref().map(|l| l.as_fd());
+            let timeout = match self.endpoint {
+                Endpoint::Client(_) => Some(Duration::from_millis(100)),
+                Endpoint::Server(_) => None,
+            };
+            let ready = wait(&[listen, handoff], timeout)?;
+            if ready[1] {
+                if let Some(l) = &self.handoff {
+                    if let Ok(ch) = l.accept(Some(Duration::from_secs(1))) {
+                        refuse(&ch, "no frontend is connected: there is no session to hand over");
+                    }
+                }
+            }
+            if ready[0] {
+                if let Some(l) = &self.vhost_listener {
+                    match l.accept() {
+                        Ok((s, _)) => return Ok(Connection::new(s)),
+                        Err(e) => tracing::warn!(error = %e, "accept on the vhost-user socket"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn session_loop(&mut self, conn: &Connection, session: &mut Session) -> Result<SessionEnd, ServeError> {
+        let mut pairs = session.running_pairs();
+        loop {
+            let timeout = session.logging().then_some(Duration::from_millis(10));
+            let handoff = self.handoff.as_ref().map(|l| l.as_fd());
+            let ready = wait(&[Some(conn.as_fd()), handoff], timeout)?;
+            if ready[0] {
+                match conn.recv() {
+                    Ok(req) => {
+                        if let Err(e) = session.handle(conn, req) {
+                            tracing::warn!(error = %e, "vhost-user connection lost while replying");
+                            return Ok(SessionEnd::Disconnected);
+                        }
+                        let now = session.running_pairs();
+                        if now != pairs {
+                            event(format!("{{\"event\":\"pairs\",\"running\":{now:?}}}"));
+                            pairs = now;
+                        }
+                    }
+                    Err(WireError::Closed) => return Ok(SessionEnd::Disconnected),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dropping the vhost-user connection");
+                        return Ok(SessionEnd::Disconnected);
+                    }
+                }
+            }
+            if ready[1] && self.hand_off(conn, session)? {
+                return Ok(SessionEnd::HandedOff);
+            }
+            session.flush_log();
+        }
+    }
+
+    /// Offers the session to a successor that connected to the handoff socket; true if it
+    /// took it.
+    fn hand_off(&mut self, conn: &Connection, session: &mut Session) -> Result<bool, ServeError> {
+        let Some(listener) = &self.handoff else {
+            return Ok(false);
+        };
+        let ch = match listener.accept(Some(Duration::from_secs(1))) {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::warn!(error = %e, "handoff connection refused");
+                return Ok(false);
+            }
+        };
+        tracing::debug!(running = session.running.is_some(), generation = session.generation, "handoff requested");
+        let Some(running) = session.running.take() else {
+            refuse(&ch, "the frontend has not started the device yet: nothing runs to hand over");
+            return Ok(false);
+        };
+        let pairs = running.pairs;
+        let mut source = ServeSource {
+            inner: DeviceSource::new(running.device, session.generation),
+            blob: Vec::new(),
+            fds: Vec::new(),
+        };
+        let mut list = FdList::default();
+        let vhost_listener = self.vhost_listener.as_ref();
+        let handoff_listener = self.handoff.as_ref();
+        let endpoint = &self.endpoint;
+        let state = handoff::export(
+            session,
+            &pairs,
+            conn.as_fd(),
+            |fds| EndpointState {
+                path: endpoint.path().display().to_string(),
+                client: matches!(endpoint, Endpoint::Client(_)),
+                listener: vhost_listener.map(|l| fds.push(l.as_fd())),
+                handoff: handoff_listener
+                    .map(|l| (l.path().display().to_string(), fds.push(l.as_fd()))),
+            },
+            &mut list,
+        );
+        source.blob = handoff::encode(&state);
+        source.fds = list.into_vec();
+        let outcome = hand_off(&mut source, &ch, self.timeouts);
+        let ServeSource { inner, .. } = source;
+        match outcome {
+            Ok(Outcome::Committed(report)) => {
+                event(format!(
+                    "{{\"event\":\"handoff_committed\",\"successor_pid\":{},\"blackout_ns\":{}}}",
+                    report.successor_pid,
+                    report.running_ns.saturating_sub(report.quiesce_ns)
+                ));
+                inner.release();
+                Ok(true)
+            }
+            Ok(Outcome::RolledBack(e)) => {
+                event(format!(
+                    "{{\"event\":\"handoff_rolled_back\",\"reason\":{:?}}}",
+                    e.to_string()
+                ));
+                self.take_back(session, inner, pairs);
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "handoff failed and the device could not resume");
+                self.take_back(session, inner, pairs);
+                Ok(false)
+            }
+        }
+    }
+
+    fn take_back(&self, session: &mut Session, source: DeviceSource, pairs: Vec<u16>) {
+        match source.into_running() {
+            Some(device) => session.running = Some(Running { device, pairs }),
+            None => {
+                // The device is gone: start it again from the rings.
+                if let Err(e) = session.reconcile() {
+                    tracing::error!(error = %e, "could not restart the device after a failed handoff");
+                }
+            }
+        }
+    }
+}
+
+/// Turns a would-be successor away (it reads the ABORT after its HELLO). Does not wait for
+/// it: the frontend's requests must not wait behind a successor that is slow to talk.
+fn refuse(ch: &Channel, why: &str) {
+    tracing::warn!(why, "refusing a handoff");
+    let _ = ch.send(protocol::ABORT, why.as_bytes(), &[]);
+}
+
+/// A running device plus the session state that goes with it.
+struct ServeSource<'a> {
+    inner: DeviceSource,
+    blob: Vec<u8>,
+    fds: Vec<BorrowedFd<'a>>,
+}
+
+impl HandoffSource for ServeSource<'_> {
+    fn layout(&self) -> (DeviceSnapshot, Vec<BorrowedFd<'_>>) {
+        self.inner.layout()
+    }
+
+    fn quiesce(&mut self) -> Result<DeviceSnapshot, MigrateError> {
+        self.inner.quiesce()
+    }
+
+    fn resume(&mut self) -> Result<(), MigrateError> {
+        self.inner.resume()
+    }
+
+    fn extension(&self) -> (Vec<u8>, Vec<BorrowedFd<'_>>) {
+        (self.blob.clone(), self.fds.clone())
+    }
+}

@@ -1,0 +1,295 @@
+//! A vhost-user session as handoff state: everything `tapir serve` knows besides the running
+//! device (which `tapir-migrate` carries itself), as a versioned postcard blob plus fds. It
+//! rides in the handoff protocol's EXTENSION message: the successor gets the connection to
+//! the frontend, the listening sockets, the TAP queues, the memory table, every vring's fds
+//! and the dirty log, and carries on the session where the predecessor stopped reading it.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use serde::{Deserialize, Serialize};
+
+use crate::session::{Session, Vring, VringAddrs};
+
+const MAGIC: &[u8; 4] = b"TVUS";
+const VERSION: u16 = 1;
+
+/// Most vrings a blob may describe (256 queue pairs).
+const MAX_VRINGS: usize = 512;
+
+/// One memory region.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionState {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Size.
+    pub size: u64,
+    /// Frontend virtual address.
+    pub user_addr: u64,
+    /// Offset in the fd.
+    pub mmap_offset: u64,
+    /// Index of its fd.
+    pub fd: u16,
+}
+
+/// One vring.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VringState {
+    /// Size.
+    pub size: u16,
+    /// Addresses as the frontend gave them.
+    pub addrs: Option<VringAddrs>,
+    /// Base (meaningful for vrings not running).
+    pub base: u16,
+    /// RX heads held (vrings not running).
+    pub held: Vec<u16>,
+    /// Kick fd index.
+    pub kick: Option<u16>,
+    /// Call fd index.
+    pub call: Option<u16>,
+    /// Error fd index.
+    pub err: Option<u16>,
+    /// Enabled.
+    pub enabled: bool,
+    /// Started.
+    pub started: bool,
+}
+
+/// The dirty log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogState {
+    /// Size.
+    pub mmap_size: u64,
+    /// Offset.
+    pub mmap_offset: u64,
+    /// Index of its fd.
+    pub fd: u16,
+}
+
+/// How the daemon reaches frontends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointState {
+    /// The vhost-user socket path.
+    pub path: String,
+    /// Client mode (tapir connects) rather than server mode (tapir listens).
+    pub client: bool,
+    /// Index of the listening socket's fd (server mode).
+    pub listener: Option<u16>,
+    /// The handoff socket path and its listening fd.
+    pub handoff: Option<(String, u16)>,
+}
+
+/// A serve session as handed on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// Queue pairs offered.
+    pub queue_pairs: u16,
+    /// MAC.
+    pub mac: [u8; 6],
+    /// Acked features.
+    pub features: u64,
+    /// Acked protocol features.
+    pub protocol_features: u64,
+    /// Memory table.
+    pub regions: Vec<RegionState>,
+    /// Vrings.
+    pub vrings: Vec<VringState>,
+    /// Dirty log.
+    pub log: Option<LogState>,
+    /// Pairs the handed-on device runs.
+    pub running_pairs: Vec<u16>,
+    /// Index of the frontend connection's fd.
+    pub connection: u16,
+    /// Indices of the TAP queue fds, one per queue pair.
+    pub taps: Vec<u16>,
+    /// The endpoint.
+    pub endpoint: EndpointState,
+    /// Requests handled so far.
+    pub requests: u64,
+}
+
+/// Errors of decoding a session blob.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionStateError {
+    /// Not a session blob, or another version.
+    #[error("not a tapir vhost-user session blob of version {VERSION}")]
+    Header,
+    /// postcard.
+    #[error("session blob: {0}")]
+    Decode(#[from] postcard::Error),
+    /// Fields that do not add up.
+    #[error("session blob: {0}")]
+    Invalid(String),
+}
+
+/// Collects fds in manifest order.
+#[derive(Default)]
+pub struct FdList<'a> {
+    fds: Vec<BorrowedFd<'a>>,
+}
+
+impl<'a> FdList<'a> {
+    /// Appends an fd; returns its index.
+    pub fn push(&mut self, fd: BorrowedFd<'a>) -> u16 {
+        self.fds.push(fd);
+        u16::try_from(self.fds.len() - 1).unwrap_or(u16::MAX)
+    }
+
+    /// The fds.
+    pub fn into_vec(self) -> Vec<BorrowedFd<'a>> {
+        self.fds
+    }
+}
+
+/// Describes a session (whose device was taken out to be handed on as `running_pairs`).
+pub fn export<'a>(
+    session: &'a Session,
+    running_pairs: &[u16],
+    connection: BorrowedFd<'a>,
+    endpoint: impl FnOnce(&mut FdList<'a>) -> EndpointState,
+    fds: &mut FdList<'a>,
+) -> SessionState {
+    let connection = fds.push(connection);
+    let taps = session.taps().iter().map(|t| fds.push(t.as_fd())).collect();
+    let regions = session
+        .table
+        .regions()
+        .iter()
+        .map(|r| RegionState {
+            guest_addr: r.guest_addr,
+            size: r.size,
+            user_addr: r.user_addr,
+            mmap_offset: r.mmap_offset,
+            fd: fds.push(r.fd.as_fd()),
+        })
+        .collect();
+    let vrings = session
+        .vrings
+        .iter()
+        .map(|v| VringState {
+            size: v.size,
+            addrs: v.addrs,
+            base: v.base,
+            held: v.held.clone(),
+            kick: v.kick.as_ref().map(|f| fds.push(f.as_fd())),
+            call: v.call.as_ref().map(|f| fds.push(f.as_fd())),
+            err: v.err.as_ref().map(|f| fds.push(f.as_fd())),
+            enabled: v.enabled,
+            started: v.started,
+        })
+        .collect();
+    let log = session.log.as_ref().map(|l| LogState {
+        mmap_size: l.mmap_size,
+        mmap_offset: l.mmap_offset,
+        fd: fds.push(l.fd.as_fd()),
+    });
+    let endpoint = endpoint(fds);
+    SessionState {
+        queue_pairs: session.config().queue_pairs,
+        mac: session.config().mac,
+        features: session.features,
+        protocol_features: session.protocol_features,
+        regions,
+        vrings,
+        log,
+        running_pairs: running_pairs.to_vec(),
+        connection,
+        taps,
+        endpoint,
+        requests: session.requests,
+    }
+}
+
+/// Encodes a session state.
+pub fn encode(state: &SessionState) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    // postcard into a Vec cannot fail for these plain types.
+    out.extend_from_slice(&postcard::to_allocvec(state).unwrap_or_default());
+    out
+}
+
+/// Decodes and checks a session state against the number of fds that came with it.
+pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionStateError> {
+    if blob.len() < 6 || &blob[..4] != MAGIC || blob[4..6] != VERSION.to_le_bytes() {
+        return Err(SessionStateError::Header);
+    }
+    let state: SessionState = postcard::from_bytes(&blob[6..])?;
+    let bad = |s: String| Err(SessionStateError::Invalid(s));
+    let pairs = usize::from(state.queue_pairs);
+    if pairs == 0 || state.vrings.len() != 2 * pairs || state.vrings.len() > MAX_VRINGS {
+        return bad(format!(
+            "{} vrings for {} queue pairs",
+            state.vrings.len(),
+            state.queue_pairs
+        ));
+    }
+    if state.taps.len() != pairs {
+        return bad(format!("{} TAP queues for {pairs} pairs", state.taps.len()));
+    }
+    if state.running_pairs.iter().any(|&p| usize::from(p) >= pairs) {
+        return bad("a running pair beyond the queue pairs".into());
+    }
+    let mut seen = vec![false; fd_count];
+    let mut claim = |i: u16| -> Result<(), SessionStateError> {
+        match seen.get_mut(usize::from(i)) {
+            Some(s) if !*s => {
+                *s = true;
+                Ok(())
+            }
+            _ => Err(SessionStateError::Invalid(format!(
+                "fd index {i} out of range or used twice"
+            ))),
+        }
+    };
+    claim(state.connection)?;
+    for &t in &state.taps {
+        claim(t)?;
+    }
+    for r in &state.regions {
+        claim(r.fd)?;
+    }
+    for v in &state.vrings {
+        for f in [v.kick, v.call, v.err].into_iter().flatten() {
+            claim(f)?;
+        }
+        if v.size != 0 && !v.size.is_power_of_two() {
+            return bad(format!("vring size {}", v.size));
+        }
+        if v.held.iter().any(|&h| v.size == 0 || h >= v.size) {
+            return bad("held head beyond the vring size".into());
+        }
+    }
+    if let Some(l) = &state.log {
+        claim(l.fd)?;
+    }
+    if let Some(l) = state.endpoint.listener {
+        claim(l)?;
+    }
+    if let Some((_, l)) = &state.endpoint.handoff {
+        claim(*l)?;
+    }
+    Ok(state)
+}
+
+/// Takes fd `i` out of the received list.
+pub fn take(fds: &mut [Option<OwnedFd>], i: u16) -> Result<OwnedFd, SessionStateError> {
+    fds.get_mut(usize::from(i))
+        .and_then(Option::take)
+        .ok_or_else(|| SessionStateError::Invalid(format!("fd {i} missing")))
+}
+
+/// Rebuilds a vring from its state and the received fds.
+pub fn vring_of(v: &VringState, fds: &mut [Option<OwnedFd>]) -> Result<Vring, SessionStateError> {
+    let mut opt = |i: Option<u16>| i.map(|i| take(fds, i)).transpose();
+    Ok(Vring {
+        size: v.size,
+        addrs: v.addrs,
+        base: v.base,
+        held: v.held.clone(),
+        kick: opt(v.kick)?,
+        call: opt(v.call)?,
+        err: opt(v.err)?,
+        enabled: v.enabled,
+        started: v.started,
+    })
+}

@@ -1,0 +1,742 @@
+//! One vhost-user session: the state a frontend builds up with its requests (features,
+//! memory table, vrings, dirty log) and the tapir device that runs the queue pairs whose
+//! rings are ready.
+//!
+//! A queue pair runs when both its vrings have a size, addresses and a kick fd (started) and
+//! are enabled. Whenever that set changes, or something a running pair depends on changes
+//! (memory table, a call or kick fd, ring addresses, features), the device is quiesced
+//! (nothing in flight afterwards; its ring positions and held RX chains are recorded in the
+//! vrings) and started again with the pairs that are ready. `GET_VRING_BASE` quiesces too,
+//! so a ring stops with no io_uring operation in flight.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use tapir_datapath::engine::EngineConfig;
+use tapir_datapath::{
+    features, Device, DeviceConfig, EngineKind, GuestMemory, QueueConfig, QueuePairSpec, TapQueue,
+};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserLog, VhostUserMemory, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
+    VhostUserU64, VhostUserVringAddr, VhostUserVringState,
+};
+use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+use crate::dirty_log::DirtyLog;
+use crate::memory_table::{MemoryTable, Region, MAX_MEM_SLOTS};
+use crate::wire::{Connection, Request, WireError};
+
+/// Protocol features tapir offers.
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::LOG_SHMFD
+}
+
+/// Virtio features tapir offers over vhost-user: what the datapath implements, minus what
+/// the frontend provides itself (MAC, status and MTU live in the frontend's config space),
+/// plus `VHOST_USER_F_PROTOCOL_FEATURES` and `VHOST_F_LOG_ALL`.
+pub fn offered_features() -> u64 {
+    (features::SUPPORTED & !(features::NET_F_MAC | features::NET_F_STATUS | features::NET_F_MTU))
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits()
+}
+
+/// How the daemon runs devices.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Queue pairs offered (and TAP queues open).
+    pub queue_pairs: u16,
+    /// Engine of the workers.
+    pub engine: EngineKind,
+    /// Engine tunables.
+    pub engine_config: EngineConfig,
+    /// MAC carried in the device config (the frontend owns the guest-visible one).
+    pub mac: [u8; 6],
+    /// Worker pinning by queue pair.
+    pub cpu_affinity: Vec<Option<usize>>,
+}
+
+/// Ring addresses as the frontend gave them (its virtual addresses).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VringAddrs {
+    /// Descriptor table.
+    pub desc: u64,
+    /// Used ring.
+    pub used: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Guest-physical address for used-ring logging.
+    pub log: u64,
+    /// `VHOST_VRING_F_LOG` and friends.
+    pub flags: u32,
+}
+
+/// One vring as the frontend set it up.
+#[derive(Debug, Default)]
+pub struct Vring {
+    /// Size (0: not set).
+    pub size: u16,
+    /// Addresses.
+    pub addrs: Option<VringAddrs>,
+    /// Next available index to process.
+    pub base: u16,
+    /// RX heads held across an internal restart (popped, not used, in ring order).
+    pub held: Vec<u16>,
+    /// Kick eventfd.
+    pub kick: Option<OwnedFd>,
+    /// Call eventfd.
+    pub call: Option<OwnedFd>,
+    /// Error eventfd (kept, unused).
+    pub err: Option<OwnedFd>,
+    /// `SET_VRING_ENABLE` state.
+    pub enabled: bool,
+    /// Started by `SET_VRING_KICK`, stopped by `GET_VRING_BASE`.
+    pub started: bool,
+}
+
+/// The device running a session's ready pairs.
+#[derive(Debug)]
+pub struct Running {
+    /// The device.
+    pub device: Device,
+    /// Which queue pair each of the device's pairs is.
+    pub pairs: Vec<u16>,
+}
+
+/// Errors of handling a request; the frontend gets a failure reply and the session goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The request is unknown, not negotiated, or its body has the wrong size.
+    #[error("{0}")]
+    Invalid(String),
+    /// The memory table.
+    #[error(transparent)]
+    Table(#[from] crate::memory_table::TableError),
+    /// The dirty log.
+    #[error(transparent)]
+    Log(#[from] crate::dirty_log::LogError),
+    /// The device could not be started or stopped.
+    #[error("device: {0}")]
+    Device(#[from] tapir_datapath::DeviceError),
+    /// A TAP queue.
+    #[error(transparent)]
+    Tap(#[from] tapir_datapath::TapError),
+    /// An fd or eventfd.
+    #[error("{0}: {1}")]
+    Os(&'static str, #[source] std::io::Error),
+}
+
+fn invalid(s: impl Into<String>) -> RequestError {
+    RequestError::Invalid(s.into())
+}
+
+/// A session with one frontend.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    taps: Arc<Vec<TapQueue>>,
+    /// Acked virtio features.
+    pub features: u64,
+    /// Acked protocol features.
+    pub protocol_features: u64,
+    /// The memory table.
+    pub table: MemoryTable,
+    memory: Option<GuestMemory>,
+    /// Vrings `0..2 * queue_pairs`.
+    pub vrings: Vec<Vring>,
+    /// The dirty log, once the frontend set one.
+    pub log: Option<DirtyLog>,
+    /// The running device.
+    pub running: Option<Running>,
+    restart: bool,
+    /// Handoffs this session has been through.
+    pub generation: u64,
+    /// Requests handled.
+    pub requests: u64,
+}
+
+impl Session {
+    /// A fresh session.
+    pub fn new(config: SessionConfig, taps: Arc<Vec<TapQueue>>) -> Session {
+        let vrings = (0..2 * usize::from(config.queue_pairs))
+            .map(|_| Vring::default())
+            .collect();
+        Session {
+            config,
+            taps,
+            features: 0,
+            protocol_features: 0,
+            table: MemoryTable::default(),
+            memory: None,
+            vrings,
+            log: None,
+            running: None,
+            restart: false,
+            generation: 0,
+            requests: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// The TAP queues (one per queue pair).
+    pub fn taps(&self) -> &Arc<Vec<TapQueue>> {
+        &self.taps
+    }
+
+    /// The mapped guest memory, if a table is set.
+    pub fn memory(&self) -> Option<&GuestMemory> {
+        self.memory.as_ref()
+    }
+
+    /// Installs a device started elsewhere (a handoff successor) as running these pairs.
+    pub fn adopt_running(&mut self, device: Device, pairs: Vec<u16>) {
+        self.memory = Some(device.memory().clone());
+        self.running = Some(Running { device, pairs });
+    }
+
+    /// The queue pairs the device runs now.
+    pub fn running_pairs(&self) -> Vec<u16> {
+        self.running
+            .as_ref()
+            .map(|r| r.pairs.clone())
+            .unwrap_or_default()
+    }
+
+    fn has_protocol(&self, f: VhostUserProtocolFeatures) -> bool {
+        self.protocol_features & f.bits() != 0
+    }
+
+    /// Whether the dirty log must be kept.
+    pub fn logging(&self) -> bool {
+        self.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0 && self.log.is_some()
+    }
+
+    /// Moves the datapath's dirty marks into the frontend's log (when logging).
+    pub fn flush_log(&self) {
+        if let (true, Some(log), Some(mem)) = (self.logging(), &self.log, &self.memory) {
+            log.flush(mem);
+        }
+    }
+
+    /// Handles one request and replies as the protocol says (REPLY_ACK included). Request
+    /// errors are logged and reported to the frontend; only transport errors are returned.
+    pub fn handle(&mut self, conn: &Connection, req: Request) -> Result<(), WireError> {
+        self.requests += 1;
+        let code = req.code();
+        tracing::debug!(?code, size = req.body.len(), fds = req.fds.len(), "request");
+        let need_ack = req.header.is_need_reply() && self.has_protocol(VhostUserProtocolFeatures::REPLY_ACK);
+        let result = self.dispatch(conn, &req);
+        let result = result.and_then(|replied| {
+            self.reconcile()?;
+            Ok(replied)
+        });
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                if need_ack {
+                    conn.reply(&req.header, VhostUserU64::new(0).as_slice(), &[])?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(?code, error = %e, "vhost-user request failed");
+                if need_ack {
+                    conn.reply(&req.header, VhostUserU64::new(1).as_slice(), &[])?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn vring_index(&self, index: u32) -> Result<usize, RequestError> {
+        usize::try_from(index)
+            .ok()
+            .filter(|&i| i < self.vrings.len())
+            .ok_or_else(|| invalid(format!("vring {index} (the device has {})", self.vrings.len())))
+    }
+
+    fn body<T: ByteValued + Default>(req: &Request) -> Result<T, RequestError> {
+        req.body_as::<T>().ok_or_else(|| {
+            invalid(format!(
+                "{:?}: body of {} bytes, expected {}",
+                req.code(),
+                req.body.len(),
+                std::mem::size_of::<T>()
+            ))
+        })
+    }
+
+    /// Marks a restart if vring `i` belongs to a running pair.
+    fn touch(&mut self, i: usize) {
+        if let Some(r) = &self.running {
+            if r.pairs.iter().any(|&p| usize::from(p) == i / 2) {
+                self.restart = true;
+            }
+        }
+    }
+
+    /// Handles a request; returns true if it sent its own reply.
+    fn dispatch(&mut self, conn: &Connection, req: &Request) -> Result<bool, RequestError> {
+        let Some(code) = req.code() else {
+            return Err(invalid(format!(
+                "unknown request {}",
+                req.header.request
+            )));
+        };
+        let takes_fds = matches!(
+            code,
+            FrontendReq::SET_MEM_TABLE
+                | FrontendReq::ADD_MEM_REG
+                | FrontendReq::REM_MEM_REG
+                | FrontendReq::SET_LOG_BASE
+                | FrontendReq::SET_LOG_FD
+                | FrontendReq::SET_VRING_KICK
+                | FrontendReq::SET_VRING_CALL
+                | FrontendReq::SET_VRING_ERR
+        );
+        if !takes_fds && !req.fds.is_empty() {
+            return Err(invalid(format!("{code:?} came with fds")));
+        }
+        match code {
+            FrontendReq::GET_FEATURES => {
+                conn.reply(&req.header, VhostUserU64::new(offered_features()).as_slice(), &[])
+                    .map_err(wire_to_request)?;
+                Ok(true)
+            }
+            FrontendReq::SET_FEATURES => {
+                let v = Self::body::<VhostUserU64>(req)?.value;
+                if v & !offered_features() != 0 {
+                    return Err(invalid(format!(
+                        "features {:#x} not offered",
+                        v & !offered_features()
+                    )));
+                }
+                let datapath = |f: u64| f & features::SUPPORTED;
+                if datapath(v) != datapath(self.features) && self.running.is_some() {
+                    self.restart = true;
+                }
+                self.features = v;
+                Ok(false)
+            }
+            FrontendReq::SET_OWNER => Ok(false),
+            FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE => {
+                self.reset();
+                Ok(false)
+            }
+            FrontendReq::GET_PROTOCOL_FEATURES => {
+                conn.reply(
+                    &req.header,
+                    VhostUserU64::new(offered_protocol_features().bits()).as_slice(),
+                    &[],
+                )
+                .map_err(wire_to_request)?;
+                Ok(true)
+            }
+            FrontendReq::SET_PROTOCOL_FEATURES => {
+                let v = Self::body::<VhostUserU64>(req)?.value;
+                self.protocol_features = v & offered_protocol_features().bits();
+                Ok(false)
+            }
+            FrontendReq::GET_QUEUE_NUM => {
+                conn.reply(
+                    &req.header,
+                    VhostUserU64::new(u64::from(self.config.queue_pairs)).as_slice(),
+                    &[],
+                )
+                .map_err(wire_to_request)?;
+                Ok(true)
+            }
+            FrontendReq::GET_MAX_MEM_SLOTS => {
+                conn.reply(&req.header, VhostUserU64::new(MAX_MEM_SLOTS as u64).as_slice(), &[])
+                    .map_err(wire_to_request)?;
+                Ok(true)
+            }
+            FrontendReq::SET_MEM_TABLE => {
+                self.set_mem_table(req)?;
+                Ok(false)
+            }
+            FrontendReq::ADD_MEM_REG => {
+                let r = Self::body::<VhostUserSingleMemoryRegion>(req)?;
+                let fd = single_fd(req)?;
+                let changed = self.table.add(region_of(&r, fd))?;
+                if changed {
+                    self.remap()?;
+                }
+                Ok(false)
+            }
+            FrontendReq::REM_MEM_REG => {
+                let r = Self::body::<VhostUserSingleMemoryRegion>(req)?;
+                self.table.remove(r.guest_phys_addr, r.memory_size, r.user_addr)?;
+                self.remap()?;
+                Ok(false)
+            }
+            FrontendReq::SET_LOG_BASE => {
+                let body = Self::body::<VhostUserLog>(req)?;
+                let fd = single_fd(req)?;
+                // Flush what is pending into the old log before switching.
+                self.flush_log();
+                self.log = Some(DirtyLog::map(fd, body.mmap_size, body.mmap_offset)?);
+                conn.reply(&req.header, body.as_slice(), &[])
+                    .map_err(wire_to_request)?;
+                Ok(true)
+            }
+            FrontendReq::SET_LOG_FD => Ok(false),
+            FrontendReq::SET_VRING_NUM => {
+                let s = Self::body::<VhostUserVringState>(req)?;
+                let i = self.vring_index(s.index)?;
+                let size = u16::try_from(s.num)
+                    .ok()
+                    .filter(|n| n.is_power_of_two() && *n <= 32768)
+                    .ok_or_else(|| invalid(format!("vring {i} size {}", { s.num })))?;
+                self.touch(i);
+                self.vrings[i].size = size;
+                Ok(false)
+            }
+            FrontendReq::SET_VRING_ADDR => {
+                let a = Self::body::<VhostUserVringAddr>(req)?;
+                let i = self.vring_index(a.index)?;
+                self.touch(i);
+                self.vrings[i].addrs = Some(VringAddrs {
+                    desc: a.descriptor,
+                    used: a.used,
+                    avail: a.available,
+                    log: a.log,
+                    flags: a.flags,
+                });
+                Ok(false)
+            }
+            FrontendReq::SET_VRING_BASE => {
+                let s = Self::body::<VhostUserVringState>(req)?;
+                let i = self.vring_index(s.index)?;
+                let base =
+                    u16::try_from(s.num).map_err(|_| invalid(format!("vring base {}", { s.num })))?;
+                self.touch(i);
+                self.vrings[i].base = base;
+                self.vrings[i].held.clear();
+                Ok(false)
+            }
+            FrontendReq::GET_VRING_BASE => {
+                let s = Self::body::<VhostUserVringState>(req)?;
+                let i = self.vring_index(s.index)?;
+                let base = self.stop_vring(i);
+                let index = s.index;
+                conn.reply(
+                    &req.header,
+                    VhostUserVringState::new(index, u32::from(base)).as_slice(),
+                    &[],
+                )
+                .map_err(wire_to_request)?;
+                Ok(true)
+            }
+            FrontendReq::SET_VRING_KICK | FrontendReq::SET_VRING_CALL | FrontendReq::SET_VRING_ERR => {
+                let v = Self::body::<VhostUserU64>(req)?.value;
+                let i = self.vring_index(u32::try_from(v & 0xff).unwrap_or(u32::MAX))?;
+                let no_fd = v & 0x100 != 0;
+                let fd = match (no_fd, req.fds.len()) {
+                    (true, 0) => None,
+                    (false, 1) => Some(single_fd(req)?),
+                    _ => return Err(invalid(format!("{code:?}: flag and fds disagree"))),
+                };
+                match code {
+                    FrontendReq::SET_VRING_KICK => {
+                        let fd = fd.ok_or_else(|| {
+                            invalid("polling mode (no kick fd) is not supported")
+                        })?;
+                        self.touch(i);
+                        let v = &mut self.vrings[i];
+                        v.kick = Some(fd);
+                        v.started = true;
+                        if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                            v.enabled = true;
+                        }
+                    }
+                    FrontendReq::SET_VRING_CALL => {
+                        self.touch(i);
+                        self.vrings[i].call = fd;
+                    }
+                    _ => self.vrings[i].err = fd,
+                }
+                Ok(false)
+            }
+            FrontendReq::SET_VRING_ENABLE => {
+                let s = Self::body::<VhostUserVringState>(req)?;
+                let i = self.vring_index(s.index)?;
+                self.vrings[i].enabled = match s.num {
+                    0 => false,
+                    1 => true,
+                    n => return Err(invalid(format!("SET_VRING_ENABLE {n}"))),
+                };
+                Ok(false)
+            }
+            other => Err(invalid(format!("{other:?} is not supported"))),
+        }
+    }
+
+    fn set_mem_table(&mut self, req: &Request) -> Result<(), RequestError> {
+        let head = std::mem::size_of::<VhostUserMemory>();
+        let each = std::mem::size_of::<VhostUserMemoryRegion>();
+        let mut hdr = VhostUserMemory::default();
+        let hb = req.body.get(..head).ok_or_else(|| invalid("short SET_MEM_TABLE"))?;
+        hdr.as_mut_slice().copy_from_slice(hb);
+        let n = hdr.num_regions as usize;
+        if req.body.len() != head + n * each || req.fds.len() != n {
+            return Err(invalid(format!(
+                "SET_MEM_TABLE: {n} regions, {} body bytes, {} fds",
+                req.body.len(),
+                req.fds.len()
+            )));
+        }
+        let mut regions = Vec::with_capacity(n);
+        for (k, fd) in req.fds.iter().enumerate() {
+            let mut r = VhostUserMemoryRegion::default();
+            r.as_mut_slice()
+                .copy_from_slice(&req.body[head + k * each..head + (k + 1) * each]);
+            let fd = fd
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| RequestError::Os("dup", e))?;
+            regions.push(Region {
+                guest_addr: r.guest_phys_addr,
+                size: r.memory_size,
+                user_addr: r.user_addr,
+                mmap_offset: r.mmap_offset,
+                fd,
+            });
+        }
+        self.table.replace(regions)?;
+        self.remap()
+    }
+
+    fn remap(&mut self) -> Result<(), RequestError> {
+        // The running device keeps its own mapping until it is restarted with the new one.
+        self.flush_log();
+        self.memory = if self.table.is_empty() {
+            None
+        } else {
+            Some(self.table.map()?)
+        };
+        if self.running.is_some() {
+            self.restart = true;
+        }
+        Ok(())
+    }
+
+    /// Back to the state of a new connection (vrings stopped, tables dropped).
+    fn reset(&mut self) {
+        self.stop_device();
+        let config = self.config.clone();
+        let generation = self.generation;
+        *self = Session::new(config, self.taps.clone());
+        self.generation = generation;
+    }
+
+    /// Stops vring `i` (`GET_VRING_BASE`) and returns where the frontend resumes it. The
+    /// device is quiesced first, so nothing is in flight; RX chains tapir held are given back
+    /// to the ring (the base is rewound over them: they are the last ones popped, and their
+    /// avail entries still name them).
+    fn stop_vring(&mut self, i: usize) -> u16 {
+        self.touch(i);
+        self.stop_device();
+        self.flush_log();
+        let v = &mut self.vrings[i];
+        v.started = false;
+        let held = u16::try_from(v.held.len()).unwrap_or(0);
+        v.base = v.base.wrapping_sub(held);
+        v.held.clear();
+        v.base
+    }
+
+    /// Quiesces the device, recording each pair's positions and held RX chains.
+    pub fn stop_device(&mut self) {
+        self.restart = false;
+        let Some(running) = self.running.take() else {
+            return;
+        };
+        match running.device.quiesce() {
+            Ok(q) => {
+                for (qp, &p) in q.pairs.iter().zip(&running.pairs) {
+                    let rx = &mut self.vrings[2 * usize::from(p)];
+                    rx.base = qp.rx_positions().0;
+                    rx.held = qp.rx_in_flight();
+                    let tx = &mut self.vrings[2 * usize::from(p) + 1];
+                    tx.base = qp.tx_positions().0;
+                    tx.held.clear();
+                }
+            }
+            Err(e) => {
+                // Positions unknown: resume from the used rings (RX buffers are popped again,
+                // TX chains that were in flight may be sent twice).
+                tracing::error!(error = %e, "device failed while stopping; resuming from the used rings");
+                for &p in &running.pairs {
+                    for i in [2 * usize::from(p), 2 * usize::from(p) + 1] {
+                        if let Some(used) = self.used_idx(i) {
+                            self.vrings[i].base = used;
+                        }
+                        self.vrings[i].held.clear();
+                    }
+                }
+            }
+        }
+        self.flush_log();
+    }
+
+    fn ready(&self, pair: usize) -> bool {
+        let ok = |v: &Vring| v.started && v.enabled && v.size > 0 && v.addrs.is_some();
+        self.memory.is_some() && ok(&self.vrings[2 * pair]) && ok(&self.vrings[2 * pair + 1])
+    }
+
+    fn gpa(&self, va: u64, what: &str, i: usize) -> Result<u64, RequestError> {
+        self.table
+            .va_to_gpa(va)
+            .ok_or_else(|| invalid(format!("vring {i} {what} {va:#x} is in no memory region")))
+    }
+
+    /// The used index the guest sees in vring `i` (for a ring the frontend set up).
+    fn used_idx(&self, i: usize) -> Option<u16> {
+        let mem = self.memory.as_ref()?;
+        let addrs = self.vrings[i].addrs?;
+        let used = self.table.va_to_gpa(addrs.used)?;
+        mem.mmap().read_obj::<u16>(GuestAddress(used + 2)).ok()
+    }
+
+    fn queue_config(&self, i: usize) -> Result<(QueueConfig, Vec<u16>), RequestError> {
+        let v = &self.vrings[i];
+        let addrs = v.addrs.ok_or_else(|| invalid(format!("vring {i} has no addresses")))?;
+        let dup = |fd: &OwnedFd| {
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| RequestError::Os("dup", e))
+        };
+        let kick = dup(v.kick.as_ref().ok_or_else(|| invalid(format!("vring {i} has no kick fd")))?)?;
+        let call = match &v.call {
+            Some(fd) => dup(fd)?,
+            None => EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map(OwnedFd::from)
+                .map_err(|e| RequestError::Os("eventfd", e.into()))?,
+        };
+        let used = self.used_idx(i).ok_or_else(|| invalid(format!("vring {i} used ring unreadable")))?;
+        let mut next_avail = v.base;
+        let mut held = v.held.clone();
+        if next_avail.wrapping_sub(used) != u16::try_from(held.len()).unwrap_or(u16::MAX) {
+            // The frontend's base is ahead of the used ring with nothing held here: chains an
+            // earlier backend popped and never used. Pop them again.
+            tracing::warn!(vring = i, base = next_avail, used, held = held.len(), "base and used index disagree; resuming at the used index");
+            next_avail = used;
+            held.clear();
+        }
+        Ok((
+            QueueConfig {
+                size: v.size,
+                desc_table: self.gpa(addrs.desc, "descriptor table", i)?,
+                avail_ring: self.gpa(addrs.avail, "avail ring", i)?,
+                used_ring: self.gpa(addrs.used, "used ring", i)?,
+                next_avail,
+                next_used: used,
+                kick,
+                call,
+            },
+            held,
+        ))
+    }
+
+    /// Starts, stops or restarts the device so that exactly the ready pairs run.
+    pub fn reconcile(&mut self) -> Result<(), RequestError> {
+        let want: Vec<u16> = (0..self.config.queue_pairs)
+            .filter(|&p| self.ready(usize::from(p)))
+            .collect();
+        let same = self.running.as_ref().map(|r| r.pairs.as_slice()) == Some(want.as_slice());
+        if same && !self.restart {
+            return Ok(());
+        }
+        if self.running.is_none() && want.is_empty() {
+            self.restart = false;
+            return Ok(());
+        }
+        self.stop_device();
+        if want.is_empty() {
+            return Ok(());
+        }
+        self.start_device(want)
+    }
+
+    fn start_device(&mut self, pairs: Vec<u16>) -> Result<(), RequestError> {
+        let memory = self.memory.clone().ok_or_else(|| invalid("no memory table"))?;
+        let mut specs = Vec::with_capacity(pairs.len());
+        for &p in &pairs {
+            let (rx, rx_in_flight) = self.queue_config(2 * usize::from(p))?;
+            let (tx, _) = self.queue_config(2 * usize::from(p) + 1)?;
+            specs.push((p, rx, tx, rx_in_flight));
+        }
+        let mut built = Vec::with_capacity(specs.len());
+        for (p, rx, tx, rx_in_flight) in specs {
+            let tap = self.tap_queue(p)?;
+            built.push(QueuePairSpec {
+                rx,
+                tx,
+                tap,
+                rx_in_flight,
+            });
+        }
+        let cfg = DeviceConfig {
+            features: self.features & features::SUPPORTED,
+            mtu: 1500,
+            mac: self.config.mac,
+            engine: self.config.engine,
+            engine_config: self.config.engine_config,
+            cpu_affinity: pairs
+                .iter()
+                .map(|&p| self.config.cpu_affinity.get(usize::from(p)).copied().flatten())
+                .collect(),
+        };
+        let device = Device::start(cfg, memory, built)?;
+        tracing::info!(pairs = ?pairs, engine = %self.config.engine, features = format_args!("{:#x}", self.features), "device running");
+        for &p in &pairs {
+            self.vrings[2 * usize::from(p)].held.clear();
+        }
+        self.running = Some(Running { device, pairs });
+        self.restart = false;
+        Ok(())
+    }
+
+    fn tap_queue(&self, pair: u16) -> Result<TapQueue, RequestError> {
+        let fd = self
+            .taps
+            .get(usize::from(pair))
+            .map(|q| q.as_fd().try_clone_to_owned())
+            .ok_or_else(|| invalid(format!("no TAP queue for pair {pair}")))?
+            .map_err(|e| RequestError::Os("dup of a TAP queue", e))?;
+        Ok(TapQueue::adopt(fd)?)
+    }
+}
+
+fn wire_to_request(e: WireError) -> RequestError {
+    RequestError::Os("reply", std::io::Error::other(e.to_string()))
+}
+
+fn single_fd(req: &Request) -> Result<OwnedFd, RequestError> {
+    match req.fds.as_slice() {
+        [fd] => fd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| RequestError::Os("dup", e)),
+        other => Err(invalid(format!("{:?} needs one fd, got {}", req.code(), other.len()))),
+    }
+}
+
+fn region_of(r: &VhostUserSingleMemoryRegion, fd: OwnedFd) -> Region {
+    Region {
+        guest_addr: r.guest_phys_addr,
+        size: r.memory_size,
+        user_addr: r.user_addr,
+        mmap_offset: r.mmap_offset,
+        fd,
+    }
+}
