@@ -61,9 +61,19 @@ fn guest_image() -> Option<&'static (String, String)> {
                 return None;
             }
             let dir = std::env::temp_dir().join(format!("tapir-vu-image-{}", std::process::id()));
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guest/build-initramfs.sh");
-            let out = Command::new(script).arg(&dir).output().expect("build-initramfs.sh");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let script = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/guest/build-initramfs.sh"
+            );
+            let out = Command::new(script)
+                .arg(&dir)
+                .output()
+                .expect("build-initramfs.sh");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let paths = String::from_utf8_lossy(&out.stdout).into_owned();
             let mut lines = paths.lines();
             Some((
@@ -91,14 +101,21 @@ struct Netns {
 impl Netns {
     fn new() -> Netns {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("tvu{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "tvu{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         sh(&["ip", "netns", "add", &name]);
         sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
         Netns { name }
     }
 
     /// Runs `f` on a thread inside the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).unwrap();
@@ -110,7 +127,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -174,8 +193,17 @@ struct Setup {
     serve_events: Receiver<String>,
 }
 
+/// How tapir and QEMU meet on the vhost-user socket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// tapir listens, QEMU connects.
+    TapirListens,
+    /// QEMU listens (`server=on`), tapir connects (`--client`).
+    QemuListens,
+}
+
 /// A namespace, `tapir serve` in it with its TAP addressed, ready for QEMU.
-fn setup(engine: &str, queues: u16) -> Setup {
+fn setup(engine: &str, queues: u16, mode: Mode) -> Setup {
     let ns = Netns::new();
     let dir = std::env::temp_dir().join(format!("{}-dir", ns.name));
     std::fs::create_dir_all(&dir).unwrap();
@@ -185,9 +213,21 @@ fn setup(engine: &str, queues: u16) -> Setup {
     let mut serve = Command::new("ip")
         .args(["netns", "exec", &ns.name, TAPIR, "serve", "--socket"])
         .arg(&socket)
-        .args(["--tap", &tap, "--queues", &queues.to_string(), "--engine", engine])
+        .args([
+            "--tap",
+            &tap,
+            "--queues",
+            &queues.to_string(),
+            "--engine",
+            engine,
+        ])
         .arg("--handoff-socket")
         .arg(&handoff)
+        .args(if mode == Mode::QemuListens {
+            &["--client"][..]
+        } else {
+            &[]
+        })
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -198,7 +238,16 @@ fn setup(engine: &str, queues: u16) -> Setup {
         wait_line(&serve_events, "listening", Duration::from_secs(10)).is_some(),
         "tapir serve did not start"
     );
-    sh(&["ip", "-n", &ns.name, "addr", "add", &format!("{HOST_IP}/24"), "dev", &tap]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns.name,
+        "addr",
+        "add",
+        &format!("{HOST_IP}/24"),
+        "dev",
+        &tap,
+    ]);
     sh(&["ip", "-n", &ns.name, "link", "set", &tap, "up"]);
     Setup {
         ns,
@@ -219,7 +268,12 @@ impl Drop for Setup {
 }
 
 /// Boots the guest with `script` (run by its /init) on `queues` queue pairs.
-fn boot(socket: &Path, queues: u16, script: &str) -> (Child, Receiver<String>, Arc<Mutex<String>>) {
+fn boot(
+    socket: &Path,
+    queues: u16,
+    mode: Mode,
+    script: &str,
+) -> (Child, Receiver<String>, Arc<Mutex<String>>) {
     let (kernel, initrd) = guest_image().unwrap();
     let b64 = {
         let mut c = Command::new("base64")
@@ -228,7 +282,11 @@ fn boot(socket: &Path, queues: u16, script: &str) -> (Child, Receiver<String>, A
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        c.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
         String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
     };
     let mq = if queues > 1 { ",mq=on" } else { "" };
@@ -236,12 +294,35 @@ fn boot(socket: &Path, queues: u16, script: &str) -> (Child, Receiver<String>, A
     // vhost-user net device starts with MSI-X (before the backend sees a ring); see
     // docs/QEMU.md.
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35,accel=tcg", "-m", "512", "-smp", &queues.to_string()])
+        .args([
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "512",
+            "-smp",
+            &queues.to_string(),
+        ])
         .args(["-nographic", "-no-reboot"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem"])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
         .arg("-chardev")
-        .arg(format!("socket,id=vu0,path={}", socket.display()))
-        .args(["-netdev", &format!("vhost-user,id=net0,chardev=vu0,queues={queues}")])
+        .arg(format!(
+            "socket,id=vu0,path={}{}",
+            socket.display(),
+            if mode == Mode::QemuListens {
+                ",server=on"
+            } else {
+                ""
+            }
+        ))
+        .args([
+            "-netdev",
+            &format!("vhost-user,id=net0,chardev=vu0,queues={queues}"),
+        ])
         .args([
             "-device",
             &format!("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile=,vectors=0{mq}"),
@@ -301,11 +382,18 @@ struct HostSide {
     h2g_sha: String,
 }
 
-fn ping_and_transfer(engine: &str, queues: u16) {
+fn ping_and_transfer(engine: &str, queues: u16, mode: Mode) {
     let Some(_) = guest_image() else { return };
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let ctx = format!("{engine}, {queues} queue pair(s)");
-    let mut s = setup(engine, queues);
+    let ctx = format!(
+        "{engine}, {queues} queue pair(s), {}",
+        if mode == Mode::QemuListens {
+            "tapir --client"
+        } else {
+            "tapir listening"
+        }
+    );
+    let mut s = setup(engine, queues, mode);
     let ns_name = s.ns.name.clone();
     // Host side: wait for the guest at the sync point, ping it, then take 32 MiB and send
     // 32 MiB.
@@ -351,11 +439,14 @@ fn ping_and_transfer(engine: &str, queues: u16) {
          echo RXQ $(cat /sys/class/net/eth0/queues/rx-*/../../statistics/rx_packets)\n"
     );
     let started = Instant::now();
-    let (qemu, console_rx, console) = boot(&s.socket, queues, &script);
+    let (qemu, console_rx, console) = boot(&s.socket, queues, mode, &script);
     s.children.0.push(qemu);
     let done = wait_line(&console_rx, "TAPIR-GUEST-DONE", Duration::from_secs(300));
     let console = console.lock().unwrap().clone();
-    assert!(done.is_some(), "{ctx}: the guest did not finish:\n{console}");
+    assert!(
+        done.is_some(),
+        "{ctx}: the guest did not finish:\n{console}"
+    );
     let side = host.join().expect("host side");
     let field = |tag: &str| {
         console
@@ -364,10 +455,24 @@ fn ping_and_transfer(engine: &str, queues: u16) {
             .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
             .unwrap_or_default()
     };
-    assert!(console.contains("GUEST-PING-OK"), "{ctx}: the guest's pings got no reply:\n{console}");
-    assert!(side.host_pinged_guest, "{ctx}: the guest did not answer the host's pings:\n{console}");
-    assert_eq!(field("G2H "), side.g2h_sha, "{ctx}: guest-to-host bytes differ");
-    assert_eq!(field("H2G "), side.h2g_sha, "{ctx}: host-to-guest bytes differ");
+    assert!(
+        console.contains("GUEST-PING-OK"),
+        "{ctx}: the guest's pings got no reply:\n{console}"
+    );
+    assert!(
+        side.host_pinged_guest,
+        "{ctx}: the guest did not answer the host's pings:\n{console}"
+    );
+    assert_eq!(
+        field("G2H "),
+        side.g2h_sha,
+        "{ctx}: guest-to-host bytes differ"
+    );
+    assert_eq!(
+        field("H2G "),
+        side.h2g_sha,
+        "{ctx}: host-to-guest bytes differ"
+    );
     // Every queue pair the guest enabled ran in tapir.
     let mut running = Vec::new();
     while let Ok(l) = s.serve_events.try_recv() {
@@ -389,22 +494,22 @@ fn ping_and_transfer(engine: &str, queues: u16) {
 
 #[test]
 fn guest_pings_and_moves_32_mib_each_way_uring_1_pair() {
-    ping_and_transfer("uring", 1);
+    ping_and_transfer("uring", 1, Mode::TapirListens);
 }
 
 #[test]
 fn guest_pings_and_moves_32_mib_each_way_uring_2_pairs() {
-    ping_and_transfer("uring", 2);
+    ping_and_transfer("uring", 2, Mode::TapirListens);
 }
 
 #[test]
 fn guest_pings_and_moves_32_mib_each_way_classic_1_pair() {
-    ping_and_transfer("classic", 1);
+    ping_and_transfer("classic", 1, Mode::QemuListens);
 }
 
 #[test]
 fn guest_pings_and_moves_32_mib_each_way_classic_2_pairs() {
-    ping_and_transfer("classic", 2);
+    ping_and_transfer("classic", 2, Mode::QemuListens);
 }
 
 /// Echo requests and replies seen on the TAP (CLOCK_MONOTONIC ns, ICMP sequence).
@@ -449,7 +554,10 @@ fn capture_echo(tap: &str, stop: Arc<AtomicBool>) -> EchoLog {
     };
     assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
     let sock = std::fs::File::from(fd);
-    let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
     // SAFETY: setting a receive timeout on our socket with a valid timeval.
     unsafe {
         libc::setsockopt(
@@ -492,7 +600,7 @@ fn ping_across_handoffs(engine: &str) {
     const PINGS: usize = 2000;
     const HANDOFFS: usize = 10;
     let queues = 2;
-    let mut s = setup(engine, queues);
+    let mut s = setup(engine, queues, Mode::TapirListens);
     let stop = Arc::new(AtomicBool::new(false));
     let tap = s.tap.clone();
     let stop_capture = stop.clone();
@@ -505,7 +613,7 @@ fn ping_across_handoffs(engine: &str) {
          '/seq=/{{split($2,a,\" \"); got[a[1]]=1}} /transmitted/{{print \"SUMMARY\", $0}} \
          /round-trip/{{print \"RTT\", $0}} END{{for(i=0;i<{PINGS};i++) if(!(i in got)) print \"LOST\", i}}'\n"
     );
-    let (qemu, console_rx, console) = boot(&s.socket, queues, &script);
+    let (qemu, console_rx, console) = boot(&s.socket, queues, Mode::TapirListens, &script);
     s.children.0.push(qemu);
     assert!(
         wait_line(&console_rx, "PINGING", Duration::from_secs(120)).is_some(),
@@ -513,13 +621,50 @@ fn ping_across_handoffs(engine: &str) {
         console.lock().unwrap()
     );
     std::thread::sleep(Duration::from_millis(1000));
-    // Hand the backend on, ten times, each successor taking over from the last.
     let mut windows = Vec::new();
+    // First, successors that die during the handoff: tapir serve must roll back and keep
+    // serving (a rollback after the switch is a short blackout of its own).
+    for fail in ["after-fds", "before-running"] {
+        let from = monotonic_ns();
+        let status = Command::new("ip")
+            .args(["netns", "exec", &s.ns.name, TAPIR, "serve", "--takeover"])
+            .arg(&s.handoff)
+            .args(["--fail-at", fail])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            !status.success(),
+            "{engine}: the successor told to die at {fail} succeeded"
+        );
+        assert!(
+            wait_line(
+                &s.serve_events,
+                "handoff_rolled_back",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+            "{engine}: no rollback after a successor died at {fail}"
+        );
+        windows.push((from, monotonic_ns()));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Then hand the backend on, ten times, each successor taking over from the last.
     // The serving process: the first one setup() started, then each successor.
     let mut current = 0;
     for i in 0..HANDOFFS {
         let mut succ = Command::new("ip")
-            .args(["netns", "exec", &s.ns.name, TAPIR, "serve", "--engine", engine, "--takeover"])
+            .args([
+                "netns",
+                "exec",
+                &s.ns.name,
+                TAPIR,
+                "serve",
+                "--engine",
+                engine,
+                "--takeover",
+            ])
             .arg(&s.handoff)
             .stdout(Stdio::piped())
             .spawn()
@@ -538,7 +683,10 @@ fn ping_across_handoffs(engine: &str) {
         current = s.children.0.len() - 1;
         let deadline = Instant::now() + Duration::from_secs(10);
         while s.children.0[prev].try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "{engine}: predecessor {i} did not exit");
+            assert!(
+                Instant::now() < deadline,
+                "{engine}: predecessor {i} did not exit"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         std::mem::forget(events);
@@ -553,15 +701,29 @@ fn ping_across_handoffs(engine: &str) {
     log.requests.drain(..start);
     log.replies.retain(|(t, _)| *t >= t0);
     let console = console.lock().unwrap().clone();
-    assert!(done.is_some(), "{engine}: the guest did not finish:\n{console}");
+    assert!(
+        done.is_some(),
+        "{engine}: the guest did not finish:\n{console}"
+    );
     let lost: Vec<u16> = console
         .lines()
         .filter_map(|l| l.strip_prefix("LOST "))
         .filter_map(|n| n.trim().parse().ok())
         .collect();
-    let summary = console.lines().find(|l| l.starts_with("SUMMARY")).unwrap_or("").to_owned();
-    let rtt = console.lines().find(|l| l.starts_with("RTT")).unwrap_or("").to_owned();
-    assert!(summary.contains(&format!("{PINGS} packets transmitted")), "{engine}: {console}");
+    let summary = console
+        .lines()
+        .find(|l| l.starts_with("SUMMARY"))
+        .unwrap_or("")
+        .to_owned();
+    let rtt = console
+        .lines()
+        .find(|l| l.starts_with("RTT"))
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        summary.contains(&format!("{PINGS} packets transmitted")),
+        "{engine}: {console}"
+    );
     // Where each lost exchange happened: its request or reply on the TAP, or between its
     // neighbours' requests if neither got there.
     let when = |seq: u16| -> (u64, u64) {
@@ -571,8 +733,20 @@ fn ping_across_handoffs(engine: &str) {
         if let Some(&(t, _)) = log.requests.iter().find(|(_, s)| *s == seq) {
             return (t, t);
         }
-        let before = log.requests.iter().filter(|(_, s)| *s < seq).map(|(t, _)| *t).max().unwrap_or(0);
-        let after = log.requests.iter().filter(|(_, s)| *s > seq).map(|(t, _)| *t).min().unwrap_or(u64::MAX);
+        let before = log
+            .requests
+            .iter()
+            .filter(|(_, s)| *s < seq)
+            .map(|(t, _)| *t)
+            .max()
+            .unwrap_or(0);
+        let after = log
+            .requests
+            .iter()
+            .filter(|(_, s)| *s > seq)
+            .map(|(t, _)| *t)
+            .min()
+            .unwrap_or(u64::MAX);
         (before, after)
     };
     // A window: from the quiesce to RUNNING, widened by 50 ms on each side (a reply in
@@ -588,18 +762,55 @@ fn ping_across_handoffs(engine: &str) {
     let mut gaps: Vec<u64> = log.requests.windows(2).map(|w| w[1].0 - w[0].0).collect();
     gaps.sort_unstable();
     let longest_gap_ms = gaps.last().copied().unwrap_or(0) as f64 / 1e6;
-    let blackouts: Vec<f64> = windows.iter().map(|(q, r)| (r - q) as f64 / 1e3).collect();
+    // The first two windows are the rolled-back attempts (host-timed, spawn included).
+    let rollbacks_ms: Vec<f64> = windows[..2]
+        .iter()
+        .map(|(q, r)| (r - q) as f64 / 1e6)
+        .collect();
+    let blackouts: Vec<f64> = windows[2..]
+        .iter()
+        .map(|(q, r)| (r - q) as f64 / 1e3)
+        .collect();
     let report = format!(
         "{{\"engine\":\"{engine}\",\"queue_pairs\":{queues},\"handoffs\":{HANDOFFS},\"pings\":{PINGS},\
          \"lost\":{},\"longest_request_gap_ms\":{longest_gap_ms:.2},\"blackouts_us\":{blackouts:.0?},\
+         \"rollbacks\":2,\"rollback_windows_ms\":{rollbacks_ms:.0?},\
          \"guest_summary\":{:?},\"guest_rtt\":{:?}}}",
         lost.len(),
         summary,
         rtt
     );
     eprintln!("REAL-GUEST-HANDOFF {report}");
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("real-guest-handoff-{engine}.json"));
+    let out =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("real-guest-handoff-{engine}.json"));
     std::fs::write(out, &report).ok();
+}
+
+/// A frontend that goes away leaves the daemon ready for the next: two guests, one after
+/// the other, on the same `tapir serve`.
+#[test]
+fn a_second_guest_is_served_after_the_first_disconnects() {
+    let Some(_) = guest_image() else { return };
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup("uring", 1, Mode::TapirListens);
+    let script = format!(
+        "ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0\n\
+         ping -c 3 -W 5 {HOST_IP} >/dev/null && echo GUEST-PING-OK\n"
+    );
+    for round in 0..2 {
+        let (qemu, console_rx, console) = boot(&s.socket, 1, Mode::TapirListens, &script);
+        s.children.0.push(qemu);
+        let done = wait_line(&console_rx, "TAPIR-GUEST-DONE", Duration::from_secs(120));
+        let console = console.lock().unwrap().clone();
+        assert!(
+            done.is_some() && console.contains("GUEST-PING-OK"),
+            "guest {round}: no ping through tapir:\n{console}"
+        );
+        assert!(
+            wait_line(&s.serve_events, "disconnected", Duration::from_secs(30)).is_some(),
+            "guest {round}: tapir serve did not see the frontend go"
+        );
+    }
 }
 
 #[test]

@@ -104,12 +104,17 @@ enum SessionEnd {
 /// Runs `tapir serve` until it is handed off (returns `Ok`) or fails.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let tap = Tap::open(&opts.tap, usize::from(opts.session.queue_pairs))?;
-    tracing::info!(tap = tap.name(), queues = opts.session.queue_pairs, "TAP open");
+    tracing::info!(
+        tap = tap.name(),
+        queues = opts.session.queue_pairs,
+        "TAP open"
+    );
     let vhost_listener = match &opts.endpoint {
         Endpoint::Server(path) => {
             if path.exists() {
-                std::fs::remove_file(path)
-                    .map_err(|e| ServeError::Socket(format!("removing stale {}", path.display()), e))?;
+                std::fs::remove_file(path).map_err(|e| {
+                    ServeError::Socket(format!("removing stale {}", path.display()), e)
+                })?;
             }
             Some(
                 UnixListener::bind(path)
@@ -201,7 +206,10 @@ pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), Serv
         None => None,
     };
     let handoff = match &state.endpoint.handoff {
-        Some((p, i)) => Some(Listener::from_fd(handoff::take(&mut fds, *i)?, Path::new(p))),
+        Some((p, i)) => Some(Listener::from_fd(
+            handoff::take(&mut fds, *i)?,
+            Path::new(p),
+        )),
         None => None,
     };
     event(format!(
@@ -224,7 +232,10 @@ pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), Serv
 }
 
 /// Polls `fds` for input; returns which are readable (or hung up).
-fn wait(fds: &[Option<BorrowedFd<'_>>], timeout: Option<Duration>) -> Result<Vec<bool>, ServeError> {
+fn wait(
+    fds: &[Option<BorrowedFd<'_>>],
+    timeout: Option<Duration>,
+) -> Result<Vec<bool>, ServeError> {
     let mut polled: Vec<PollFd<'_>> = fds
         .iter()
         .flatten()
@@ -232,7 +243,9 @@ fn wait(fds: &[Option<BorrowedFd<'_>>], timeout: Option<Duration>) -> Result<Vec
         .collect();
     let t = match timeout {
         None => PollTimeout::NONE,
-        Some(d) => PollTimeout::try_from(d.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX),
+        Some(d) => {
+            PollTimeout::try_from(d.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX)
+        }
     };
     match poll(&mut polled, t) {
         Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -302,7 +315,10 @@ impl Daemon {
             if ready[1] {
                 if let Some(l) = &self.handoff {
                     if let Ok(ch) = l.accept(Some(Duration::from_secs(1))) {
-                        refuse(&ch, "no frontend is connected: there is no session to hand over");
+                        refuse(
+                            &ch,
+                            "no frontend is connected: there is no session to hand over",
+                        );
                     }
                 }
             }
@@ -317,7 +333,11 @@ impl Daemon {
         }
     }
 
-    fn session_loop(&mut self, conn: &Connection, session: &mut Session) -> Result<SessionEnd, ServeError> {
+    fn session_loop(
+        &mut self,
+        conn: &Connection,
+        session: &mut Session,
+    ) -> Result<SessionEnd, ServeError> {
         let mut pairs = session.running_pairs();
         loop {
             let timeout = session.logging().then_some(Duration::from_millis(10));
@@ -363,9 +383,16 @@ impl Daemon {
                 return Ok(false);
             }
         };
-        tracing::debug!(running = session.running.is_some(), generation = session.generation, "handoff requested");
+        tracing::debug!(
+            running = session.running.is_some(),
+            generation = session.generation,
+            "handoff requested"
+        );
         let Some(running) = session.running.take() else {
-            refuse(&ch, "the frontend has not started the device yet: nothing runs to hand over");
+            refuse(
+                &ch,
+                "the frontend has not started the device yet: nothing runs to hand over",
+            );
             return Ok(false);
         };
         let pairs = running.pairs;

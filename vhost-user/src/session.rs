@@ -232,7 +232,8 @@ impl Session {
         self.requests += 1;
         let code = req.code();
         tracing::debug!(?code, size = req.body.len(), fds = req.fds.len(), "request");
-        let need_ack = req.header.is_need_reply() && self.has_protocol(VhostUserProtocolFeatures::REPLY_ACK);
+        let need_ack =
+            req.header.is_need_reply() && self.has_protocol(VhostUserProtocolFeatures::REPLY_ACK);
         let result = self.dispatch(conn, &req);
         let result = result.and_then(|replied| {
             self.reconcile()?;
@@ -260,7 +261,12 @@ impl Session {
         usize::try_from(index)
             .ok()
             .filter(|&i| i < self.vrings.len())
-            .ok_or_else(|| invalid(format!("vring {index} (the device has {})", self.vrings.len())))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "vring {index} (the device has {})",
+                    self.vrings.len()
+                ))
+            })
     }
 
     fn body<T: ByteValued + Default>(req: &Request) -> Result<T, RequestError> {
@@ -286,10 +292,7 @@ impl Session {
     /// Handles a request; returns true if it sent its own reply.
     fn dispatch(&mut self, conn: &Connection, req: &Request) -> Result<bool, RequestError> {
         let Some(code) = req.code() else {
-            return Err(invalid(format!(
-                "unknown request {}",
-                req.header.request
-            )));
+            return Err(invalid(format!("unknown request {}", req.header.request)));
         };
         let takes_fds = matches!(
             code,
@@ -307,8 +310,12 @@ impl Session {
         }
         match code {
             FrontendReq::GET_FEATURES => {
-                conn.reply(&req.header, VhostUserU64::new(offered_features()).as_slice(), &[])
-                    .map_err(wire_to_request)?;
+                conn.reply(
+                    &req.header,
+                    VhostUserU64::new(offered_features()).as_slice(),
+                    &[],
+                )
+                .map_err(wire_to_request)?;
                 Ok(true)
             }
             FrontendReq::SET_FEATURES => {
@@ -355,8 +362,12 @@ impl Session {
                 Ok(true)
             }
             FrontendReq::GET_MAX_MEM_SLOTS => {
-                conn.reply(&req.header, VhostUserU64::new(MAX_MEM_SLOTS as u64).as_slice(), &[])
-                    .map_err(wire_to_request)?;
+                conn.reply(
+                    &req.header,
+                    VhostUserU64::new(MAX_MEM_SLOTS as u64).as_slice(),
+                    &[],
+                )
+                .map_err(wire_to_request)?;
                 Ok(true)
             }
             FrontendReq::SET_MEM_TABLE => {
@@ -374,7 +385,8 @@ impl Session {
             }
             FrontendReq::REM_MEM_REG => {
                 let r = Self::body::<VhostUserSingleMemoryRegion>(req)?;
-                self.table.remove(r.guest_phys_addr, r.memory_size, r.user_addr)?;
+                self.table
+                    .remove(r.guest_phys_addr, r.memory_size, r.user_addr)?;
                 self.remap()?;
                 Ok(false)
             }
@@ -416,8 +428,8 @@ impl Session {
             FrontendReq::SET_VRING_BASE => {
                 let s = Self::body::<VhostUserVringState>(req)?;
                 let i = self.vring_index(s.index)?;
-                let base =
-                    u16::try_from(s.num).map_err(|_| invalid(format!("vring base {}", { s.num })))?;
+                let base = u16::try_from(s.num)
+                    .map_err(|_| invalid(format!("vring base {}", { s.num })))?;
                 self.touch(i);
                 self.vrings[i].base = base;
                 self.vrings[i].held.clear();
@@ -436,7 +448,9 @@ impl Session {
                 .map_err(wire_to_request)?;
                 Ok(true)
             }
-            FrontendReq::SET_VRING_KICK | FrontendReq::SET_VRING_CALL | FrontendReq::SET_VRING_ERR => {
+            FrontendReq::SET_VRING_KICK
+            | FrontendReq::SET_VRING_CALL
+            | FrontendReq::SET_VRING_ERR => {
                 let v = Self::body::<VhostUserU64>(req)?.value;
                 let i = self.vring_index(u32::try_from(v & 0xff).unwrap_or(u32::MAX))?;
                 let no_fd = v & 0x100 != 0;
@@ -447,9 +461,8 @@ impl Session {
                 };
                 match code {
                     FrontendReq::SET_VRING_KICK => {
-                        let fd = fd.ok_or_else(|| {
-                            invalid("polling mode (no kick fd) is not supported")
-                        })?;
+                        let fd = fd
+                            .ok_or_else(|| invalid("polling mode (no kick fd) is not supported"))?;
                         self.touch(i);
                         let v = &mut self.vrings[i];
                         v.kick = Some(fd);
@@ -484,7 +497,10 @@ impl Session {
         let head = std::mem::size_of::<VhostUserMemory>();
         let each = std::mem::size_of::<VhostUserMemoryRegion>();
         let mut hdr = VhostUserMemory::default();
-        let hb = req.body.get(..head).ok_or_else(|| invalid("short SET_MEM_TABLE"))?;
+        let hb = req
+            .body
+            .get(..head)
+            .ok_or_else(|| invalid("short SET_MEM_TABLE"))?;
         hdr.as_mut_slice().copy_from_slice(hb);
         let n = hdr.num_regions as usize;
         if req.body.len() != head + n * each || req.fds.len() != n {
@@ -609,26 +625,39 @@ impl Session {
 
     fn queue_config(&self, i: usize) -> Result<(QueueConfig, Vec<u16>), RequestError> {
         let v = &self.vrings[i];
-        let addrs = v.addrs.ok_or_else(|| invalid(format!("vring {i} has no addresses")))?;
+        let addrs = v
+            .addrs
+            .ok_or_else(|| invalid(format!("vring {i} has no addresses")))?;
         let dup = |fd: &OwnedFd| {
             fd.as_fd()
                 .try_clone_to_owned()
                 .map_err(|e| RequestError::Os("dup", e))
         };
-        let kick = dup(v.kick.as_ref().ok_or_else(|| invalid(format!("vring {i} has no kick fd")))?)?;
+        let kick = dup(v
+            .kick
+            .as_ref()
+            .ok_or_else(|| invalid(format!("vring {i} has no kick fd")))?)?;
         let call = match &v.call {
             Some(fd) => dup(fd)?,
             None => EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map(OwnedFd::from)
                 .map_err(|e| RequestError::Os("eventfd", e.into()))?,
         };
-        let used = self.used_idx(i).ok_or_else(|| invalid(format!("vring {i} used ring unreadable")))?;
+        let used = self
+            .used_idx(i)
+            .ok_or_else(|| invalid(format!("vring {i} used ring unreadable")))?;
         let mut next_avail = v.base;
         let mut held = v.held.clone();
         if next_avail.wrapping_sub(used) != u16::try_from(held.len()).unwrap_or(u16::MAX) {
             // The frontend's base is ahead of the used ring with nothing held here: chains an
             // earlier backend popped and never used. Pop them again.
-            tracing::warn!(vring = i, base = next_avail, used, held = held.len(), "base and used index disagree; resuming at the used index");
+            tracing::warn!(
+                vring = i,
+                base = next_avail,
+                used,
+                held = held.len(),
+                "base and used index disagree; resuming at the used index"
+            );
             next_avail = used;
             held.clear();
         }
@@ -668,7 +697,10 @@ impl Session {
     }
 
     fn start_device(&mut self, pairs: Vec<u16>) -> Result<(), RequestError> {
-        let memory = self.memory.clone().ok_or_else(|| invalid("no memory table"))?;
+        let memory = self
+            .memory
+            .clone()
+            .ok_or_else(|| invalid("no memory table"))?;
         let mut specs = Vec::with_capacity(pairs.len());
         for &p in &pairs {
             let (rx, rx_in_flight) = self.queue_config(2 * usize::from(p))?;
@@ -693,7 +725,13 @@ impl Session {
             engine_config: self.config.engine_config,
             cpu_affinity: pairs
                 .iter()
-                .map(|&p| self.config.cpu_affinity.get(usize::from(p)).copied().flatten())
+                .map(|&p| {
+                    self.config
+                        .cpu_affinity
+                        .get(usize::from(p))
+                        .copied()
+                        .flatten()
+                })
                 .collect(),
         };
         let device = Device::start(cfg, memory, built)?;
@@ -727,7 +765,11 @@ fn single_fd(req: &Request) -> Result<OwnedFd, RequestError> {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| RequestError::Os("dup", e)),
-        other => Err(invalid(format!("{:?} needs one fd, got {}", req.code(), other.len()))),
+        other => Err(invalid(format!(
+            "{:?} needs one fd, got {}",
+            req.code(),
+            other.len()
+        ))),
     }
 }
 
