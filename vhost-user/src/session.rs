@@ -353,9 +353,11 @@ impl Session {
                 Ok(false)
             }
             FrontendReq::GET_QUEUE_NUM => {
+                // Virtqueues, not pairs: what the spec says, and what rust-vmm frontends
+                // (Cloud Hypervisor) check vring indices against. (QEMU's net device ignores it.)
                 conn.reply(
                     &req.header,
-                    VhostUserU64::new(u64::from(self.config.queue_pairs)).as_slice(),
+                    VhostUserU64::new(2 * u64::from(self.config.queue_pairs)).as_slice(),
                     &[],
                 )
                 .map_err(wire_to_request)?;

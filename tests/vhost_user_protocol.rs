@@ -1,0 +1,371 @@
+//! `tapir serve` at the protocol level, driven by the rust-vmm `vhost` crate's frontend and
+//! the simulated guest (no QEMU): frames both ways through a vhost-user session, the dirty log
+//! (LOG_SHMFD) the frontend reads to live-migrate, requests a backend must refuse without
+//! losing the session, a frontend that speaks garbage, and a frontend that goes away.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use common::{
+    frames, netns, rx_recv, tx_drain, tx_send, GuestConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME,
+};
+use tapir_simguest::{SimGuest, VirtioNetHdr};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
+
+/// `tapir serve` in the calling thread's namespace, killed (by pid) on drop.
+struct Serve {
+    child: Child,
+    events: Receiver<String>,
+    socket: PathBuf,
+}
+
+impl Serve {
+    fn start(engine: &str, queues: u16) -> Serve {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let socket = std::env::temp_dir().join(format!(
+            "tapir-vu-proto-{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let mut child = Command::new(TAPIR)
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .args([
+                "--tap",
+                TAP_NAME,
+                "--queues",
+                &queues.to_string(),
+                "--engine",
+                engine,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, events) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let serve = Serve {
+            child,
+            events,
+            socket,
+        };
+        serve.wait_event("listening");
+        netns::sysctl_write(&format!("net/ipv6/conf/{TAP_NAME}/disable_ipv6"), "1").ok();
+        netns::link_up(TAP_NAME).unwrap();
+        netns::add_addr(TAP_NAME, &format!("{HOST_IP}/24")).unwrap();
+        serve
+    }
+
+    fn wait_event(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(l) if l.contains(what) => return l,
+                Ok(_) => continue,
+                Err(_) => panic!("tapir serve never said {what:?}"),
+            }
+        }
+    }
+
+    fn connect(&self) -> Frontend {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Frontend::connect(&self.socket, 64) {
+                Ok(f) => return f,
+                Err(e) if Instant::now() > deadline => panic!("connecting to tapir serve: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn eventfd_of(raw: i32) -> EventFd {
+    // SAFETY: `raw` is an eventfd the SimGuest owns for its lifetime; we duplicate it and own
+    // the duplicate.
+    let dup = unsafe { libc::dup(raw) };
+    assert!(dup >= 0);
+    // SAFETY: `dup` is a fresh fd nothing else owns.
+    unsafe { EventFd::from_raw_fd(dup) }
+}
+
+/// Negotiates and attaches the simulated guest: memory table (user address = guest address),
+/// every vring, enabled. Returns the acked features.
+fn attach(fe: &mut Frontend, guest: &SimGuest, extra_features: u64) -> u64 {
+    let offered = fe.get_features().unwrap();
+    assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
+    let acked = (guest.features() & offered)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | extra_features;
+    fe.set_features(acked).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    let want = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    assert!(proto.contains(want), "protocol features {proto:?}");
+    fe.set_protocol_features(want).unwrap();
+    // Ask for an ack of every request (REPLY_ACK), so refusals come back as errors.
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert_eq!(
+        fe.get_queue_num().unwrap(),
+        2 * u64::from(guest.queue_pairs())
+    );
+    fe.set_owner().unwrap();
+    let regions: Vec<VhostUserMemoryRegionInfo> = guest
+        .regions()
+        .iter()
+        .map(|r| VhostUserMemoryRegionInfo {
+            guest_phys_addr: r.guest_addr,
+            memory_size: r.size,
+            userspace_addr: r.guest_addr,
+            mmap_offset: r.file_offset,
+            mmap_handle: r.fd,
+        })
+        .collect();
+    fe.set_mem_table(&regions)
+        .unwrap_or_else(|e| panic!("SET_MEM_TABLE {:?}: {e}", guest.regions()));
+    for q in guest.queues() {
+        let i = usize::from(q.index);
+        fe.set_vring_num(i, q.size).unwrap();
+        fe.set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: q.size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: q.desc_table,
+                used_ring_addr: q.used_ring,
+                avail_ring_addr: q.avail_ring,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(i, 0).unwrap();
+        fe.set_vring_call(i, &eventfd_of(q.call_fd)).unwrap();
+        fe.set_vring_kick(i, &eventfd_of(q.kick_fd)).unwrap();
+        fe.set_vring_enable(i, true).unwrap();
+    }
+    acked
+}
+
+fn guest() -> SimGuest {
+    SimGuest::new(GuestConfig {
+        queue_pairs: 1,
+        ..GuestConfig::default()
+    })
+    .unwrap()
+}
+
+/// The guest asks the host for its MAC (ARP through TX) and gets the answer (through RX).
+fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
+    let (mut rx, mut tx) = guest.take_pair(0);
+    let mut buf = vec![0u8; 64];
+    let n = frames::build_arp(
+        &mut buf,
+        frames::ArpOp::Request,
+        GUEST_MAC,
+        GUEST_IP,
+        [0; 6],
+        HOST_IP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tx_send(&mut tx, &VirtioNetHdr::default(), &buf[..n], ctx);
+        tx_drain(&mut tx, ctx);
+        if let Some(p) = rx_recv(&mut rx, Duration::from_millis(500), ctx) {
+            if let Some(a) = frames::parse_arp(&p.data) {
+                if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
+                    return;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ctx}: no ARP reply through tapir serve"
+        );
+    }
+}
+
+#[test]
+fn frames_cross_a_vhost_user_session_with_both_engines() {
+    for engine in ["uring", "classic"] {
+        common::in_netns(engine, || {
+            let serve = Serve::start(engine, 1);
+            let mut fe = serve.connect();
+            let mut g = guest();
+            attach(&mut fe, &g, 0);
+            serve.wait_event("\"running\":[0]");
+            arp_round_trip(&mut g, engine);
+            // Stopping the rings hands back where to resume.
+            for q in g.queues() {
+                fe.get_vring_base(usize::from(q.index)).unwrap();
+            }
+        });
+    }
+}
+
+fn memfd(len: u64) -> OwnedFd {
+    let fd = nix::sys::memfd::memfd_create(c"tapir-log", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .unwrap();
+    nix::unistd::ftruncate(&fd, i64::try_from(len).unwrap()).unwrap();
+    fd
+}
+
+fn log_bit(log: &[u8], gpa: u64) -> bool {
+    let page = gpa / 4096;
+    log[usize::try_from(page / 8).unwrap()] & (1 << (page % 8)) != 0
+}
+
+#[test]
+fn the_dirty_log_shows_what_the_device_wrote() {
+    common::in_netns("dirty log", || {
+        let serve = Serve::start("uring", 1);
+        let mut fe = serve.connect();
+        let mut g = guest();
+        let top = g
+            .regions()
+            .iter()
+            .map(|r| r.guest_addr + r.size)
+            .max()
+            .unwrap();
+        let log_len = top / 4096 / 8 + 1;
+        let log_fd = memfd(log_len);
+        attach(&mut fe, &g, VhostUserVirtioFeatures::LOG_ALL.bits());
+        fe.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: log_len,
+                mmap_offset: 0,
+                mmap_handle: log_fd.as_raw_fd(),
+            }),
+        )
+        .unwrap();
+        serve.wait_event("\"running\":[0]");
+        arp_round_trip(&mut g, "dirty log");
+        let rx_used = g.rx_queue(0).used_ring;
+        let tx_used = g.tx_queue(0).used_ring;
+        let read_log = || {
+            let mut log = vec![0u8; usize::try_from(log_len).unwrap()];
+            nix::sys::uio::pread(&log_fd, &mut log, 0).unwrap();
+            log
+        };
+        // tapir moves its marks into the shared log every few milliseconds while LOG_ALL is
+        // on, and always when a ring stops.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut log = read_log();
+        while !(log_bit(&log, rx_used) && log_bit(&log, tx_used)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            log = read_log();
+        }
+        assert!(log_bit(&log, rx_used), "RX used ring page not logged");
+        assert!(log_bit(&log, tx_used), "TX used ring page not logged");
+        // The RX buffer the ARP reply landed in: a page of the buffer region (the simulated
+        // guest keeps rings and buffers in separate regions).
+        let buffers = g.regions().iter().map(|r| r.guest_addr).max().unwrap();
+        let first = usize::try_from(buffers / 4096).unwrap();
+        let buffer_pages = (first..usize::try_from(top / 4096).unwrap())
+            .filter(|&p| log[p / 8] & (1 << (p % 8)) != 0)
+            .count();
+        assert!(
+            buffer_pages >= 1,
+            "no RX buffer page logged (the ARP reply's)"
+        );
+        // Nothing beyond guest memory.
+        let beyond = (top / 4096) as usize;
+        for p in beyond..log.len() * 8 {
+            assert_eq!(
+                log[p / 8] & (1 << (p % 8)),
+                0,
+                "page {p} beyond guest memory logged"
+            );
+        }
+    });
+}
+
+#[test]
+fn bad_requests_fail_and_the_session_goes_on() {
+    common::in_netns("bad requests", || {
+        let serve = Serve::start("uring", 1);
+        let mut fe = serve.connect();
+        let mut g = guest();
+        attach(&mut fe, &g, 0);
+        serve.wait_event("\"running\":[0]");
+        // REPLY_ACK is on: each of these comes back as a failure.
+        assert!(
+            fe.set_vring_num(7, 256).is_err(),
+            "vring 7 of a 1-pair device accepted"
+        );
+        assert!(
+            fe.set_vring_num(0, 100).is_err(),
+            "a ring size of 100 accepted"
+        );
+        assert!(fe.set_vring_base(9, 0).is_err(), "vring 9 accepted");
+        // And the session still moves frames.
+        arp_round_trip(&mut g, "after refused requests");
+    });
+}
+
+fn raw_send(path: &Path, bytes: &[u8]) -> UnixStream {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.write_all(bytes).unwrap();
+    s
+}
+
+#[test]
+fn a_frontend_that_speaks_garbage_is_dropped_and_the_next_is_served() {
+    common::in_netns("garbage", || {
+        let serve = Serve::start("classic", 1);
+        // A header with a reply flag and an unknown version, then one announcing a 1 MiB
+        // body: both end that connection.
+        for header in [[1u32, 0x6, 0], [1, 0x1, 1 << 20]] {
+            let bytes: Vec<u8> = header.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let mut s = raw_send(&serve.socket, &bytes);
+            serve.wait_event("disconnected");
+            let mut b = [0u8; 1];
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            assert_eq!(std::io::Read::read(&mut s, &mut b).unwrap_or(0), 0);
+        }
+        // A frontend that vanishes mid-session.
+        {
+            let mut fe = serve.connect();
+            let g = guest();
+            attach(&mut fe, &g, 0);
+            serve.wait_event("\"running\":[0]");
+        }
+        serve.wait_event("disconnected");
+        // The next frontend gets a working device.
+        let mut fe = serve.connect();
+        let mut g = guest();
+        attach(&mut fe, &g, 0);
+        serve.wait_event("\"running\":[0]");
+        arp_round_trip(&mut g, "after garbage");
+    });
+}
