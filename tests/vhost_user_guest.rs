@@ -521,7 +521,7 @@ struct EchoLog {
 
 fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    u64::try_from(t.tv_sec()).unwrap() * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap()
 }
 
 /// Records ICMP echo traffic on `tap` until `stop`.
@@ -536,9 +536,9 @@ fn capture_echo(tap: &str, stop: Arc<AtomicBool>) -> EchoLog {
     .unwrap();
     let index = nix::net::if_::if_nametoindex(tap).unwrap();
     let ll = libc::sockaddr_ll {
-        sll_family: libc::AF_PACKET as u16,
-        sll_protocol: (libc::ETH_P_ALL as u16).to_be(),
-        sll_ifindex: index as i32,
+        sll_family: u16::try_from(libc::AF_PACKET).unwrap(),
+        sll_protocol: u16::try_from(libc::ETH_P_ALL).unwrap().to_be(),
+        sll_ifindex: i32::try_from(index).unwrap(),
         sll_hatype: 0,
         sll_pkttype: 0,
         sll_halen: 0,
@@ -549,7 +549,7 @@ fn capture_echo(tap: &str, stop: Arc<AtomicBool>) -> EchoLog {
         libc::bind(
             std::os::fd::AsRawFd::as_raw_fd(&fd),
             (&ll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
         )
     };
     assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
@@ -565,7 +565,7 @@ fn capture_echo(tap: &str, stop: Arc<AtomicBool>) -> EchoLog {
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
             (&timeout as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
+            u32::try_from(std::mem::size_of::<libc::timeval>()).unwrap(),
         )
     };
     let mut log = EchoLog::default();

@@ -293,3 +293,90 @@ pub fn vring_of(v: &VringState, fds: &mut [Option<OwnedFd>]) -> Result<Vring, Se
         started: v.started,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> SessionState {
+        SessionState {
+            queue_pairs: 1,
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            features: 1 << 32,
+            protocol_features: 0xb,
+            regions: vec![RegionState {
+                guest_addr: 0,
+                size: 1 << 20,
+                user_addr: 0x7f00_0000_0000,
+                mmap_offset: 0,
+                fd: 2,
+            }],
+            vrings: vec![
+                VringState {
+                    size: 256,
+                    addrs: Some(VringAddrs::default()),
+                    base: 7,
+                    held: vec![3, 4],
+                    kick: Some(3),
+                    call: Some(4),
+                    err: None,
+                    enabled: true,
+                    started: true,
+                },
+                VringState {
+                    size: 256,
+                    addrs: None,
+                    base: 0,
+                    held: vec![],
+                    kick: None,
+                    call: None,
+                    err: None,
+                    enabled: false,
+                    started: false,
+                },
+            ],
+            log: None,
+            running_pairs: vec![0],
+            connection: 0,
+            taps: vec![1],
+            endpoint: EndpointState {
+                path: "/run/tapir.sock".into(),
+                client: false,
+                listener: Some(5),
+                handoff: Some(("/run/tapir.handoff".into(), 6)),
+            },
+            requests: 42,
+        }
+    }
+
+    #[test]
+    fn a_session_round_trips() {
+        let s = state();
+        assert_eq!(decode(&encode(&s), 7).unwrap(), s);
+    }
+
+    #[test]
+    fn truncated_foreign_or_inconsistent_blobs_are_refused() {
+        let blob = encode(&state());
+        for cut in [0, 3, 6, blob.len() / 2, blob.len() - 1] {
+            assert!(decode(&blob[..cut], 7).is_err(), "cut at {cut}");
+        }
+        let mut other = blob.clone();
+        other[4] ^= 0xff;
+        assert!(matches!(decode(&other, 7), Err(SessionStateError::Header)));
+        // Fewer fds than the blob refers to.
+        assert!(decode(&blob, 6).is_err());
+        // An fd used twice.
+        let mut s = state();
+        s.taps = vec![0];
+        assert!(decode(&encode(&s), 7).is_err());
+        // A held head beyond its ring.
+        let mut s = state();
+        s.vrings[0].held = vec![300];
+        assert!(decode(&encode(&s), 7).is_err());
+        // Vrings that do not match the queue pairs.
+        let mut s = state();
+        s.queue_pairs = 2;
+        assert!(decode(&encode(&s), 7).is_err());
+    }
+}

@@ -151,3 +151,68 @@ fn check(r: &Region) -> Result<(), TableError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd() -> OwnedFd {
+        nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap()
+    }
+
+    fn region(guest_addr: u64, size: u64, user_addr: u64) -> Region {
+        Region {
+            guest_addr,
+            size,
+            user_addr,
+            mmap_offset: 0,
+            fd: fd(),
+        }
+    }
+
+    #[test]
+    fn translates_frontend_addresses_through_the_right_region() {
+        let mut t = MemoryTable::default();
+        t.replace(vec![
+            region(0, 0xa0000, 0x7f00_0000_0000),
+            region(0x10_0000, 0x10_0000, 0x7f00_0010_0000),
+        ])
+        .unwrap();
+        assert_eq!(t.va_to_gpa(0x7f00_0000_1000), Some(0x1000));
+        assert_eq!(t.va_to_gpa(0x7f00_0010_0010), Some(0x10_0010));
+        assert_eq!(
+            t.va_to_gpa(0x7f00_000a_0000),
+            None,
+            "the hole between regions"
+        );
+        assert_eq!(t.va_to_gpa(0x7f00_0020_0000), None, "one past the end");
+    }
+
+    #[test]
+    fn adding_a_region_twice_changes_nothing_and_removing_an_unknown_one_fails() {
+        let mut t = MemoryTable::default();
+        assert!(t.add(region(0, 0x1000, 0x1000)).unwrap());
+        assert!(
+            !t.add(region(0, 0x1000, 0x1000)).unwrap(),
+            "QEMU re-adds per queue pair"
+        );
+        assert_eq!(t.regions().len(), 1);
+        assert!(matches!(
+            t.remove(0x5000, 0x1000, 0),
+            Err(TableError::NoSuchRegion(0x5000))
+        ));
+        t.remove(0, 0x1000, 0x1000).unwrap();
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn refuses_empty_and_overflowing_regions_and_too_many() {
+        let mut t = MemoryTable::default();
+        assert!(t.add(region(0, 0, 0)).is_err());
+        assert!(t.add(region(u64::MAX - 10, 0x1000, 0)).is_err());
+        let many = (0..=MAX_MEM_SLOTS as u64)
+            .map(|i| region(i << 20, 0x1000, i << 20))
+            .collect();
+        assert!(matches!(t.replace(many), Err(TableError::TooManyRegions)));
+    }
+}
