@@ -224,10 +224,25 @@ fn frames_cross_a_vhost_user_session_with_both_engines() {
             attach(&mut fe, &g, 0);
             serve.wait_event("\"running\":[0]");
             arp_round_trip(&mut g, engine);
-            // Stopping the rings hands back where to resume.
+            // Stopping a ring hands back where to resume: everything tapir popped is either
+            // in the used ring (TX, sent) or given back (RX buffers it held are popped again
+            // by the next owner), so the base equals the used index the guest sees.
+            let mem = g.memory();
             for q in g.queues() {
-                fe.get_vring_base(usize::from(q.index)).unwrap();
+                let base = fe.get_vring_base(usize::from(q.index)).unwrap();
+                let used = mem.read_u16(q.used_ring + 2).unwrap();
+                assert_eq!(
+                    base,
+                    u32::from(used),
+                    "{engine}: vring {} stopped at {base}, used index {used}",
+                    q.index
+                );
             }
+            // Held RX chains were given back: with buffers posted, the RX ring's avail index
+            // is ahead of the base.
+            let rx = g.rx_queue(0);
+            let avail = mem.read_u16(rx.avail_ring + 2).unwrap();
+            assert!(avail > mem.read_u16(rx.used_ring + 2).unwrap(), "{engine}: no RX buffers posted?");
         });
     }
 }
