@@ -242,7 +242,10 @@ fn frames_cross_a_vhost_user_session_with_both_engines() {
             // is ahead of the base.
             let rx = g.rx_queue(0);
             let avail = mem.read_u16(rx.avail_ring + 2).unwrap();
-            assert!(avail > mem.read_u16(rx.used_ring + 2).unwrap(), "{engine}: no RX buffers posted?");
+            assert!(
+                avail > mem.read_u16(rx.used_ring + 2).unwrap(),
+                "{engine}: no RX buffers posted?"
+            );
         });
     }
 }
@@ -382,5 +385,95 @@ fn a_frontend_that_speaks_garbage_is_dropped_and_the_next_is_served() {
         attach(&mut fe, &g, 0);
         serve.wait_event("\"running\":[0]");
         arp_round_trip(&mut g, "after garbage");
+    });
+}
+
+/// `tapir serve --takeover` while nothing runs: with no frontend at all, and with a frontend
+/// connected whose rings are not started yet. The successor carries on (the listening
+/// socket, the TAP, the half-built session) and the guest's frames then flow through it.
+#[test]
+fn an_idle_daemon_and_a_half_built_session_are_handed_over() {
+    common::in_netns("idle handoff", || {
+        let handoff =
+            std::env::temp_dir().join(format!("tapir-vu-idle-{}.handoff", std::process::id()));
+        let socket =
+            std::env::temp_dir().join(format!("tapir-vu-idle-{}.sock", std::process::id()));
+        let spawn = |args: &[&str]| {
+            let mut c = Command::new(TAPIR)
+                .arg("serve")
+                .args(args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (tx, rx) = mpsc::channel();
+            let out = c.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            (c, rx)
+        };
+        let wait = |rx: &Receiver<String>, what: &str| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(l) if l.contains(what) => return l,
+                    Ok(_) => continue,
+                    Err(_) => panic!("no {what:?} event"),
+                }
+            }
+        };
+        let mut children = Vec::new();
+        let (first, first_events) = spawn(&[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--tap",
+            TAP_NAME,
+            "--handoff-socket",
+            handoff.to_str().unwrap(),
+        ]);
+        children.push(first);
+        wait(&first_events, "listening");
+        netns::link_up(TAP_NAME).unwrap();
+        netns::add_addr(TAP_NAME, &format!("{HOST_IP}/24")).unwrap();
+        // 1. No frontend: the sockets and the TAP move.
+        let (second, second_events) = spawn(&["--takeover", handoff.to_str().unwrap()]);
+        children.push(second);
+        let running = wait(&second_events, "\"running\"");
+        assert!(running.contains("\"frontend\":false"), "{running}");
+        wait(&first_events, "handoff_committed");
+        assert!(
+            children[0].wait().unwrap().success(),
+            "the first daemon did not exit cleanly"
+        );
+        // 2. A frontend that negotiated but started no ring yet.
+        let mut fe = Frontend::connect(&socket, 64).expect("the successor serves the socket");
+        wait(&second_events, "connected");
+        let offered = fe.get_features().unwrap();
+        let g = guest();
+        fe.set_features(
+            (g.features() & offered) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        )
+        .unwrap();
+        let (third, third_events) = spawn(&["--takeover", handoff.to_str().unwrap()]);
+        children.push(third);
+        let running = wait(&third_events, "\"running\"");
+        assert!(
+            running.contains("\"frontend\":true") && running.contains("\"pairs\":[]"),
+            "{running}"
+        );
+        wait(&second_events, "handoff_committed");
+        // The same connection goes on with the successor: rings, then frames.
+        let mut g = g;
+        attach(&mut fe, &g, 0);
+        wait(&third_events, "\"running\":[0]");
+        arp_round_trip(&mut g, "after two idle handoffs");
+        for mut c in children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&handoff);
     });
 }

@@ -17,7 +17,11 @@ pub mod transport;
 
 pub use protocol::{MigrateError, Timeouts};
 pub use source::{
-    hand_off, snapshot_of, DeviceSource, HandoffReport, HandoffSource, LaunchSource, Outcome,
+    hand_off, hand_off_state, snapshot_of, DeviceSource, HandoffReport, HandoffSource,
+    LaunchSource, Outcome,
 };
-pub use successor::{restore, take_over, Extension, FailPoint, SuccessorOptions, TakeOver};
+pub use successor::{
+    accept_state, refuse_state, restore, take_over, take_over_any, take_over_checked, Extension,
+    FailPoint, SuccessorOptions, TakeOver, Taken,
+};
 pub use transport::{Channel, ChannelError, Listener, Message};

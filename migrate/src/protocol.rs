@@ -28,6 +28,10 @@ pub const ABORT: u8 = 9;
 /// Source -> successor, after the FDS chunks: state the embedder hands on besides the
 /// device (an opaque blob, possibly empty) and its fds (e.g. a vhost-user session).
 pub const EXTENSION: u8 = 10;
+/// Source -> successor, instead of PREPARE: no device runs, only the embedder's state is
+/// handed on (blob and fds, as in EXTENSION). The successor answers RUNNING once it has taken
+/// it, or ABORT.
+pub const STATE_ONLY: u8 = 11;
 
 /// Timeouts of each step.
 #[derive(Clone, Copy, Debug)]
@@ -88,6 +92,9 @@ pub enum MigrateError {
     /// Ring positions that do not add up (checked before READY).
     #[error("ring positions: {0}")]
     Positions(String),
+    /// The embedder refused the state handed on besides the device.
+    #[error("embedder state: {0}")]
+    Extension(String),
     /// A payload too short for its fields.
     #[error("message kind {0} too short")]
     Short(u8),

@@ -225,7 +225,74 @@ pub fn hand_off(
     }
 }
 
-fn prepare(source: &mut dyn HandoffSource, ch: &Channel, t: Timeouts) -> Result<(), MigrateError> {
+/// Hands on embedder state when no device runs (a vhost-user daemon between frontends, or
+/// before the guest started its rings): HELLO, STATE_ONLY with the blob and fds, RUNNING. The
+/// caller must not change or use the state meanwhile; on `RolledBack` it carries on as if
+/// nothing happened, on `Committed` the successor owns it.
+pub fn hand_off_state(
+    ch: &Channel,
+    blob: &[u8],
+    fds: &[BorrowedFd<'_>],
+    t: Timeouts,
+) -> Result<Outcome, MigrateError> {
+    let offered = (|| {
+        check_hello(ch, t)?;
+        if fds.len() > MAX_FDS_PER_MESSAGE {
+            return Err(MigrateError::Fds(format!(
+                "{} fds, at most {MAX_FDS_PER_MESSAGE}",
+                fds.len()
+            )));
+        }
+        ch.send(protocol::STATE_ONLY, blob, fds)?;
+        Ok(tapir_datapath::stats::monotonic_ns())
+    })();
+    let sent_ns = match offered {
+        Ok(ns) => ns,
+        Err(e) => {
+            abort(ch, &e);
+            return Ok(Outcome::RolledBack(e));
+        }
+    };
+    let report = |running_ns| HandoffReport {
+        successor_pid: ch.peer_pid(),
+        quiesce_ns: sent_ns,
+        running_ns,
+        switch_sent_ns: sent_ns,
+        ready_ns: sent_ns,
+    };
+    match ch.recv(Some(t.prepare)) {
+        Ok(msg) if msg.kind == protocol::RUNNING => Ok(Outcome::Committed(report(
+            tapir_datapath::stats::monotonic_ns(),
+        ))),
+        Ok(msg) => Ok(Outcome::RolledBack(
+            expect(&msg, protocol::RUNNING, "RUNNING")
+                .err()
+                .unwrap_or(MigrateError::Unexpected {
+                    expected: "RUNNING",
+                    got: msg.kind,
+                }),
+        )),
+        Err(ChannelError::Timeout(d)) => {
+            // Silent but alive: it could still take the state and run. Fence it first.
+            tracing::error!(
+                pid = ch.peer_pid(),
+                ?d,
+                "successor silent after STATE_ONLY; killing it"
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(ch.peer_pid()),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            match ch.recv(Some(t.switch)) {
+                Ok(msg) if msg.kind == protocol::RUNNING => Ok(Outcome::Committed(report(0))),
+                _ => Ok(Outcome::RolledBack(ChannelError::Timeout(d).into())),
+            }
+        }
+        Err(e) => Ok(Outcome::RolledBack(e.into())),
+    }
+}
+
+fn check_hello(ch: &Channel, t: Timeouts) -> Result<(), MigrateError> {
     let hello = ch.recv(Some(t.prepare))?;
     expect(&hello, protocol::HELLO, "HELLO")?;
     let version = hello
@@ -236,6 +303,11 @@ fn prepare(source: &mut dyn HandoffSource, ch: &Channel, t: Timeouts) -> Result<
     if version != protocol::PROTOCOL_VERSION {
         return Err(MigrateError::Version(version));
     }
+    Ok(())
+}
+
+fn prepare(source: &mut dyn HandoffSource, ch: &Channel, t: Timeouts) -> Result<(), MigrateError> {
+    check_hello(ch, t)?;
     let (layout, fds) = source.layout();
     ch.send(protocol::PREPARE, &tapir_state::encode(&layout), &[])?;
     for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {

@@ -128,20 +128,82 @@ struct Prepared {
 
 /// Takes over the device offered at the other end of `ch`.
 pub fn take_over(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, MigrateError> {
-    let result = take_over_inner(ch, opts);
+    match take_over_any(ch, opts)? {
+        Taken::Device(t) => Ok(t),
+        Taken::StateOnly(_) => {
+            let e = MigrateError::Unexpected {
+                expected: "PREPARE",
+                got: protocol::STATE_ONLY,
+            };
+            let _ = ch.send(protocol::ABORT, e.to_string().as_bytes(), &[]);
+            Err(e)
+        }
+    }
+}
+
+/// What a successor got.
+#[derive(Debug)]
+pub enum Taken {
+    /// A running device (and the embedder's extension).
+    Device(TakeOver),
+    /// No device, only the embedder's state: adopt it, then say so with [`accept_state`]
+    /// (or turn it down with [`refuse_state`]); until then the source holds on to it.
+    StateOnly(Extension),
+}
+
+/// Takes over whatever the source offers: a running device, or embedder state alone.
+pub fn take_over_any(ch: &Channel, opts: &SuccessorOptions) -> Result<Taken, MigrateError> {
+    take_over_checked(ch, opts, &|_| Ok(()))
+}
+
+/// [`take_over_any`], with the embedder's state checked by `check` as soon as it arrives,
+/// before this side says PREPARED (or, for state alone, before anything is taken): a state
+/// the embedder cannot use aborts the handoff while the source still owns everything.
+pub fn take_over_checked(
+    ch: &Channel,
+    opts: &SuccessorOptions,
+    check: &dyn Fn(&Extension) -> Result<(), String>,
+) -> Result<Taken, MigrateError> {
+    let result = take_over_inner(ch, opts, check);
     if let Err(e) = &result {
         let _ = ch.send(protocol::ABORT, e.to_string().as_bytes(), &[]);
     }
     result
 }
 
-fn take_over_inner(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, MigrateError> {
+/// Tells the source that state handed on alone ([`Taken::StateOnly`]) is taken: from now on
+/// this process owns it.
+pub fn accept_state(ch: &Channel) -> Result<(), MigrateError> {
+    ch.send(protocol::RUNNING, &[], &[])?;
+    Ok(())
+}
+
+/// Turns state handed on alone down: the source keeps it.
+pub fn refuse_state(ch: &Channel, why: &str) {
+    let _ = ch.send(protocol::ABORT, why.as_bytes(), &[]);
+}
+
+fn take_over_inner(
+    ch: &Channel,
+    opts: &SuccessorOptions,
+    check: &dyn Fn(&Extension) -> Result<(), String>,
+) -> Result<Taken, MigrateError> {
     let t = opts.timeouts;
     let mut hello = protocol::PROTOCOL_VERSION.to_le_bytes().to_vec();
     hello.extend_from_slice(&std::process::id().to_le_bytes());
     ch.send(protocol::HELLO, &hello, &[])?;
     fail_here(opts, FailPoint::BeforeFds);
-    let prepared = prepare(ch, t)?;
+    let first = ch.recv(Some(t.prepare))?;
+    if first.kind == protocol::STATE_ONLY {
+        let extension = Extension {
+            blob: first.payload,
+            fds: first.fds,
+        };
+        check(&extension).map_err(MigrateError::Extension)?;
+        return Ok(Taken::StateOnly(extension));
+    }
+    let prepared = prepare(first, ch, t)?;
+    check(&prepared.extension).map_err(MigrateError::Extension)?;
     fail_here(opts, FailPoint::AfterFds);
     // Everything that does not depend on the ring positions happens before the switch, while
     // the source still runs: rings checked against memory, engines (io_uring, registered
@@ -175,7 +237,7 @@ fn take_over_inner(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, Mi
         let _ = paused.abort();
         return Err(e.into());
     }
-    Ok(TakeOver {
+    Ok(Taken::Device(TakeOver {
         device: paused.go_at(positions),
         quiesce_ns,
         running_ns,
@@ -184,7 +246,7 @@ fn take_over_inner(ch: &Channel, opts: &SuccessorOptions) -> Result<TakeOver, Mi
         go_ns,
         generation,
         extension,
-    })
+    }))
 }
 
 /// Starts the workers of a prepared device, parked before their first ring access (the
@@ -293,8 +355,11 @@ fn queue_config(q: &VirtqueueState, kick: OwnedFd, call: OwnedFd) -> QueueConfig
     }
 }
 
-fn prepare(ch: &Channel, t: Timeouts) -> Result<Prepared, MigrateError> {
-    let msg = ch.recv(Some(t.prepare))?;
+fn prepare(
+    msg: crate::transport::Message,
+    ch: &Channel,
+    t: Timeouts,
+) -> Result<Prepared, MigrateError> {
     expect(&msg, protocol::PREPARE, "PREPARE")?;
     let layout = tapir_state::decode(&msg.payload)?;
     let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(layout.fds.len());

@@ -16,8 +16,8 @@ use std::time::Duration;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tapir_datapath::{Tap, TapQueue};
 use tapir_migrate::{
-    hand_off, protocol, take_over, Channel, DeviceSource, HandoffSource, Listener, MigrateError,
-    Outcome, SuccessorOptions, Timeouts,
+    accept_state, hand_off, hand_off_state, refuse_state, take_over_checked, Channel, DeviceSource,
+    Extension, HandoffSource, Listener, MigrateError, Outcome, SuccessorOptions, Taken, Timeouts,
 };
 use tapir_state::DeviceSnapshot;
 
@@ -140,13 +140,74 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     daemon.run(None)
 }
 
-/// `tapir serve --takeover PATH`: takes a running `tapir serve` over, session and all, and
-/// carries on serving.
+/// `tapir serve --takeover PATH`: takes a running `tapir serve` over (its session, running
+/// device and sockets, or just its sockets and TAP between frontends) and carries on serving.
 pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), ServeError> {
     let ch = Channel::connect(path)?;
-    let took = take_over(&ch, opts)?;
-    drop(ch);
-    let ext = took.extension;
+    // The session blob is checked before this side commits to anything.
+    let check = |ext: &Extension| {
+        handoff::decode(&ext.blob, ext.fds.len())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    match take_over_checked(&ch, opts, &check)? {
+        Taken::Device(took) => {
+            drop(ch);
+            let generation = took.generation;
+            let (quiesce_ns, running_ns) = (took.quiesce_ns, took.running_ns);
+            let (daemon, current) = restore(took.extension, opts, Some(took.device), generation)?;
+            running_event(&current, generation, quiesce_ns, running_ns, false);
+            daemon.run(current)
+        }
+        Taken::StateOnly(ext) => match restore(ext, opts, None, 0) {
+            Ok((daemon, mut current)) => {
+                accept_state(&ch)?;
+                drop(ch);
+                let now = tapir_datapath::stats::monotonic_ns();
+                if let Some((_, session)) = &mut current {
+                    session.generation += 1;
+                    if let Err(e) = session.reconcile() {
+                        tracing::warn!(error = %e, "the taken-over session's rings do not start yet");
+                    }
+                }
+                let generation = current.as_ref().map_or(0, |(_, s)| s.generation);
+                running_event(&current, generation, now, now, true);
+                daemon.run(current)
+            }
+            Err(e) => {
+                refuse_state(&ch, &e.to_string());
+                Err(e)
+            }
+        },
+    }
+}
+
+fn running_event(
+    current: &Option<(Connection, Session)>,
+    generation: u64,
+    quiesce_ns: u64,
+    running_ns: u64,
+    state_only: bool,
+) {
+    let pairs = current
+        .as_ref()
+        .map(|(_, s)| s.running_pairs())
+        .unwrap_or_default();
+    event(format!(
+        "{{\"event\":\"running\",\"pid\":{},\"generation\":{generation},\"pairs\":{pairs:?},\"frontend\":{},\"state_only\":{state_only},\"quiesce_ns\":{quiesce_ns},\"running_ns\":{running_ns}}}",
+        std::process::id(),
+        current.is_some(),
+    ));
+}
+
+/// Rebuilds a daemon (and its session, if a frontend was connected) from a predecessor's
+/// session blob and fds, with the device it handed on, if any.
+fn restore(
+    ext: Extension,
+    opts: &SuccessorOptions,
+    device: Option<tapir_datapath::Device>,
+    generation: u64,
+) -> Result<(Daemon, Option<(Connection, Session)>), ServeError> {
     let state = handoff::decode(&ext.blob, ext.fds.len())?;
     let mut fds: Vec<Option<OwnedFd>> = ext.fds.into_iter().map(Some).collect();
     let mut taps = Vec::with_capacity(state.taps.len());
@@ -164,37 +225,48 @@ pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), Serv
         cpu_affinity: opts.cpu_affinity.clone(),
     };
     let taps = Arc::new(taps);
-    let mut session = Session::new(config.clone(), taps.clone());
-    session.features = state.features;
-    session.protocol_features = state.protocol_features;
-    session.requests = state.requests;
-    session.generation = took.generation;
-    let mut regions = Vec::with_capacity(state.regions.len());
-    for r in &state.regions {
-        regions.push(crate::memory_table::Region {
-            guest_addr: r.guest_addr,
-            size: r.size,
-            user_addr: r.user_addr,
-            mmap_offset: r.mmap_offset,
-            fd: handoff::take(&mut fds, r.fd)?,
-        });
-    }
-    session
-        .table
-        .replace(regions)
-        .map_err(|e| ServeError::Restore(e.to_string()))?;
-    for (v, s) in session.vrings.iter_mut().zip(&state.vrings) {
-        *v = handoff::vring_of(s, &mut fds)?;
-    }
-    if let Some(l) = &state.log {
-        let fd = handoff::take(&mut fds, l.fd)?;
-        session.log = Some(
-            crate::dirty_log::DirtyLog::map(fd, l.mmap_size, l.mmap_offset)
-                .map_err(|e| ServeError::Restore(e.to_string()))?,
-        );
-    }
-    session.adopt_running(took.device, state.running_pairs.clone());
-    let connection = Connection::new(UnixStream::from(handoff::take(&mut fds, state.connection)?));
+    let current = match state.connection {
+        None => None,
+        Some(c) => {
+            let mut session = Session::new(config.clone(), taps.clone());
+            session.features = state.features;
+            session.protocol_features = state.protocol_features;
+            session.requests = state.requests;
+            session.generation = generation.max(state.generation);
+            let mut regions = Vec::with_capacity(state.regions.len());
+            for r in &state.regions {
+                regions.push(crate::memory_table::Region {
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                    user_addr: r.user_addr,
+                    mmap_offset: r.mmap_offset,
+                    fd: handoff::take(&mut fds, r.fd)?,
+                });
+            }
+            session
+                .table
+                .replace(regions)
+                .map_err(|e| ServeError::Restore(e.to_string()))?;
+            for (v, s) in session.vrings.iter_mut().zip(&state.vrings) {
+                *v = handoff::vring_of(s, &mut fds)?;
+            }
+            if let Some(l) = &state.log {
+                let fd = handoff::take(&mut fds, l.fd)?;
+                session.log = Some(
+                    crate::dirty_log::DirtyLog::map(fd, l.mmap_size, l.mmap_offset)
+                        .map_err(|e| ServeError::Restore(e.to_string()))?,
+                );
+            }
+            match device {
+                Some(device) => session.adopt_running(device, state.running_pairs.clone()),
+                None => session
+                    .remap()
+                    .map_err(|e| ServeError::Restore(e.to_string()))?,
+            }
+            let connection = Connection::new(UnixStream::from(handoff::take(&mut fds, c)?));
+            Some((connection, session))
+        }
+    };
     let path = PathBuf::from(&state.endpoint.path);
     let endpoint = if state.endpoint.client {
         Endpoint::Client(path)
@@ -212,14 +284,6 @@ pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), Serv
         )),
         None => None,
     };
-    event(format!(
-        "{{\"event\":\"running\",\"pid\":{},\"generation\":{},\"pairs\":{:?},\"quiesce_ns\":{},\"running_ns\":{}}}",
-        std::process::id(),
-        took.generation,
-        state.running_pairs,
-        took.quiesce_ns,
-        took.running_ns
-    ));
     let daemon = Daemon {
         endpoint,
         vhost_listener,
@@ -228,7 +292,7 @@ pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), Serv
         config,
         timeouts: opts.timeouts,
     };
-    daemon.run(Some((connection, session)))
+    Ok((daemon, current))
 }
 
 /// Polls `fds` for input; returns which are readable (or hung up).
@@ -269,18 +333,20 @@ impl Daemon {
         loop {
             let (conn, mut session) = match current.take() {
                 Some(c) => c,
-                None => {
-                    let conn = self.reach_frontend()?;
-                    event("{\"event\":\"connected\"}".into());
-                    (conn, Session::new(self.config.clone(), self.taps.clone()))
-                }
+                None => match self.reach_frontend()? {
+                    Some(conn) => {
+                        event("{\"event\":\"connected\"}".into());
+                        (conn, Session::new(self.config.clone(), self.taps.clone()))
+                    }
+                    None => {
+                        self.forget_handoff_socket();
+                        return Ok(());
+                    }
+                },
             };
             match self.session_loop(&conn, &mut session)? {
                 SessionEnd::HandedOff => {
-                    if let Some(l) = self.handoff.take() {
-                        // The successor listens on it now: do not remove the socket file.
-                        let _ = l.into_fd();
-                    }
+                    self.forget_handoff_socket();
                     return Ok(());
                 }
                 SessionEnd::Disconnected => {
@@ -296,12 +362,20 @@ impl Daemon {
         }
     }
 
-    /// Waits for a frontend; refuses handoffs meanwhile (there is no session to hand on).
-    fn reach_frontend(&self) -> Result<Connection, ServeError> {
+    /// After a committed handoff: the successor listens on the handoff socket now, so its
+    /// file must stay.
+    fn forget_handoff_socket(&mut self) {
+        if let Some(l) = self.handoff.take() {
+            let _ = l.into_fd();
+        }
+    }
+
+    /// Waits for a frontend (Some), or hands the idle daemon to a successor (None).
+    fn reach_frontend(&mut self) -> Result<Option<Connection>, ServeError> {
         loop {
             if let Endpoint::Client(path) = &self.endpoint {
                 match UnixStream::connect(path) {
-                    Ok(s) => return Ok(Connection::new(s)),
+                    Ok(s) => return Ok(Some(Connection::new(s))),
                     Err(e) => tracing::debug!(error = %e, "frontend not listening yet"),
                 }
             }
@@ -313,19 +387,15 @@ impl Daemon {
             };
             let ready = wait(&[listen, handoff], timeout)?;
             if ready[1] {
-                if let Some(l) = &self.handoff {
-                    if let Ok(ch) = l.accept(Some(Duration::from_secs(1))) {
-                        refuse(
-                            &ch,
-                            "no frontend is connected: there is no session to hand over",
-                        );
-                    }
+                let idle = Session::new(self.config.clone(), self.taps.clone());
+                if self.hand_off_state(None, &idle)? {
+                    return Ok(None);
                 }
             }
             if ready[0] {
                 if let Some(l) = &self.vhost_listener {
                     match l.accept() {
-                        Ok((s, _)) => return Ok(Connection::new(s)),
+                        Ok((s, _)) => return Ok(Some(Connection::new(s))),
                         Err(e) => tracing::warn!(error = %e, "accept on the vhost-user socket"),
                     }
                 }
@@ -389,11 +459,7 @@ impl Daemon {
             "handoff requested"
         );
         let Some(running) = session.running.take() else {
-            refuse(
-                &ch,
-                "the frontend has not started the device yet: nothing runs to hand over",
-            );
-            return Ok(false);
+            return self.hand_off_state_on(ch, Some(conn), session);
         };
         let pairs = running.pairs;
         let mut source = ServeSource {
@@ -402,22 +468,7 @@ impl Daemon {
             fds: Vec::new(),
         };
         let mut list = FdList::default();
-        let vhost_listener = self.vhost_listener.as_ref();
-        let handoff_listener = self.handoff.as_ref();
-        let endpoint = &self.endpoint;
-        let state = handoff::export(
-            session,
-            &pairs,
-            conn.as_fd(),
-            |fds| EndpointState {
-                path: endpoint.path().display().to_string(),
-                client: matches!(endpoint, Endpoint::Client(_)),
-                listener: vhost_listener.map(|l| fds.push(l.as_fd())),
-                handoff: handoff_listener
-                    .map(|l| (l.path().display().to_string(), fds.push(l.as_fd()))),
-            },
-            &mut list,
-        );
+        let state = self.export(session, &pairs, Some(conn), &mut list);
         source.blob = handoff::encode(&state);
         source.fds = list.into_vec();
         let outcome = hand_off(&mut source, &ch, self.timeouts);
@@ -448,6 +499,78 @@ impl Daemon {
         }
     }
 
+    /// Accepts a successor and hands it the daemon's state with no device running: the
+    /// session (if a frontend is connected) or just the sockets and TAP.
+    fn hand_off_state(
+        &mut self,
+        conn: Option<&Connection>,
+        session: &Session,
+    ) -> Result<bool, ServeError> {
+        let Some(listener) = &self.handoff else {
+            return Ok(false);
+        };
+        match listener.accept(Some(Duration::from_secs(1))) {
+            Ok(ch) => self.hand_off_state_on(ch, conn, session),
+            Err(e) => {
+                tracing::warn!(error = %e, "handoff connection refused");
+                Ok(false)
+            }
+        }
+    }
+
+    fn hand_off_state_on(
+        &mut self,
+        ch: Channel,
+        conn: Option<&Connection>,
+        session: &Session,
+    ) -> Result<bool, ServeError> {
+        let mut list = FdList::default();
+        let state = self.export(session, &[], conn, &mut list);
+        let blob = handoff::encode(&state);
+        match hand_off_state(&ch, &blob, &list.into_vec(), self.timeouts) {
+            Ok(Outcome::Committed(report)) => {
+                event(format!(
+                    "{{\"event\":\"handoff_committed\",\"successor_pid\":{},\"state_only\":true}}",
+                    report.successor_pid
+                ));
+                Ok(true)
+            }
+            Ok(Outcome::RolledBack(e)) | Err(e) => {
+                event(format!(
+                    "{{\"event\":\"handoff_rolled_back\",\"reason\":{:?}}}",
+                    e.to_string()
+                ));
+                Ok(false)
+            }
+        }
+    }
+
+    /// Describes the session and the daemon's sockets for a successor.
+    fn export<'a>(
+        &'a self,
+        session: &'a Session,
+        running_pairs: &[u16],
+        conn: Option<&'a Connection>,
+        list: &mut FdList<'a>,
+    ) -> handoff::SessionState {
+        let vhost_listener = self.vhost_listener.as_ref();
+        let handoff_listener = self.handoff.as_ref();
+        let endpoint = &self.endpoint;
+        handoff::export(
+            session,
+            running_pairs,
+            conn.map(|c| c.as_fd()),
+            |fds| EndpointState {
+                path: endpoint.path().display().to_string(),
+                client: matches!(endpoint, Endpoint::Client(_)),
+                listener: vhost_listener.map(|l| fds.push(l.as_fd())),
+                handoff: handoff_listener
+                    .map(|l| (l.path().display().to_string(), fds.push(l.as_fd()))),
+            },
+            list,
+        )
+    }
+
     fn take_back(&self, session: &mut Session, source: DeviceSource, pairs: Vec<u16>) {
         match source.into_running() {
             Some(device) => session.running = Some(Running { device, pairs }),
@@ -459,13 +582,6 @@ impl Daemon {
             }
         }
     }
-}
-
-/// Turns a would-be successor away (it reads the ABORT after its HELLO). Does not wait for
-/// it: the frontend's requests must not wait behind a successor that is slow to talk.
-fn refuse(ch: &Channel, why: &str) {
-    tracing::warn!(why, "refusing a handoff");
-    let _ = ch.send(protocol::ABORT, why.as_bytes(), &[]);
 }
 
 /// A running device plus the session state that goes with it.

@@ -7,7 +7,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tapir_datapath::GuestMemory;
 
@@ -79,16 +79,33 @@ impl DirtyLog {
     /// ignored (the frontend sized the log for all of guest memory).
     pub fn mark(&self, gpa: u64) {
         let page = gpa / LOG_PAGE;
-        let Ok(byte) = usize::try_from(page / 8) else {
+        // QEMU reads and clears the log a 64-bit word at a time (`qatomic_xchg` on
+        // `vhost_log_chunk_t`); update it with accesses of the same size, so that the two
+        // read-modify-writes are atomic with respect to each other.
+        let Ok(word) = usize::try_from(page / 64) else {
             return;
         };
-        if byte >= self.len {
+        if (word + 1) * 8 > self.len {
             return;
         }
-        // SAFETY: `byte < len`, inside our mapping; AtomicU8 has the layout of u8 and the
-        // frontend updates the same bytes only atomically.
-        let cell = unsafe { AtomicU8::from_ptr(self.base.as_ptr().add(byte)) };
-        cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
+        // SAFETY: the word lies inside our mapping (checked above), the mapping is page
+        // aligned so the word is 8-byte aligned, and the frontend updates it only atomically.
+        let cell = unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(word * 8).cast::<u64>()) };
+        cell.fetch_or(1 << (page % 64), Ordering::Relaxed);
+    }
+
+    /// Marks every page of guest memory dirty; returns how many.
+    pub fn mark_all(&self, memory: &GuestMemory) -> u64 {
+        let mut n = 0;
+        for r in memory.regions() {
+            let mut p = r.guest_addr;
+            while p < r.guest_addr + r.size {
+                self.mark(p);
+                p += LOG_PAGE;
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Moves the datapath's dirty marks into the log; returns the number of pages marked.

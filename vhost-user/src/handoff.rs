@@ -97,8 +97,10 @@ pub struct SessionState {
     pub log: Option<LogState>,
     /// Pairs the handed-on device runs.
     pub running_pairs: Vec<u16>,
-    /// Index of the frontend connection's fd.
-    pub connection: u16,
+    /// Index of the frontend connection's fd (none between frontends).
+    pub connection: Option<u16>,
+    /// Handoffs so far.
+    pub generation: u64,
     /// Indices of the TAP queue fds, one per queue pair.
     pub taps: Vec<u16>,
     /// The endpoint.
@@ -144,11 +146,11 @@ impl<'a> FdList<'a> {
 pub fn export<'a>(
     session: &'a Session,
     running_pairs: &[u16],
-    connection: BorrowedFd<'a>,
+    connection: Option<BorrowedFd<'a>>,
     endpoint: impl FnOnce(&mut FdList<'a>) -> EndpointState,
     fds: &mut FdList<'a>,
 ) -> SessionState {
-    let connection = fds.push(connection);
+    let connection = connection.map(|c| fds.push(c));
     let taps = session.taps().iter().map(|t| fds.push(t.as_fd())).collect();
     let regions = session
         .table
@@ -193,6 +195,7 @@ pub fn export<'a>(
         log,
         running_pairs: running_pairs.to_vec(),
         connection,
+        generation: session.generation,
         taps,
         endpoint,
         requests: session.requests,
@@ -229,6 +232,9 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
     if state.running_pairs.iter().any(|&p| usize::from(p) >= pairs) {
         return bad("a running pair beyond the queue pairs".into());
     }
+    if state.connection.is_none() && !state.running_pairs.is_empty() {
+        return bad("running pairs without a frontend connection".into());
+    }
     let mut seen = vec![false; fd_count];
     let mut claim = |i: u16| -> Result<(), SessionStateError> {
         match seen.get_mut(usize::from(i)) {
@@ -241,7 +247,9 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
             ))),
         }
     };
-    claim(state.connection)?;
+    if let Some(c) = state.connection {
+        claim(c)?;
+    }
     for &t in &state.taps {
         claim(t)?;
     }
@@ -337,7 +345,8 @@ mod tests {
             ],
             log: None,
             running_pairs: vec![0],
-            connection: 0,
+            connection: Some(0),
+            generation: 3,
             taps: vec![1],
             endpoint: EndpointState {
                 path: "/run/tapir.sock".into(),
