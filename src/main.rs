@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tapir_bench::runner::{self, BenchEngine, BenchOptions, Scenario};
+use tapir_bench::vhost_rig::VhostUserBackend;
 
 mod datapath_cmd;
 mod serve_cmd;
@@ -27,8 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Measure throughput of the datapath engines against the raw TAP floor, in a private
-    /// network namespace with a simulated guest (needs root: CAP_NET_ADMIN and CAP_SYS_ADMIN).
+    /// Measure throughput of the datapath engines against the raw TAP floor (and, with
+    /// --backend, a vhost-user backend), in a private network namespace with a simulated guest
+    /// (needs root: CAP_NET_ADMIN and CAP_SYS_ADMIN).
     Bench(BenchArgs),
     /// Run a datapath taken over from a predecessor (or a launcher) and hand it on to the next
     /// successor that connects to --listen (used by the handoff benchmark and tests).
@@ -95,9 +97,22 @@ struct BenchArgs {
     /// Queue pair counts (default: 1 and the number of CPUs).
     #[arg(long, value_delimiter = ',')]
     queues: Vec<usize>,
-    /// Engines side by side: uring, classic, floor.
-    #[arg(long, value_delimiter = ',', default_value = "uring,classic,floor")]
+    /// Engines side by side: uring, classic, floor, vhost-user (default: uring,classic,floor,
+    /// plus vhost-user with --backend).
+    #[arg(long, value_delimiter = ',')]
     engines: Vec<BenchEngine>,
+    /// Also measure a vhost-user-net backend (engine `vhost-user`): the simulated guest drives
+    /// it through the vhost-user protocol on SOCKET, with the same frames and peers. The bench
+    /// starts the backend for every measurement inside its network namespace: this binary's
+    /// `tapir serve` unless --backend-cmd says otherwise.
+    #[arg(long, value_name = "vhost-user:SOCKET")]
+    backend: Option<String>,
+    /// Shell command that starts the --backend for one measurement, listening on SOCKET and
+    /// creating the TAP; {socket}, {tap}, {queues} and {cpus} (the CPUs the in-process
+    /// workers get, comma-separated) are replaced. Default: `tapir serve --socket {socket}
+    /// --tap {tap} --queues {queues} --cpus {cpus}`.
+    #[arg(long, requires = "backend", value_name = "CMD")]
+    backend_cmd: Option<String>,
     /// Seconds measured per repeat.
     #[arg(long, default_value_t = 2.0)]
     duration: f64,
@@ -162,7 +177,30 @@ fn bench(args: BenchArgs) -> Result<()> {
         (true, true) => args.handoffs.min(10),
         (true, false) => args.handoffs,
     };
+    let backend = args
+        .backend
+        .as_deref()
+        .map(|b| VhostUserBackend::parse(b, args.backend_cmd.clone()))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let mut engines = args.engines.clone();
+    if engines.is_empty() {
+        engines = vec![
+            BenchEngine::Datapath(tapir_datapath::EngineKind::Uring),
+            BenchEngine::Datapath(tapir_datapath::EngineKind::Classic),
+            BenchEngine::Floor,
+        ];
+        if backend.is_some() {
+            engines.push(BenchEngine::VhostUser);
+        }
+    }
+    match (engines.contains(&BenchEngine::VhostUser), backend.is_some()) {
+        (true, false) => bail!("--engines vhost-user needs --backend vhost-user:SOCKET"),
+        (false, true) => bail!("--backend is given but --engines does not include vhost-user"),
+        _ => {}
+    }
     let opts = BenchOptions {
+        backend,
         scenarios,
         handoffs,
         handoff_pps: args.handoff_pps,
@@ -174,7 +212,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         handoff_rt_priority: (args.handoff_rt_priority > 0).then_some(args.handoff_rt_priority),
         frames: args.frame,
         queues,
-        engines: args.engines,
+        engines,
         duration,
         warmup: duration.mul_f64(0.25).max(Duration::from_millis(200)),
         repeats,

@@ -90,3 +90,101 @@ fn quick_bench_reports_every_engine_latency_and_the_handoff() {
         .contains("| vs floor |"));
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Processes whose command line mentions `needle` (the test's unique socket path).
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmdline).contains(needle) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn bench_drives_tapir_serve_over_vhost_user() {
+    let dir = std::env::temp_dir().join(format!("tapir-bench-vu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vu.sock");
+    let json = dir.join("bench.json");
+    let out = Command::new(EXE)
+        .args([
+            "bench",
+            "--scenario",
+            "tx,rx",
+            "--frame",
+            "64",
+            "--queues",
+            "1",
+            "--duration",
+            "0.3",
+            "--repeats",
+            "1",
+            "--engines",
+            "uring,vhost-user",
+            "--backend",
+        ])
+        .arg(format!("vhost-user:{}", socket.display()))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    // Whatever happened, no backend may outlive the bench.
+    let left = processes_mentioning(&socket.display().to_string());
+    for &pid in &left {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(left.is_empty(), "backend processes left behind: {left:?}");
+    assert!(
+        out.status.success(),
+        "tapir bench --backend failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !socket.exists(),
+        "the bench left its vhost-user socket behind"
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("vhost-user") && table.contains("vs uring"),
+        "{table}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    for scenario in ["tx", "rx"] {
+        let r = results
+            .iter()
+            .find(|r| r["scenario"] == scenario && r["engine"] == "vhost-user")
+            .unwrap_or_else(|| panic!("no {scenario} vhost-user row in {report}"));
+        assert_eq!(r["frame"], 64);
+        assert_eq!(r["queues"], 1);
+        assert!(r["pps"].as_f64().unwrap() > 1000.0, "{r}");
+        assert!(r["gbps"].as_f64().unwrap() > 0.0, "{r}");
+        // The bench started the backend, so its CPU time is known.
+        assert!(r["cpu_ns_per_packet"].as_f64().unwrap() > 0.0, "{r}");
+        // Not measurable for a backend process: absent, not zero.
+        assert!(r["allocations_per_packet"].is_null(), "{r}");
+        assert!(r["datapath_drops"].is_null(), "{r}");
+        assert!(r["packets_per_wait"].is_null(), "{r}");
+        assert!(
+            results
+                .iter()
+                .any(|o| o["scenario"] == scenario && o["engine"] == "uring"),
+            "{report}"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -61,7 +61,8 @@ fn guest_image() -> Option<&'static (String, String)> {
                 );
                 return None;
             }
-            let dir = std::env::temp_dir().join(format!("tapir-vu-image-{}", std::process::id()));
+            // Rebuilt on every run, in the target directory (not left behind in /tmp).
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-image");
             let script = concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/tests/guest/build-initramfs.sh"

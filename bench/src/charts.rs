@@ -14,7 +14,12 @@ use plotters::prelude::*;
 
 use crate::report::Report;
 
-const ENGINES: [(&str, RGBColor); 3] = [("uring", BLUE), ("classic", RED), ("floor", BLACK)];
+const ENGINES: [(&str, RGBColor); 4] = [
+    ("uring", BLUE),
+    ("classic", RED),
+    ("floor", BLACK),
+    ("vhost-user", GREEN),
+];
 
 fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("chart: {e}")

@@ -1,7 +1,8 @@
 //! Request/response latency: the simulated guest sends a UDP request to a host echo reflector
 //! and waits (on its interrupt, as a guest would) for the reply; idle, or while a host->guest
 //! stream loads the same queue. The `floor` does the same round trip on the TAP fd itself
-//! (write the request frame, poll and read the reply), with no virtqueue.
+//! (write the request frame, poll and read the reply), with no virtqueue; `vhost-user` does
+//! the guest's round trip through a vhost-user backend process.
 
 use std::net::SocketAddrV4;
 use std::os::fd::AsFd;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
-use tapir_simguest::{GuestConfig, VirtioNetHdr};
+use tapir_simguest::{GuestConfig, RxDriver, TxDriver, VirtioNetHdr};
 
 use crate::frames::{self, FlowSpec};
 use crate::netns;
@@ -21,6 +22,7 @@ use crate::peers::{
 use crate::report::LatencyResult;
 use crate::rig::{self, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 use crate::runner::{bench_features, BenchEngine};
+use crate::vhost_rig::{VhostUserBackend, VhostUserRig};
 
 const ECHO_PORT: u16 = 7;
 const GUEST_PORT: u16 = 40_000;
@@ -87,23 +89,33 @@ fn histogram() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(100, 10_000_000_000, 3).map_err(|e| anyhow!("histogram: {e}"))
 }
 
-/// Measures `samples` round trips (after a short warm-up) with `engine`, idle or loaded.
-/// Must run inside the benchmark's namespace.
-pub fn measure(engine: BenchEngine, load: bool, samples: u64) -> Result<LatencyResult> {
+fn latency_guest() -> GuestConfig {
+    GuestConfig {
+        features: bench_features(),
+        rx_buffer_size: 2048,
+        ..GuestConfig::default()
+    }
+}
+
+/// Measures `samples` round trips (after a short warm-up) with `engine`, idle or loaded
+/// (`backend`: the vhost-user backend, for [`BenchEngine::VhostUser`]). Must run inside the
+/// benchmark's namespace.
+pub fn measure(
+    engine: BenchEngine,
+    load: bool,
+    samples: u64,
+    backend: Option<&VhostUserBackend>,
+) -> Result<LatencyResult> {
     match engine {
         BenchEngine::Datapath(kind) => {
-            let guest = GuestConfig {
-                features: bench_features(),
-                rx_buffer_size: 2048,
-                ..GuestConfig::default()
-            };
             let mut rig = Rig::start(&RigConfig {
-                guest,
+                guest: latency_guest(),
                 ..RigConfig::new(kind, 1)
             })?;
             let echo = start_echo()?;
             let loader = start_load(load)?;
-            let result = guest_round_trips(&mut rig, samples);
+            let (rx, tx) = rig.take(0);
+            let result = guest_round_trips(rx, tx, rig.host_mac, samples);
             if let Some(l) = loader {
                 l.stop_and_join()?;
             }
@@ -125,6 +137,21 @@ pub fn measure(engine: BenchEngine, load: bool, samples: u64) -> Result<LatencyR
             rig::wait_tap_gone()?;
             Ok(summarize(engine, load, &result?))
         }
+        BenchEngine::VhostUser => {
+            let backend =
+                backend.ok_or_else(|| anyhow!("the vhost-user engine needs a backend"))?;
+            let mut rig = VhostUserRig::start(backend, latency_guest(), 1500, &[None])?;
+            let echo = start_echo()?;
+            let loader = start_load(load)?;
+            let (rx, tx) = rig.take(0);
+            let result = guest_round_trips(rx, tx, rig.host_mac, samples);
+            if let Some(l) = loader {
+                l.stop_and_join()?;
+            }
+            echo.stop_and_join()?;
+            rig.shutdown()?;
+            Ok(summarize(engine, load, &result?))
+        }
     }
 }
 
@@ -135,9 +162,13 @@ fn is_reply(frame: &[u8], seq: u64) -> bool {
         .is_some_and(|(_, s)| s == seq)
 }
 
-fn guest_round_trips(rig: &mut Rig, samples: u64) -> Result<Histogram<u64>> {
-    let (mut rx, mut tx) = rig.take(0);
-    let flow = request_flow(rig.host_mac);
+fn guest_round_trips(
+    mut rx: RxDriver,
+    mut tx: TxDriver,
+    host_mac: [u8; 6],
+    samples: u64,
+) -> Result<Histogram<u64>> {
+    let flow = request_flow(host_mac);
     let mut buf = vec![0u8; 256];
     let mut h = histogram()?;
     let warmup = samples / 10 + 10;

@@ -13,14 +13,15 @@ pub struct ThroughputResult {
     pub frame: usize,
     /// Queue pairs.
     pub queues: usize,
-    /// `uring`, `classic` or `floor`.
+    /// `uring`, `classic`, `floor` or `vhost-user`.
     pub engine: String,
     /// Median packets per second.
     pub pps: f64,
     /// Median Gbit/s of Ethernet frames (no vnet header).
     pub gbps: f64,
-    /// Median datapath CPU ns per packet (worker threads; for `floor`, the floor thread).
-    pub cpu_ns_per_packet: f64,
+    /// Median datapath CPU ns per packet (worker threads; for `floor`, the floor thread; for
+    /// `vhost-user`, the backend process; None where it could not be read).
+    pub cpu_ns_per_packet: Option<f64>,
     /// Lowest and highest pps of the repeats.
     pub pps_min: f64,
     /// Highest pps of the repeats.
@@ -31,20 +32,24 @@ pub struct ThroughputResult {
     pub peer_pps: f64,
     /// CPU share (0..1 per thread) the peer used: near 1 means the peer may be the limit.
     pub peer_cpu: f64,
-    /// Datapath CPU share (0..1 per worker thread).
-    pub datapath_cpu: f64,
+    /// Datapath CPU share (0..1 per worker thread; None where unknown).
+    pub datapath_cpu: Option<f64>,
     /// Frames the guest-side driver saw (rx) or pushed (tx) per second.
     pub guest_pps: f64,
-    /// Dropped or refused frames counted by the datapath during the measurement.
-    pub datapath_drops: u64,
-    /// Packets moved per wait for the kernel (io_uring_enter / epoll_wait): the batch size.
-    pub packets_per_wait: f64,
-    /// Guest kicks per packet.
+    /// Dropped or refused frames counted by the datapath during the measurement (None for
+    /// `vhost-user`: the backend's counters are out of reach).
+    pub datapath_drops: Option<u64>,
+    /// Packets moved per wait for the kernel (io_uring_enter / epoll_wait): the batch size
+    /// (None for `vhost-user`).
+    pub packets_per_wait: Option<f64>,
+    /// Guest kicks per packet (the kick wake-ups the datapath counted; for `vhost-user`, the
+    /// kicks the guest sent).
     pub kicks_per_packet: f64,
-    /// Interrupts raised per packet.
+    /// Interrupts raised per packet (for `vhost-user`, as the guest received them).
     pub interrupts_per_packet: f64,
     /// Heap allocations per packet during the measurement window, whole process (the largest
-    /// of the repeats; None where not counted, e.g. the floor or a library caller).
+    /// of the repeats; None where not counted, e.g. the floor, a vhost-user backend or a
+    /// library caller).
     pub allocations_per_packet: Option<f64>,
     /// Warnings (peer-limited, drops, ...).
     pub notes: Vec<String>,
@@ -68,7 +73,7 @@ pub struct Report {
 /// Round trips guest -> host echo -> guest (or, for `floor`, TAP -> host echo -> TAP).
 #[derive(Clone, Debug, Serialize)]
 pub struct LatencyResult {
-    /// `uring`, `classic` or `floor`.
+    /// `uring`, `classic`, `floor` or `vhost-user`.
     pub engine: String,
     /// `idle`, or `loaded` (a host->guest stream runs meanwhile).
     pub load: String,
@@ -162,6 +167,14 @@ impl Report {
         })
     }
 
+    /// Whether rows other than uring / classic / floor are there (they get a "vs uring"
+    /// column).
+    fn has_other_engines(&self) -> bool {
+        self.results
+            .iter()
+            .any(|r| !matches!(r.engine.as_str(), "uring" | "classic" | "floor"))
+    }
+
     /// The cells of one row, shared by the table and the Markdown.
     fn row(&self, r: &ThroughputResult) -> Vec<String> {
         let vs = |engine: &str| {
@@ -169,7 +182,8 @@ impl Report {
                 .map(|o| ratio(r.pps, o.pps))
                 .unwrap_or_default()
         };
-        vec![
+        let opt = |v: Option<f64>, f: fn(f64) -> String| v.map_or_else(|| "-".to_owned(), f);
+        let mut row = vec![
             r.scenario.clone(),
             r.frame.to_string(),
             r.queues.to_string(),
@@ -177,16 +191,28 @@ impl Report {
             format!("{:.3}", r.pps / 1e6),
             format!("{:.3}..{:.3}", r.pps_min / 1e6, r.pps_max / 1e6),
             format!("{:.2}", r.gbps),
-            format!("{:.0}", r.cpu_ns_per_packet),
-            format!("{:.1}", r.packets_per_wait),
+            opt(r.cpu_ns_per_packet, |v| format!("{v:.0}")),
+            opt(r.packets_per_wait, |v| format!("{v:.1}")),
             format!("{:.3}", r.kicks_per_packet),
             format!("{:.3}", r.interrupts_per_packet),
             r.allocations_per_packet
                 .map_or_else(|| "-".to_owned(), |a| format!("{a:.4}")),
             format!("{:.3}", r.peer_pps / 1e6),
-            vs("classic"),
-            vs("floor"),
-        ]
+        ];
+        if self.has_other_engines() {
+            row.push(vs("uring"));
+        }
+        row.push(vs("classic"));
+        row.push(vs("floor"));
+        row
+    }
+
+    fn header(&self) -> Vec<String> {
+        let mut h: Vec<String> = Self::HEADER.iter().map(|s| (*s).to_owned()).collect();
+        if self.has_other_engines() {
+            h.insert(h.len() - 2, "vs uring".into());
+        }
+        h
     }
 
     const HEADER: [&'static str; 15] = [
@@ -301,10 +327,9 @@ impl Report {
         if self.results.is_empty() {
             return String::new();
         }
-        let rows: Vec<Vec<String>> =
-            std::iter::once(Self::HEADER.iter().map(|h| (*h).to_owned()).collect())
-                .chain(self.results.iter().map(|r| self.row(r)))
-                .collect();
+        let rows: Vec<Vec<String>> = std::iter::once(self.header())
+            .chain(self.results.iter().map(|r| self.row(r)))
+            .collect();
         let mut out = align(&rows, 4);
         for n in self.notes() {
             out.push_str(&format!("note: {n}\n"));
@@ -319,8 +344,12 @@ impl Report {
             "Run `{}` on {} CPUs ({}), kernel {}, {} s x {} repeats per cell, started {}.\n\n",
             m.command, m.cpus, m.cpu_model, m.kernel, m.duration_s, m.repeats, m.started
         );
-        out.push_str(&format!("| {} |\n", Self::HEADER.join(" | ")));
-        out.push_str("|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        let header = self.header();
+        out.push_str(&format!("| {} |\n", header.join(" | ")));
+        out.push_str(&format!(
+            "|---|---:|---:|---|---:|---|{}\n",
+            "---:|".repeat(header.len() - 6)
+        ));
         for r in &self.results {
             out.push_str(&format!("| {} |\n", self.row(r).join(" | ")));
         }

@@ -86,6 +86,13 @@ impl RigConfig {
 /// a namespace the caller made.
 pub fn host_tap(queues: usize, mtu: u16) -> Result<Tap, RigError> {
     let tap = Tap::open(TAP_NAME, queues)?;
+    configure_host_tap(mtu)?;
+    Ok(tap)
+}
+
+/// Gives the TAP (opened here or by a backend process in this namespace) the host address,
+/// the MTU, a static neighbour entry for the guest and no IPv6, and brings it up.
+pub fn configure_host_tap(mtu: u16) -> Result<(), RigError> {
     netns::sysctl_write(&format!("net/ipv6/conf/{TAP_NAME}/disable_ipv6"), "1").ok();
     netns::set_mtu(TAP_NAME, u32::from(mtu))?;
     netns::link_up(TAP_NAME)?;
@@ -95,7 +102,7 @@ pub fn host_tap(queues: usize, mtu: u16) -> Result<Tap, RigError> {
         &netns::format_mac(GUEST_MAC),
         TAP_NAME,
     )?;
-    Ok(tap)
+    Ok(())
 }
 
 /// Waits (up to 5 s) until the TAP is gone. A TAP disappears when its last queue fd closes, and

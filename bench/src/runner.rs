@@ -13,6 +13,13 @@
 //!
 //! Rates are the datapath's own counters over the measurement window (after a warm-up); CPU
 //! per packet is the worker threads' scheduler-accounted CPU time over the same window.
+//!
+//! `vhost-user` measures a vhost-user-net backend process (by default `tapir serve`) driven by
+//! the same simulated guest through the vhost-user protocol ([`crate::vhost_rig`]). Its
+//! counters are out of reach, so packets and bytes are counted on the guest side (TX chains
+//! the backend completed, RX frames the guest received), kicks and interrupts are the ones the
+//! guest sent and received, and CPU is the backend process's; batch size, drops and
+//! allocations are not known and reported as absent.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsFd;
@@ -33,6 +40,7 @@ use crate::peers::{
 };
 use crate::report::{median, HandoffResult, Meta, Report, ThroughputResult};
 use crate::rig::{self, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
+use crate::vhost_rig::{VhostUserBackend, VhostUserRig};
 
 /// Direction of a throughput scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,14 +92,17 @@ pub enum BenchEngine {
     Datapath(EngineKind),
     /// The raw TAP limit: batched io_uring I/O of prebuilt frames, no virtqueue.
     Floor,
+    /// The vhost-user backend of [`BenchOptions::backend`], driven over its socket.
+    VhostUser,
 }
 
 impl BenchEngine {
-    /// `uring`, `classic` or `floor`.
+    /// `uring`, `classic`, `floor` or `vhost-user`.
     pub fn name(self) -> String {
         match self {
             BenchEngine::Datapath(k) => k.to_string(),
             BenchEngine::Floor => "floor".into(),
+            BenchEngine::VhostUser => "vhost-user".into(),
         }
     }
 }
@@ -99,10 +110,13 @@ impl BenchEngine {
 impl std::str::FromStr for BenchEngine {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "floor" {
-            Ok(BenchEngine::Floor)
-        } else {
-            s.parse().map(BenchEngine::Datapath)
+        match s {
+            "floor" => Ok(BenchEngine::Floor),
+            "vhost-user" => Ok(BenchEngine::VhostUser),
+            _ => s
+                .parse()
+                .map(BenchEngine::Datapath)
+                .map_err(|_| format!("unknown engine {s:?} (uring, classic, floor or vhost-user)")),
         }
     }
 }
@@ -135,6 +149,8 @@ pub struct BenchOptions {
     pub handoff_rt_priority: Option<u8>,
     /// Round trips per latency run (0: no latency scenario).
     pub latency_samples: u64,
+    /// The vhost-user backend the `vhost-user` engine measures.
+    pub backend: Option<VhostUserBackend>,
 }
 
 impl BenchOptions {
@@ -248,14 +264,16 @@ fn to_guest_hdr(h: &VnetHdr) -> VirtioNetHdr {
 struct Sample {
     pps: f64,
     gbps: f64,
-    cpu_ns_per_packet: f64,
-    datapath_cpu: f64,
+    /// None where the CPU time is unknown (a backend process whose CPU cannot be read).
+    cpu_ns_per_packet: Option<f64>,
+    datapath_cpu: Option<f64>,
     peer_pps: f64,
     peer_cpu: f64,
     guest_pps: f64,
-    drops: u64,
-    /// Packets per wait for the kernel, kicks and interrupts per packet.
-    per_wait: f64,
+    /// None where the datapath's counters are out of reach (a vhost-user backend).
+    drops: Option<u64>,
+    /// Packets per wait for the kernel (None: unknown), kicks and interrupts per packet.
+    per_wait: Option<f64>,
     kicks: f64,
     interrupts: f64,
     allocs_per_packet: Option<f64>,
@@ -278,9 +296,79 @@ fn per_sec(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
+/// What the simulated guest's threads saw, summed over them.
+#[derive(Debug, Default)]
+struct GuestCounters {
+    /// Frames pushed (TX) plus frames received (RX): the guest's own rate.
+    packets: AtomicU64,
+    /// TX chains the device completed, and their frames' bytes.
+    tx_completed: AtomicU64,
+    tx_bytes: AtomicU64,
+    /// RX frames received, and their bytes (after the virtio-net header).
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    /// Kicks the guest sent, interrupts it received.
+    kicks: AtomicU64,
+    interrupts: AtomicU64,
+}
+
+/// A reading of [`GuestCounters`].
+#[derive(Clone, Copy, Debug, Default)]
+struct GuestCount {
+    packets: u64,
+    tx_completed: u64,
+    tx_bytes: u64,
+    rx_packets: u64,
+    rx_bytes: u64,
+    kicks: u64,
+    interrupts: u64,
+}
+
+impl GuestCounters {
+    fn read(&self) -> GuestCount {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        GuestCount {
+            packets: r(&self.packets),
+            tx_completed: r(&self.tx_completed),
+            tx_bytes: r(&self.tx_bytes),
+            rx_packets: r(&self.rx_packets),
+            rx_bytes: r(&self.rx_bytes),
+            kicks: r(&self.kicks),
+            interrupts: r(&self.interrupts),
+        }
+    }
+
+    /// Adds what a driver's kick and interrupt counters moved since `last`.
+    fn publish_notifications(&self, stats: &tapir_simguest::DriverStats, last: &mut (u64, u64)) {
+        if stats.kicks != last.0 {
+            self.kicks
+                .fetch_add(stats.kicks - last.0, Ordering::Relaxed);
+        }
+        if stats.interrupts != last.1 {
+            self.interrupts
+                .fetch_add(stats.interrupts - last.1, Ordering::Relaxed);
+        }
+        *last = (stats.kicks, stats.interrupts);
+    }
+}
+
+impl GuestCount {
+    fn delta(&self, before: &GuestCount) -> GuestCount {
+        GuestCount {
+            packets: self.packets - before.packets,
+            tx_completed: self.tx_completed - before.tx_completed,
+            tx_bytes: self.tx_bytes - before.tx_bytes,
+            rx_packets: self.rx_packets - before.rx_packets,
+            rx_bytes: self.rx_bytes - before.rx_bytes,
+            kicks: self.kicks - before.kicks,
+            interrupts: self.interrupts - before.interrupts,
+        }
+    }
+}
+
 struct GuestLoad {
     stop: Arc<AtomicBool>,
-    packets: Arc<AtomicU64>,
+    counters: Arc<GuestCounters>,
     threads: Vec<std::thread::JoinHandle<Result<()>>>,
 }
 
@@ -302,15 +390,21 @@ fn guest_tx_loop(
     hdr: VirtioNetHdr,
     frame: Vec<u8>,
     stop: Arc<AtomicBool>,
-    count: Arc<AtomicU64>,
+    c: Arc<GuestCounters>,
 ) -> Result<()> {
     cpu::pin_current_thread(0).ok();
     let prefilled = frame.len() > 1500;
     if prefilled {
         tx.prefill(&hdr, &frame)?;
     }
+    let len = u64::try_from(frame.len()).unwrap_or(0);
+    let mut notified = (0, 0);
     while !stop.load(Ordering::Relaxed) {
-        tx.reclaim();
+        let done = u64::try_from(tx.reclaim()).unwrap_or(0);
+        if done > 0 {
+            c.tx_completed.fetch_add(done, Ordering::Relaxed);
+            c.tx_bytes.fetch_add(done * len, Ordering::Relaxed);
+        }
         let mut n = 0u64;
         while n < 64 {
             let pushed = if prefilled {
@@ -325,24 +419,32 @@ fn guest_tx_loop(
         }
         if n > 0 {
             tx.flush();
-            count.fetch_add(n, Ordering::Relaxed);
+            c.packets.fetch_add(n, Ordering::Relaxed);
         } else {
             tx.wait(Duration::from_millis(5))?;
         }
+        c.publish_notifications(&tx.stats(), &mut notified);
     }
     Ok(())
 }
 
-fn guest_rx_loop(mut rx: RxDriver, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) -> Result<()> {
+fn guest_rx_loop(mut rx: RxDriver, stop: Arc<AtomicBool>, c: Arc<GuestCounters>) -> Result<()> {
     cpu::pin_current_thread(0).ok();
+    let mut notified = (0, 0);
     while !stop.load(Ordering::Relaxed) {
         rx.refill();
-        let got = rx.poll_with(|_, _| {})?;
+        let mut bytes = 0usize;
+        let got = rx.poll_with(|_, data| bytes += data.iter().map(|d| d.len()).sum::<usize>())?;
         if got > 0 {
-            count.fetch_add(u64::try_from(got).unwrap_or(0), Ordering::Relaxed);
+            let got = u64::try_from(got).unwrap_or(0);
+            c.packets.fetch_add(got, Ordering::Relaxed);
+            c.rx_packets.fetch_add(got, Ordering::Relaxed);
+            c.rx_bytes
+                .fetch_add(u64::try_from(bytes).unwrap_or(0), Ordering::Relaxed);
         } else {
             rx.wait(Duration::from_millis(5))?;
         }
+        c.publish_notifications(&rx.stats(), &mut notified);
     }
     Ok(())
 }
@@ -350,29 +452,29 @@ fn guest_rx_loop(mut rx: RxDriver, stop: Arc<AtomicBool>, count: Arc<AtomicU64>)
 /// The frames of each direction a scenario runs.
 type DirFrames = Vec<(Scenario, Vec<(VnetHdr, Vec<u8>)>)>;
 
-fn start_guest(rig: &mut Rig, dirs: &DirFrames) -> Result<GuestLoad> {
+/// Starts the guest threads of each queue pair's drivers (`drivers[i]` is pair `i`).
+fn start_guest(drivers: Vec<(RxDriver, TxDriver)>, dirs: &DirFrames) -> Result<GuestLoad> {
     let stop = Arc::new(AtomicBool::new(false));
-    let packets = Arc::new(AtomicU64::new(0));
+    let counters = Arc::new(GuestCounters::default());
     let mut threads = Vec::new();
-    for i in 0..rig.drivers.len() {
-        let (rx, tx) = rig.take(i);
+    for (i, (rx, tx)) in drivers.into_iter().enumerate() {
         let mut rx = Some(rx);
         let mut tx = Some(tx);
         for (dir, frames) in dirs {
-            let (stop, count) = (stop.clone(), packets.clone());
+            let (stop, c) = (stop.clone(), counters.clone());
             let t = match (dir, tx.take(), rx.take()) {
                 (Scenario::Tx, Some(tx), rx_back) => {
                     rx = rx_back;
                     let (h, f) = frames[i % frames.len()].clone();
                     std::thread::Builder::new()
                         .name(format!("guest-tx{i}"))
-                        .spawn(move || guest_tx_loop(tx, to_guest_hdr(&h), f, stop, count))?
+                        .spawn(move || guest_tx_loop(tx, to_guest_hdr(&h), f, stop, c))?
                 }
                 (_, tx_back, Some(rx)) => {
                     tx = tx_back;
                     std::thread::Builder::new()
                         .name(format!("guest-rx{i}"))
-                        .spawn(move || guest_rx_loop(rx, stop, count))?
+                        .spawn(move || guest_rx_loop(rx, stop, c))?
                 }
                 _ => bail!("a direction twice in one scenario"),
             };
@@ -381,7 +483,7 @@ fn start_guest(rig: &mut Rig, dirs: &DirFrames) -> Result<GuestLoad> {
     }
     Ok(GuestLoad {
         stop,
-        packets,
+        counters,
         threads,
     })
 }
@@ -468,15 +570,8 @@ fn measure_datapath(
     queues: usize,
     opts: &BenchOptions,
 ) -> Result<Sample> {
-    let guest = GuestConfig {
-        queue_pairs: u16::try_from(queues)?,
-        queue_size: 256,
-        features: bench_features(),
-        rx_buffer_size: 2048,
-        ..GuestConfig::default()
-    };
     let cfg = RigConfig {
-        guest,
+        guest: bench_guest(queues)?,
         cpu_affinity: (0..queues).map(worker_cpu).collect(),
         ..RigConfig::new(engine, u16::try_from(queues)?)
     };
@@ -490,18 +585,19 @@ fn measure_datapath(
         .iter()
         .map(|(d, f)| Peer::start(*d, frame, f))
         .collect::<Result<Vec<_>>>()?;
-    let load = start_guest(&mut rig, &dirs)?;
+    let drivers = (0..queues).map(|i| rig.take(i)).collect();
+    let load = start_guest(drivers, &dirs)?;
     std::thread::sleep(opts.warmup);
     let stats = rig.device().worker_stats();
     let cpu0: u64 = stats.iter().filter_map(|s| s.cpu_time_ns()).sum();
     let c0 = sum_counters(&rig.device().counters());
-    let g0 = load.packets.load(Ordering::Relaxed);
+    let g0 = load.counters.packets.load(Ordering::Relaxed);
     let a0 = crate::alloc_count::allocations();
     let t0 = Instant::now();
     std::thread::sleep(opts.duration);
     let elapsed = t0.elapsed();
     let c1 = sum_counters(&rig.device().counters());
-    let g1 = load.packets.load(Ordering::Relaxed);
+    let g1 = load.counters.packets.load(Ordering::Relaxed);
     let a1 = crate::alloc_count::allocations();
     let cpu1: u64 = stats.iter().filter_map(|s| s.cpu_time_ns()).sum();
     load.finish()?;
@@ -517,20 +613,94 @@ fn measure_datapath(
     Ok(sample(
         packets,
         bytes,
-        cpu_ns,
+        Some(cpu_ns),
         elapsed,
         queues,
         peer_pps,
         peer_cpu,
         per_sec(g1 - g0, elapsed),
-        d.rx_dropped_oversize
-            + d.rx_dropped_no_buffers
-            + d.tx_errors
-            + d.tx_malformed
-            + d.rx_malformed,
+        Some(
+            d.rx_dropped_oversize
+                + d.rx_dropped_no_buffers
+                + d.tx_errors
+                + d.tx_malformed
+                + d.rx_malformed,
+        ),
     )
     .with_counters(packets, &d)
     .with_allocations(a0.zip(a1).map(|(a, b)| b - a), packets))
+}
+
+/// The simulated guest of the throughput cells, for every engine.
+fn bench_guest(queues: usize) -> Result<GuestConfig> {
+    Ok(GuestConfig {
+        queue_pairs: u16::try_from(queues)?,
+        queue_size: 256,
+        features: bench_features(),
+        rx_buffer_size: 2048,
+        ..GuestConfig::default()
+    })
+}
+
+/// The `vhost-user` engine: the backend process started for this cell, the same guest,
+/// frames and peers as [`measure_datapath`]; packets and bytes counted by the guest.
+fn measure_vhost_user(
+    scenario: Scenario,
+    frame: usize,
+    queues: usize,
+    opts: &BenchOptions,
+) -> Result<Sample> {
+    let backend = opts
+        .backend
+        .as_ref()
+        .ok_or_else(|| anyhow!("the vhost-user engine needs a backend (--backend)"))?;
+    let cpus: Vec<Option<usize>> = (0..queues).map(worker_cpu).collect();
+    let mut rig = VhostUserRig::start(backend, bench_guest(queues)?, 1500, &cpus)
+        .context("starting the vhost-user backend")?;
+    let dirs: DirFrames = scenario
+        .directions()
+        .iter()
+        .map(|&d| Ok((d, build_frames(d, frame, queues.max(1) * 4, rig.host_mac)?)))
+        .collect::<Result<_>>()?;
+    let peers = dirs
+        .iter()
+        .map(|(d, f)| Peer::start(*d, frame, f))
+        .collect::<Result<Vec<_>>>()?;
+    let drivers = (0..queues).map(|i| rig.take(i)).collect();
+    let load = start_guest(drivers, &dirs)?;
+    std::thread::sleep(opts.warmup);
+    let cpu0 = rig.backend_cpu_ns();
+    let g0 = load.counters.read();
+    let t0 = Instant::now();
+    std::thread::sleep(opts.duration);
+    let elapsed = t0.elapsed();
+    let g1 = load.counters.read();
+    let cpu1 = rig.backend_cpu_ns();
+    load.finish()?;
+    let (peer_pps, peer_cpu) = finish_peers(peers)?;
+    let notes = rig.shutdown()?;
+    let g = g1.delta(&g0);
+    let (packets, bytes) = match scenario {
+        Scenario::Tx => (g.tx_completed, g.tx_bytes),
+        Scenario::Rx => (g.rx_packets, g.rx_bytes),
+        Scenario::Bidir => (g.tx_completed + g.rx_packets, g.tx_bytes + g.rx_bytes),
+    };
+    let cpu_ns = cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a));
+    let mut s = sample(
+        packets,
+        bytes,
+        cpu_ns,
+        elapsed,
+        queues,
+        peer_pps,
+        peer_cpu,
+        per_sec(g.packets, elapsed),
+        None,
+    )
+    .with_guest_notifications(packets, &g);
+    s.per_wait = None;
+    s.notes.extend(notes);
+    Ok(s)
 }
 
 impl Sample {
@@ -543,9 +713,18 @@ impl Sample {
     #[allow(clippy::cast_precision_loss, reason = "ratios")]
     fn with_counters(mut self, packets: u64, d: &Counters) -> Sample {
         let p = packets.max(1) as f64;
-        self.per_wait = p / d.batches.max(1) as f64;
+        self.per_wait = Some(p / d.batches.max(1) as f64);
         self.kicks = (d.tx_kicks + d.rx_kicks) as f64 / p;
         self.interrupts = (d.tx_interrupts + d.rx_interrupts) as f64 / p;
+        self
+    }
+
+    /// Kicks and interrupts as the guest counted them (sent / received).
+    #[allow(clippy::cast_precision_loss, reason = "ratios")]
+    fn with_guest_notifications(mut self, packets: u64, g: &GuestCount) -> Sample {
+        let p = packets.max(1) as f64;
+        self.kicks = g.kicks as f64 / p;
+        self.interrupts = g.interrupts as f64 / p;
         self
     }
 }
@@ -558,28 +737,30 @@ impl Sample {
 fn sample(
     packets: u64,
     bytes: u64,
-    cpu_ns: u64,
+    cpu_ns: Option<u64>,
     elapsed: Duration,
     threads: usize,
     peer_pps: f64,
     peer_cpu: f64,
     guest_pps: f64,
-    drops: u64,
+    drops: Option<u64>,
 ) -> Sample {
     let mut s = Sample {
         pps: per_sec(packets, elapsed),
         gbps: per_sec(bytes, elapsed) * 8.0 / 1e9,
-        cpu_ns_per_packet: if packets > 0 {
-            cpu_ns as f64 / packets as f64
-        } else {
-            0.0
-        },
-        datapath_cpu: cpu_ns as f64 / elapsed.as_nanos() as f64 / threads.max(1) as f64,
+        cpu_ns_per_packet: cpu_ns.map(|c| {
+            if packets > 0 {
+                c as f64 / packets as f64
+            } else {
+                0.0
+            }
+        }),
+        datapath_cpu: cpu_ns.map(|c| c as f64 / elapsed.as_nanos() as f64 / threads.max(1) as f64),
         peer_pps,
         peer_cpu,
         guest_pps,
         drops,
-        per_wait: 0.0,
+        per_wait: Some(0.0),
         kicks: 0.0,
         interrupts: 0.0,
         allocs_per_packet: None,
@@ -591,7 +772,7 @@ fn sample(
             peer_cpu * 100.0
         ));
     }
-    if drops > 0 {
+    if let Some(drops) = drops.filter(|&d| d > 0) {
         s.notes
             .push(format!("{drops} frames dropped or refused by the datapath"));
     }
@@ -671,7 +852,15 @@ fn measure_floor(
     let elapsed = results.iter().map(|r| r.elapsed).max().unwrap_or(window);
     let errors: u64 = results.iter().map(|r| r.errors).sum();
     Ok(sample(
-        packets, bytes, cpu_ns, elapsed, queues, peer_pps, peer_cpu, 0.0, errors,
+        packets,
+        bytes,
+        Some(cpu_ns),
+        elapsed,
+        queues,
+        peer_pps,
+        peer_cpu,
+        0.0,
+        Some(errors),
     ))
 }
 
@@ -707,8 +896,13 @@ fn run_here(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Res
                     if load { "loaded" } else { "idle" }
                 ));
                 report.latency.push(
-                    crate::latency::measure(*engine, load, opts.latency_samples)
-                        .with_context(|| format!("latency {}", engine.name()))?,
+                    crate::latency::measure(
+                        *engine,
+                        load,
+                        opts.latency_samples,
+                        opts.backend.as_ref(),
+                    )
+                    .with_context(|| format!("latency {}", engine.name()))?,
                 );
             }
         }
@@ -753,6 +947,9 @@ fn run_here(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Res
                                 measure_datapath(kind, scenario, frame, queues, opts)
                             }
                             BenchEngine::Floor => measure_floor(scenario, frame, queues, opts),
+                            BenchEngine::VhostUser => {
+                                measure_vhost_user(scenario, frame, queues, opts)
+                            }
                         }
                         .with_context(|| {
                             format!("{} {frame} q{queues} {}", scenario.name(), engine.name())
@@ -779,6 +976,11 @@ fn summarize(
     runs: &[Sample],
 ) -> ThroughputResult {
     let col = |f: fn(&Sample) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    // The median of the repeats that know the value; None if none does.
+    let known = |f: fn(&Sample) -> Option<f64>| {
+        let v: Vec<f64> = runs.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(&v))
+    };
     let pps: Vec<f64> = runs.iter().map(|s| s.pps).collect();
     let mut notes: Vec<String> = runs.iter().flat_map(|s| s.notes.clone()).collect();
     notes.sort();
@@ -790,16 +992,16 @@ fn summarize(
         engine: engine.name(),
         pps: median(&pps),
         gbps: col(|s| s.gbps),
-        cpu_ns_per_packet: col(|s| s.cpu_ns_per_packet),
+        cpu_ns_per_packet: known(|s| s.cpu_ns_per_packet),
         pps_min: pps.iter().copied().fold(f64::INFINITY, f64::min),
         pps_max: pps.iter().copied().fold(0.0, f64::max),
         pps_runs: pps,
         peer_pps: col(|s| s.peer_pps),
         peer_cpu: col(|s| s.peer_cpu),
-        datapath_cpu: col(|s| s.datapath_cpu),
+        datapath_cpu: known(|s| s.datapath_cpu),
         guest_pps: col(|s| s.guest_pps),
-        datapath_drops: runs.iter().map(|s| s.drops).sum(),
-        packets_per_wait: col(|s| s.per_wait),
+        datapath_drops: runs.iter().map(|s| s.drops).sum::<Option<u64>>(),
+        packets_per_wait: known(|s| s.per_wait),
         kicks_per_packet: col(|s| s.kicks),
         interrupts_per_packet: col(|s| s.interrupts),
         allocations_per_packet: runs
@@ -840,7 +1042,7 @@ fn measure_handoffs(
     queues: usize,
     opts: &BenchOptions,
 ) -> Result<HandoffResult> {
-    let exe = std::env::current_exe().context("locating the tapir binary")?;
+    let exe = crate::self_exe();
     let guest = GuestConfig {
         queue_pairs: u16::try_from(queues)?,
         ..GuestConfig::default()

@@ -101,6 +101,29 @@ enum SessionEnd {
     HandedOff,
 }
 
+/// Removes a socket file a previous daemon left at `path`; refuses to touch anything else,
+/// and a socket something still listens on.
+fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let fail = |what: &str| {
+        ServeError::Socket(
+            format!("{} {what}", path.display()),
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        )
+    };
+    if !meta.file_type().is_socket() {
+        return Err(fail("exists and is not a socket"));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(fail("is in use by a running backend"));
+    }
+    std::fs::remove_file(path)
+        .map_err(|e| ServeError::Socket(format!("removing stale {}", path.display()), e))
+}
+
 /// Runs `tapir serve` until it is handed off (returns `Ok`) or fails.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let tap = Tap::open(&opts.tap, usize::from(opts.session.queue_pairs))?;
@@ -111,11 +134,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     );
     let vhost_listener = match &opts.endpoint {
         Endpoint::Server(path) => {
-            if path.exists() {
-                std::fs::remove_file(path).map_err(|e| {
-                    ServeError::Socket(format!("removing stale {}", path.display()), e)
-                })?;
-            }
+            remove_stale_socket(path)?;
             Some(
                 UnixListener::bind(path)
                     .map_err(|e| ServeError::Socket(format!("binding {}", path.display()), e))?,
