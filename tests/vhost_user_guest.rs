@@ -95,6 +95,13 @@ fn sh(args: &[&str]) {
     );
 }
 
+/// Gives `dev` in `ns` the host's address and brings it up.
+fn host_address(ns: &Netns, dev: &str) {
+    let addr = format!("{HOST_IP}/24");
+    sh(&["ip", "-n", &ns.name, "addr", "add", &addr, "dev", dev]);
+    sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
+}
+
 /// A network namespace of this test, deleted on drop.
 struct Netns {
     name: String,
@@ -252,17 +259,7 @@ fn setup(engine: &str, queues: u16, mode: Mode) -> Setup {
         spawn_serve(&ns, &socket, &tap, queues, engine, Some(&handoff), mode);
     let mut children = Children::default();
     children.0.push(serve);
-    sh(&[
-        "ip",
-        "-n",
-        &ns.name,
-        "addr",
-        "add",
-        &format!("{HOST_IP}/24"),
-        "dev",
-        &tap,
-    ]);
-    sh(&["ip", "-n", &ns.name, "link", "set", &tap, "up"]);
+    host_address(&ns, &tap);
     Setup {
         ns,
         children,
@@ -912,17 +909,7 @@ fn guest_live_migrates_between_backends_mid_stream() {
         sh(&["ip", "-n", &ns.name, "link", "set", tap, "master", &br]);
         sh(&["ip", "-n", &ns.name, "link", "set", tap, "up"]);
     }
-    sh(&[
-        "ip",
-        "-n",
-        &ns.name,
-        "addr",
-        "add",
-        &format!("{HOST_IP}/24"),
-        "dev",
-        &br,
-    ]);
-    sh(&["ip", "-n", &ns.name, "link", "set", &br, "up"]);
+    host_address(&ns, &br);
     // Host side: stream STREAM bytes to the guest, paced so that the stream outlasts the
     // migration, and say when it is under way.
     let (started_tx, started_rx) = mpsc::channel();

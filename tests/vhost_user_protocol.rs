@@ -41,27 +41,17 @@ impl Serve {
             std::process::id(),
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        let mut child = Command::new(TAPIR)
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .args([
-                "--tap",
-                TAP_NAME,
-                "--queues",
-                &queues.to_string(),
-                "--engine",
-                engine,
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, events) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let queues = queues.to_string();
+        let (child, events) = spawn_serve(&[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--tap",
+            TAP_NAME,
+            "--queues",
+            &queues,
+            "--engine",
+            engine,
+        ]);
         let serve = Serve {
             child,
             events,
@@ -75,15 +65,7 @@ impl Serve {
     }
 
     fn wait_event(&self, what: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(l) if l.contains(what) => return l,
-                Ok(_) => continue,
-                Err(_) => panic!("tapir serve never said {what:?}"),
-            }
-        }
+        wait_for(&self.events, what)
     }
 
     fn connect(&self) -> Frontend {
@@ -94,6 +76,36 @@ impl Serve {
                 Err(e) if Instant::now() > deadline => panic!("connecting to tapir serve: {e}"),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
+        }
+    }
+}
+
+/// `tapir serve ARGS` in the calling thread's namespace, its stdout events on a channel.
+fn spawn_serve(args: &[&str]) -> (Child, Receiver<String>) {
+    let mut child = Command::new(TAPIR)
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, events) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, events)
+}
+
+/// The next event line containing `what` (panics after 10 s).
+fn wait_for(events: &Receiver<String>, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) if l.contains(what) => return l,
+            Ok(_) => continue,
+            Err(_) => panic!("tapir serve never said {what:?}"),
         }
     }
 }
@@ -398,34 +410,8 @@ fn an_idle_daemon_and_a_half_built_session_are_handed_over() {
             std::env::temp_dir().join(format!("tapir-vu-idle-{}.handoff", std::process::id()));
         let socket =
             std::env::temp_dir().join(format!("tapir-vu-idle-{}.sock", std::process::id()));
-        let spawn = |args: &[&str]| {
-            let mut c = Command::new(TAPIR)
-                .arg("serve")
-                .args(args)
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let (tx, rx) = mpsc::channel();
-            let out = c.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-            (c, rx)
-        };
-        let wait = |rx: &Receiver<String>, what: &str| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(l) if l.contains(what) => return l,
-                    Ok(_) => continue,
-                    Err(_) => panic!("no {what:?} event"),
-                }
-            }
-        };
         let mut children = Vec::new();
-        let (first, first_events) = spawn(&[
+        let (first, first_events) = spawn_serve(&[
             "--socket",
             socket.to_str().unwrap(),
             "--tap",
@@ -434,40 +420,40 @@ fn an_idle_daemon_and_a_half_built_session_are_handed_over() {
             handoff.to_str().unwrap(),
         ]);
         children.push(first);
-        wait(&first_events, "listening");
+        wait_for(&first_events, "listening");
         netns::link_up(TAP_NAME).unwrap();
         netns::add_addr(TAP_NAME, &format!("{HOST_IP}/24")).unwrap();
         // 1. No frontend: the sockets and the TAP move.
-        let (second, second_events) = spawn(&["--takeover", handoff.to_str().unwrap()]);
+        let (second, second_events) = spawn_serve(&["--takeover", handoff.to_str().unwrap()]);
         children.push(second);
-        let running = wait(&second_events, "\"running\"");
+        let running = wait_for(&second_events, "\"running\"");
         assert!(running.contains("\"frontend\":false"), "{running}");
-        wait(&first_events, "handoff_committed");
+        wait_for(&first_events, "handoff_committed");
         assert!(
             children[0].wait().unwrap().success(),
             "the first daemon did not exit cleanly"
         );
         // 2. A frontend that negotiated but started no ring yet.
         let mut fe = Frontend::connect(&socket, 64).expect("the successor serves the socket");
-        wait(&second_events, "connected");
+        wait_for(&second_events, "connected");
         let offered = fe.get_features().unwrap();
         let g = guest();
         fe.set_features(
             (g.features() & offered) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
         )
         .unwrap();
-        let (third, third_events) = spawn(&["--takeover", handoff.to_str().unwrap()]);
+        let (third, third_events) = spawn_serve(&["--takeover", handoff.to_str().unwrap()]);
         children.push(third);
-        let running = wait(&third_events, "\"running\"");
+        let running = wait_for(&third_events, "\"running\"");
         assert!(
             running.contains("\"frontend\":true") && running.contains("\"pairs\":[]"),
             "{running}"
         );
-        wait(&second_events, "handoff_committed");
+        wait_for(&second_events, "handoff_committed");
         // The same connection goes on with the successor: rings, then frames.
         let mut g = g;
         attach(&mut fe, &g, 0);
-        wait(&third_events, "\"running\":[0]");
+        wait_for(&third_events, "\"running\":[0]");
         arp_round_trip(&mut g, "after two idle handoffs");
         for mut c in children {
             let _ = c.kill();

@@ -112,27 +112,18 @@ pub fn measure(
                 guest: latency_guest(),
                 ..RigConfig::new(kind, 1)
             })?;
-            let echo = start_echo()?;
-            let loader = start_load(load)?;
             let (rx, tx) = rig.take(0);
-            let result = guest_round_trips(rx, tx, rig.host_mac, samples);
-            if let Some(l) = loader {
-                l.stop_and_join()?;
-            }
-            echo.stop_and_join()?;
+            let host_mac = rig.host_mac;
+            let result = with_echo(load, || guest_round_trips(rx, tx, host_mac, samples))?;
             rig.shutdown()?;
             Ok(summarize(engine, load, &result?))
         }
         BenchEngine::Floor => {
             let tap = rig::host_tap(1, 1500)?;
             let host_mac = netns::iface_mac(TAP_NAME)?;
-            let echo = start_echo()?;
-            let loader = start_load(load)?;
-            let result = tap_round_trips(tap.queues()[0].as_fd(), host_mac, samples);
-            if let Some(l) = loader {
-                l.stop_and_join()?;
-            }
-            echo.stop_and_join()?;
+            let result = with_echo(load, || {
+                tap_round_trips(tap.queues()[0].as_fd(), host_mac, samples)
+            })?;
             drop(tap);
             rig::wait_tap_gone()?;
             Ok(summarize(engine, load, &result?))
@@ -141,18 +132,26 @@ pub fn measure(
             let backend =
                 backend.ok_or_else(|| anyhow!("the vhost-user engine needs a backend"))?;
             let mut rig = VhostUserRig::start(backend, latency_guest(), 1500, &[None])?;
-            let echo = start_echo()?;
-            let loader = start_load(load)?;
             let (rx, tx) = rig.take(0);
-            let result = guest_round_trips(rx, tx, rig.host_mac, samples);
-            if let Some(l) = loader {
-                l.stop_and_join()?;
-            }
-            echo.stop_and_join()?;
+            let host_mac = rig.host_mac;
+            let result = with_echo(load, || guest_round_trips(rx, tx, host_mac, samples))?;
             rig.shutdown()?;
             Ok(summarize(engine, load, &result?))
         }
     }
+}
+
+/// Runs `round_trips` while the host echo (and, if `load`, the load generator) runs; the
+/// peers' own failures come first, the round trips' result second.
+fn with_echo<T>(load: bool, round_trips: impl FnOnce() -> T) -> Result<T> {
+    let echo = start_echo()?;
+    let loader = start_load(load)?;
+    let result = round_trips();
+    if let Some(l) = loader {
+        l.stop_and_join()?;
+    }
+    echo.stop_and_join()?;
+    Ok(result)
 }
 
 fn is_reply(frame: &[u8], seq: u64) -> bool {

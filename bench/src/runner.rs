@@ -452,6 +452,25 @@ fn guest_rx_loop(mut rx: RxDriver, stop: Arc<AtomicBool>, c: Arc<GuestCounters>)
 /// The frames of each direction a scenario runs.
 type DirFrames = Vec<(Scenario, Vec<(VnetHdr, Vec<u8>)>)>;
 
+/// The frames of each direction of `scenario` and the host peers that send or sink them.
+fn start_traffic(
+    scenario: Scenario,
+    frame: usize,
+    queues: usize,
+    host_mac: [u8; 6],
+) -> Result<(DirFrames, Vec<Peer>)> {
+    let dirs: DirFrames = scenario
+        .directions()
+        .iter()
+        .map(|&d| Ok((d, build_frames(d, frame, queues.max(1) * 4, host_mac)?)))
+        .collect::<Result<_>>()?;
+    let peers = dirs
+        .iter()
+        .map(|(d, f)| Peer::start(*d, frame, f))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((dirs, peers))
+}
+
 /// Starts the guest threads of each queue pair's drivers (`drivers[i]` is pair `i`).
 fn start_guest(drivers: Vec<(RxDriver, TxDriver)>, dirs: &DirFrames) -> Result<GuestLoad> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -576,15 +595,7 @@ fn measure_datapath(
         ..RigConfig::new(engine, u16::try_from(queues)?)
     };
     let mut rig = Rig::start(&cfg).context("starting the rig")?;
-    let dirs: DirFrames = scenario
-        .directions()
-        .iter()
-        .map(|&d| Ok((d, build_frames(d, frame, queues.max(1) * 4, rig.host_mac)?)))
-        .collect::<Result<_>>()?;
-    let peers = dirs
-        .iter()
-        .map(|(d, f)| Peer::start(*d, frame, f))
-        .collect::<Result<Vec<_>>>()?;
+    let (dirs, peers) = start_traffic(scenario, frame, queues, rig.host_mac)?;
     let drivers = (0..queues).map(|i| rig.take(i)).collect();
     let load = start_guest(drivers, &dirs)?;
     std::thread::sleep(opts.warmup);
@@ -657,15 +668,7 @@ fn measure_vhost_user(
     let cpus: Vec<Option<usize>> = (0..queues).map(worker_cpu).collect();
     let mut rig = VhostUserRig::start(backend, bench_guest(queues)?, 1500, &cpus)
         .context("starting the vhost-user backend")?;
-    let dirs: DirFrames = scenario
-        .directions()
-        .iter()
-        .map(|&d| Ok((d, build_frames(d, frame, queues.max(1) * 4, rig.host_mac)?)))
-        .collect::<Result<_>>()?;
-    let peers = dirs
-        .iter()
-        .map(|(d, f)| Peer::start(*d, frame, f))
-        .collect::<Result<Vec<_>>>()?;
+    let (dirs, peers) = start_traffic(scenario, frame, queues, rig.host_mac)?;
     let drivers = (0..queues).map(|i| rig.take(i)).collect();
     let load = start_guest(drivers, &dirs)?;
     std::thread::sleep(opts.warmup);

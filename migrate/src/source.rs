@@ -190,32 +190,18 @@ pub fn hand_off(
         Err(ChannelError::Timeout(d)) => {
             // A successor that is alive but silent could still send RUNNING and run: fence it
             // before taking the rings back.
-            tracing::error!(
-                pid = ch.peer_pid(),
-                ?d,
-                "successor silent after GO; killing it"
-            );
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(ch.peer_pid()),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            match ch.recv(Some(t.switch)) {
-                Ok(msg) if msg.kind == protocol::RUNNING => {
-                    tracing::error!(
-                        "successor said RUNNING before it was killed; the device is down"
-                    );
-                    Ok(Outcome::Committed(HandoffReport {
-                        successor_pid: ch.peer_pid(),
-                        quiesce_ns,
-                        running_ns: 0,
-                        switch_sent_ns: quiesced_ns,
-                        ready_ns,
-                    }))
-                }
-                _ => {
-                    source.resume()?;
-                    Ok(Outcome::RolledBack(ChannelError::Timeout(d).into()))
-                }
+            if fence_silent_successor(ch, d, t, "GO") {
+                tracing::error!("successor said RUNNING before it was killed; the device is down");
+                Ok(Outcome::Committed(HandoffReport {
+                    successor_pid: ch.peer_pid(),
+                    quiesce_ns,
+                    running_ns: 0,
+                    switch_sent_ns: quiesced_ns,
+                    ready_ns,
+                }))
+            } else {
+                source.resume()?;
+                Ok(Outcome::RolledBack(ChannelError::Timeout(d).into()))
             }
         }
         Err(e) => {
@@ -274,22 +260,35 @@ pub fn hand_off_state(
         )),
         Err(ChannelError::Timeout(d)) => {
             // Silent but alive: it could still take the state and run. Fence it first.
-            tracing::error!(
-                pid = ch.peer_pid(),
-                ?d,
-                "successor silent after STATE_ONLY; killing it"
-            );
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(ch.peer_pid()),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            match ch.recv(Some(t.switch)) {
-                Ok(msg) if msg.kind == protocol::RUNNING => Ok(Outcome::Committed(report(0))),
-                _ => Ok(Outcome::RolledBack(ChannelError::Timeout(d).into())),
+            if fence_silent_successor(ch, d, t, "STATE_ONLY") {
+                Ok(Outcome::Committed(report(0)))
+            } else {
+                Ok(Outcome::RolledBack(ChannelError::Timeout(d).into()))
             }
         }
         Err(e) => Ok(Outcome::RolledBack(e.into())),
     }
+}
+
+/// Kills a successor that stayed silent for `waited` after `after` (by the pid its socket
+/// credentials gave), then drains the socket: true if a RUNNING had arrived before it died,
+/// in which case the successor owns the device and the source must not take it back.
+fn fence_silent_successor(
+    ch: &Channel,
+    waited: std::time::Duration,
+    t: Timeouts,
+    after: &str,
+) -> bool {
+    tracing::error!(
+        pid = ch.peer_pid(),
+        ?waited,
+        "successor silent after {after}; killing it"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ch.peer_pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    matches!(ch.recv(Some(t.switch)), Ok(msg) if msg.kind == protocol::RUNNING)
 }
 
 fn check_hello(ch: &Channel, t: Timeouts) -> Result<(), MigrateError> {
