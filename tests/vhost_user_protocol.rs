@@ -308,24 +308,26 @@ fn the_dirty_log_shows_what_the_device_wrote() {
             log
         };
         // tapir moves its marks into the shared log every few milliseconds while LOG_ALL is
-        // on, and always when a ring stops.
+        // on, and always when a ring stops. The RX buffer the ARP reply landed in is a page
+        // of the buffer region (the simulated guest keeps rings and buffers apart).
+        let buffers = g.regions().iter().map(|r| r.guest_addr).max().unwrap();
+        let buffer_pages = |log: &[u8]| {
+            (usize::try_from(buffers / 4096).unwrap()..usize::try_from(top / 4096).unwrap())
+                .filter(|&p| log[p / 8] & (1 << (p % 8)) != 0)
+                .count()
+        };
+        let logged =
+            |log: &[u8]| log_bit(log, rx_used) && log_bit(log, tx_used) && buffer_pages(log) >= 1;
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut log = read_log();
-        while !(log_bit(&log, rx_used) && log_bit(&log, tx_used)) && Instant::now() < deadline {
+        while !logged(&log) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
             log = read_log();
         }
         assert!(log_bit(&log, rx_used), "RX used ring page not logged");
         assert!(log_bit(&log, tx_used), "TX used ring page not logged");
-        // The RX buffer the ARP reply landed in: a page of the buffer region (the simulated
-        // guest keeps rings and buffers in separate regions).
-        let buffers = g.regions().iter().map(|r| r.guest_addr).max().unwrap();
-        let first = usize::try_from(buffers / 4096).unwrap();
-        let buffer_pages = (first..usize::try_from(top / 4096).unwrap())
-            .filter(|&p| log[p / 8] & (1 << (p % 8)) != 0)
-            .count();
         assert!(
-            buffer_pages >= 1,
+            buffer_pages(&log) >= 1,
             "no RX buffer page logged (the ARP reply's)"
         );
         // Nothing beyond guest memory.
@@ -461,5 +463,34 @@ fn an_idle_daemon_and_a_half_built_session_are_handed_over() {
         }
         let _ = std::fs::remove_file(&socket);
         let _ = std::fs::remove_file(&handoff);
+    });
+}
+
+/// A request whose reply carries data cannot be answered with a failure: asking for the base
+/// of a vring the device does not have ends the session (rather than hanging the frontend),
+/// and the daemon waits for the next.
+#[test]
+fn an_unanswerable_request_ends_the_session_not_the_daemon() {
+    common::in_netns("unanswerable", || {
+        let serve = Serve::start("uring", 1);
+        let mut s = UnixStream::connect(&serve.socket).unwrap();
+        // GET_VRING_BASE (11) for vring 9, version 1: header + VhostUserVringState.
+        let mut msg: Vec<u8> = [11u32, 1, 8].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        msg.extend_from_slice(&9u32.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        s.write_all(&msg).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(
+            std::io::Read::read(&mut s, &mut b).unwrap_or(0),
+            0,
+            "tapir answered a GET_VRING_BASE it cannot serve"
+        );
+        serve.wait_event("disconnected");
+        let mut fe = serve.connect();
+        let mut g = guest();
+        attach(&mut fe, &g, 0);
+        serve.wait_event("\"running\":[0]");
+        arp_round_trip(&mut g, "after an unanswerable request");
     });
 }

@@ -128,6 +128,9 @@ pub enum RequestError {
     /// An fd or eventfd.
     #[error("{0}: {1}")]
     Os(&'static str, #[source] std::io::Error),
+    /// Restarting the device failed after the request itself was answered.
+    #[error("after the reply: {0}")]
+    AfterReply(#[source] Box<RequestError>),
 }
 
 fn invalid(s: impl Into<String>) -> RequestError {
@@ -238,9 +241,10 @@ impl Session {
         let need_ack =
             req.header.is_need_reply() && self.has_protocol(VhostUserProtocolFeatures::REPLY_ACK);
         let result = self.dispatch(conn, &req);
-        let result = result.and_then(|replied| {
-            self.reconcile()?;
-            Ok(replied)
+        let result = result.and_then(|replied| match self.reconcile() {
+            Ok(()) => Ok(replied),
+            Err(e) if replied => Err(RequestError::AfterReply(Box::new(e))),
+            Err(e) => Err(e),
         });
         match result {
             Ok(true) => Ok(()),
@@ -250,9 +254,16 @@ impl Session {
                 }
                 Ok(())
             }
+            Err(e) if expects_reply(code) && !replied_already(&e) => {
+                // The frontend waits for this reply; a made-up one would be a lie and none
+                // would hang it: end the session instead.
+                tracing::warn!(?code, error = %e, "vhost-user request that needs a reply failed");
+                Err(WireError::Malformed(format!("{code:?}: {e}")))
+            }
             Err(e) => {
                 tracing::warn!(?code, error = %e, "vhost-user request failed");
-                if need_ack {
+                // A request answered with data got its reply already: no second one.
+                if need_ack && !expects_reply(code) {
                     conn.reply(&req.header, VhostUserU64::new(1).as_slice(), &[])?;
                 }
                 Ok(())
@@ -846,6 +857,26 @@ impl Session {
             .map_err(|e| RequestError::Os("dup of a TAP queue", e))?;
         Ok(TapQueue::adopt(fd)?)
     }
+}
+
+/// Requests whose reply carries data (not just a REPLY_ACK status).
+fn expects_reply(code: Option<FrontendReq>) -> bool {
+    matches!(
+        code,
+        Some(
+            FrontendReq::GET_FEATURES
+                | FrontendReq::GET_PROTOCOL_FEATURES
+                | FrontendReq::GET_QUEUE_NUM
+                | FrontendReq::GET_MAX_MEM_SLOTS
+                | FrontendReq::GET_VRING_BASE
+                | FrontendReq::SET_LOG_BASE
+        )
+    )
+}
+
+/// Whether the error happened after the reply went out (reconciling the device afterwards).
+fn replied_already(e: &RequestError) -> bool {
+    matches!(e, RequestError::AfterReply(_))
 }
 
 fn wire_to_request(e: WireError) -> RequestError {
