@@ -793,15 +793,7 @@ fn measure_floor(
     for q in tap.queues() {
         q.set_offload_from_features(bench_features())?;
     }
-    let dirs: DirFrames = scenario
-        .directions()
-        .iter()
-        .map(|&d| Ok((d, build_frames(d, frame, queues.max(1) * 4, host_mac)?)))
-        .collect::<Result<_>>()?;
-    let peers = dirs
-        .iter()
-        .map(|(d, f)| Peer::start(*d, frame, f))
-        .collect::<Result<Vec<_>>>()?;
+    let (dirs, peers) = start_traffic(scenario, frame, queues, host_mac)?;
     let window = opts.warmup + opts.duration;
     let results: Vec<floor::FloorResult> = std::thread::scope(|s| {
         let handles: Vec<_> = tap
