@@ -230,4 +230,72 @@ impl Virtqueue {
     pub fn positions(&self) -> (u16, u16) {
         (self.queue.next_avail(), self.queue.next_used())
     }
+
+    /// The head the guest put at avail-ring position `pos` (a free-running index).
+    pub fn avail_head(&self, mem: &GuestMemory, pos: u16) -> Option<u16> {
+        let slot = u64::from(pos % self.table.size.max(1));
+        let addr = self.queue.avail_ring() + 4 + 2 * slot;
+        mem.mmap()
+            .read_obj::<u16>(GuestAddress(addr))
+            .ok()
+            .map(u16::from_le)
+    }
+
+    /// Gives chains the device holds (popped, not used; `held` in pop order) back to the
+    /// guest, for a next owner that can only be told one ring index (a vhost-user base).
+    /// Held chains are not always the last ones popped (an RX read that filled fewer chains
+    /// than it was given returns the rest while a later read's chains are used), so the next
+    /// index is rewound only over the tail of the avail ring whose heads are all held: the
+    /// next owner pops those again. Held chains below that tail go back through the used
+    /// ring with length 0 (an empty buffer, which a driver drops and reposts). Rewinding over
+    /// a used chain would make the next owner fill a buffer the guest already took back, so
+    /// it is never done. Signals the guest if anything was used.
+    pub fn give_back(&mut self, mem: &GuestMemory, held: &[u16]) -> GiveBack {
+        let (mut base, _) = self.positions();
+        let mut left: Vec<u16> = held.to_vec();
+        let mut rewound = 0;
+        while !left.is_empty() {
+            let q = base.wrapping_sub(1);
+            let Some(k) = self
+                .avail_head(mem, q)
+                .and_then(|head| left.iter().position(|&h| h == head))
+            else {
+                break;
+            };
+            left.remove(k);
+            base = q;
+            rewound += 1;
+        }
+        for &h in &left {
+            let _ = self.add_used(mem, h, 0);
+        }
+        self.queue.set_next_avail(base);
+        if !left.is_empty() {
+            self.signal();
+        }
+        GiveBack {
+            base,
+            rewound,
+            emptied: left.len(),
+        }
+    }
+}
+
+/// What [`Virtqueue::give_back`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GiveBack {
+    /// The next index the next owner resumes at.
+    pub base: u16,
+    /// Held chains the base was rewound over.
+    pub rewound: usize,
+    /// Held chains returned empty through the used ring.
+    pub emptied: usize,
+}
+
+/// The used index the guest sees in the used ring at `used_ring` (guest-physical).
+pub fn used_index(mem: &GuestMemory, used_ring: u64) -> Option<u16> {
+    mem.mmap()
+        .read_obj::<u16>(GuestAddress(used_ring + 2))
+        .ok()
+        .map(u16::from_le)
 }

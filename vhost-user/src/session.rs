@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tapir_datapath::engine::EngineConfig;
+use tapir_datapath::virtqueue::{used_index, Virtqueue};
 use tapir_datapath::{
     features, Device, DeviceConfig, EngineKind, GuestMemory, QueueConfig, QueuePairSpec, TapQueue,
 };
@@ -22,7 +23,7 @@ use vhost::vhost_user::message::{
     VhostUserU64, VhostUserVringAddr, VhostUserVringState,
 };
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vm_memory::{ByteValued, Bytes, GuestAddress};
+use vm_memory::ByteValued;
 
 use crate::dirty_log::DirtyLog;
 use crate::memory_table::{MemoryTable, Region, MAX_MEM_SLOTS};
@@ -602,76 +603,30 @@ impl Session {
         base
     }
 
-    /// Gives the RX chains held on vring `i` back to the guest and returns the base to
-    /// resume at. Held chains are not always the last ones popped: a read that filled fewer
-    /// chains than it was given returns the rest while a later read's chains are used. The
-    /// longest tail of the avail ring (just below the next index) whose heads are all held is
-    /// given back by rewinding the base over it, so the next owner pops those chains again;
-    /// held chains below that tail go back to the guest through the used ring with length 0
-    /// (an empty buffer, which a driver drops and reposts: no data is lost, as none was
-    /// written into it). Rewinding over a chain that was used would make the next owner fill a
-    /// buffer the guest has already taken back, so it is never done.
+    /// Gives the RX chains held on vring `i` back to the guest (see
+    /// [`Virtqueue::give_back`]) and returns the base to resume at.
     fn give_back_held(&mut self, i: usize) -> u16 {
         let v = &self.vrings[i];
-        let mut base = v.base;
         if v.held.is_empty() {
-            return base;
+            return v.base;
         }
-        let (Some(mem), Some(addrs)) = (self.memory.clone(), v.addrs) else {
-            return base;
+        let event_idx = self.features & features::F_EVENT_IDX != 0;
+        let given = self.memory.clone().and_then(|mem| {
+            let (config, held) = self.queue_config(i).ok()?;
+            let index = u16::try_from(i).ok()?;
+            let mut vq = Virtqueue::new(index, config, event_idx, &mem).ok()?;
+            Some(vq.give_back(&mem, &held))
+        });
+        let Some(given) = given else {
+            return v.base;
         };
-        let (Some(avail), Some(used)) = (
-            self.table.va_to_gpa(addrs.avail),
-            self.table.va_to_gpa(addrs.used),
-        ) else {
-            return base;
-        };
-        let size = v.size.max(1);
-        let mut held: Vec<u16> = v.held.clone();
-        while !held.is_empty() {
-            let q = base.wrapping_sub(1);
-            let slot = avail + 4 + 2 * u64::from(q % size);
-            let Ok(head) = mem.mmap().read_obj::<u16>(GuestAddress(slot)) else {
-                break;
-            };
-            match held.iter().position(|&h| h == head) {
-                Some(k) => {
-                    held.remove(k);
-                    base = q;
-                }
-                None => break,
-            }
-        }
-        if held.is_empty() {
-            return base;
-        }
-        // The rest goes back through the used ring, empty, in the order tapir popped them.
-        let mmap = mem.mmap();
-        let Ok(mut idx) = mmap.read_obj::<u16>(GuestAddress(used + 2)) else {
-            return base;
-        };
-        for &h in &held {
-            let elem = used + 4 + 8 * u64::from(idx % size);
-            let _ = mmap.write_obj(u32::from(h), GuestAddress(elem));
-            let _ = mmap.write_obj(0u32, GuestAddress(elem + 4));
-            idx = idx.wrapping_add(1);
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        let _ = mmap.store(
-            idx,
-            GuestAddress(used + 2),
-            std::sync::atomic::Ordering::Release,
-        );
-        if let Some(call) = &self.vrings[i].call {
-            let _ = nix::unistd::write(call, &1u64.to_ne_bytes());
-        }
         tracing::info!(
             vring = i,
-            empty = held.len(),
-            rewound = self.vrings[i].held.len() - held.len(),
+            empty = given.emptied,
+            rewound = given.rewound,
             "held RX buffers given back at a ring stop"
         );
-        base
+        given.base
     }
 
     /// Quiesces the device, recording each pair's positions and held RX chains.
@@ -723,8 +678,7 @@ impl Session {
     fn used_idx(&self, i: usize) -> Option<u16> {
         let mem = self.memory.as_ref()?;
         let addrs = self.vrings[i].addrs?;
-        let used = self.table.va_to_gpa(addrs.used)?;
-        mem.mmap().read_obj::<u16>(GuestAddress(used + 2)).ok()
+        used_index(mem, self.table.va_to_gpa(addrs.used)?)
     }
 
     fn queue_config(&self, i: usize) -> Result<(QueueConfig, Vec<u16>), RequestError> {
