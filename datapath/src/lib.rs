@@ -15,6 +15,7 @@
 pub mod chain;
 pub mod device;
 pub mod engine;
+pub mod fd_check;
 pub mod features;
 pub mod memory;
 pub mod pair;
