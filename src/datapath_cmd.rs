@@ -44,6 +44,8 @@ pub struct DatapathArgs {
     /// before-running), to exercise the predecessor's rollback.
     #[arg(long, hide = true)]
     fail_at: Option<tapir_migrate::FailPoint>,
+    #[command(flatten)]
+    sandbox: crate::sandbox_args::SandboxArgs,
 }
 
 fn event(json: String) {
@@ -53,6 +55,8 @@ fn event(json: String) {
 }
 
 pub fn run(args: DatapathArgs) -> Result<()> {
+    let lockdown = args.sandbox.lockdown(args.rt_priority)?;
+    lockdown.drop_privileges().context("dropping privileges")?;
     let channel = match (&args.take_over, args.channel_fd) {
         (Some(path), None) => {
             Channel::connect(path).with_context(|| format!("connecting to {}", path.display()))?
@@ -75,6 +79,7 @@ pub fn run(args: DatapathArgs) -> Result<()> {
     opts.fail_at = args.fail_at;
     opts.engine_config.realtime_priority = args.rt_priority;
     let listener = Listener::bind(&args.listen).context("binding the handoff socket")?;
+    lockdown.confine().context("entering the sandbox")?;
     let took = take_over(&channel, &opts).context("taking the device over")?;
     drop(channel);
     event(format!(

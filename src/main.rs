@@ -9,6 +9,7 @@ use tapir_bench::runner::{self, BenchEngine, BenchOptions, Scenario};
 use tapir_bench::vhost_rig::VhostUserBackend;
 
 mod datapath_cmd;
+mod sandbox_args;
 mod serve_cmd;
 mod state_cmd;
 

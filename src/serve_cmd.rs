@@ -65,6 +65,8 @@ pub struct ServeArgs {
     /// before-running).
     #[arg(long, hide = true)]
     fail_at: Option<tapir_migrate::FailPoint>,
+    #[command(flatten)]
+    sandbox: crate::sandbox_args::SandboxArgs,
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -105,7 +107,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ..Timeouts::default()
     };
     let cpu_affinity: Vec<Option<usize>> = args.cpus.iter().map(|&c| Some(c)).collect();
+    let lockdown = args.sandbox.lockdown(None)?;
     if let Some(path) = &args.takeover {
+        // A successor opens nothing privileged: everything comes over the handoff socket.
+        lockdown.enter().context("entering the sandbox")?;
         let mut opts = SuccessorOptions::new(args.engine);
         opts.cpu_affinity = cpu_affinity;
         opts.timeouts = timeouts;
@@ -148,6 +153,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             }
             access
         },
+        lockdown,
     };
     tapir_vhost_user::serve(opts).context("tapir serve")
 }

@@ -60,6 +60,8 @@ pub struct ServeOptions {
     pub frontend_timeout: Duration,
     /// Who may be the frontend.
     pub access: AccessControl,
+    /// Privileges dropped once the TAP is open, seccomp once the sockets are bound.
+    pub lockdown: tapir_sandbox::Lockdown,
 }
 
 /// Who may talk to the daemon over the vhost-user socket.
@@ -124,6 +126,9 @@ pub enum ServeError {
     /// Starting the taken-over session.
     #[error("restoring the session: {0}")]
     Restore(String),
+    /// Entering the sandbox.
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] tapir_sandbox::SandboxError),
 }
 
 fn event(json: String) {
@@ -218,6 +223,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         queues = opts.session.queue_pairs,
         "TAP open"
     );
+    opts.lockdown.drop_privileges()?;
     let vhost_listener = match &opts.endpoint {
         Endpoint::Server(path) => {
             remove_stale_socket(path)?;
@@ -226,6 +232,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         Endpoint::Client(_) => None,
     };
     let handoff = opts.handoff.as_deref().map(Listener::bind).transpose()?;
+    opts.lockdown.confine()?;
     let daemon = Daemon {
         endpoint: opts.endpoint,
         vhost_listener,

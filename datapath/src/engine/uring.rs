@@ -63,16 +63,62 @@ fn setup_err(source: std::io::Error) -> EngineError {
     }
 }
 
-fn build_ring(entries: u32) -> std::io::Result<IoUring> {
+/// The opcodes the engine submits: TAP reads and writes (Readv/Writev), eventfd reads and
+/// writes (Read/Write), a poll on the TAP, the RX retry timeout, and the cancel at quiesce.
+const RING_OPCODES: [u8; 7] = [
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::Read::CODE,
+    opcode::Write::CODE,
+    opcode::PollAdd::CODE,
+    opcode::Timeout::CODE,
+    opcode::AsyncCancel::CODE,
+];
+
+/// What an SQE on a worker's ring may do, since seccomp cannot see SQEs: only
+/// `RING_OPCODES`, only on registered files (IOSQE_FIXED_FILE required, no other flag), and
+/// no io_uring_register operation once the ring runs.
+fn ring_restrictions() -> Vec<io_uring::register::Restriction> {
+    use io_uring::register::Restriction;
+    let mut r: Vec<Restriction> = RING_OPCODES
+        .iter()
+        .map(|&op| Restriction::sqe_op(op))
+        .collect();
+    r.push(Restriction::sqe_flags_required(
+        squeue::Flags::FIXED_FILE.bits(),
+    ));
+    r
+}
+
+/// A ring for one worker, with `files` registered (slot i: `files[i]`), created disabled,
+/// restricted (`ring_restrictions`), then enabled. The restrictions are part of the engine,
+/// not of the process sandbox: `--no-sandbox` leaves them on.
+fn build_ring(entries: u32, files: &[std::os::fd::RawFd]) -> std::io::Result<IoUring> {
     // DEFER_TASKRUN runs completions only when we enter the kernel to wait, on this thread:
     // no IPIs, no task-work interrupting the loop. Older kernels fall back.
-    IoUring::builder()
+    let ring = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
+        .setup_r_disabled()
         .build(entries)
-        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
-        .or_else(|_| IoUring::new(entries))
+        .or_else(|_| {
+            IoUring::builder()
+                .setup_coop_taskrun()
+                .setup_r_disabled()
+                .build(entries)
+        })
+        .or_else(|_| IoUring::builder().setup_r_disabled().build(entries))?;
+    // The kernel takes registrations and the (single) restriction set only while the ring
+    // is disabled; the restrictions bind from IORING_REGISTER_ENABLE_RINGS on.
+    let submitter = ring.submitter();
+    submitter.register_files(files)?;
+    submitter.register_restrictions(&mut ring_restrictions())?;
+    submitter.register_enable_rings()?;
+    Ok(ring)
 }
+
+#[cfg(test)]
+mod ring_tests;
 
 /// Everything the loop tracks besides the queue pair.
 struct Loop {
@@ -110,6 +156,9 @@ impl Loop {
     /// reaped (guest memory stays mapped for the worker's life; slot iovecs are not touched
     /// while their operation is in flight; `kick_buf` lives as long as the ring).
     unsafe fn push(&mut self, entry: squeue::Entry) -> Result<(), EngineError> {
+        // The ring requires IOSQE_FIXED_FILE on every SQE (see `ring_restrictions`), also on
+        // those without a file (timeout, cancel), where the kernel ignores it.
+        let entry = entry.flags(squeue::Flags::FIXED_FILE);
         loop {
             // SAFETY: forwarded to the caller's contract.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
@@ -391,17 +440,18 @@ impl Engine for UringEngine {
         let rx_depth = self.cfg.rx_depth.max(1);
         let entries = u32::try_from((tx_depth + rx_depth + 16).next_power_of_two())
             .map_err(|_| setup_err(std::io::ErrorKind::InvalidInput.into()))?;
-        let ring = build_ring(entries).map_err(setup_err)?;
-        ring.submitter()
-            .register_files(&[
+        let ring = build_ring(
+            entries,
+            &[
                 tap.as_raw_fd(),
                 pair.tx.kick.as_raw_fd(),
                 pair.rx.kick.as_raw_fd(),
                 stop.as_raw_fd(),
                 pair.rx.call.as_raw_fd(),
                 pair.tx.call.as_raw_fd(),
-            ])
-            .map_err(setup_err)?;
+            ],
+        )
+        .map_err(setup_err)?;
         let mut lp = Loop {
             ring,
             tx: (0..tx_depth).map(|_| TxWrite::new()).collect(),
