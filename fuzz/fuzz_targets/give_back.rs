@@ -1,0 +1,139 @@
+//! `Virtqueue::give_back` with arbitrary held lists and guest-written avail rings: the base
+//! is only rewound over avail slots whose heads are held (as a multiset: a head held once is
+//! rewound over at most once), every held head is either rewound over or used exactly once
+//! (with length 0, in the order given), the used index moves by exactly the used ones, and
+//! nothing panics.
+//!
+//! Input: size exponent (u8, size = 2^(1 + n % 8)), next_avail (u16), next_used (u16), flags
+//! (u8: bit 0 event_idx, bit 1 heads raw instead of `% size`), held count (u8), the held
+//! heads (u16 each), then the avail ring image (flags, idx, ring entries; u16 each) written
+//! at 0x1000. Descriptor table at 0, used ring at 0x2000.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use tapir_datapath::virtqueue::{used_index, Virtqueue};
+use tapir_datapath::{GuestMemory, QueueConfig};
+use tapir_fuzz::{eventfd, guest_memory, write_clipped, zero, Input};
+use vm_memory::{Bytes, GuestAddress};
+
+const DESC: u64 = 0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+
+fn memory() -> &'static GuestMemory {
+    static MEM: OnceLock<GuestMemory> = OnceLock::new();
+    MEM.get_or_init(guest_memory)
+}
+
+fn read_u16(mem: &GuestMemory, addr: u64) -> u16 {
+    u16::from_le(
+        mem.mmap()
+            .read_obj::<u16>(GuestAddress(addr))
+            .expect("in memory"),
+    )
+}
+
+fn read_u32(mem: &GuestMemory, addr: u64) -> u32 {
+    u32::from_le(
+        mem.mmap()
+            .read_obj::<u32>(GuestAddress(addr))
+            .expect("in memory"),
+    )
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mem = memory();
+    zero(mem);
+    let mut input = Input::new(data);
+    let size: u16 = 1 << (1 + input.u8() % 8);
+    let next_avail = input.u16();
+    let next_used = input.u16();
+    let flags = input.u8();
+    let event_idx = flags & 1 == 1;
+    let raw_heads = flags & 2 == 2;
+    let count = usize::from(input.u8());
+    let held: Vec<u16> = (0..count)
+        .map(|_| {
+            let h = input.u16();
+            if raw_heads {
+                h
+            } else {
+                h % size
+            }
+        })
+        .collect();
+    write_clipped(mem, AVAIL, input.rest());
+    // The used ring starts where the queue says it is.
+    mem.mmap()
+        .write_obj(next_used.to_le(), GuestAddress(USED + 2))
+        .expect("used idx");
+
+    let cfg = QueueConfig {
+        size,
+        desc_table: DESC,
+        avail_ring: AVAIL,
+        used_ring: USED,
+        next_avail,
+        next_used,
+        kick: eventfd(),
+        call: eventfd(),
+    };
+    let mut vq = Virtqueue::new(0, cfg, event_idx, mem).expect("rings inside memory");
+    // The avail heads as the guest wrote them, before give_back (which may write used).
+    let avail_at = |pos: u16| read_u16(mem, AVAIL + 4 + 2 * u64::from(pos % size));
+    let avail_before: Vec<u16> = (0..count.min(usize::from(u16::MAX)))
+        .map(|k| avail_at(next_avail.wrapping_sub(1).wrapping_sub(k as u16)))
+        .collect();
+
+    let given = vq.give_back(mem, &held);
+
+    // Every held head is accounted for once.
+    assert_eq!(
+        given.rewound + given.emptied,
+        held.len(),
+        "{given:?} for {held:?}"
+    );
+    assert_eq!(
+        given.base,
+        next_avail.wrapping_sub(given.rewound as u16),
+        "base moved by exactly the rewound count"
+    );
+    assert_eq!(
+        vq.positions().0,
+        given.base,
+        "the queue resumes at the base"
+    );
+    // The base only went back over held heads, each at most as often as it is held.
+    let mut left = held.clone();
+    for (k, head) in avail_before.iter().take(given.rewound).enumerate() {
+        let Some(i) = left.iter().position(|h| h == head) else {
+            panic!(
+                "rewound over slot -{} with head {head}, which is not held ({held:?})",
+                k + 1
+            );
+        };
+        left.remove(i);
+    }
+    // What is left went through the used ring, once each, with length 0, in held order
+    // (heads the ring cannot take, >= size, are refused by add_used).
+    let usable: Vec<u16> = left.iter().copied().filter(|&h| h < size).collect();
+    let used_now = used_index(mem, USED).expect("used ring readable");
+    assert_eq!(
+        used_now,
+        next_used.wrapping_add(usable.len() as u16),
+        "used index moved by the heads given back empty ({left:?})"
+    );
+    // (Only the last `size` entries: earlier ones were overwritten when the ring wrapped.)
+    let first = usable.len().saturating_sub(usize::from(size));
+    for (k, &h) in usable.iter().enumerate().skip(first) {
+        let slot = u64::from(next_used.wrapping_add(k as u16) % size);
+        let elem = USED + 4 + 8 * slot;
+        assert_eq!(read_u32(mem, elem), u32::from(h), "used id {k}");
+        assert_eq!(read_u32(mem, elem + 4), 0, "used length {k}");
+    }
+    if !raw_heads {
+        assert_eq!(given.emptied, usable.len(), "every emptied head was used");
+    }
+});

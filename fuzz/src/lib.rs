@@ -1,0 +1,276 @@
+//! Shared pieces of tapir's fuzz targets: a byte reader that turns the fuzzer's input into
+//! fields (and its twin writer, for the seed generator), real memfds and eventfds, a fixed
+//! guest memory layout, the process's fd count, and a TAP inside a private network namespace.
+//!
+//! Every target reads its input with [`Input`]; an exhausted input reads as zeros, so every
+//! input is valid and short inputs are the simple cases.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use tapir_datapath::memory::MemoryRegionSpec;
+use tapir_datapath::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+/// Reads fields off the front of the fuzzer's input; past the end everything is zero.
+pub struct Input<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    /// Reads from `data`.
+    pub fn new(data: &'a [u8]) -> Input<'a> {
+        Input { data }
+    }
+
+    /// True once every byte was read.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Bytes not read yet.
+    pub fn rest(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Takes up to `n` bytes (fewer at the end of the input).
+    pub fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.data.len());
+        let (head, tail) = self.data.split_at(n);
+        self.data = tail;
+        head
+    }
+
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        let b = self.bytes(N);
+        out[..b.len()].copy_from_slice(b);
+        out
+    }
+
+    /// A byte.
+    pub fn u8(&mut self) -> u8 {
+        self.array::<1>()[0]
+    }
+
+    /// A little-endian u16.
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.array())
+    }
+
+    /// A little-endian u32.
+    pub fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.array())
+    }
+
+    /// A little-endian u64.
+    pub fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.array())
+    }
+
+    /// A bool (the low bit of a byte).
+    pub fn bool(&mut self) -> bool {
+        self.u8() & 1 == 1
+    }
+
+    /// A length-prefixed (u16) byte string of at most `max` bytes.
+    pub fn blob(&mut self, max: usize) -> &'a [u8] {
+        let n = usize::from(self.u16()).min(max);
+        self.bytes(n)
+    }
+}
+
+/// Builds inputs in [`Input`]'s format (for the seed generator).
+#[derive(Default)]
+pub struct Output {
+    /// The bytes so far.
+    pub data: Vec<u8>,
+}
+
+impl Output {
+    /// A byte.
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.data.push(v);
+        self
+    }
+    /// A little-endian u16.
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.data.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// A little-endian u32.
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.data.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// A little-endian u64.
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.data.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Raw bytes.
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.data.extend_from_slice(b);
+        self
+    }
+    /// A length-prefixed (u16) byte string.
+    pub fn blob(&mut self, b: &[u8]) -> &mut Self {
+        self.u16(u16::try_from(b.len()).expect("blob under 64 KiB"));
+        self.bytes(b)
+    }
+}
+
+/// A memfd of `len` bytes.
+pub fn memfd(len: u64) -> OwnedFd {
+    let fd = memfd_create(c"tapir-fuzz", MFdFlags::MFD_CLOEXEC).expect("memfd_create");
+    let file = File::from(fd);
+    file.set_len(len).expect("ftruncate");
+    file.into()
+}
+
+/// A non-blocking eventfd.
+pub fn eventfd() -> OwnedFd {
+    EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+        .expect("eventfd")
+        .into()
+}
+
+/// The fds open in this process now (entries of /proc/self/fd, minus the one reading it).
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
+        .saturating_sub(1)
+}
+
+/// The two regions every datapath target maps: 64 KiB at 0 and 32 KiB at 0x20000 (a hole
+/// between them), both from one memfd.
+pub const REGIONS: [(u64, u64); 2] = [(0, 0x10000), (0x20000, 0x8000)];
+
+/// Guest memory with [`REGIONS`] over one memfd.
+pub fn guest_memory() -> GuestMemory {
+    let fd = memfd(REGIONS[0].1 + REGIONS[1].1);
+    let fd2 = fd.try_clone().expect("dup");
+    GuestMemory::from_regions(vec![
+        MemoryRegionSpec {
+            guest_addr: REGIONS[0].0,
+            size: REGIONS[0].1,
+            fd,
+            file_offset: 0,
+        },
+        MemoryRegionSpec {
+            guest_addr: REGIONS[1].0,
+            size: REGIONS[1].1,
+            fd: fd2,
+            file_offset: REGIONS[0].1,
+        },
+    ])
+    .expect("map guest memory")
+}
+
+/// True when `[addr, addr + len)` lies inside one of [`REGIONS`].
+pub fn inside_regions(addr: u64, len: u64) -> bool {
+    REGIONS.iter().any(|&(base, size)| {
+        addr >= base && addr.checked_add(len).is_some_and(|end| end <= base + size)
+    })
+}
+
+/// True when the host range `[ptr, ptr + len)` lies inside one mapped region of `mem`.
+pub fn inside_mapping(mem: &GuestMemory, ptr: *const u8, len: usize) -> bool {
+    let p = ptr as usize;
+    mem.mmap().iter().any(|r| {
+        let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else {
+            return false;
+        };
+        let start = host as usize;
+        let Ok(size) = usize::try_from(r.len()) else {
+            return false;
+        };
+        p >= start && p.checked_add(len).is_some_and(|end| end <= start + size)
+    })
+}
+
+/// Zeroes all of guest memory (between iterations of a target that reuses it).
+pub fn zero(mem: &GuestMemory) {
+    for &(base, size) in &REGIONS {
+        let zeros = vec![0u8; usize::try_from(size).expect("small")];
+        mem.mmap()
+            .write_slice(&zeros, GuestAddress(base))
+            .expect("zero guest memory");
+    }
+    let _ = mem.take_dirty_log();
+}
+
+/// Writes `bytes` at guest address `addr`, clipped to what fits.
+pub fn write_clipped(mem: &GuestMemory, addr: u64, bytes: &[u8]) {
+    for (i, chunk) in bytes.chunks(256).enumerate() {
+        let a = addr + 256 * i as u64;
+        let _ = mem.mmap().write_slice(chunk, GuestAddress(a));
+    }
+}
+
+/// Moves this process into a network namespace of its own (once), so a TAP it opens can
+/// never carry traffic anywhere. Needs CAP_SYS_ADMIN (root). Panics if it cannot.
+pub fn private_netns() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare(CLONE_NEWNET): the session and handoff targets need root");
+    });
+}
+
+/// Opens a TAP named `name` with `queues` queues in this process's private network namespace
+/// (its link stays down: frames written to it go nowhere).
+pub fn private_tap(name: &str, queues: usize) -> tapir_datapath::Tap {
+    private_netns();
+    tapir_datapath::Tap::open(name, queues).expect("open a TAP in the private namespace")
+}
+
+/// Raw fd number (for messages in panics).
+pub fn raw(fd: &OwnedFd) -> i32 {
+    fd.as_raw_fd()
+}
+
+/// A valid snapshot of a small device, as the handoff targets' peers describe it: one queue
+/// pair of `size` descriptors (RX rings at 0, 0x1000, 0x2000; TX at 0x4000, 0x5000, 0x6000)
+/// over one 64 KiB region, and the manifest tapir-migrate lays out: region, TAP, RX kick,
+/// RX call, TX kick, TX call (fd indices 0 to 5).
+pub fn small_snapshot(size: u16) -> tapir_state::DeviceSnapshot {
+    let mut s = tapir_state::example_snapshot();
+    s.memory.truncate(1);
+    s.memory[0].size = 0x10000;
+    s.queue_pairs.truncate(1);
+    let p = &mut s.queue_pairs[0];
+    p.tap.fd = 1;
+    for (q, base, kick) in [(&mut p.rx, 0u64, 2u16), (&mut p.tx, 0x4000, 4)] {
+        q.size = size;
+        q.desc_table = base;
+        q.avail_ring = base + 0x1000;
+        q.used_ring = base + 0x2000;
+        q.next_avail = 0;
+        q.next_used = 0;
+        q.signalled_used = None;
+        q.in_flight.clear();
+        q.kick_fd = kick;
+        q.call_fd = kick + 1;
+    }
+    // Region 0's fd, then pair 0's TAP, kick, call, kick, call.
+    s.fds.truncate(1);
+    s.fds
+        .extend(tapir_state::example_snapshot().fds[2..7].iter().cloned());
+    s
+}
+
+/// A file the handoff targets hand around as a kind the peer chose: 0 a 64 KiB memfd, 1 an
+/// eventfd, 2 a 4 KiB memfd, 3 a duplicate of `tap` (a real TAP queue), others a pipe end.
+pub fn fd_of_kind(kind: u8, tap: &OwnedFd) -> OwnedFd {
+    match kind % 5 {
+        0 => memfd(0x10000),
+        1 => eventfd(),
+        2 => memfd(0x1000),
+        3 => tap.try_clone().expect("dup of the TAP queue"),
+        _ => nix::unistd::pipe().expect("pipe").0,
+    }
+}
