@@ -7,7 +7,7 @@
 //! pops from an avail ring is bounded by the queue size (a guest that keeps posting cannot
 //! keep a worker from its stop).
 
-#![deny(clippy::indexing_slicing)]
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -53,6 +53,11 @@ enum Spill {
     Drop,
 }
 
+/// Counts one event (counters are u64: wrapping is a formality).
+fn bump(counter: &mut u64) {
+    *counter = counter.wrapping_add(1);
+}
+
 /// Which queue of the pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -94,7 +99,7 @@ impl RxRead {
     /// An empty read with room for `chains` chains.
     pub fn new(chains: usize) -> RxRead {
         RxRead {
-            seg: Segments::with_capacity(chains * 2 + 1),
+            seg: Segments::with_capacity(chains.saturating_mul(2).saturating_add(1)),
             chains: Vec::with_capacity(chains),
             spill: vec![0u8; SPILL_LEN].into_boxed_slice(),
             posted: 0,
@@ -294,8 +299,10 @@ impl QueuePair {
             stats,
             mrg_rxbuf: settings.features & features::NET_F_MRG_RXBUF != 0,
             rx_capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
-            rx_plain: u32::try_from(VNET_HDR_LEN + features::max_plain_frame(settings.mtu))
-                .unwrap_or(u32::MAX),
+            rx_plain: u32::try_from(
+                VNET_HDR_LEN.saturating_add(features::max_plain_frame(settings.mtu)),
+            )
+            .unwrap_or(u32::MAX),
             rx_ewma: 0,
             spare_rx: VecDeque::new(),
             spare_bytes: 0,
@@ -387,7 +394,7 @@ impl QueuePair {
             match self.walk_rx(h) {
                 Ok(len) => self.give_back(h, len),
                 Err(e) => {
-                    self.counters.rx_malformed += 1;
+                    bump(&mut self.counters.rx_malformed);
                     tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
                     self.complete_used(Direction::Rx, h, 0);
                 }
@@ -409,7 +416,7 @@ impl QueuePair {
             Direction::Tx => &mut self.tx,
         };
         if q.set_broken("its kick fd reports end of file or an error (not an eventfd)") {
-            self.counters.queues_broken += 1;
+            bump(&mut self.counters.queues_broken);
         }
     }
 
@@ -468,7 +475,7 @@ impl QueuePair {
             match checked {
                 Ok(()) => return TxNext::Chain,
                 Err(e) => {
-                    self.counters.tx_malformed += 1;
+                    bump(&mut self.counters.tx_malformed);
                     tracing::warn!(queue = self.tx.index, head, error = %e, "dropping malformed TX chain");
                     self.complete_used(Direction::Tx, head, 0);
                 }
@@ -480,12 +487,13 @@ impl QueuePair {
     pub fn complete_tx(&mut self, w: &TxWrite, result: Result<usize, i32>) {
         match result {
             Ok(_) => {
-                self.counters.tx_packets += 1;
+                bump(&mut self.counters.tx_packets);
                 // The chain was checked to hold at least the header.
-                self.counters.tx_bytes += u64::from(w.seg.len.saturating_sub(VNET_HDR_LEN_U32));
+                self.counters.tx_bytes = (self.counters.tx_bytes)
+                    .wrapping_add(u64::from(w.seg.len.saturating_sub(VNET_HDR_LEN_U32)));
             }
             Err(errno) => {
-                self.counters.tx_errors += 1;
+                bump(&mut self.counters.tx_errors);
                 tracing::debug!(head = w.head, errno, "TAP refused a TX frame");
             }
         }
@@ -522,10 +530,10 @@ impl QueuePair {
             match self.walk_rx(h) {
                 Ok(len) => {
                     self.spare_rx.push_back((h, len));
-                    self.spare_bytes += u64::from(len);
+                    self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
                 }
                 Err(e) => {
-                    self.counters.rx_malformed += 1;
+                    bump(&mut self.counters.rx_malformed);
                     tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
                     self.complete_used(Direction::Rx, h, 0);
                 }
@@ -554,17 +562,17 @@ impl QueuePair {
         if let QueueError::BadHead { head, .. } = e {
             tracing::warn!(queue = e.queue_index(), head, error = %e, "refusing an avail entry");
             match dir {
-                Direction::Rx => self.counters.rx_malformed += 1,
-                Direction::Tx => self.counters.tx_malformed += 1,
+                Direction::Rx => bump(&mut self.counters.rx_malformed),
+                Direction::Tx => bump(&mut self.counters.tx_malformed),
             }
         }
-        self.counters.queues_broken += 1;
+        bump(&mut self.counters.queues_broken);
     }
 
     /// Puts a walked chain back at the front of the spare list.
     fn give_back(&mut self, head: u16, len: u32) {
         self.spare_rx.push_front((head, len));
-        self.spare_bytes += u64::from(len);
+        self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
     }
 
     /// How many bytes of guest buffers an MRG_RXBUF read is posted with: twice the recent
@@ -593,7 +601,8 @@ impl QueuePair {
             });
             r.seg.gpa.push((gpa, l));
         }
-        r.seg.len += len;
+        // Saturating: a guest's chain lengths may sum past 4 GiB (each chain is below it).
+        r.seg.len = r.seg.len.saturating_add(len);
         r.chains.push((head, len));
         true
     }
@@ -617,7 +626,8 @@ impl QueuePair {
             if others_posted {
                 // Bounded by the pass's budget (fill_spare returns 0 once it is spent).
                 while self.fill_spare(64) > 0 {}
-                if self.spare_bytes < u64::from(self.rx_capacity) + u64::from(target) {
+                if self.spare_bytes < u64::from(self.rx_capacity).saturating_add(u64::from(target))
+                {
                     return self.no_rx_chain();
                 }
             }
@@ -657,7 +667,7 @@ impl QueuePair {
         if self.yielded {
             return RxPrepare::Later;
         }
-        self.counters.rx_no_buffers += 1;
+        bump(&mut self.counters.rx_no_buffers);
         RxPrepare::NoBuffers
     }
 
@@ -730,7 +740,7 @@ impl QueuePair {
             return RxCompletion::Done;
         }
         if n < VNET_HDR_LEN {
-            self.counters.rx_dropped_oversize += 1;
+            bump(&mut self.counters.rx_dropped_oversize);
             self.return_rx(r);
             return RxCompletion::Done;
         }
@@ -740,7 +750,7 @@ impl QueuePair {
                 Spill::Wait => {
                     if !r.deferred {
                         r.deferred = true;
-                        self.counters.rx_deferred += 1;
+                        bump(&mut self.counters.rx_deferred);
                     }
                     return RxCompletion::Deferred;
                 }
@@ -757,7 +767,7 @@ impl QueuePair {
     /// Gives up on a deferred frame (the worker is stopping and the guest never posted the
     /// buffers it needs): dropped and counted.
     pub fn drop_deferred(&mut self, r: &mut RxRead) {
-        self.counters.rx_dropped_no_buffers += 1;
+        bump(&mut self.counters.rx_dropped_no_buffers);
         tracing::warn!(
             pair = self.index,
             bytes = r.frame,
@@ -769,7 +779,10 @@ impl QueuePair {
     fn finish_rx(&mut self, r: &mut RxRead, n: usize) {
         // Moving average of frame sizes (1/8 weight), for sizing the next reads.
         let n32 = u32::try_from(n).unwrap_or(u32::MAX);
-        self.rx_ewma = self.rx_ewma - self.rx_ewma / 8 + n32 / 8;
+        self.rx_ewma = self
+            .rx_ewma
+            .saturating_sub(self.rx_ewma / 8)
+            .saturating_add(n32 / 8);
         // How many chains the frame occupies.
         let mut left = n;
         let mut used = 0usize;
@@ -778,7 +791,7 @@ impl QueuePair {
                 break;
             }
             left = left.saturating_sub(cap as usize);
-            used += 1;
+            used = used.saturating_add(1);
         }
         // num_buffers: the TAP leaves bytes 10-11 alone (virtio 1.2 §5.1.6.4: 1 without
         // MRG_RXBUF, the number of used buffers with it).
@@ -792,7 +805,7 @@ impl QueuePair {
             }
             let l = (len as usize).min(left);
             self.mem.mark_dirty(gpa, l);
-            left -= l;
+            left = left.saturating_sub(l);
         }
         // Used entries, consecutive as MRG_RXBUF requires.
         let mut left = n;
@@ -806,9 +819,10 @@ impl QueuePair {
             self.spare_rx.push_front((head, len));
             self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
         }
-        self.counters.rx_packets += 1;
+        bump(&mut self.counters.rx_packets);
         // `retry_rx` checked n >= VNET_HDR_LEN.
-        self.counters.rx_bytes += n.saturating_sub(VNET_HDR_LEN) as u64;
+        self.counters.rx_bytes =
+            (self.counters.rx_bytes).wrapping_add(n.saturating_sub(VNET_HDR_LEN) as u64);
         r.clear();
     }
 
@@ -822,7 +836,7 @@ impl QueuePair {
         if !self.mrg_rxbuf || n > self.rx_capacity as usize || spilled >= r.spill.len() {
             // Without MRG_RXBUF a frame must fit one chain (virtio 1.2 §5.1.6.3.1); and no
             // frame may exceed what the negotiated features allow.
-            self.counters.rx_dropped_oversize += 1;
+            bump(&mut self.counters.rx_dropped_oversize);
             return Spill::Drop;
         }
         while (r.seg.len as usize) < n {
@@ -835,7 +849,7 @@ impl QueuePair {
             posted,
             r.spill.get(..spilled).unwrap_or_default(),
         );
-        self.counters.rx_spilled += 1;
+        bump(&mut self.counters.rx_spilled);
         Spill::Done
     }
 
@@ -847,10 +861,10 @@ impl QueuePair {
             }
             let len = len as usize;
             if offset >= len {
-                offset -= len;
+                offset = offset.saturating_sub(len);
                 continue;
             }
-            let take = (len - offset).min(bytes.len());
+            let take = len.saturating_sub(offset).min(bytes.len());
             let (now, rest) = bytes.split_at(take);
             // The range was validated when the chain was walked (gpa + len is inside guest
             // memory, so gpa + offset cannot wrap).
@@ -881,7 +895,7 @@ impl QueuePair {
             return;
         }
         if q.add_used(&self.mem, head, len).is_err() {
-            self.counters.queues_broken += 1;
+            bump(&mut self.counters.queues_broken);
         }
         *pending = true;
         if !self.serviced {
@@ -896,14 +910,14 @@ impl QueuePair {
         if self.rx_used_pending {
             self.rx_used_pending = false;
             if self.rx.needs_notification(&self.mem) {
-                self.counters.rx_interrupts += 1;
+                bump(&mut self.counters.rx_interrupts);
                 signal(&self.rx);
             }
         }
         if self.tx_used_pending {
             self.tx_used_pending = false;
             if self.tx.needs_notification(&self.mem) {
-                self.counters.tx_interrupts += 1;
+                bump(&mut self.counters.tx_interrupts);
                 signal(&self.tx);
             }
         }

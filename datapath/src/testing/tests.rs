@@ -523,3 +523,68 @@ fn rx_read_of_tiny_buffers_stays_within_uio_maxiov() {
     let p = recv(&mut fx.rx);
     assert_eq!(p.data, fr[VNET_HDR_LEN..]);
 }
+
+/// A guest that keeps posting malformed chains while the worker pops cannot keep it in one
+/// pass: after twice the queue size of pops the pass yields (`Later`), so the engine gets back
+/// to its event loop (and its stop) before it comes back for more.
+#[test]
+fn a_pass_pops_at_most_twice_the_queue_size() {
+    let mut fx = fixture(config(f::VIRTIO_NET_F_GUEST_CSUM, 8));
+    let mem = fx.guest.memory();
+    let d = fx.tx.raw().free_desc_indices();
+    let buf = mem.alloc(64, 64).unwrap();
+    // Write-only TX buffers: malformed, completed at once, reposted by the guest.
+    for &i in &d {
+        fx.tx.raw().write_desc(i, buf, 64, WRITE, 0);
+    }
+    let pair = fx.h.pair_mut();
+    pair.begin_pass();
+    let mut w = TxWrite::new();
+    let mut rounds = Vec::new();
+    for _ in 0..4 {
+        for &i in &d {
+            fx.tx.raw().push_avail(i);
+        }
+        fx.tx.raw().publish();
+        rounds.push(pair.next_tx(&mut w));
+    }
+    // 2 descriptors per round (a queue of 8 reserves 2), budget 16: no yield here...
+    assert_eq!(rounds, vec![TxNext::Empty; 4]);
+    // ...but a guest posting a full ring per round exhausts it in the third.
+    let mut fx = fixture(GuestConfig {
+        raw_reserved_descs: 8,
+        ..config(f::VIRTIO_NET_F_GUEST_CSUM, 32)
+    });
+    let mem = fx.guest.memory();
+    let d = fx.tx.raw().free_desc_indices();
+    assert_eq!(d.len(), 8);
+    let buf = mem.alloc(64, 64).unwrap();
+    for &i in &d {
+        fx.tx.raw().write_desc(i, buf, 64, WRITE, 0);
+    }
+    let before = fx.h.counters();
+    let pair = fx.h.pair_mut();
+    pair.begin_pass();
+    let mut rounds = Vec::new();
+    for _ in 0..10 {
+        for &i in &d {
+            fx.tx.raw().push_avail(i);
+        }
+        fx.tx.raw().publish();
+        rounds.push(pair.next_tx(&mut w));
+        if pair.yielded() {
+            break;
+        }
+    }
+    // Budget 64 pop attempts, 9 per round (8 chains, then the empty ring): 7 rounds, and
+    // the 8th stops after one chain.
+    assert_eq!(rounds.len(), 8, "{rounds:?}");
+    assert_eq!(rounds.last(), Some(&TxNext::Later));
+    assert_eq!(fx.h.counters().delta(&before).tx_malformed, 57);
+    // The next pass carries on with the 7 left.
+    let pair = fx.h.pair_mut();
+    pair.begin_pass();
+    assert_eq!(pair.next_tx(&mut w), TxNext::Empty);
+    assert_eq!(fx.h.counters().delta(&before).tx_malformed, 64);
+    fx.h.check().expect("invariants");
+}
