@@ -1314,3 +1314,79 @@ fn rings_outside_guest_memory_are_refused() {
         serve.still_serves(engine);
     });
 }
+
+/// In client mode, a frontend listener that never accepts (its backlog full) must not block
+/// the daemon in `connect`: its handoff socket is still served, and a successor takes it over.
+#[test]
+fn in_client_mode_a_listener_that_never_accepts_does_not_block_the_daemon() {
+    for engine in ENGINES {
+        common::in_netns(engine, || {
+            let socket = unique_path("full-backlog.sock");
+            let handoff = unique_path("full-backlog.handoff");
+            let addr = sockaddr_of(&socket);
+            // SAFETY: a listening socket with a backlog of 0, filled by our own connects.
+            let listener = unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                assert!(fd >= 0);
+                assert_eq!(libc::bind(fd, (&raw const addr.0).cast(), addr.1), 0);
+                assert_eq!(libc::listen(fd, 0), 0);
+                OwnedFd::from_raw_fd(fd)
+            };
+            let mut fillers = Vec::new();
+            loop {
+                let s = nix::sys::socket::socket(
+                    nix::sys::socket::AddressFamily::Unix,
+                    nix::sys::socket::SockType::Stream,
+                    nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+                    None,
+                )
+                .unwrap();
+                let ua = nix::sys::socket::UnixAddr::new(&socket).unwrap();
+                match nix::sys::socket::connect(s.as_raw_fd(), &ua) {
+                    Ok(()) => fillers.push(s),
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(e) => panic!("filling the backlog: {e}"),
+                }
+                assert!(fillers.len() < 64, "the backlog never filled");
+            }
+            let mut first = Serve::spawn(
+                &[
+                    "--socket",
+                    socket.to_str().unwrap(),
+                    "--client",
+                    "--tap",
+                    TAP_NAME,
+                    "--engine",
+                    engine,
+                    "--handoff-socket",
+                    handoff.to_str().unwrap(),
+                ],
+                socket.clone(),
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            let mut second = Command::new(TAPIR)
+                .args(["serve", "--takeover", handoff.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = BufReader::new(second.stdout.take().unwrap());
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for l in out.lines().map_while(Result::ok) {
+                    let _ = tx.send(l);
+                }
+            });
+            let running = rx.recv_timeout(Duration::from_secs(10));
+            let _ = second.kill();
+            let _ = second.wait();
+            let running = running.unwrap_or_else(|_| {
+                panic!("{engine}: the successor was never served (the daemon is stuck in connect)")
+            });
+            assert!(running.contains("\"running\""), "{running}");
+            first.wait_event("handoff_committed");
+            drop(fillers);
+            drop(listener);
+            let _ = std::fs::remove_file(&handoff);
+        });
+    }
+}
