@@ -1008,17 +1008,23 @@ fn the_socket_is_private_and_peers_of_other_uids_are_refused() {
         assert!(refused.contains(&format!("\"uid\":{NOBODY}")), "{refused}");
         serve.still_serves(engine);
     });
-    // Allowed explicitly, the same peer is served.
+    // Widened to a group and allowed explicitly, the same peer is served.
     on_both_engines(
         &[
             "--socket-mode",
-            "0666",
+            "0660",
+            "--socket-group",
+            "65534",
             "--allow-uid",
             "65534",
             "--allow-uid",
             "0",
         ],
         |serve, engine| {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(&serve.socket).unwrap();
+            assert_eq!(meta.mode() & 0o777, 0o660, "{engine}");
+            assert_eq!(meta.gid(), NOBODY, "{engine}: socket group");
             assert_eq!(nobody_tries(&serve.socket), ANSWERED, "{engine}");
             serve.wait_event("disconnected");
             serve.still_serves(engine);
