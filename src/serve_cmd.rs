@@ -108,6 +108,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let cpu_affinity: Vec<Option<usize>> = args.cpus.iter().map(|&c| Some(c)).collect();
     let lockdown = args.sandbox.lockdown(None)?;
+    let frontend_timeout = Duration::try_from_secs_f64(args.frontend_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--frontend-timeout must be a positive number of seconds")?;
+    let mut access = tapir_vhost_user::AccessControl {
+        socket_mode: args.socket_mode,
+        socket_group: args.socket_group,
+        ..Default::default()
+    };
+    if !args.allow_uids.is_empty() {
+        access.allow_uids = args.allow_uids;
+    }
     if let Some(path) = &args.takeover {
         // A successor opens nothing privileged: everything comes over the handoff socket.
         lockdown.enter().context("entering the sandbox")?;
@@ -115,7 +127,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         opts.cpu_affinity = cpu_affinity;
         opts.timeouts = timeouts;
         opts.fail_at = args.fail_at;
-        return tapir_vhost_user::take_over_daemon(path, &opts)
+        let frontend = tapir_vhost_user::FrontendPolicy {
+            access,
+            timeout: frontend_timeout,
+        };
+        return tapir_vhost_user::take_over_daemon(path, &opts, &frontend)
             .with_context(|| format!("taking over the tapir serve at {}", path.display()));
     }
     let (Some(socket), Some(tap)) = (args.socket, args.tap) else {
@@ -138,21 +154,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         handoff: args.handoff_socket,
         timeouts,
-        frontend_timeout: Duration::try_from_secs_f64(args.frontend_timeout)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .context("--frontend-timeout must be a positive number of seconds")?,
-        access: {
-            let mut access = tapir_vhost_user::AccessControl {
-                socket_mode: args.socket_mode,
-                socket_group: args.socket_group,
-                ..Default::default()
-            };
-            if !args.allow_uids.is_empty() {
-                access.allow_uids = args.allow_uids;
-            }
-            access
-        },
+        frontend_timeout,
+        access,
         lockdown,
     };
     tapir_vhost_user::serve(opts).context("tapir serve")

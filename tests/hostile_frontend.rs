@@ -1008,17 +1008,23 @@ fn the_socket_is_private_and_peers_of_other_uids_are_refused() {
         assert!(refused.contains(&format!("\"uid\":{NOBODY}")), "{refused}");
         serve.still_serves(engine);
     });
-    // Allowed explicitly, the same peer is served.
+    // Widened to a group and allowed explicitly, the same peer is served.
     on_both_engines(
         &[
             "--socket-mode",
-            "0666",
+            "0660",
+            "--socket-group",
+            "65534",
             "--allow-uid",
             "65534",
             "--allow-uid",
             "0",
         ],
         |serve, engine| {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(&serve.socket).unwrap();
+            assert_eq!(meta.mode() & 0o777, 0o660, "{engine}");
+            assert_eq!(meta.gid(), NOBODY, "{engine}: socket group");
             assert_eq!(nobody_tries(&serve.socket), ANSWERED, "{engine}");
             serve.wait_event("disconnected");
             serve.still_serves(engine);
@@ -1104,6 +1110,289 @@ fn in_client_mode_a_listener_of_another_uid_is_refused() {
             drop(fe);
             drop(serve);
             let _ = std::fs::remove_dir_all(&dir);
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Others of the same kind: frontend-controlled indices, counts, sizes and addresses.
+
+#[test]
+fn hostile_indices_counts_and_sizes_are_refused_and_the_session_goes_on() {
+    const SET_VRING_NUM: u32 = 8;
+    const SET_VRING_BASE: u32 = 10;
+    const SET_VRING_ENABLE: u32 = 18;
+    const GET_CONFIG: u32 = 24;
+    const SET_CONFIG: u32 = 25;
+    const GET_INFLIGHT_FD: u32 = 31;
+    const SET_INFLIGHT_FD: u32 = 32;
+    on_both_engines(&[], |serve, engine| {
+        let mut fe = serve.raw();
+        fe.negotiate(0);
+        let mem = memfd(0x1000);
+        let efd = EventFd::new(0).unwrap();
+        // SAFETY: borrowed for the calls; `efd` outlives them.
+        let efd_fd = unsafe { BorrowedFd::borrow_raw(efd.as_raw_fd()) };
+        let vring_state = |index: u32, num: u32| {
+            let mut b = index.to_ne_bytes().to_vec();
+            b.extend_from_slice(&num.to_ne_bytes());
+            b
+        };
+        let mut table_claims = u32::MAX.to_ne_bytes().to_vec();
+        table_claims.extend_from_slice(&[0u8; 4 + 32]);
+        let cases: Vec<(&str, u32, Vec<u8>, Vec<BorrowedFd<'_>>)> = vec![
+            (
+                "vring index 255",
+                SET_VRING_NUM,
+                vring_state(255, 256),
+                vec![],
+            ),
+            (
+                "vring index u32::MAX",
+                SET_VRING_BASE,
+                vring_state(u32::MAX, 0),
+                vec![],
+            ),
+            ("ring size 0", SET_VRING_NUM, vring_state(0, 0), vec![]),
+            (
+                "ring size 65536",
+                SET_VRING_NUM,
+                vring_state(0, 65536),
+                vec![],
+            ),
+            (
+                "enable state 2",
+                SET_VRING_ENABLE,
+                vring_state(0, 2),
+                vec![],
+            ),
+            (
+                "kick of vring 255",
+                SET_VRING_KICK,
+                0xffu64.to_ne_bytes().to_vec(),
+                vec![efd_fd],
+            ),
+            (
+                "kick flag and fds disagree",
+                SET_VRING_KICK,
+                0x100u64.to_ne_bytes().to_vec(),
+                vec![efd_fd],
+            ),
+            (
+                "a table claiming 2^32-1 regions",
+                SET_MEM_TABLE,
+                table_claims,
+                vec![mem.as_fd()],
+            ),
+            (
+                "33 regions (with 32 fds: more end the session, see above)",
+                SET_MEM_TABLE,
+                mem_table(&vec![(0, 0x1000, 0, 0); 33]),
+                vec![mem.as_fd(); 32],
+            ),
+            (
+                "a region of size 0",
+                SET_MEM_TABLE,
+                mem_table(&[(0, 0, 0, 0)]),
+                vec![mem.as_fd()],
+            ),
+            (
+                "a region wrapping the address space",
+                SET_MEM_TABLE,
+                mem_table(&[(u64::MAX - 0xfff, 0x2000, 0, 0)]),
+                vec![mem.as_fd()],
+            ),
+            (
+                "config space at offset 2^32-1",
+                GET_CONFIG,
+                [u32::MAX, u32::MAX, 0]
+                    .iter()
+                    .flat_map(|w| w.to_ne_bytes())
+                    .collect(),
+                vec![],
+            ),
+            (
+                "a config write of 2^32-1 bytes",
+                SET_CONFIG,
+                [0, u32::MAX, 0]
+                    .iter()
+                    .flat_map(|w| w.to_ne_bytes())
+                    .collect(),
+                vec![],
+            ),
+            (
+                "inflight region of 2^64-1 bytes",
+                GET_INFLIGHT_FD,
+                u64s(&[u64::MAX, 0, 0xffff_ffff_ffff]),
+                vec![],
+            ),
+            (
+                "inflight fd",
+                SET_INFLIGHT_FD,
+                u64s(&[u64::MAX, 0, 0xffff_ffff_ffff]),
+                vec![mem.as_fd()],
+            ),
+            ("an unknown request", 9999, vec![], vec![]),
+            (
+                "fds on a request that takes none",
+                SET_FEATURES,
+                F_PROTOCOL_FEATURES.to_ne_bytes().to_vec(),
+                vec![efd_fd],
+            ),
+        ];
+        for (what, code, body, fds) in &cases {
+            fe.refused(*code, body, fds, &format!("{engine}: {what}"));
+        }
+        fe.still_answers(engine);
+        drop(fe);
+        serve.wait_event("disconnected");
+        serve.still_serves(engine);
+    });
+}
+
+/// Ring addresses the frontend gives that lie (partly) outside guest memory: the pair does
+/// not start (a failure reply for the request that would have started it), and a corrected
+/// address starts it.
+#[test]
+fn rings_outside_guest_memory_are_refused() {
+    on_both_engines(&[], |serve, engine| {
+        let mut fe = serve.connect();
+        let mut g = guest();
+        attach(&mut fe, &g, Order::Ascending);
+        serve.wait_event("\"running\":[0]");
+        let rings_end = g
+            .regions()
+            .iter()
+            .map(|r| r.guest_addr + r.size)
+            .min()
+            .unwrap();
+        let rx = g.rx_queue(0);
+        let good = VringConfigData {
+            queue_max_size: rx.size,
+            queue_size: rx.size,
+            flags: 0,
+            desc_table_addr: rx.desc_table,
+            used_ring_addr: rx.used_ring,
+            avail_ring_addr: rx.avail_ring,
+            log_addr: None,
+        };
+        let bad = [
+            (
+                "a descriptor table running past its region",
+                VringConfigData {
+                    desc_table_addr: rings_end - 16,
+                    ..good
+                },
+            ),
+            (
+                "a used ring in no region",
+                VringConfigData {
+                    used_ring_addr: 0x8000_0000,
+                    ..good
+                },
+            ),
+            (
+                "an avail ring at the top of the address space",
+                VringConfigData {
+                    avail_ring_addr: u64::MAX - 1,
+                    ..good
+                },
+            ),
+            (
+                "a misaligned used ring",
+                VringConfigData {
+                    used_ring_addr: rx.used_ring + 1,
+                    ..good
+                },
+            ),
+        ];
+        for (what, cfg) in &bad {
+            assert!(
+                fe.set_vring_addr(0, cfg).is_err(),
+                "{engine}: {what} accepted"
+            );
+        }
+        fe.set_vring_addr(0, &good).unwrap();
+        serve.wait_event("\"running\":[0]");
+        arp_round_trip(&mut g, &format!("{engine}: corrected ring address"));
+        drop(fe);
+        serve.wait_event("disconnected");
+        serve.still_serves(engine);
+    });
+}
+
+/// In client mode, a frontend listener that never accepts (its backlog full) must not block
+/// the daemon in `connect`: its handoff socket is still served, and a successor takes it over.
+#[test]
+fn in_client_mode_a_listener_that_never_accepts_does_not_block_the_daemon() {
+    for engine in ENGINES {
+        common::in_netns(engine, || {
+            let socket = unique_path("full-backlog.sock");
+            let handoff = unique_path("full-backlog.handoff");
+            let addr = sockaddr_of(&socket);
+            // SAFETY: a listening socket with a backlog of 0, filled by our own connects.
+            let listener = unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                assert!(fd >= 0);
+                assert_eq!(libc::bind(fd, (&raw const addr.0).cast(), addr.1), 0);
+                assert_eq!(libc::listen(fd, 0), 0);
+                OwnedFd::from_raw_fd(fd)
+            };
+            let mut fillers = Vec::new();
+            loop {
+                let s = nix::sys::socket::socket(
+                    nix::sys::socket::AddressFamily::Unix,
+                    nix::sys::socket::SockType::Stream,
+                    nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+                    None,
+                )
+                .unwrap();
+                let ua = nix::sys::socket::UnixAddr::new(&socket).unwrap();
+                match nix::sys::socket::connect(s.as_raw_fd(), &ua) {
+                    Ok(()) => fillers.push(s),
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(e) => panic!("filling the backlog: {e}"),
+                }
+                assert!(fillers.len() < 64, "the backlog never filled");
+            }
+            let mut first = Serve::spawn(
+                &[
+                    "--socket",
+                    socket.to_str().unwrap(),
+                    "--client",
+                    "--tap",
+                    TAP_NAME,
+                    "--engine",
+                    engine,
+                    "--handoff-socket",
+                    handoff.to_str().unwrap(),
+                ],
+                socket.clone(),
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            let mut second = Command::new(TAPIR)
+                .args(["serve", "--takeover", handoff.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = BufReader::new(second.stdout.take().unwrap());
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for l in out.lines().map_while(Result::ok) {
+                    let _ = tx.send(l);
+                }
+            });
+            let running = rx.recv_timeout(Duration::from_secs(10));
+            let _ = second.kill();
+            let _ = second.wait();
+            let running = running.unwrap_or_else(|_| {
+                panic!("{engine}: the successor was never served (the daemon is stuck in connect)")
+            });
+            assert!(running.contains("\"running\""), "{running}");
+            first.wait_event("handoff_committed");
+            drop(fillers);
+            drop(listener);
+            let _ = std::fs::remove_file(&handoff);
         });
     }
 }

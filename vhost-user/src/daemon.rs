@@ -7,7 +7,7 @@
 //! `handoff_committed`, `handoff_rolled_back`, `running`) for supervisors and tests.
 
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,6 +62,24 @@ pub struct ServeOptions {
     pub access: AccessControl,
     /// Privileges dropped once the TAP is open, seccomp once the sockets are bound.
     pub lockdown: tapir_sandbox::Lockdown,
+}
+
+/// How a successor treats the frontend (its own settings, not the predecessor's).
+#[derive(Clone, Debug)]
+pub struct FrontendPolicy {
+    /// Who may connect (the socket mode and group stay as the predecessor made them).
+    pub access: AccessControl,
+    /// How long a frontend may take to finish a message or take a reply.
+    pub timeout: Duration,
+}
+
+impl Default for FrontendPolicy {
+    fn default() -> FrontendPolicy {
+        FrontendPolicy {
+            access: AccessControl::default(),
+            timeout: crate::wire::DEFAULT_FRONTEND_TIMEOUT,
+        }
+    }
 }
 
 /// Who may talk to the daemon over the vhost-user socket.
@@ -199,6 +217,26 @@ fn bind_private(path: &Path, access: &AccessControl) -> Result<UnixListener, Ser
     Ok(listener)
 }
 
+/// Connects to the frontend's socket (client mode) without blocking: a listener whose backlog
+/// is full (one that never accepts) makes a blocking `connect` wait forever, and the daemon
+/// would serve nothing else (its handoff socket) meanwhile. `EAGAIN` is retried by the caller.
+fn connect_without_blocking(path: &Path) -> Result<UnixStream, std::io::Error> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    connect(fd.as_raw_fd(), &addr)?;
+    let stream = UnixStream::from(fd);
+    // Connected (a unix stream connect completes at once or fails): back to blocking mode,
+    // which the wire layer overrides per call with its deadlines.
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
 /// The uid of the process at the other end of `stream`.
 fn peer_uid(stream: &UnixStream) -> Result<u32, std::io::Error> {
     nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
@@ -254,7 +292,14 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
 
 /// `tapir serve --takeover PATH`: takes a running `tapir serve` over (its session, running
 /// device and sockets, or just its sockets and TAP between frontends) and carries on serving.
-pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), ServeError> {
+///
+/// `frontend` is this process's own policy for the frontend (allowed uids, timeout): the
+/// handoff blob does not carry the predecessor's, and the socket file keeps its mode.
+pub fn take_over_daemon(
+    path: &Path,
+    opts: &SuccessorOptions,
+    frontend: &FrontendPolicy,
+) -> Result<(), ServeError> {
     let ch = Channel::connect(path)?;
     // The session blob is checked before this side commits to anything.
     let check = |ext: &Extension| {
@@ -267,11 +312,17 @@ pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), Serv
             drop(ch);
             let generation = took.generation;
             let (quiesce_ns, running_ns) = (took.quiesce_ns, took.running_ns);
-            let (daemon, current) = restore(took.extension, opts, Some(took.device), generation)?;
+            let (daemon, current) = restore(
+                took.extension,
+                opts,
+                frontend,
+                Some(took.device),
+                generation,
+            )?;
             running_event(&current, generation, quiesce_ns, running_ns, false);
             daemon.run(current)
         }
-        Taken::StateOnly(ext) => match restore(ext, opts, None, 0) {
+        Taken::StateOnly(ext) => match restore(ext, opts, frontend, None, 0) {
             Ok((daemon, mut current)) => {
                 accept_state(&ch)?;
                 drop(ch);
@@ -317,6 +368,7 @@ fn running_event(
 fn restore(
     ext: Extension,
     opts: &SuccessorOptions,
+    frontend: &FrontendPolicy,
     device: Option<tapir_datapath::Device>,
     generation: u64,
 ) -> Result<(Daemon, Option<(Connection, Session)>), ServeError> {
@@ -375,7 +427,10 @@ fn restore(
                     .remap()
                     .map_err(|e| ServeError::Restore(e.to_string()))?,
             }
-            let connection = Connection::new(UnixStream::from(handoff::take(&mut fds, c)?));
+            let connection = Connection::with_timeout(
+                UnixStream::from(handoff::take(&mut fds, c)?),
+                frontend.timeout,
+            );
             Some((connection, session))
         }
     };
@@ -403,9 +458,8 @@ fn restore(
         taps,
         config,
         timeouts: opts.timeouts,
-        // A successor applies the defaults (the handoff blob carries no access settings).
-        frontend_timeout: crate::wire::DEFAULT_FRONTEND_TIMEOUT,
-        access: AccessControl::default(),
+        frontend_timeout: frontend.timeout,
+        access: frontend.access.clone(),
         counters: DaemonCounters::default(),
     };
     Ok((daemon, current))
@@ -514,7 +568,7 @@ impl Daemon {
     fn reach_frontend(&mut self) -> Result<Option<Connection>, ServeError> {
         loop {
             if let Endpoint::Client(path) = &self.endpoint {
-                match UnixStream::connect(path) {
+                match connect_without_blocking(path) {
                     Ok(s) => match self.admit(s) {
                         Some(conn) => return Ok(Some(conn)),
                         None => std::thread::sleep(BACKOFF),

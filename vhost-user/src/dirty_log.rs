@@ -120,10 +120,15 @@ impl DirtyLog {
     }
 
     fn mark_page(&self, page: u64) {
+        self.or_word(page / 64, 1 << (page % 64));
+    }
+
+    /// ORs `mask` into log word `word` (ignored beyond the log).
+    fn or_word(&self, word: u64, mask: u64) {
         // QEMU reads and clears the log a 64-bit word at a time (`qatomic_xchg` on
         // `vhost_log_chunk_t`); update it with accesses of the same size, so that the two
         // read-modify-writes are atomic with respect to each other.
-        let Ok(word) = usize::try_from(page / 64) else {
+        let Ok(word) = usize::try_from(word) else {
             return;
         };
         if word
@@ -136,7 +141,25 @@ impl DirtyLog {
         // SAFETY: the word lies inside our mapping (checked above), the mapping is page
         // aligned so the word is 8-byte aligned, and the frontend updates it only atomically.
         let cell = unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(word * 8).cast::<u64>()) };
-        cell.fetch_or(1 << (page % 64), Ordering::Relaxed);
+        cell.fetch_or(mask, Ordering::Relaxed);
+    }
+
+    /// Marks pages `first..=last` (`last` within the log), a word at a time: a ring stop
+    /// while logging marks all of guest memory, up to 2^28 pages.
+    fn mark_pages(&self, first: u64, last: u64) -> u64 {
+        let mut page = first;
+        while page <= last {
+            let bit = page % 64;
+            let span = (64 - bit).min(last - page + 1);
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
+            self.or_word(page / 64, mask);
+            page += span;
+        }
+        last.saturating_sub(first) + 1
     }
 
     /// Marks every page of guest memory the log covers dirty; returns how many. The loop
@@ -157,10 +180,7 @@ impl DirtyLog {
             if first >= self.pages() {
                 continue;
             }
-            for page in first..=last {
-                self.mark_page(page);
-                n += 1;
-            }
+            n += self.mark_pages(first, last);
         }
         n
     }
@@ -241,5 +261,18 @@ mod tests {
         let mut bits = [0u8; 1];
         nix::sys::uio::pread(log.fd.as_fd(), &mut bits, 0).expect("pread");
         assert_eq!(bits, [0b1110]);
+    }
+
+    #[test]
+    fn marking_page_ranges_sets_exactly_their_bits() {
+        let log = DirtyLog::map(memfd(0x1000), 0x1000, 0).expect("log");
+        assert_eq!(log.mark_pages(3, 200), 198);
+        assert_eq!(log.mark_pages(64, 127), 64);
+        let mut bits = [0u8; 0x1000];
+        nix::sys::uio::pread(log.fd.as_fd(), &mut bits, 0).expect("pread");
+        for p in 0..0x8000usize {
+            let set = bits.get(p / 8).is_some_and(|b| b & (1 << (p % 8)) != 0);
+            assert_eq!(set, (3..=200).contains(&p), "page {p}");
+        }
     }
 }

@@ -243,12 +243,12 @@ impl Connection {
         Ok(())
     }
 
-    /// Receives one request: it must be complete within the timeout of its first byte.
+    /// Receives one request, which must be complete within the timeout from this call. Call
+    /// it once the socket is readable: a frontend may stay idle between requests as long as
+    /// it likes, but not stop in the middle of one.
     pub fn recv(&self) -> Result<Request, WireError> {
         let mut header = Header::default();
         let mut fds = Vec::new();
-        // The first byte may take as long as the frontend likes (it is idle); the rest not.
-        self.wait(Direction::In, Instant::now() + Duration::from_secs(3600))?;
         let deadline = Instant::now() + self.timeout;
         self.recv_exact(header.as_mut_slice(), &mut fds, deadline)?;
         if header.flags & 0x3 != VERSION || header.flags & FLAG_REPLY != 0 {

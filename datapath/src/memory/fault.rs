@@ -79,7 +79,7 @@ impl Drop for Registration {
 /// SIGBUS inside it is survived; installs the handler on first use. `None` when every slot
 /// is taken.
 pub fn register(start: *mut u8, len: usize) -> Option<Registration> {
-    INSTALL.call_once(install);
+    install_handler();
     for (i, s) in REGISTRY.iter().enumerate() {
         if s.state
             .compare_exchange(FREE, BUSY, Ordering::SeqCst, Ordering::Relaxed)
@@ -93,6 +93,12 @@ pub fn register(start: *mut u8, len: usize) -> Option<Registration> {
         }
     }
     None
+}
+
+/// Installs the SIGBUS handler now (idempotent). [`register`] does it on first use; a process
+/// that installs a seccomp filter without `rt_sigaction` calls this before.
+pub fn install_handler() {
+    INSTALL.call_once(install);
 }
 
 /// Faults caught in registered mappings since the process started.
