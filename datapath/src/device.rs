@@ -166,11 +166,14 @@ pub enum DeviceError {
     WorkerPanicked(u16),
 }
 
+/// A queue pair and the TAP queue its worker moves its frames through.
+type PairWithTap = (QueuePair, TapQueue);
+
 struct Worker {
     index: u16,
     stop: EventFd,
     stats: Arc<QueuePairStats>,
-    thread: JoinHandle<(QueuePair, Result<Leftovers, EngineError>)>,
+    thread: JoinHandle<(QueuePair, TapQueue, Result<Leftovers, EngineError>)>,
 }
 
 /// A running device.
@@ -306,7 +309,7 @@ impl QuiescedDevice {
     /// Restarts the workers where they stopped (the rollback of a failed handoff). The RX
     /// chains held at quiesce time are posted first.
     pub fn resume(self) -> Result<Device, DeviceError> {
-        let pairs = self.pairs.into_iter().map(|p| p.pair).collect();
+        let pairs = self.pairs.into_iter().map(|p| (p.pair, p.tap)).collect();
         Device::spawn(self.config, self.memory, pairs, self.resources, None)
     }
 }
@@ -316,6 +319,8 @@ impl QuiescedDevice {
 pub struct QuiescedPair {
     /// The pair, its rings, fds and counters.
     pub pair: QueuePair,
+    /// Its TAP queue.
+    pub tap: TapQueue,
     /// The stopped engine's ring and buffers, freed with the pair (after a blackout).
     _leftovers: Leftovers,
 }
@@ -365,7 +370,7 @@ impl Device {
         cfg: &DeviceConfig,
         memory: &GuestMemory,
         pairs: Vec<QueuePairSpec>,
-    ) -> Result<(Vec<QueuePair>, Vec<PairResources>), DeviceError> {
+    ) -> Result<(Vec<PairWithTap>, Vec<PairResources>), DeviceError> {
         let first = pairs.first().ok_or(DeviceError::NoQueuePairs)?;
         let resources = pairs
             .iter()
@@ -390,12 +395,11 @@ impl Device {
                 memory.clone(),
                 rx,
                 tx,
-                spec.tap,
                 settings,
                 Arc::new(QueuePairStats::default()),
             );
             pair.restore_rx_in_flight(&spec.rx_in_flight)?;
-            built.push(pair);
+            built.push((pair, spec.tap));
         }
         Ok((built, resources))
     }
@@ -422,7 +426,7 @@ impl Device {
     fn spawn(
         cfg: DeviceConfig,
         memory: GuestMemory,
-        pairs: Vec<QueuePair>,
+        pairs: Vec<PairWithTap>,
         resources: Arc<Vec<PairResources>>,
         gate: Option<Arc<Gate>>,
     ) -> Result<Device, DeviceError> {
@@ -433,7 +437,7 @@ impl Device {
             workers: Vec::with_capacity(pairs.len()),
         };
         let (ready_tx, ready_rx) = mpsc::channel::<u16>();
-        for (i, mut pair) in pairs.into_iter().enumerate() {
+        for (i, (mut pair, tap)) in pairs.into_iter().enumerate() {
             let index = pair.index;
             let stats = pair.stats.clone();
             let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
@@ -485,12 +489,12 @@ impl Device {
                             },
                         }
                     };
-                    let result = engine.run(&mut pair, &stop_fd, &mut signal_ready);
+                    let result = engine.run(&mut pair, &tap, &stop_fd, &mut signal_ready);
                     pair.settle_rx_order();
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "worker stopped");
                     }
-                    (pair, result)
+                    (pair, tap, result)
                 })
                 .map_err(|source| DeviceError::Os {
                     what: "spawning a worker",
@@ -576,11 +580,12 @@ impl Device {
         let mut first_err = None;
         for w in self.workers.drain(..) {
             match w.thread.join() {
-                Ok((pair, Ok(leftovers))) => pairs.push(QuiescedPair {
+                Ok((pair, tap, Ok(leftovers))) => pairs.push(QuiescedPair {
                     pair,
+                    tap,
                     _leftovers: leftovers,
                 }),
-                Ok((_, Err(source))) => {
+                Ok((_, _, Err(source))) => {
                     first_err.get_or_insert(DeviceError::Engine {
                         pair: w.index,
                         source,

@@ -21,6 +21,8 @@ pub mod memory;
 pub mod pair;
 pub mod stats;
 pub mod tap;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod virtqueue;
 pub mod vnet_hdr;
 

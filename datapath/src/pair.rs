@@ -11,7 +11,7 @@ use crate::chain::{self, Access, ChainError, Segments};
 use crate::features;
 use crate::memory::GuestMemory;
 use crate::stats::{Counters, QueuePairStats};
-use crate::tap::{TapQueue, VNET_HDR_LEN};
+use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueError, Virtqueue};
 use crate::vnet_hdr::NUM_BUFFERS_OFFSET;
 
@@ -94,6 +94,17 @@ impl RxRead {
         self.frame = n;
     }
 
+    /// Bytes of guest buffers the read was posted with (the spill area follows them).
+    pub fn posted_len(&self) -> u32 {
+        self.posted
+    }
+
+    /// The spill area (what a read writes beyond the guest buffers).
+    #[cfg(any(test, feature = "test-utils"))]
+    pub(crate) fn spill_mut(&mut self) -> &mut [u8] {
+        &mut self.spill
+    }
+
     fn clear(&mut self) {
         self.seg.clear();
         self.chains.clear();
@@ -174,7 +185,9 @@ pub struct PairSettings {
     pub mtu: u16,
 }
 
-/// One queue pair: its rings, its TAP queue, counters.
+/// One queue pair: its rings and counters. It does no I/O: the engine that runs it owns the
+/// TAP queue and moves the bytes (so a pair can also be driven in process, see
+/// `crate::testing`).
 #[derive(Debug)]
 pub struct QueuePair {
     /// Queue pair number.
@@ -185,8 +198,6 @@ pub struct QueuePair {
     pub rx: Virtqueue,
     /// TX virtqueue (2n + 1).
     pub tx: Virtqueue,
-    /// The TAP queue.
-    pub tap: TapQueue,
     /// Counters, published to `stats`.
     pub counters: Counters,
     /// Where counters are published.
@@ -223,7 +234,6 @@ impl QueuePair {
         mem: GuestMemory,
         rx: Virtqueue,
         tx: Virtqueue,
-        tap: TapQueue,
         settings: PairSettings,
         stats: Arc<QueuePairStats>,
     ) -> QueuePair {
@@ -234,7 +244,6 @@ impl QueuePair {
             mem,
             rx,
             tx,
-            tap,
             counters: Counters::default(),
             stats,
             mrg_rxbuf: settings.features & features::NET_F_MRG_RXBUF != 0,

@@ -116,6 +116,11 @@ impl Virtqueue {
         self.table
     }
 
+    /// Guest-physical address of the used ring.
+    pub fn used_ring(&self) -> u64 {
+        self.queue.used_ring()
+    }
+
     /// True once the guest corrupted the ring.
     pub fn is_broken(&self) -> bool {
         self.broken

@@ -8,6 +8,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 
 use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers};
 use crate::pair::{QueuePair, RxCompletion, RxRead, TxWrite};
+use crate::tap::TapQueue;
 
 const TOKEN_TX_KICK: u64 = 1;
 const TOKEN_RX_KICK: u64 = 2;
@@ -42,7 +43,7 @@ fn errno() -> i32 {
 }
 
 /// Writes every available TX chain to the TAP, one `writev` each.
-fn process_tx(pair: &mut QueuePair, w: &mut TxWrite, burst: usize) -> bool {
+fn process_tx(pair: &mut QueuePair, tap: &TapQueue, w: &mut TxWrite, burst: usize) -> bool {
     pair.tx.disable_notification(&pair.mem);
     let mut n = 0;
     loop {
@@ -59,7 +60,7 @@ fn process_tx(pair: &mut QueuePair, w: &mut TxWrite, burst: usize) -> bool {
         }
         let iovcnt = libc::c_int::try_from(w.seg.iov.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: the iovecs point into mapped guest memory and are valid for the call.
-        let rc = unsafe { libc::writev(pair.tap.as_raw_fd(), w.seg.iov.as_ptr(), iovcnt) };
+        let rc = unsafe { libc::writev(tap.as_raw_fd(), w.seg.iov.as_ptr(), iovcnt) };
         pair.counters.io_syscalls += 1;
         let result = usize::try_from(rc).map_err(|_| errno());
         pair.complete_tx(w, result);
@@ -78,7 +79,13 @@ enum RxOutcome {
 }
 
 /// Reads frames from the TAP into guest buffers, one `readv` each.
-fn process_rx(pair: &mut QueuePair, r: &mut RxRead, waiting: &mut bool, burst: usize) -> RxOutcome {
+fn process_rx(
+    pair: &mut QueuePair,
+    tap: &TapQueue,
+    r: &mut RxRead,
+    waiting: &mut bool,
+    burst: usize,
+) -> RxOutcome {
     if *waiting {
         // The last frame waits for guest buffers; nothing else is read before it is in.
         // Each failed try re-arms the guest's kick and re-checks (virtio's lost-wakeup rule:
@@ -100,7 +107,7 @@ fn process_rx(pair: &mut QueuePair, r: &mut RxRead, waiting: &mut bool, burst: u
         let iovcnt = libc::c_int::try_from(r.seg.iov.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: the iovecs point into mapped guest memory and the read's spill area, both
         // valid for the call.
-        let rc = unsafe { libc::readv(pair.tap.as_raw_fd(), r.seg.iov.as_ptr(), iovcnt) };
+        let rc = unsafe { libc::readv(tap.as_raw_fd(), r.seg.iov.as_ptr(), iovcnt) };
         pair.counters.io_syscalls += 1;
         match usize::try_from(rc) {
             Ok(n) if n > 0 => {
@@ -136,6 +143,7 @@ impl Engine for ClassicEngine {
     fn run(
         &mut self,
         pair: &mut QueuePair,
+        tap: &TapQueue,
         stop: &OwnedFd,
         ready: &mut dyn FnMut(&mut QueuePair) -> bool,
     ) -> Result<Leftovers, EngineError> {
@@ -152,7 +160,7 @@ impl Engine for ClassicEngine {
         add(pair.tx.kick.as_fd(), TOKEN_TX_KICK)?;
         add(pair.rx.kick.as_fd(), TOKEN_RX_KICK)?;
         add(stop.as_fd(), TOKEN_STOP)?;
-        add(pair.tap.as_fd(), TOKEN_TAP)?;
+        add(tap.as_fd(), TOKEN_TAP)?;
         if !ready(pair) {
             return Ok(Leftovers(None));
         }
@@ -206,10 +214,10 @@ impl Engine for ClassicEngine {
                 break;
             }
             if tx_more {
-                tx_more = process_tx(pair, &mut w, burst);
+                tx_more = process_tx(pair, tap, &mut w, burst);
             }
             if rx_more {
-                let outcome = process_rx(pair, &mut r, &mut rx_waiting, rx_burst);
+                let outcome = process_rx(pair, tap, &mut r, &mut rx_waiting, rx_burst);
                 rx_more = matches!(outcome, RxOutcome::Burst);
                 // Without guest buffers, stop listening to the TAP (it would wake us for
                 // nothing); the RX kick re-arms it.
@@ -221,7 +229,7 @@ impl Engine for ClassicEngine {
                         EpollFlags::empty()
                     };
                     epoll
-                        .modify(pair.tap.as_fd(), &mut EpollEvent::new(flags, TOKEN_TAP))
+                        .modify(tap.as_fd(), &mut EpollEvent::new(flags, TOKEN_TAP))
                         .map_err(|e| io_err("epoll_ctl", e.into()))?;
                     tap_armed = want_tap;
                 }

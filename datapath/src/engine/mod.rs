@@ -19,6 +19,7 @@ use std::os::fd::OwnedFd;
 use std::str::FromStr;
 
 use crate::pair::QueuePair;
+use crate::tap::TapQueue;
 
 /// Which engine a worker runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,7 +105,7 @@ pub enum EngineError {
 pub trait Engine: Send {
     /// Which engine this is.
     fn kind(&self) -> EngineKind;
-    /// Runs the queue pair until `stop` is signalled.
+    /// Runs the queue pair, moving its frames through `tap`, until `stop` is signalled.
     /// `ready` is called once the engine is set up, before it touches a ring or posts any I/O;
     /// it may still reposition the pair (a handoff successor learns the ring positions only
     /// at the switch). When it returns false the engine returns at once without servicing
@@ -112,6 +113,7 @@ pub trait Engine: Send {
     fn run(
         &mut self,
         pair: &mut QueuePair,
+        tap: &TapQueue,
         stop: &OwnedFd,
         ready: &mut dyn FnMut(&mut QueuePair) -> bool,
     ) -> Result<Leftovers, EngineError>;

@@ -7,6 +7,7 @@ use io_uring::{opcode, squeue, IoUring};
 
 use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers};
 use crate::pair::{QueuePair, RxCompletion, RxRead, TxWrite};
+use crate::tap::TapQueue;
 use crate::virtqueue::Virtqueue;
 
 // Registered file slots.
@@ -382,6 +383,7 @@ impl Engine for UringEngine {
     fn run(
         &mut self,
         pair: &mut QueuePair,
+        tap: &TapQueue,
         stop: &OwnedFd,
         ready: &mut dyn FnMut(&mut QueuePair) -> bool,
     ) -> Result<Leftovers, EngineError> {
@@ -392,7 +394,7 @@ impl Engine for UringEngine {
         let ring = build_ring(entries).map_err(setup_err)?;
         ring.submitter()
             .register_files(&[
-                pair.tap.as_raw_fd(),
+                tap.as_raw_fd(),
                 pair.tx.kick.as_raw_fd(),
                 pair.rx.kick.as_raw_fd(),
                 stop.as_raw_fd(),
