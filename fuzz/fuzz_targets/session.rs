@@ -223,7 +223,15 @@ fuzz_target!(|data: &[u8]| {
                 size: u32::try_from(body.len()).expect("small body"),
             };
             let req = Request { header, body, fds };
-            if session.handle(&conn, req).is_err() {
+            let code = req.header.request;
+            let handled = session.handle(&conn, req);
+            if std::env::var_os("TAPIR_FUZZ_VERBOSE").is_some() {
+                eprintln!(
+                    "request {code}: {handled:?}, running {:?}",
+                    session.running_pairs()
+                );
+            }
+            if handled.is_err() {
                 // The daemon ends the session here.
                 break;
             }

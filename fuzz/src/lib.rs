@@ -274,3 +274,95 @@ pub fn fd_of_kind(kind: u8, tap: &OwnedFd) -> OwnedFd {
         _ => nix::unistd::pipe().expect("pipe").0,
     }
 }
+
+/// Which guest bytes the device may write: a byte map over [`REGIONS`] (region 0's bytes,
+/// then region 1's).
+pub struct Writable {
+    map: Vec<bool>,
+}
+
+impl Default for Writable {
+    fn default() -> Self {
+        let len = REGIONS.iter().map(|r| r.1).sum::<u64>();
+        Writable {
+            map: vec![false; usize::try_from(len).expect("small")],
+        }
+    }
+}
+
+fn flat_index(addr: u64) -> Option<usize> {
+    let mut flat = 0u64;
+    for &(base, size) in &REGIONS {
+        if addr >= base && addr - base < size {
+            return usize::try_from(flat + addr - base).ok();
+        }
+        flat += size;
+    }
+    None
+}
+
+impl Writable {
+    /// Allows `[addr, addr + len)` (the parts inside guest memory).
+    pub fn allow(&mut self, addr: u64, len: u64) {
+        for a in addr..addr.saturating_add(len) {
+            if let Some(i) = flat_index(a) {
+                self.map[i] = true;
+            }
+        }
+    }
+
+    /// Allows every buffer of every chain a device-writes walk accepts from the table.
+    pub fn allow_chains(&mut self, mem: &GuestMemory, table: tapir_datapath::chain::DescTable) {
+        use tapir_datapath::chain::{walk, Access, Segments};
+        for head in 0..table.size {
+            let mut seg = Segments::default();
+            if walk(mem, table, head, Access::DeviceWrites, &mut seg).is_ok() {
+                for &(gpa, len) in &seg.gpa {
+                    self.allow(gpa, u64::from(len));
+                }
+            }
+        }
+    }
+
+    /// The first byte that differs between two [`snapshot`]s and is not allowed.
+    pub fn first_forbidden(&self, before: &[u8], after: &[u8]) -> Option<u64> {
+        let i = before
+            .iter()
+            .zip(after)
+            .zip(&self.map)
+            .position(|((b, a), ok)| b != a && !ok)?;
+        let mut flat = i as u64;
+        for &(base, size) in &REGIONS {
+            if flat < size {
+                return Some(base + flat);
+            }
+            flat -= size;
+        }
+        None
+    }
+}
+
+/// All of guest memory ([`REGIONS`], flattened), for comparing before and after.
+pub fn snapshot(mem: &GuestMemory) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &(base, size) in &REGIONS {
+        let mut buf = vec![0u8; usize::try_from(size).expect("small")];
+        mem.mmap()
+            .read_slice(&mut buf, GuestAddress(base))
+            .expect("read guest memory");
+        out.extend_from_slice(&buf);
+    }
+    out
+}
+
+/// Applies up to 16 guest patches from the input: each a guest address (u16, times 4, so
+/// anywhere in the first 256 KiB) and a u16-length blob of at most 2 KiB. Returns how many.
+pub fn patch_guest(mem: &GuestMemory, input: &mut Input) -> usize {
+    let n = usize::from(input.u8() % 17);
+    for _ in 0..n {
+        let addr = u64::from(input.u16()) * 4;
+        let blob = input.blob(2048);
+        write_clipped(mem, addr, blob);
+    }
+    n
+}
