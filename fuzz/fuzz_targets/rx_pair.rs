@@ -19,7 +19,7 @@ use tapir_datapath::features as f;
 use tapir_datapath::pair::PairSettings;
 use tapir_datapath::testing::{queue_config, PairHarness, RxSlot};
 use tapir_datapath::GuestMemory;
-use tapir_fuzz::{guest_memory, patch_guest, snapshot, zero, Input, Writable};
+use tapir_fuzz::{guest_memory, patch_guest, snapshot_into, zero, Input, Writable};
 
 const RX: (u64, u64, u64) = (0, 0x1000, 0x2000);
 const TX: (u64, u64, u64) = (0x3000, 0x4000, 0x5000);
@@ -79,13 +79,14 @@ fuzz_target!(|data: &[u8]| {
     writable.allow(RX.2, 4 + 8 * u64::from(size) + 2);
     writable.allow_chains(mem, table);
     let mut slots: Vec<RxSlot> = Vec::new();
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    snapshot_into(mem, &mut before);
     for _ in 0..64 {
         if input.is_empty() {
             break;
         }
         // Chains the device may walk now (the device's own writes may have made new ones).
         writable.allow_chains(mem, table);
-        let before = snapshot(mem);
         match input.u8() % 8 {
             0 => {
                 let fr = frame(&mut input);
@@ -120,15 +121,17 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 // The guest rewrites part of its memory (new buffers, a new avail index).
                 patch_guest(mem, &mut input);
+                snapshot_into(mem, &mut before);
                 continue;
             }
         }
-        let after = snapshot(mem);
+        snapshot_into(mem, &mut after);
         if let Some(addr) = writable.first_forbidden(&before, &after) {
             panic!(
                 "the device wrote guest byte {addr:#x}, outside every RX chain and the used ring"
             );
         }
+        std::mem::swap(&mut before, &mut after);
         if let Err(v) = h.check() {
             panic!("invariant: {v}");
         }

@@ -18,7 +18,7 @@ use tapir_datapath::features as f;
 use tapir_datapath::pair::PairSettings;
 use tapir_datapath::testing::{queue_config, PairHarness, TxSlot};
 use tapir_datapath::GuestMemory;
-use tapir_fuzz::{guest_memory, patch_guest, snapshot, zero, Input, Writable};
+use tapir_fuzz::{guest_memory, patch_guest, snapshot_into, zero, Input, Writable};
 
 const RX: (u64, u64, u64) = (0, 0x1000, 0x2000);
 const TX: (u64, u64, u64) = (0x3000, 0x4000, 0x5000);
@@ -60,11 +60,12 @@ fuzz_target!(|data: &[u8]| {
     let mut writable = Writable::default();
     writable.allow(TX.2, 4 + 8 * u64::from(size) + 2);
     let mut slots: Vec<TxSlot> = Vec::new();
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    snapshot_into(mem, &mut before);
     for _ in 0..64 {
         if input.is_empty() {
             break;
         }
-        let before = snapshot(mem);
         match input.u8() % 6 {
             0 => {
                 if let Some(s) = h.tx_next() {
@@ -98,13 +99,15 @@ fuzz_target!(|data: &[u8]| {
             4 => h.publish(),
             _ => {
                 patch_guest(mem, &mut input);
+                snapshot_into(mem, &mut before);
                 continue;
             }
         }
-        let after = snapshot(mem);
+        snapshot_into(mem, &mut after);
         if let Some(addr) = writable.first_forbidden(&before, &after) {
             panic!("the TX side wrote guest byte {addr:#x}, outside its used ring");
         }
+        std::mem::swap(&mut before, &mut after);
         if let Err(v) = h.check() {
             panic!("invariant: {v}");
         }

@@ -194,10 +194,11 @@ pub fn inside_mapping(mem: &GuestMemory, ptr: *const u8, len: usize) -> bool {
 
 /// Zeroes all of guest memory (between iterations of a target that reuses it).
 pub fn zero(mem: &GuestMemory) {
+    static ZEROS: [u8; 0x10000] = [0; 0x10000];
     for &(base, size) in &REGIONS {
-        let zeros = vec![0u8; usize::try_from(size).expect("small")];
+        let size = usize::try_from(size).expect("small");
         mem.mmap()
-            .write_slice(&zeros, GuestAddress(base))
+            .write_slice(&ZEROS[..size], GuestAddress(base))
             .expect("zero guest memory");
     }
     let _ = mem.take_dirty_log();
@@ -290,32 +291,29 @@ impl Default for Writable {
     }
 }
 
-fn flat_index(addr: u64) -> Option<usize> {
-    let mut flat = 0u64;
-    for &(base, size) in &REGIONS {
-        if addr >= base && addr - base < size {
-            return usize::try_from(flat + addr - base).ok();
-        }
-        flat += size;
-    }
-    None
-}
-
 impl Writable {
     /// Allows `[addr, addr + len)` (the parts inside guest memory).
     pub fn allow(&mut self, addr: u64, len: u64) {
-        for a in addr..addr.saturating_add(len) {
-            if let Some(i) = flat_index(a) {
-                self.map[i] = true;
+        let end = addr.saturating_add(len);
+        let mut flat = 0u64;
+        for &(base, size) in &REGIONS {
+            let start = addr.max(base);
+            let stop = end.min(base + size);
+            if start < stop {
+                let from = usize::try_from(flat + start - base).expect("small");
+                let to = usize::try_from(flat + stop - base).expect("small");
+                self.map[from..to].fill(true);
             }
+            flat += size;
         }
     }
 
     /// Allows every buffer of every chain a device-writes walk accepts from the table.
     pub fn allow_chains(&mut self, mem: &GuestMemory, table: tapir_datapath::chain::DescTable) {
         use tapir_datapath::chain::{walk, Access, Segments};
+        let mut seg = Segments::default();
         for head in 0..table.size {
-            let mut seg = Segments::default();
+            seg.clear();
             if walk(mem, table, head, Access::DeviceWrites, &mut seg).is_ok() {
                 for &(gpa, len) in &seg.gpa {
                     self.allow(gpa, u64::from(len));
@@ -326,11 +324,20 @@ impl Writable {
 
     /// The first byte that differs between two [`snapshot`]s and is not allowed.
     pub fn first_forbidden(&self, before: &[u8], after: &[u8]) -> Option<u64> {
+        const CHUNK: usize = 4096;
         let i = before
-            .iter()
-            .zip(after)
-            .zip(&self.map)
-            .position(|((b, a), ok)| b != a && !ok)?;
+            .chunks(CHUNK)
+            .zip(after.chunks(CHUNK))
+            .enumerate()
+            .filter(|(_, (b, a))| b != a)
+            .find_map(|(c, (b, a))| {
+                let ok = self.map.get(c * CHUNK..)?;
+                b.iter()
+                    .zip(a.iter())
+                    .zip(ok)
+                    .position(|((x, y), ok)| x != y && !ok)
+                    .map(|i| c * CHUNK + i)
+            })?;
         let mut flat = i as u64;
         for &(base, size) in &REGIONS {
             if flat < size {
@@ -342,17 +349,19 @@ impl Writable {
     }
 }
 
-/// All of guest memory ([`REGIONS`], flattened), for comparing before and after.
-pub fn snapshot(mem: &GuestMemory) -> Vec<u8> {
-    let mut out = Vec::new();
+/// All of guest memory ([`REGIONS`], flattened) into `out` (reused: no allocation once it
+/// has the size), for comparing before and after.
+pub fn snapshot_into(mem: &GuestMemory, out: &mut Vec<u8>) {
+    let total = usize::try_from(REGIONS.iter().map(|r| r.1).sum::<u64>()).expect("small");
+    out.resize(total, 0);
+    let mut flat = 0usize;
     for &(base, size) in &REGIONS {
-        let mut buf = vec![0u8; usize::try_from(size).expect("small")];
+        let size = usize::try_from(size).expect("small");
         mem.mmap()
-            .read_slice(&mut buf, GuestAddress(base))
+            .read_slice(&mut out[flat..flat + size], GuestAddress(base))
             .expect("read guest memory");
-        out.extend_from_slice(&buf);
+        flat += size;
     }
-    out
 }
 
 /// Applies up to 16 guest patches from the input: each a guest address (u16, times 4, so
