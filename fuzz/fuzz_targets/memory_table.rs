@@ -5,6 +5,9 @@
 //! exactly its regions, every byte of which can be read (a region longer than its file must
 //! be refused by `map`, not SIGBUS the reader: issue 9 item 3).
 //!
+//! With `TAPIR_FUZZ_SKIP_KNOWN=1`, `map` is skipped while a region is longer than its file
+//! (the open SIGBUS and bitmap-size crashes).
+//!
 //! Input: up to 32 operations, each an op (u8 % 5) and its fields: a region is guest
 //! address, size, frontend address, offset (each a u8 choice of typical values or a raw
 //! u64) and an fd kind (u8).
@@ -71,6 +74,16 @@ fn region(p: Place, fd: OwnedFd) -> Region {
         mmap_offset: p.offset,
         fd,
     }
+}
+
+/// True when the region lies within its file (and is not absurdly large).
+fn backed(r: &Region) -> bool {
+    let len = nix::sys::stat::fstat(&r.fd).map_or(0, |st| st.st_size);
+    let len = u64::try_from(len).unwrap_or(0);
+    r.mmap_offset
+        .checked_add(r.size)
+        .is_some_and(|end| end <= len)
+        || len == 0
 }
 
 fn places(t: &MemoryTable) -> Vec<Place> {
@@ -147,6 +160,11 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(table.va_to_gpa(va), want, "va_to_gpa({va:#x})");
                 }
                 _ => {
+                    if tapir_fuzz::skip_known() && !table.regions().iter().all(backed) {
+                        // Open: a region longer than its file SIGBUSes the reader, a huge one
+                        // aborts on its bitmap (issue 9 items 3 and 4).
+                        continue;
+                    }
                     if let Ok(mem) = table.map() {
                         assert_eq!(
                             mem.mmap().num_regions(),

@@ -375,3 +375,11 @@ pub fn patch_guest(mem: &GuestMemory, input: &mut Input) -> usize {
     }
     n
 }
+
+/// `TAPIR_FUZZ_SKIP_KNOWN=1`: targets steer clear of inputs that hit crashes already found
+/// and still open (fuzz/artifacts-found/), so that a campaign explores past them instead of
+/// restarting on the same crash. Each target documents what it skips; CI does not set it.
+pub fn skip_known() -> bool {
+    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SKIP.get_or_init(|| std::env::var_os("TAPIR_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
+}
