@@ -46,6 +46,21 @@ pub struct ServeArgs {
     /// Blackout step timeout of a handoff, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     switch_timeout_ms: u64,
+    /// Seconds a frontend may take to finish a message it started or to take a reply off the
+    /// socket; a frontend slower than that loses its session.
+    #[arg(long, default_value_t = 5.0)]
+    frontend_timeout: f64,
+    /// Mode of the vhost-user socket tapir creates (octal; 0660 with --socket-group lets a
+    /// QEMU of another user in that group connect).
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Group of the vhost-user socket (a name or a gid).
+    #[arg(long, value_parser = parse_group)]
+    socket_group: Option<u32>,
+    /// A uid the frontend may run as (checked with SO_PEERCRED on accept and, with --client,
+    /// on connect); repeatable. Default: tapir's own uid.
+    #[arg(long = "allow-uid")]
+    allow_uids: Vec<u32>,
     /// Test hook: die at this point of taking over (before-fds, after-fds, after-state,
     /// before-running).
     #[arg(long, hide = true)]
@@ -64,6 +79,23 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not a file mode (octal, e.g. 0660)"))
+}
+
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        _ => Err(format!("no group {s:?}")),
+    }
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
     if args.queues == 0 {
         bail!("--queues must be at least 1");
@@ -73,12 +105,28 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ..Timeouts::default()
     };
     let cpu_affinity: Vec<Option<usize>> = args.cpus.iter().map(|&c| Some(c)).collect();
+    let frontend_timeout = Duration::try_from_secs_f64(args.frontend_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--frontend-timeout must be a positive number of seconds")?;
+    let mut access = tapir_vhost_user::AccessControl {
+        socket_mode: args.socket_mode,
+        socket_group: args.socket_group,
+        ..Default::default()
+    };
+    if !args.allow_uids.is_empty() {
+        access.allow_uids = args.allow_uids;
+    }
     if let Some(path) = &args.takeover {
         let mut opts = SuccessorOptions::new(args.engine);
         opts.cpu_affinity = cpu_affinity;
         opts.timeouts = timeouts;
         opts.fail_at = args.fail_at;
-        return tapir_vhost_user::take_over_daemon(path, &opts)
+        let frontend = tapir_vhost_user::FrontendPolicy {
+            access,
+            timeout: frontend_timeout,
+        };
+        return tapir_vhost_user::take_over_daemon(path, &opts, &frontend)
             .with_context(|| format!("taking over the tapir serve at {}", path.display()));
     }
     let (Some(socket), Some(tap)) = (args.socket, args.tap) else {
@@ -101,6 +149,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         handoff: args.handoff_socket,
         timeouts,
+        frontend_timeout,
+        access,
     };
     tapir_vhost_user::serve(opts).context("tapir serve")
 }

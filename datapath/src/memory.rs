@@ -7,8 +7,12 @@
 //! `readv`. A VMM doing live migration collects the log with [`GuestMemory::take_dirty_log`].
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
+
+use crate::fd_check::{expect_file_range, FdCheckError};
+
+pub mod fault;
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{
@@ -21,6 +25,11 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// Dirty-log granularity.
 pub const DIRTY_PAGE_SIZE: usize = 4096;
+
+/// Most guest memory tapir maps, all regions together (1 TiB). The frontend chooses region
+/// sizes; each region gets a dirty bitmap of one bit per page allocated up front (32 MiB for
+/// 1 TiB), so an unbounded size would be an unbounded allocation.
+pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
 
 /// One guest memory region backed by a file (usually a memfd shared with the VMM).
 #[derive(Debug)]
@@ -62,6 +71,18 @@ pub enum MemoryError {
         /// Size.
         size: u64,
     },
+    /// The regions together are larger than [`MAX_GUEST_MEMORY`].
+    #[error("guest memory of {total:#x} bytes (at most {MAX_GUEST_MEMORY:#x})")]
+    TooLarge {
+        /// The sum of the region sizes (saturating).
+        total: u64,
+    },
+    /// A region's fd is not a file at least as long as the region.
+    #[error(transparent)]
+    Fd(#[from] FdCheckError),
+    /// Every slot of the SIGBUS guard is taken (see [`fault`]).
+    #[error("too many guest memory mappings alive at once ({})", fault::SLOTS)]
+    TooManyMappings,
     /// A guest address range is not (entirely) backed by guest memory.
     #[error("guest range {addr:#x}+{len:#x} is outside guest memory")]
     OutOfRange {
@@ -75,12 +96,54 @@ pub enum MemoryError {
 /// A cheaply clonable handle to the mapped guest memory.
 #[derive(Clone, Debug)]
 pub struct GuestMemory {
-    mmap: Arc<GuestMemoryMmap>,
+    inner: Arc<Mapped>,
+}
+
+/// The mapping and its SIGBUS guard. Fields drop in order: the guard is unregistered before
+/// the regions are unmapped.
+#[derive(Debug)]
+struct Mapped {
+    guards: Vec<fault::Registration>,
+    mmap: GuestMemoryMmap,
+}
+
+/// Whether the file behind `fd` can still shrink (`F_SEAL_SHRINK` not set).
+fn can_shrink(fd: &OwnedFd) -> bool {
+    // SAFETY: F_GET_SEALS on an fd we own; fails (EINVAL) for files without seals.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    seals < 0 || seals & libc::F_SEAL_SHRINK == 0
 }
 
 impl GuestMemory {
-    /// Maps the regions (`MAP_SHARED`), each with its own dirty bitmap.
-    pub fn from_regions(regions: Vec<MemoryRegionSpec>) -> Result<GuestMemory, MemoryError> {
+    /// Maps the regions (`MAP_SHARED`), each with its own dirty bitmap, in any order (they
+    /// are sorted by guest address). Every fd is checked first: a regular file that holds
+    /// `file_offset + size` bytes (a mapping past the end of its file faults on first touch),
+    /// and the sizes must add up to at most [`MAX_GUEST_MEMORY`]. Every mapping is registered
+    /// with the SIGBUS guard ([`fault`]): a file that shrinks later breaks the memory
+    /// ([`GuestMemory::is_broken`]) instead of killing the process.
+    pub fn from_regions(mut regions: Vec<MemoryRegionSpec>) -> Result<GuestMemory, MemoryError> {
+        let total = regions
+            .iter()
+            .try_fold(0u64, |sum, r| sum.checked_add(r.size))
+            .unwrap_or(u64::MAX);
+        if total > MAX_GUEST_MEMORY {
+            return Err(MemoryError::TooLarge { total });
+        }
+        for r in &regions {
+            expect_file_range(
+                r.fd.as_fd(),
+                r.file_offset,
+                r.size,
+                &format!("guest memory region at {:#x}", r.guest_addr),
+            )?;
+            if can_shrink(&r.fd) {
+                tracing::debug!(
+                    guest_addr = format_args!("{:#x}", r.guest_addr),
+                    "guest memory fd not sealed against shrinking: guarded against SIGBUS"
+                );
+            }
+        }
+        regions.sort_by_key(|r| r.guest_addr);
         let mut mapped = Vec::with_capacity(regions.len());
         for r in regions {
             let size = usize::try_from(r.size).map_err(|_| MemoryError::RegionTooLarge {
@@ -96,16 +159,31 @@ impl GuestMemory {
             .map_err(MemoryError::Map)?;
             mapped.push(region);
         }
+        let mut guards = Vec::with_capacity(mapped.len());
+        for r in &mapped {
+            let len = usize::try_from(r.len()).unwrap_or(usize::MAX);
+            let start = r
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|_| MemoryError::TooManyMappings)?;
+            guards.push(fault::register(start, len).ok_or(MemoryError::TooManyMappings)?);
+        }
         let mmap = vm_memory::GuestMemoryMmap::from_regions(mapped)
             .map_err(|e| MemoryError::Map(e.into()))?;
         Ok(GuestMemory {
-            mmap: Arc::new(mmap),
+            inner: Arc::new(Mapped { guards, mmap }),
         })
+    }
+
+    /// True once a region's file shrank under its mapping and an access faulted there: the
+    /// region now reads as zeroes (see [`fault`]); whoever owns the memory should stop using
+    /// it (a vhost-user session ends).
+    pub fn is_broken(&self) -> bool {
+        self.inner.guards.iter().any(|g| g.is_broken())
     }
 
     /// The `vm-memory` view (for ring accesses through `virtio-queue`).
     pub fn mmap(&self) -> &GuestMemoryMmap {
-        &self.mmap
+        &self.inner.mmap
     }
 
     /// Translates `[addr, addr + len)` into host (pointer, length) pieces, one per region it
@@ -121,7 +199,8 @@ impl GuestMemory {
         let mut left = u64::from(len);
         while left > 0 {
             let region =
-                self.mmap
+                self.inner
+                    .mmap
                     .find_region(GuestAddress(cur))
                     .ok_or(MemoryError::OutOfRange {
                         addr,
@@ -150,7 +229,7 @@ impl GuestMemory {
         let mut cur = addr;
         let mut left = len as u64;
         while left > 0 {
-            let Some(region) = self.mmap.find_region(GuestAddress(cur)) else {
+            let Some(region) = self.inner.mmap.find_region(GuestAddress(cur)) else {
                 return;
             };
             let offset = cur - region.start_addr().raw_value();
@@ -168,7 +247,7 @@ impl GuestMemory {
     /// clears the log.
     pub fn take_dirty_log(&self) -> Vec<u64> {
         let mut pages = Vec::new();
-        for region in self.mmap.iter() {
+        for region in self.inner.mmap.iter() {
             let base = region.start_addr().raw_value();
             let words = region.get_mmap().bitmap().get_and_reset();
             for (w, word) in words.iter().enumerate() {
@@ -185,7 +264,8 @@ impl GuestMemory {
 
     /// Each region's placement and backing fd (for handing the memory to a successor).
     pub fn regions(&self) -> Vec<RegionInfo<'_>> {
-        self.mmap
+        self.inner
+            .mmap
             .iter()
             .filter_map(|r| {
                 let file = r.file_offset()?;
@@ -205,7 +285,7 @@ impl GuestMemory {
     /// the VMM); this only maps it. Kernels without the advice (before 5.14) are skipped.
     pub fn populate(&self) {
         const MADV_POPULATE_WRITE: libc::c_int = 23;
-        for r in self.mmap.iter() {
+        for r in self.inner.mmap.iter() {
             let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else {
                 continue;
             };
@@ -232,7 +312,7 @@ impl GuestMemory {
     /// only for private mappings; tapir's are shared, but nothing should rely on it).
     pub fn release_gently(&self) {
         const STEP: usize = 256 * 1024;
-        for r in self.mmap.iter() {
+        for r in self.inner.mmap.iter() {
             let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else {
                 continue;
             };
@@ -253,7 +333,7 @@ impl GuestMemory {
 
     /// True when the whole range is backed by guest memory.
     pub fn contains(&self, addr: u64, len: u64) -> bool {
-        self.mmap.check_range(
+        self.inner.mmap.check_range(
             GuestAddress(addr),
             usize::try_from(len).unwrap_or(usize::MAX),
         )
@@ -264,6 +344,7 @@ impl GuestMemory {
 mod tests {
     use super::*;
     use std::io::Write;
+    use vm_memory::Bytes;
 
     fn memfd(size: u64) -> OwnedFd {
         let fd =
@@ -318,5 +399,58 @@ mod tests {
         mem.mark_dirty(0x10_0ff0, 0x20);
         assert_eq!(mem.take_dirty_log(), vec![0x10_0000, 0x10_1000]);
         assert!(mem.take_dirty_log().is_empty());
+    }
+
+    fn spec(guest_addr: u64, size: u64, fd: OwnedFd, file_offset: u64) -> MemoryRegionSpec {
+        MemoryRegionSpec {
+            guest_addr,
+            size,
+            fd,
+            file_offset,
+        }
+    }
+
+    #[test]
+    fn regions_in_descending_order_are_mapped() {
+        let fd = memfd(0x4000);
+        let fd2 = fd.try_clone().unwrap();
+        let mem = GuestMemory::from_regions(vec![
+            spec(0x10_0000, 0x2000, fd, 0x2000),
+            spec(0, 0x2000, fd2, 0),
+        ])
+        .unwrap();
+        assert!(mem.contains(0, 0x2000) && mem.contains(0x10_0000, 0x2000));
+    }
+
+    #[test]
+    fn regions_beyond_their_file_or_too_large_are_refused() {
+        let short = GuestMemory::from_regions(vec![spec(0, 0x2000, memfd(0x1000), 0)]);
+        assert!(matches!(short, Err(MemoryError::Fd(_))), "{short:?}");
+        let past = GuestMemory::from_regions(vec![spec(0, 0x1000, memfd(0x1000), 0x1000)]);
+        assert!(matches!(past, Err(MemoryError::Fd(_))), "{past:?}");
+        let huge = GuestMemory::from_regions(vec![spec(0, 1 << 62, memfd(1 << 62), 0)]);
+        assert!(
+            matches!(huge, Err(MemoryError::TooLarge { .. })),
+            "{huge:?}"
+        );
+        let half = MAX_GUEST_MEMORY / 2 + 0x1000;
+        let fd = memfd(2 * half);
+        let fd2 = fd.try_clone().unwrap();
+        let sum =
+            GuestMemory::from_regions(vec![spec(0, half, fd, 0), spec(half, half, fd2, half)]);
+        assert!(matches!(sum, Err(MemoryError::TooLarge { .. })), "{sum:?}");
+    }
+
+    #[test]
+    fn a_file_truncated_under_the_mapping_breaks_the_memory_not_the_process() {
+        let fd = memfd(0x4000);
+        let keep = fd.try_clone().unwrap();
+        let mem = GuestMemory::from_regions(vec![spec(0, 0x4000, fd, 0)]).unwrap();
+        mem.mmap().write_obj(7u32, GuestAddress(0x3000)).unwrap();
+        assert!(!mem.is_broken());
+        nix::unistd::ftruncate(&keep, 0).unwrap();
+        let v: u32 = mem.mmap().read_obj(GuestAddress(0x3000)).unwrap();
+        assert_eq!(v, 0, "the lost page reads as zeroes");
+        assert!(mem.is_broken());
     }
 }

@@ -7,7 +7,7 @@
 //! `handoff_committed`, `handoff_rolled_back`, `running`) for supervisors and tests.
 
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,8 +56,71 @@ pub struct ServeOptions {
     pub handoff: Option<PathBuf>,
     /// Handoff step timeouts.
     pub timeouts: Timeouts,
+    /// How long a frontend may take to finish a message or take a reply.
+    pub frontend_timeout: Duration,
+    /// Who may be the frontend.
+    pub access: AccessControl,
 }
 
+/// How a successor treats the frontend (its own settings, not the predecessor's).
+#[derive(Clone, Debug)]
+pub struct FrontendPolicy {
+    /// Who may connect (the socket mode and group stay as the predecessor made them).
+    pub access: AccessControl,
+    /// How long a frontend may take to finish a message or take a reply.
+    pub timeout: Duration,
+}
+
+impl Default for FrontendPolicy {
+    fn default() -> FrontendPolicy {
+        FrontendPolicy {
+            access: AccessControl::default(),
+            timeout: crate::wire::DEFAULT_FRONTEND_TIMEOUT,
+        }
+    }
+}
+
+/// Who may talk to the daemon over the vhost-user socket.
+#[derive(Clone, Debug)]
+pub struct AccessControl {
+    /// Mode of the socket file tapir creates (0600 by default: only its own user can
+    /// connect).
+    pub socket_mode: u32,
+    /// Group of the socket file (with a mode of 0660, a QEMU of another user in this group
+    /// can connect).
+    pub socket_group: Option<u32>,
+    /// Uids a peer may have (`SO_PEERCRED`), checked on accept and, in client mode, on
+    /// connect.
+    pub allow_uids: Vec<u32>,
+}
+
+impl Default for AccessControl {
+    /// 0600, the daemon's own group, and only the daemon's own uid.
+    fn default() -> AccessControl {
+        AccessControl {
+            socket_mode: 0o600,
+            socket_group: None,
+            allow_uids: vec![nix::unistd::geteuid().as_raw()],
+        }
+    }
+}
+
+/// What the daemon counts across sessions (reported in its events).
+#[derive(Debug, Default)]
+struct DaemonCounters {
+    /// Sessions ended because their memory shrank under its mapping.
+    memory_broken: u64,
+    /// Peers refused for their uid.
+    peers_refused: u64,
+    /// Times `accept` ran out of fds and the daemon backed off.
+    accept_backoffs: u64,
+}
+
+/// How long the daemon waits before accepting again when it is out of fds, and between
+/// connection attempts in client mode after a refused peer.
+const BACKOFF: Duration = Duration::from_millis(200);
+/// How often a session with mapped memory is checked for broken memory.
+const MEMORY_CHECK: Duration = Duration::from_millis(100);
 /// Errors that end the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -94,6 +157,9 @@ struct Daemon {
     taps: Arc<Vec<TapQueue>>,
     config: SessionConfig,
     timeouts: Timeouts,
+    frontend_timeout: Duration,
+    access: AccessControl,
+    counters: DaemonCounters,
 }
 
 enum SessionEnd {
@@ -124,6 +190,64 @@ fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
         .map_err(|e| ServeError::Socket(format!("removing stale {}", path.display()), e))
 }
 
+/// Binds the vhost-user socket with no access for anyone but the owner from the start (umask
+/// 0177 around bind), then gives it the group and mode asked for.
+fn bind_private(path: &Path, access: &AccessControl) -> Result<UnixListener, ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |what: &str, e| ServeError::Socket(format!("{what} {}", path.display()), e);
+    // SAFETY: umask only changes this process's file-creation mask; restored right after.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| fail("binding", e))?;
+    if let Some(gid) = access.socket_group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| fail("chown of", e))?;
+    }
+    std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(access.socket_mode & 0o777),
+    )
+    .map_err(|e| fail("chmod of", e))?;
+    Ok(listener)
+}
+
+/// Connects to the frontend's socket (client mode) without blocking: a listener whose backlog
+/// is full (one that never accepts) makes a blocking `connect` wait forever, and the daemon
+/// would serve nothing else (its handoff socket) meanwhile. `EAGAIN` is retried by the caller.
+fn connect_without_blocking(path: &Path) -> Result<UnixStream, std::io::Error> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    connect(fd.as_raw_fd(), &addr)?;
+    let stream = UnixStream::from(fd);
+    // Connected (a unix stream connect completes at once or fails): back to blocking mode,
+    // which the wire layer overrides per call with its deadlines.
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// The uid of the process at the other end of `stream`.
+fn peer_uid(stream: &UnixStream) -> Result<u32, std::io::Error> {
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid())
+        .map_err(std::io::Error::from)
+}
+
+/// True for accept errors that mean "out of fds or memory": accepting again at once would
+/// fail the same way (the connection stays queued), so the daemon backs off.
+fn is_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Runs `tapir serve` until it is handed off (returns `Ok`) or fails.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let tap = Tap::open(&opts.tap, usize::from(opts.session.queue_pairs))?;
@@ -135,10 +259,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let vhost_listener = match &opts.endpoint {
         Endpoint::Server(path) => {
             remove_stale_socket(path)?;
-            Some(
-                UnixListener::bind(path)
-                    .map_err(|e| ServeError::Socket(format!("binding {}", path.display()), e))?,
-            )
+            Some(bind_private(path, &opts.access)?)
         }
         Endpoint::Client(_) => None,
     };
@@ -150,6 +271,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         taps: Arc::new(tap.into_queues()),
         config: opts.session,
         timeouts: opts.timeouts,
+        frontend_timeout: opts.frontend_timeout,
+        access: opts.access,
+        counters: DaemonCounters::default(),
     };
     event(format!(
         "{{\"event\":\"listening\",\"socket\":{:?},\"tap\":{:?}}}",
@@ -161,7 +285,14 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
 
 /// `tapir serve --takeover PATH`: takes a running `tapir serve` over (its session, running
 /// device and sockets, or just its sockets and TAP between frontends) and carries on serving.
-pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), ServeError> {
+///
+/// `frontend` is this process's own policy for the frontend (allowed uids, timeout): the
+/// handoff blob does not carry the predecessor's, and the socket file keeps its mode.
+pub fn take_over_daemon(
+    path: &Path,
+    opts: &SuccessorOptions,
+    frontend: &FrontendPolicy,
+) -> Result<(), ServeError> {
     let ch = Channel::connect(path)?;
     // The session blob is checked before this side commits to anything.
     let check = |ext: &Extension| {
@@ -174,11 +305,17 @@ pub fn take_over_daemon(path: &Path, opts: &SuccessorOptions) -> Result<(), Serv
             drop(ch);
             let generation = took.generation;
             let (quiesce_ns, running_ns) = (took.quiesce_ns, took.running_ns);
-            let (daemon, current) = restore(took.extension, opts, Some(took.device), generation)?;
+            let (daemon, current) = restore(
+                took.extension,
+                opts,
+                frontend,
+                Some(took.device),
+                generation,
+            )?;
             running_event(&current, generation, quiesce_ns, running_ns, false);
             daemon.run(current)
         }
-        Taken::StateOnly(ext) => match restore(ext, opts, None, 0) {
+        Taken::StateOnly(ext) => match restore(ext, opts, frontend, None, 0) {
             Ok((daemon, mut current)) => {
                 accept_state(&ch)?;
                 drop(ch);
@@ -224,6 +361,7 @@ fn running_event(
 fn restore(
     ext: Extension,
     opts: &SuccessorOptions,
+    frontend: &FrontendPolicy,
     device: Option<tapir_datapath::Device>,
     generation: u64,
 ) -> Result<(Daemon, Option<(Connection, Session)>), ServeError> {
@@ -264,7 +402,7 @@ fn restore(
             }
             session
                 .table
-                .replace(regions)
+                .restore(regions)
                 .map_err(|e| ServeError::Restore(e.to_string()))?;
             for (v, s) in session.vrings.iter_mut().zip(&state.vrings) {
                 *v = handoff::vring_of(s, &mut fds)?;
@@ -282,7 +420,10 @@ fn restore(
                     .remap()
                     .map_err(|e| ServeError::Restore(e.to_string()))?,
             }
-            let connection = Connection::new(UnixStream::from(handoff::take(&mut fds, c)?));
+            let connection = Connection::with_timeout(
+                UnixStream::from(handoff::take(&mut fds, c)?),
+                frontend.timeout,
+            );
             Some((connection, session))
         }
     };
@@ -310,6 +451,9 @@ fn restore(
         taps,
         config,
         timeouts: opts.timeouts,
+        frontend_timeout: frontend.timeout,
+        access: frontend.access.clone(),
+        counters: DaemonCounters::default(),
     };
     Ok((daemon, current))
 }
@@ -389,12 +533,39 @@ impl Daemon {
         }
     }
 
+    /// The frontend connection, if its peer's uid is allowed; a refused peer is logged,
+    /// counted and closed.
+    fn admit(&mut self, stream: UnixStream) -> Option<Connection> {
+        match peer_uid(&stream) {
+            Ok(uid) if self.access.allow_uids.contains(&uid) => {
+                Some(Connection::with_timeout(stream, self.frontend_timeout))
+            }
+            Ok(uid) => {
+                self.counters.peers_refused += 1;
+                tracing::warn!(uid, allowed = ?self.access.allow_uids, "vhost-user peer of a uid not allowed: closed");
+                event(format!(
+                    "{{\"event\":\"peer_refused\",\"uid\":{uid},\"refused\":{}}}",
+                    self.counters.peers_refused
+                ));
+                None
+            }
+            Err(e) => {
+                self.counters.peers_refused += 1;
+                tracing::warn!(error = %e, "cannot read the vhost-user peer's credentials: closed");
+                None
+            }
+        }
+    }
+
     /// Waits for a frontend (Some), or hands the idle daemon to a successor (None).
     fn reach_frontend(&mut self) -> Result<Option<Connection>, ServeError> {
         loop {
             if let Endpoint::Client(path) = &self.endpoint {
-                match UnixStream::connect(path) {
-                    Ok(s) => return Ok(Some(Connection::new(s))),
+                match connect_without_blocking(path) {
+                    Ok(s) => match self.admit(s) {
+                        Some(conn) => return Ok(Some(conn)),
+                        None => std::thread::sleep(BACKOFF),
+                    },
                     Err(e) => tracing::debug!(error = %e, "frontend not listening yet"),
                 }
             }
@@ -412,11 +583,28 @@ impl Daemon {
                 }
             }
             if ready[0] {
-                if let Some(l) = &self.vhost_listener {
-                    match l.accept() {
-                        Ok((s, _)) => return Ok(Some(Connection::new(s))),
-                        Err(e) => tracing::warn!(error = %e, "accept on the vhost-user socket"),
+                let accepted = self.vhost_listener.as_ref().map(|l| l.accept());
+                match accepted {
+                    Some(Ok((s, _))) => {
+                        if let Some(conn) = self.admit(s) {
+                            return Ok(Some(conn));
+                        }
                     }
+                    Some(Err(e)) if is_exhaustion(&e) => {
+                        // The connection stays queued and the listener readable: accepting
+                        // again at once would spin. Wait, still serving the handoff socket.
+                        self.counters.accept_backoffs += 1;
+                        tracing::warn!(error = %e, backoffs = self.counters.accept_backoffs, "accept on the vhost-user socket: out of fds, backing off");
+                        let handoff = self.handoff.as_ref().map(|l| l.as_fd());
+                        if wait(&[handoff], Some(BACKOFF))?.first() == Some(&true) {
+                            let idle = Session::new(self.config.clone(), self.taps.clone());
+                            if self.hand_off_state(None, &idle)? {
+                                return Ok(None);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "accept on the vhost-user socket"),
+                    None => {}
                 }
             }
         }
@@ -429,7 +617,26 @@ impl Daemon {
     ) -> Result<SessionEnd, ServeError> {
         let mut pairs = session.running_pairs();
         loop {
-            let timeout = session.logging().then_some(Duration::from_millis(10));
+            let timeout = if session.logging() {
+                Some(Duration::from_millis(10))
+            } else {
+                session.memory().is_some().then_some(MEMORY_CHECK)
+            };
+            if session.memory_broken() {
+                // The frontend shrank a file it passed (issue 9, item 3): the pages read as
+                // zeroes now; this session ends, the daemon serves the next frontend.
+                self.counters.memory_broken += 1;
+                tracing::error!(
+                    sessions = self.counters.memory_broken,
+                    "guest memory shrank under its mapping: ending the session"
+                );
+                event(format!(
+                    "{{\"event\":\"memory_broken\",\"sessions\":{},\"faults\":{}}}",
+                    self.counters.memory_broken,
+                    tapir_datapath::memory::fault::recovered_faults()
+                ));
+                return Ok(SessionEnd::Disconnected);
+            }
             let handoff = self.handoff.as_ref().map(|l| l.as_fd());
             let ready = wait(&[Some(conn.as_fd()), handoff], timeout)?;
             if ready[0] {

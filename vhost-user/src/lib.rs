@@ -19,5 +19,7 @@ pub mod memory_table;
 pub mod session;
 pub mod wire;
 
-pub use daemon::{serve, take_over_daemon, Endpoint, ServeError, ServeOptions};
+pub use daemon::{
+    serve, take_over_daemon, AccessControl, Endpoint, FrontendPolicy, ServeError, ServeOptions,
+};
 pub use session::{offered_features, offered_protocol_features, Session, SessionConfig};

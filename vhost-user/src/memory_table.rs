@@ -2,9 +2,11 @@
 //! addresses (vring addresses arrive as frontend virtual addresses), mapped into a
 //! [`GuestMemory`] for the datapath.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::os::fd::{AsFd, OwnedFd};
 
-use tapir_datapath::memory::MemoryRegionSpec;
+use tapir_datapath::memory::{MemoryRegionSpec, MAX_GUEST_MEMORY};
 use tapir_datapath::{GuestMemory, MemoryError};
 
 /// Most regions tapir accepts (`VHOST_USER_GET_MAX_MEM_SLOTS`).
@@ -45,6 +47,9 @@ pub enum TableError {
         /// Size.
         size: u64,
     },
+    /// Regions larger, together, than the datapath maps.
+    #[error("memory regions of {0:#x} bytes in all (at most {MAX_GUEST_MEMORY:#x})")]
+    TooLarge(u64),
     /// A region to remove that is not in the table.
     #[error("no memory region at guest {0:#x} to remove")]
     NoSuchRegion(u64),
@@ -73,46 +78,80 @@ impl MemoryTable {
         self.regions.is_empty()
     }
 
-    /// Replaces the whole table (`SET_MEM_TABLE`).
-    pub fn replace(&mut self, regions: Vec<Region>) -> Result<(), TableError> {
-        if regions.len() > MAX_MEM_SLOTS {
-            return Err(TableError::TooManyRegions);
-        }
-        for r in &regions {
-            check(r)?;
-        }
+    /// Replaces the whole table (`SET_MEM_TABLE`) and returns its mapping (`None` for an
+    /// empty table). Nothing changes if the new table is refused or cannot be mapped.
+    pub fn replace(&mut self, regions: Vec<Region>) -> Result<Option<GuestMemory>, TableError> {
+        check_all(&regions)?;
+        let old = std::mem::replace(&mut self.regions, regions);
+        self.map_or_undo(|t| t.regions = old)
+    }
+
+    /// Replaces the whole table without mapping it (a handoff successor whose device runs
+    /// on memory mapped already); the regions are checked as [`MemoryTable::replace`] does.
+    pub fn restore(&mut self, regions: Vec<Region>) -> Result<(), TableError> {
+        check_all(&regions)?;
         self.regions = regions;
         Ok(())
     }
 
-    /// Adds a region (`ADD_MEM_REG`); adding one that is already there (same guest address,
-    /// size and frontend address, as QEMU does per queue pair) changes nothing. Returns
-    /// whether the table changed.
-    pub fn add(&mut self, region: Region) -> Result<bool, TableError> {
+    /// Adds a region (`ADD_MEM_REG`) and returns the new mapping; adding one that is already
+    /// there (same guest address, size and frontend address, as QEMU does per queue pair)
+    /// changes nothing. A region that is refused or cannot be mapped is not kept.
+    pub fn add(&mut self, region: Region) -> Result<Added, TableError> {
         check(&region)?;
         if self
             .regions
             .iter()
             .any(|r| r.same_place(region.guest_addr, region.size, region.user_addr))
         {
-            return Ok(false);
+            return Ok(Added::Unchanged);
         }
         if self.regions.len() >= MAX_MEM_SLOTS {
             return Err(TableError::TooManyRegions);
         }
         self.regions.push(region);
-        Ok(true)
+        if let Err(e) = check_all(&self.regions) {
+            self.regions.pop();
+            return Err(e);
+        }
+        let mapped = self.map_or_undo(|t| {
+            t.regions.pop();
+        })?;
+        Ok(mapped.map_or(Added::Unchanged, Added::Mapped))
     }
 
-    /// Removes the region at this place (`REM_MEM_REG`).
-    pub fn remove(&mut self, guest_addr: u64, size: u64, user_addr: u64) -> Result<(), TableError> {
-        let before = self.regions.len();
-        self.regions
-            .retain(|r| !r.same_place(guest_addr, size, user_addr));
-        if self.regions.len() == before {
-            return Err(TableError::NoSuchRegion(guest_addr));
+    /// Removes the region at this place (`REM_MEM_REG`) and returns the new mapping (`None`
+    /// once the table is empty).
+    pub fn remove(
+        &mut self,
+        guest_addr: u64,
+        size: u64,
+        user_addr: u64,
+    ) -> Result<Option<GuestMemory>, TableError> {
+        let at = self
+            .regions
+            .iter()
+            .position(|r| r.same_place(guest_addr, size, user_addr))
+            .ok_or(TableError::NoSuchRegion(guest_addr))?;
+        let removed = self.regions.remove(at);
+        self.map_or_undo(move |t| t.regions.insert(at, removed))
+    }
+
+    /// Maps the table as it is now; if that fails, `undo` puts the previous table back.
+    fn map_or_undo(
+        &mut self,
+        undo: impl FnOnce(&mut MemoryTable),
+    ) -> Result<Option<GuestMemory>, TableError> {
+        if self.regions.is_empty() {
+            return Ok(None);
         }
-        Ok(())
+        match self.map() {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                undo(self);
+                Err(e)
+            }
+        }
     }
 
     /// Maps the table for the datapath (fds are duplicated: the table keeps its own).
@@ -134,12 +173,37 @@ impl MemoryTable {
         self.regions
             .iter()
             .find(|r| va >= r.user_addr && va - r.user_addr < r.size)
-            .map(|r| r.guest_addr + (va - r.user_addr))
+            .and_then(|r| r.guest_addr.checked_add(va - r.user_addr))
     }
+}
+
+/// What [`MemoryTable::add`] did.
+#[derive(Debug)]
+pub enum Added {
+    /// The region was there already.
+    Unchanged,
+    /// The region is in, and this is the new mapping.
+    Mapped(GuestMemory),
+}
+
+fn check_all(regions: &[Region]) -> Result<(), TableError> {
+    if regions.len() > MAX_MEM_SLOTS {
+        return Err(TableError::TooManyRegions);
+    }
+    let mut total = 0u64;
+    for r in regions {
+        check(r)?;
+        total = total.saturating_add(r.size);
+    }
+    if total > MAX_GUEST_MEMORY {
+        return Err(TableError::TooLarge(total));
+    }
+    Ok(())
 }
 
 fn check(r: &Region) -> Result<(), TableError> {
     let bad = r.size == 0
+        || r.size > MAX_GUEST_MEMORY
         || r.guest_addr.checked_add(r.size).is_none()
         || r.user_addr.checked_add(r.size).is_none()
         || r.mmap_offset.checked_add(r.size).is_none();
@@ -157,7 +221,10 @@ mod tests {
     use super::*;
 
     fn fd() -> OwnedFd {
-        nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap()
+        let fd =
+            nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&fd, 0x10_0000).unwrap();
+        fd
     }
 
     fn region(guest_addr: u64, size: u64, user_addr: u64) -> Region {
@@ -168,6 +235,64 @@ mod tests {
             mmap_offset: 0,
             fd: fd(),
         }
+    }
+
+    #[test]
+    fn disjoint_regions_in_descending_order_are_taken() {
+        let mut t = MemoryTable::default();
+        let mem = t
+            .replace(vec![
+                region(0x10_0000, 0x1000, 0x7000_0010_0000),
+                region(0, 0x1000, 0x7000_0000_0000),
+            ])
+            .expect("descending regions")
+            .expect("a mapping");
+        assert!(mem.contains(0, 0x1000) && mem.contains(0x10_0000, 0x1000));
+        assert_eq!(t.regions().len(), 2);
+        match t.add(region(0x8000, 0x1000, 0x7000_0000_8000)).unwrap() {
+            Added::Mapped(m) => assert!(m.contains(0x8000, 0x1000)),
+            Added::Unchanged => panic!("a new region changed nothing"),
+        }
+    }
+
+    #[test]
+    fn a_refused_region_is_not_kept() {
+        let mut t = MemoryTable::default();
+        assert!(matches!(
+            t.add(region(0, 0x2000, 0x1000)).unwrap(),
+            Added::Mapped(_)
+        ));
+        // Overlaps the first in guest space: vm-memory refuses to map it.
+        assert!(t.add(region(0x1000, 0x2000, 0x10_0000)).is_err());
+        assert_eq!(t.regions().len(), 1);
+        assert!(matches!(
+            t.remove(0x1000, 0x2000, 0x10_0000),
+            Err(TableError::NoSuchRegion(0x1000))
+        ));
+        // Longer than its file (1 MiB).
+        assert!(t.add(region(0x10_0000, 0x20_0000, 0x20_0000)).is_err());
+        assert_eq!(t.regions().len(), 1);
+        // A refused table leaves the old one.
+        assert!(t
+            .replace(vec![region(0, 0x1000, 0), region(0, 0x1000, 0x5000)])
+            .is_err());
+        assert_eq!(t.regions().len(), 1);
+        assert_eq!(t.va_to_gpa(0x1000), Some(0));
+    }
+
+    #[test]
+    fn huge_regions_are_refused_before_anything_is_mapped() {
+        let mut t = MemoryTable::default();
+        assert!(matches!(
+            t.add(region(0, 1 << 62, 0)),
+            Err(TableError::InvalidRegion { .. })
+        ));
+        let half = MAX_GUEST_MEMORY / 2 + 0x1000;
+        assert!(matches!(
+            t.replace(vec![region(0, half, 0), region(half, half, half)]),
+            Err(TableError::TooLarge(_))
+        ));
+        assert!(t.is_empty());
     }
 
     #[test]
@@ -191,9 +316,12 @@ mod tests {
     #[test]
     fn adding_a_region_twice_changes_nothing_and_removing_an_unknown_one_fails() {
         let mut t = MemoryTable::default();
-        assert!(t.add(region(0, 0x1000, 0x1000)).unwrap());
+        assert!(matches!(
+            t.add(region(0, 0x1000, 0x1000)).unwrap(),
+            Added::Mapped(_)
+        ));
         assert!(
-            !t.add(region(0, 0x1000, 0x1000)).unwrap(),
+            matches!(t.add(region(0, 0x1000, 0x1000)).unwrap(), Added::Unchanged),
             "QEMU re-adds per queue pair"
         );
         assert_eq!(t.regions().len(), 1);

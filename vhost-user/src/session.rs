@@ -9,11 +9,14 @@
 //! vrings) and started again with the pairs that are ready. `GET_VRING_BASE` quiesces too,
 //! so a ring stops with no io_uring operation in flight.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tapir_datapath::engine::EngineConfig;
+use tapir_datapath::fd_check::{expect_eventfd, FdCheckError};
 use tapir_datapath::virtqueue::{used_index, Virtqueue};
 use tapir_datapath::{
     features, Device, DeviceConfig, EngineKind, GuestMemory, QueueConfig, QueuePairSpec, TapQueue,
@@ -26,7 +29,7 @@ use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vm_memory::ByteValued;
 
 use crate::dirty_log::DirtyLog;
-use crate::memory_table::{MemoryTable, Region, MAX_MEM_SLOTS};
+use crate::memory_table::{Added, MemoryTable, Region, MAX_MEM_SLOTS};
 use crate::wire::{Connection, Request, WireError};
 
 /// Protocol features tapir offers.
@@ -126,6 +129,9 @@ pub enum RequestError {
     /// A TAP queue.
     #[error(transparent)]
     Tap(#[from] tapir_datapath::TapError),
+    /// An fd of the wrong kind (a pipe as a kick fd, ...).
+    #[error(transparent)]
+    Fd(#[from] FdCheckError),
     /// An fd or eventfd.
     #[error("{0}: {1}")]
     Os(&'static str, #[source] std::io::Error),
@@ -284,6 +290,32 @@ impl Session {
             })
     }
 
+    /// Vring `i` (checked against the device's vrings).
+    fn vring(&self, i: usize) -> Result<&Vring, RequestError> {
+        self.vrings
+            .get(i)
+            .ok_or_else(|| invalid(format!("vring {i} (the device has {})", self.vrings.len())))
+    }
+
+    fn vring_mut(&mut self, i: usize) -> Result<&mut Vring, RequestError> {
+        let n = self.vrings.len();
+        self.vrings
+            .get_mut(i)
+            .ok_or_else(|| invalid(format!("vring {i} (the device has {n})")))
+    }
+
+    /// True when the mapped memory (the session's, the running device's) or the dirty log
+    /// lost pages under its mapping: the frontend shrank a file it passed (see
+    /// [`tapir_datapath::memory::fault`]). The session must end.
+    pub fn memory_broken(&self) -> bool {
+        self.memory.as_ref().is_some_and(GuestMemory::is_broken)
+            || self
+                .running
+                .as_ref()
+                .is_some_and(|r| r.device.memory().is_broken())
+            || self.log.as_ref().is_some_and(DirtyLog::is_broken)
+    }
+
     fn body<T: ByteValued + Default>(req: &Request) -> Result<T, RequestError> {
         req.body_as::<T>().ok_or_else(|| {
             invalid(format!(
@@ -394,17 +426,17 @@ impl Session {
             FrontendReq::ADD_MEM_REG => {
                 let r = Self::body::<VhostUserSingleMemoryRegion>(req)?;
                 let fd = single_fd(req)?;
-                let changed = self.table.add(region_of(&r, fd))?;
-                if changed {
-                    self.remap()?;
+                if let Added::Mapped(memory) = self.table.add(region_of(&r, fd))? {
+                    self.set_memory(Some(memory));
                 }
                 Ok(false)
             }
             FrontendReq::REM_MEM_REG => {
                 let r = Self::body::<VhostUserSingleMemoryRegion>(req)?;
-                self.table
+                let memory = self
+                    .table
                     .remove(r.guest_phys_addr, r.memory_size, r.user_addr)?;
-                self.remap()?;
+                self.set_memory(memory);
                 Ok(false)
             }
             FrontendReq::SET_LOG_BASE => {
@@ -426,14 +458,14 @@ impl Session {
                     .filter(|n| n.is_power_of_two() && *n <= 32768)
                     .ok_or_else(|| invalid(format!("vring {i} size {}", { s.num })))?;
                 self.touch(i);
-                self.vrings[i].size = size;
+                self.vring_mut(i)?.size = size;
                 Ok(false)
             }
             FrontendReq::SET_VRING_ADDR => {
                 let a = Self::body::<VhostUserVringAddr>(req)?;
                 let i = self.vring_index(a.index)?;
                 self.touch(i);
-                self.vrings[i].addrs = Some(VringAddrs {
+                self.vring_mut(i)?.addrs = Some(VringAddrs {
                     desc: a.descriptor,
                     used: a.used,
                     avail: a.available,
@@ -448,14 +480,15 @@ impl Session {
                 let base = u16::try_from(s.num)
                     .map_err(|_| invalid(format!("vring base {}", { s.num })))?;
                 self.touch(i);
-                self.vrings[i].base = base;
-                self.vrings[i].held.clear();
+                let v = self.vring_mut(i)?;
+                v.base = base;
+                v.held.clear();
                 Ok(false)
             }
             FrontendReq::GET_VRING_BASE => {
                 let s = Self::body::<VhostUserVringState>(req)?;
                 let i = self.vring_index(s.index)?;
-                let base = self.stop_vring(i);
+                let base = self.stop_vring(i)?;
                 let index = s.index;
                 conn.reply(
                     &req.header,
@@ -476,30 +509,37 @@ impl Session {
                     (false, 1) => Some(single_fd(req)?),
                     _ => return Err(invalid(format!("{code:?}: flag and fds disagree"))),
                 };
+                // A pipe or socket here would block a worker's write or report end-of-file
+                // forever (issue 9, items 7 and 8): only eventfds are taken.
+                if let Some(fd) = &fd {
+                    expect_eventfd(fd.as_fd(), &format!("{code:?} fd of vring {i}"))?;
+                }
                 match code {
                     FrontendReq::SET_VRING_KICK => {
                         let fd = fd
                             .ok_or_else(|| invalid("polling mode (no kick fd) is not supported"))?;
                         self.touch(i);
-                        let v = &mut self.vrings[i];
+                        let no_protocol =
+                            self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0;
+                        let v = self.vring_mut(i)?;
                         v.kick = Some(fd);
                         v.started = true;
-                        if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                        if no_protocol {
                             v.enabled = true;
                         }
                     }
                     FrontendReq::SET_VRING_CALL => {
                         self.touch(i);
-                        self.vrings[i].call = fd;
+                        self.vring_mut(i)?.call = fd;
                     }
-                    _ => self.vrings[i].err = fd,
+                    _ => self.vring_mut(i)?.err = fd,
                 }
                 Ok(false)
             }
             FrontendReq::SET_VRING_ENABLE => {
                 let s = Self::body::<VhostUserVringState>(req)?;
                 let i = self.vring_index(s.index)?;
-                self.vrings[i].enabled = match s.num {
+                self.vring_mut(i)?.enabled = match s.num {
                     0 => false,
                     1 => true,
                     n => return Err(invalid(format!("SET_VRING_ENABLE {n}"))),
@@ -514,24 +554,23 @@ impl Session {
         let head = std::mem::size_of::<VhostUserMemory>();
         let each = std::mem::size_of::<VhostUserMemoryRegion>();
         let mut hdr = VhostUserMemory::default();
-        let hb = req
+        let (hb, rest) = req
             .body
-            .get(..head)
+            .split_at_checked(head)
             .ok_or_else(|| invalid("short SET_MEM_TABLE"))?;
         hdr.as_mut_slice().copy_from_slice(hb);
-        let n = hdr.num_regions as usize;
-        if req.body.len() != head + n * each || req.fds.len() != n {
+        let n = usize::try_from(hdr.num_regions).unwrap_or(usize::MAX);
+        if n > MAX_MEM_SLOTS || rest.len() != n * each || req.fds.len() != n {
             return Err(invalid(format!(
-                "SET_MEM_TABLE: {n} regions, {} body bytes, {} fds",
+                "SET_MEM_TABLE: {n} regions (at most {MAX_MEM_SLOTS}), {} body bytes, {} fds",
                 req.body.len(),
                 req.fds.len()
             )));
         }
         let mut regions = Vec::with_capacity(n);
-        for (k, fd) in req.fds.iter().enumerate() {
+        for (bytes, fd) in rest.chunks_exact(each).zip(&req.fds) {
             let mut r = VhostUserMemoryRegion::default();
-            r.as_mut_slice()
-                .copy_from_slice(&req.body[head + k * each..head + (k + 1) * each]);
+            r.as_mut_slice().copy_from_slice(bytes);
             let fd = fd
                 .as_fd()
                 .try_clone_to_owned()
@@ -544,23 +583,30 @@ impl Session {
                 fd,
             });
         }
-        self.table.replace(regions)?;
-        self.remap()
+        let memory = self.table.replace(regions)?;
+        self.set_memory(memory);
+        Ok(())
     }
 
     /// Maps the memory table anew (restarting a running device on it).
     pub fn remap(&mut self) -> Result<(), RequestError> {
-        // The running device keeps its own mapping until it is restarted with the new one.
-        self.flush_log();
-        self.memory = if self.table.is_empty() {
+        let memory = if self.table.is_empty() {
             None
         } else {
             Some(self.table.map()?)
         };
+        self.set_memory(memory);
+        Ok(())
+    }
+
+    /// Installs a new mapping of the memory table (restarting a running device on it).
+    fn set_memory(&mut self, memory: Option<GuestMemory>) {
+        // The running device keeps its own mapping until it is restarted with the new one.
+        self.flush_log();
+        self.memory = memory;
         if self.running.is_some() {
             self.restart = true;
         }
-        Ok(())
     }
 
     /// Back to the state of a new connection (vrings stopped, tables dropped).
@@ -576,7 +622,8 @@ impl Session {
     /// device is quiesced first, so nothing is in flight. RX chains tapir held (popped, not
     /// filled) must go back to the guest, and a base can only give back a tail of the avail
     /// ring: see [`Session::give_back_held`].
-    fn stop_vring(&mut self, i: usize) -> u16 {
+    fn stop_vring(&mut self, i: usize) -> Result<u16, RequestError> {
+        self.vring(i)?;
         self.touch(i);
         self.stop_device();
         let base = self.give_back_held(i);
@@ -596,17 +643,19 @@ impl Session {
                 );
             }
         }
-        let v = &mut self.vrings[i];
+        let v = self.vring_mut(i)?;
         v.started = false;
         v.base = base;
         v.held.clear();
-        base
+        Ok(base)
     }
 
     /// Gives the RX chains held on vring `i` back to the guest (see
     /// [`Virtqueue::give_back`]) and returns the base to resume at.
     fn give_back_held(&mut self, i: usize) -> u16 {
-        let v = &self.vrings[i];
+        let Some(v) = self.vrings.get(i) else {
+            return 0;
+        };
         if v.held.is_empty() {
             return v.base;
         }
@@ -638,12 +687,14 @@ impl Session {
         match running.device.quiesce() {
             Ok(q) => {
                 for (qp, &p) in q.pairs.iter().zip(&running.pairs) {
-                    let rx = &mut self.vrings[2 * usize::from(p)];
-                    rx.base = qp.rx_positions().0;
-                    rx.held = qp.rx_in_flight();
-                    let tx = &mut self.vrings[2 * usize::from(p) + 1];
-                    tx.base = qp.tx_positions().0;
-                    tx.held.clear();
+                    if let Some(rx) = self.vrings.get_mut(2 * usize::from(p)) {
+                        rx.base = qp.rx_positions().0;
+                        rx.held = qp.rx_in_flight();
+                    }
+                    if let Some(tx) = self.vrings.get_mut(2 * usize::from(p) + 1) {
+                        tx.base = qp.tx_positions().0;
+                        tx.held.clear();
+                    }
                 }
             }
             Err(e) => {
@@ -652,10 +703,13 @@ impl Session {
                 tracing::error!(error = %e, "device failed while stopping; resuming from the used rings");
                 for &p in &running.pairs {
                     for i in [2 * usize::from(p), 2 * usize::from(p) + 1] {
-                        if let Some(used) = self.used_idx(i) {
-                            self.vrings[i].base = used;
+                        let used = self.used_idx(i);
+                        if let Some(v) = self.vrings.get_mut(i) {
+                            if let Some(used) = used {
+                                v.base = used;
+                            }
+                            v.held.clear();
                         }
-                        self.vrings[i].held.clear();
                     }
                 }
             }
@@ -665,7 +719,8 @@ impl Session {
 
     fn ready(&self, pair: usize) -> bool {
         let ok = |v: &Vring| v.started && v.enabled && v.size > 0 && v.addrs.is_some();
-        self.memory.is_some() && ok(&self.vrings[2 * pair]) && ok(&self.vrings[2 * pair + 1])
+        let ok_at = |i: usize| self.vrings.get(i).is_some_and(ok);
+        self.memory.is_some() && ok_at(2 * pair) && ok_at(2 * pair + 1)
     }
 
     fn gpa(&self, va: u64, what: &str, i: usize) -> Result<u64, RequestError> {
@@ -677,12 +732,12 @@ impl Session {
     /// The used index the guest sees in vring `i` (for a ring the frontend set up).
     fn used_idx(&self, i: usize) -> Option<u16> {
         let mem = self.memory.as_ref()?;
-        let addrs = self.vrings[i].addrs?;
+        let addrs = self.vrings.get(i)?.addrs?;
         used_index(mem, self.table.va_to_gpa(addrs.used)?)
     }
 
     fn queue_config(&self, i: usize) -> Result<(QueueConfig, Vec<u16>), RequestError> {
-        let v = &self.vrings[i];
+        let v = self.vring(i)?;
         let addrs = v
             .addrs
             .ok_or_else(|| invalid(format!("vring {i} has no addresses")))?;
@@ -795,7 +850,9 @@ impl Session {
         let device = Device::start(cfg, memory, built)?;
         tracing::info!(pairs = ?pairs, engine = %self.config.engine, features = format_args!("{:#x}", self.features), "device running");
         for &p in &pairs {
-            self.vrings[2 * usize::from(p)].held.clear();
+            if let Some(rx) = self.vrings.get_mut(2 * usize::from(p)) {
+                rx.held.clear();
+            }
         }
         self.running = Some(Running { device, pairs });
         self.restart = false;

@@ -3,11 +3,15 @@
 //! (`vhost::vhost_user::message`); this module only moves them over the socket, so that
 //! tapir owns the dispatch (and can hand the connection to a successor mid-session).
 
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+#![deny(clippy::indexing_slicing)]
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use vhost::vhost_user::message::FrontendReq;
 use vm_memory::ByteValued;
 
@@ -29,6 +33,9 @@ pub enum WireError {
     /// The header is not a valid request.
     #[error("malformed vhost-user message: {0}")]
     Malformed(String),
+    /// The frontend did not finish a message, or take a reply, in time.
+    #[error("the frontend stalled mid-message for {0:?}")]
+    TimedOut(Duration),
 }
 
 /// `VHOST_USER_VERSION` in the flags.
@@ -93,16 +100,38 @@ impl Request {
     }
 }
 
+/// How long a frontend may take to finish a message it started, or to take a reply off the
+/// socket, before its session ends (`tapir serve --frontend-timeout`).
+pub const DEFAULT_FRONTEND_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connected vhost-user socket, backend side.
+///
+/// Every message has a deadline: once its first byte is there, the rest (header, body, fds)
+/// must arrive within the connection's timeout, and a reply must leave within it. A frontend
+/// that stops mid-message or never reads its replies cannot stall the daemon's single serve
+/// loop (handoffs, dirty-log flushes, the next frontend): its session ends instead.
 #[derive(Debug)]
 pub struct Connection {
     stream: UnixStream,
+    timeout: Duration,
+}
+
+/// Which way a deadline wait goes.
+#[derive(Clone, Copy, Debug)]
+enum Direction {
+    In,
+    Out,
 }
 
 impl Connection {
-    /// Wraps a connected stream socket.
+    /// Wraps a connected stream socket, with [`DEFAULT_FRONTEND_TIMEOUT`].
     pub fn new(stream: UnixStream) -> Connection {
-        Connection { stream }
+        Connection::with_timeout(stream, DEFAULT_FRONTEND_TIMEOUT)
+    }
+
+    /// Wraps a connected stream socket with this per-message timeout.
+    pub fn with_timeout(stream: UnixStream, timeout: Duration) -> Connection {
+        Connection { stream, timeout }
     }
 
     /// The socket (to poll it, or to hand it to a successor).
@@ -115,45 +144,97 @@ impl Connection {
         self.stream
     }
 
-    fn recv_some(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, WireError> {
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = loop {
-            match recvmsg::<()>(
-                self.stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
+    /// Waits until the socket is readable or writable, or the deadline passes.
+    fn wait(&self, direction: Direction, deadline: Instant) -> Result<(), WireError> {
+        let flags = match direction {
+            Direction::In => PollFlags::POLLIN,
+            Direction::Out => PollFlags::POLLOUT,
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(WireError::TimedOut(self.timeout));
+            }
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            let mut fds = [PollFd::new(self.stream.as_fd(), flags)];
+            match poll(
+                &mut fds,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
             ) {
-                Ok(m) => break m,
+                Ok(0) => return Err(WireError::TimedOut(self.timeout)),
+                Ok(_) => return Ok(()),
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(WireError::Io(e.into())),
             }
-        };
-        let n = msg.bytes;
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    for fd in raw {
-                        // SAFETY: the kernel just installed this fd for us; nothing else
-                        // owns it.
-                        fds.push(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) });
-                    }
-                }
-            }
         }
-        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-            return Err(WireError::Malformed(
-                "more fds than the protocol allows".into(),
-            ));
-        }
-        Ok(n)
     }
 
-    fn recv_exact(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), WireError> {
+    /// One `recvmsg` (non-blocking, after waiting for input until `deadline`). Every fd the
+    /// kernel installed is owned by `fds` before anything can fail, so that none leaks: with
+    /// `MSG_CTRUNC` (more fds than the control buffer holds) the kernel still installs those
+    /// that fit.
+    fn recv_some(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        deadline: Instant,
+    ) -> Result<usize, WireError> {
+        // Room for MAX_FDS fds in one SCM_RIGHTS message, as u64s for the cmsghdr alignment.
+        const SPACE: usize = cmsg_space(MAX_FDS * std::mem::size_of::<RawFd>());
+        let mut cmsg = [0u64; SPACE.div_ceil(8)];
+        loop {
+            self.wait(Direction::In, deadline)?;
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: msghdr is plain data; zero is a valid (empty) value for every field.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cmsg.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&cmsg);
+            // SAFETY: `msg` points at `iov` (valid for `buf.len()` bytes of `buf`) and at the
+            // control buffer, both alive for the call.
+            let n = unsafe {
+                libc::recvmsg(
+                    self.stream.as_raw_fd(),
+                    &mut msg,
+                    libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => continue,
+                    _ => return Err(WireError::Io(e)),
+                }
+            }
+            take_fds(&msg, fds);
+            if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+                return Err(WireError::Malformed(format!(
+                    "more fds than the protocol allows ({MAX_FDS})"
+                )));
+            }
+            if fds.len() > MAX_FDS {
+                return Err(WireError::Malformed(format!(
+                    "{} fds with one message (at most {MAX_FDS})",
+                    fds.len()
+                )));
+            }
+            return usize::try_from(n).map_err(|_| WireError::Malformed("recvmsg".into()));
+        }
+    }
+
+    fn recv_exact(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        deadline: Instant,
+    ) -> Result<(), WireError> {
         let mut got = 0;
-        while got < buf.len() {
-            let n = self.recv_some(&mut buf[got..], fds)?;
+        while let Some(rest) = buf.get_mut(got..).filter(|r| !r.is_empty()) {
+            let n = self.recv_some(rest, fds, deadline)?;
             if n == 0 {
                 return Err(WireError::Closed);
             }
@@ -162,29 +243,32 @@ impl Connection {
         Ok(())
     }
 
-    /// Receives one request (blocking).
+    /// Receives one request, which must be complete within the timeout from this call. Call
+    /// it once the socket is readable: a frontend may stay idle between requests as long as
+    /// it likes, but not stop in the middle of one.
     pub fn recv(&self) -> Result<Request, WireError> {
         let mut header = Header::default();
         let mut fds = Vec::new();
-        self.recv_exact(header.as_mut_slice(), &mut fds)?;
+        let deadline = Instant::now() + self.timeout;
+        self.recv_exact(header.as_mut_slice(), &mut fds, deadline)?;
         if header.flags & 0x3 != VERSION || header.flags & FLAG_REPLY != 0 {
             return Err(WireError::Malformed(format!(
                 "flags {:#x} (version 1, not a reply, expected)",
                 header.flags
             )));
         }
-        let size = header.size as usize;
+        let size = usize::try_from(header.size).unwrap_or(usize::MAX);
         if size > MAX_BODY {
             return Err(WireError::Malformed(format!(
                 "body of {size} bytes (at most {MAX_BODY})"
             )));
         }
         let mut body = vec![0u8; size];
-        self.recv_exact(&mut body, &mut fds)?;
+        self.recv_exact(&mut body, &mut fds, deadline)?;
         Ok(Request { header, body, fds })
     }
 
-    /// Sends the reply to `req` with `body` and fds.
+    /// Sends the reply to `req` with `body` and fds; it must leave within the timeout.
     pub fn reply(
         &self,
         req: &Header,
@@ -198,38 +282,70 @@ impl Connection {
             flags: VERSION | FLAG_REPLY,
             size,
         };
-        let iov = [IoSlice::new(header.as_slice()), IoSlice::new(body)];
+        let mut all = header.as_slice().to_vec();
+        all.extend_from_slice(body);
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let cmsg = [ControlMessage::ScmRights(&raw)];
-        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
-        let total = header.as_slice().len() + body.len();
-        let mut sent = loop {
+        let deadline = Instant::now() + self.timeout;
+        let mut sent = 0;
+        while let Some(rest) = all.get(sent..).filter(|r| !r.is_empty()) {
+            // The fds go with the first byte.
+            let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() || sent > 0 {
+                &[]
+            } else {
+                &cmsg
+            };
+            let iov = [IoSlice::new(rest)];
             match sendmsg::<()>(
                 self.stream.as_raw_fd(),
                 &iov,
                 cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
                 None,
-            ) {
-                Ok(n) => break n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(WireError::Io(e.into())),
-            }
-        };
-        // A short write on a stream socket: send the rest (without fds).
-        let mut all = header.as_slice().to_vec();
-        all.extend_from_slice(body);
-        while sent < total {
-            match nix::sys::socket::send(
-                self.stream.as_raw_fd(),
-                &all[sent..],
-                MsgFlags::MSG_NOSIGNAL,
             ) {
                 Ok(n) => sent += n,
                 Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => self.wait(Direction::Out, deadline)?,
                 Err(e) => return Err(WireError::Io(e.into())),
             }
         }
         Ok(())
+    }
+}
+
+/// `CMSG_SPACE(len)`, as a constant.
+const fn cmsg_space(len: usize) -> usize {
+    const fn round(n: usize) -> usize {
+        let align = std::mem::size_of::<usize>();
+        n.div_ceil(align) * align
+    }
+    round(std::mem::size_of::<libc::cmsghdr>()) + round(len)
+}
+
+/// Takes ownership of every fd in the `SCM_RIGHTS` messages of `msg`'s control buffer.
+fn take_fds(msg: &libc::msghdr, fds: &mut Vec<OwnedFd>) {
+    // SAFETY: `msg` was filled in by recvmsg; CMSG_FIRSTHDR/NXTHDR walk its control buffer
+    // within `msg_controllen`, which the kernel set to what it wrote.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !c.is_null() {
+        // SAFETY: `c` points at a complete cmsghdr inside the control buffer.
+        let hdr = unsafe { &*c };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: a zero-length CMSG_LEN is the header size.
+            let head = unsafe { libc::CMSG_LEN(0) } as usize;
+            let n = hdr.cmsg_len.saturating_sub(head) / std::mem::size_of::<RawFd>();
+            // SAFETY: the data of this cmsghdr holds `n` fds (the kernel wrote them).
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<RawFd>();
+            for k in 0..n {
+                // SAFETY: `k < n`, inside the data; it may be unaligned, hence read_unaligned.
+                let fd = unsafe { data.add(k).read_unaligned() };
+                if fd >= 0 {
+                    // SAFETY: the kernel just installed this fd for us; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        // SAFETY: as above; returns null after the last header.
+        c = unsafe { libc::CMSG_NXTHDR(msg, c) };
     }
 }
