@@ -82,7 +82,13 @@ impl HandoffSource for DeviceSource {
             DeviceState::Quiesced(q) => (&q.config, &q.memory, q.resources.as_slice()),
             DeviceState::Gone => unreachable!("layout of a device that is gone"),
         };
-        describe(config, memory, resources, None, self.generation + 1)
+        describe(
+            config,
+            memory,
+            resources,
+            None,
+            self.generation.saturating_add(1),
+        )
     }
 
     fn quiesce(&mut self) -> Result<DeviceSnapshot, MigrateError> {
@@ -92,7 +98,7 @@ impl HandoffSource for DeviceSource {
             DeviceState::Quiesced(q) => q,
             DeviceState::Gone => return Err(MigrateError::Fds("device is gone".into())),
         };
-        let (snapshot, _) = snapshot_of(&quiesced, self.generation + 1);
+        let (snapshot, _) = snapshot_of(&quiesced, self.generation.saturating_add(1));
         self.state = DeviceState::Quiesced(quiesced);
         Ok(snapshot)
     }

@@ -232,6 +232,13 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
     if state.running_pairs.iter().any(|&p| usize::from(p) >= pairs) {
         return bad("a running pair beyond the queue pairs".into());
     }
+    let mut running = vec![false; pairs];
+    for &p in &state.running_pairs {
+        match running.get_mut(usize::from(p)) {
+            Some(seen) if !*seen => *seen = true,
+            _ => return bad(format!("running pair {p} listed twice")),
+        }
+    }
     if state.connection.is_none() && !state.running_pairs.is_empty() {
         return bad("running pairs without a frontend connection".into());
     }
@@ -446,6 +453,10 @@ mod tests {
         // A held head beyond its ring.
         let mut s = state();
         s.vrings[0].held = vec![300];
+        assert!(decode(&encode(&s), 7).is_err());
+        // A running pair listed twice.
+        let mut s = state();
+        s.running_pairs = vec![0, 0];
         assert!(decode(&encode(&s), 7).is_err());
         // A held head listed twice (it would be used twice).
         let mut s = state();
