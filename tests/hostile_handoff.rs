@@ -841,3 +841,55 @@ fn binding_never_unlinks_a_live_socket_or_a_file() {
     drop(first);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The fence of a state-only handoff (`tapir serve` with no device running): a successor
+/// silent after STATE_ONLY is killed, and a RUNNING sent afterwards through a dup of its fd
+/// does not make the daemon give its state away.
+#[test]
+fn a_running_through_a_dupd_fd_after_the_fence_does_not_take_serve_state() {
+    common::in_netns("serve fence", || {
+        let dir = tmp("serve-fence");
+        let socket = dir.join("vu.sock");
+        let handoff = dir.join("handoff.sock");
+        let first = Serve::spawn(&[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--tap",
+            TAP_NAME,
+            "--handoff-socket",
+            handoff.to_str().unwrap(),
+        ]);
+        first.wait_event("listening");
+        std::thread::sleep(Duration::from_millis(100));
+        let baseline = fd_count(first.pid());
+        let (mut helper, ch) = spawn_connector(&handoff);
+        ch.send(protocol::HELLO, &hello(helper.id()), &[]).unwrap();
+        let offer = ch.recv(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(offer.kind, protocol::STATE_ONLY);
+        drop(offer);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = helper.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the fence never fired");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+        let _ = ch.send(protocol::RUNNING, &[], &[]);
+        drop(ch);
+        first.wait_event("handoff_rolled_back");
+        wait_fd_count(first.pid(), baseline, "after the fence");
+        let fe = vhost::vhost_user::Frontend::connect(&socket, 2).unwrap();
+        vhost::VhostBackend::get_features(&fe).expect("the daemon still answers");
+        drop(fe);
+        first.wait_event("disconnected");
+        let second = Serve::spawn(&["--takeover", handoff.to_str().unwrap()]);
+        second.wait_event("\"running\"");
+        first.wait_event("handoff_committed");
+        let mut first = first;
+        assert!(first.child.wait().unwrap().success());
+        drop(second);
+        std::fs::remove_dir_all(dir).ok();
+    });
+}
