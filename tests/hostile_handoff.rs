@@ -893,3 +893,200 @@ fn a_running_through_a_dupd_fd_after_the_fence_does_not_take_serve_state() {
         std::fs::remove_dir_all(dir).ok();
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// 11, with a device running in `tapir serve` (the full handoff path, not state alone).
+// ---------------------------------------------------------------------------------------
+
+mod serve_session {
+    //! A frontend session against `tapir serve`, as `tests/vhost_user_protocol.rs` drives it.
+
+    use std::os::fd::FromRawFd;
+    use std::time::{Duration, Instant};
+
+    use super::common::{frames, rx_recv, tx_drain, tx_send, GUEST_IP, GUEST_MAC, HOST_IP};
+    use tapir_simguest::{RxDriver, SimGuest, TxDriver, VirtioNetHdr};
+    use vhost::vhost_user::message::{
+        VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    };
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn eventfd_of(raw: i32) -> EventFd {
+        // SAFETY: `raw` is an eventfd the SimGuest owns for its lifetime; we own the dup.
+        let dup = unsafe { libc::dup(raw) };
+        assert!(dup >= 0);
+        // SAFETY: `dup` is a fresh fd nothing else owns.
+        unsafe { EventFd::from_raw_fd(dup) }
+    }
+
+    /// Negotiates and attaches the guest: memory table, every vring, enabled.
+    pub fn attach(fe: &mut Frontend, guest: &SimGuest) {
+        let offered = fe.get_features().unwrap();
+        let acked =
+            (guest.features() & offered) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        fe.set_features(acked).unwrap();
+        let want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(want).unwrap();
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        fe.set_owner().unwrap();
+        let regions: Vec<VhostUserMemoryRegionInfo> = guest
+            .regions()
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.guest_addr,
+                memory_size: r.size,
+                userspace_addr: r.guest_addr,
+                mmap_offset: r.file_offset,
+                mmap_handle: r.fd,
+            })
+            .collect();
+        fe.set_mem_table(&regions).unwrap();
+        for q in guest.queues() {
+            let i = usize::from(q.index);
+            fe.set_vring_num(i, q.size).unwrap();
+            fe.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: q.size,
+                    queue_size: q.size,
+                    flags: 0,
+                    desc_table_addr: q.desc_table,
+                    used_ring_addr: q.used_ring,
+                    avail_ring_addr: q.avail_ring,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_base(i, 0).unwrap();
+            fe.set_vring_call(i, &eventfd_of(q.call_fd)).unwrap();
+            fe.set_vring_kick(i, &eventfd_of(q.kick_fd)).unwrap();
+            fe.set_vring_enable(i, true).unwrap();
+        }
+    }
+
+    /// The guest asks the host for its MAC (ARP through TX) and gets the answer (RX).
+    pub fn arp_round_trip(rx: &mut RxDriver, tx: &mut TxDriver, ctx: &str) {
+        let mut buf = vec![0u8; 64];
+        let n = frames::build_arp(
+            &mut buf,
+            frames::ArpOp::Request,
+            GUEST_MAC,
+            GUEST_IP,
+            [0; 6],
+            HOST_IP,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            tx_send(tx, &VirtioNetHdr::default(), &buf[..n], ctx);
+            tx_drain(tx, ctx);
+            if let Some(p) = rx_recv(rx, Duration::from_millis(500), ctx) {
+                if let Some(a) = frames::parse_arp(&p.data) {
+                    if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "{ctx}: no ARP reply");
+        }
+    }
+}
+
+#[test]
+fn a_successor_sending_253_fds_leaks_nothing_in_a_running_tapir_serve() {
+    for engine in common::engines() {
+        common::in_netns(&format!("serve running {engine}"), || {
+            let ctx = format!("{engine}");
+            let dir = tmp(&format!("serve-running-{engine}"));
+            let socket = dir.join("vu.sock");
+            let handoff = dir.join("handoff.sock");
+            let first = Serve::spawn(&[
+                "--socket",
+                socket.to_str().unwrap(),
+                "--tap",
+                TAP_NAME,
+                "--engine",
+                &engine.to_string(),
+                "--handoff-socket",
+                handoff.to_str().unwrap(),
+            ]);
+            first.wait_event("listening");
+            common::netns::sysctl_write(&format!("net/ipv6/conf/{TAP_NAME}/disable_ipv6"), "1")
+                .ok();
+            common::netns::link_up(TAP_NAME).unwrap();
+            common::netns::add_addr(TAP_NAME, &format!("{HOST_IP}/24")).unwrap();
+            let mut fe = vhost::vhost_user::Frontend::connect(&socket, 2).unwrap();
+            let mut g = tapir_simguest::SimGuest::new(guest(1)).unwrap();
+            serve_session::attach(&mut fe, &g);
+            first.wait_event("\"running\":[0]");
+            let (mut rx, mut tx) = g.take_pair(0);
+            serve_session::arp_round_trip(&mut rx, &mut tx, &format!("{ctx} before"));
+            std::thread::sleep(Duration::from_millis(100));
+            let baseline = fd_count(first.pid());
+            for round in 0..3 {
+                let ch = Channel::connect(&handoff).unwrap();
+                let fds: Vec<OwnedFd> = (0..253).map(|_| eventfd()).collect();
+                send_with_fds(&ch, protocol::HELLO, &hello(std::process::id()), &fds);
+                expect_abort(&ch, "more than 250 fds", &format!("{ctx} round {round}"));
+                drop(ch);
+                first.wait_event("handoff_rolled_back");
+                wait_fd_count(first.pid(), baseline, &format!("{ctx} round {round}"));
+            }
+            serve_session::arp_round_trip(&mut rx, &mut tx, &format!("{ctx} after the floods"));
+            // A real successor takes the running session over, and serves it.
+            let second = Serve::spawn(&["--takeover", handoff.to_str().unwrap()]);
+            let running = second.wait_event("\"running\"");
+            assert!(running.contains("\"pairs\":[0]"), "{ctx}: {running}");
+            first.wait_event("handoff_committed");
+            let mut first = first;
+            assert!(first.child.wait().unwrap().success(), "{ctx}");
+            serve_session::arp_round_trip(&mut rx, &mut tx, &format!("{ctx} after the handoff"));
+            drop(fe);
+            drop(second);
+            std::fs::remove_dir_all(dir).ok();
+        });
+    }
+}
+
+/// The other direction: a source that sends 253 fds in one FDS chunk. The successor (`tapir
+/// datapath`) refuses it with the reason, closes them, and exits; the source hears why.
+#[test]
+fn a_source_sending_253_fds_is_refused_by_the_successor() {
+    let dir = tmp("source-flood");
+    let socket = dir.join("source.sock");
+    let listener = Listener::bind(&socket).unwrap();
+    let child = Command::new(EXE)
+        .args(["datapath", "--take-over"])
+        .arg(&socket)
+        .arg("--listen")
+        .arg(dir.join("next.sock"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ch = listener.accept(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(
+        ch.recv(Some(Duration::from_secs(10))).unwrap().kind,
+        protocol::HELLO
+    );
+    let layout = tapir_state::example_snapshot();
+    ch.send(protocol::PREPARE, &tapir_state::encode(&layout), &[])
+        .unwrap();
+    let fds: Vec<OwnedFd> = (0..253).map(|_| eventfd()).collect();
+    send_with_fds(&ch, protocol::FDS, &0u32.to_le_bytes(), &fds);
+    expect_abort(&ch, "more than 250 fds", "successor");
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("more than 250 fds"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(listener);
+    std::fs::remove_dir_all(dir).ok();
+}
