@@ -10,7 +10,7 @@ use tapir_state::DeviceSnapshot;
 use crate::fence::Fence;
 use crate::protocol::{self, expect, MigrateError, Timeouts};
 use crate::snapshot::{describe, PairPosition};
-use crate::transport::{Channel, MAX_FDS_PER_MESSAGE};
+use crate::transport::{deadline_after, Channel, MAX_FDS_PER_MESSAGE};
 
 /// Something that can be handed to a successor: a running device, or a VMM (or test parent)
 /// launching the first datapath process.
@@ -232,7 +232,7 @@ pub fn hand_off_state(
     fds: &[BorrowedFd<'_>],
     t: Timeouts,
 ) -> Result<Outcome, MigrateError> {
-    let deadline = Instant::now() + t.prepare;
+    let deadline = deadline_after(t.prepare);
     let offered = (|| {
         let fence = check_hello(ch, deadline)?;
         if fds.len() > MAX_FDS_PER_MESSAGE {
@@ -297,11 +297,11 @@ fn prepare(
     ch: &Channel,
     t: Timeouts,
 ) -> Result<Fence, MigrateError> {
-    let fence = check_hello(ch, Instant::now() + t.prepare)?;
+    let fence = check_hello(ch, deadline_after(t.prepare))?;
     let (layout, fds) = source.layout();
     ch.send(protocol::PREPARE, &tapir_state::encode(&layout), &[])?;
     for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
-        let first = u32::try_from(i * MAX_FDS_PER_MESSAGE).unwrap_or(u32::MAX);
+        let first = u32::try_from(i.saturating_mul(MAX_FDS_PER_MESSAGE)).unwrap_or(u32::MAX);
         ch.send(protocol::FDS, &first.to_le_bytes(), chunk)?;
     }
     let (blob, extension_fds) = source.extension();
@@ -313,7 +313,7 @@ fn prepare(
     }
     ch.send(protocol::EXTENSION, &blob, &extension_fds)?;
     // Mapping and pre-faulting guest memory is the successor's slow part: its own time.
-    let msg = ch.recv_by(Instant::now() + t.prepare)?;
+    let msg = ch.recv_by(deadline_after(t.prepare))?;
     expect(&msg, protocol::PREPARED, "PREPARED")?;
     Ok(fence)
 }
