@@ -698,6 +698,20 @@ fn a_lying_serve_predecessor_is_refused() {
             vec![tap_fd, conn.as_fd(), short_region.as_fd()],
             "past the end of its file",
         ));
+        // 4. A handoff listener bound elsewhere than the path the blob names (the successor
+        //    would remove that path when it stops listening).
+        let precious = dir.join("precious");
+        std::fs::write(&precious, b"keep me").unwrap();
+        let elsewhere = Listener::bind(&dir.join("elsewhere.sock")).unwrap();
+        let mut s = base.clone();
+        s.endpoint.listener = None;
+        s.endpoint.handoff = Some((precious.display().to_string(), 1));
+        cases.push((
+            "handoff path",
+            s,
+            vec![tap_fd, elsewhere.as_fd()],
+            "bound at",
+        ));
         let listener = Listener::bind(&handoff).unwrap();
         for (name, state, fds, expect) in cases {
             let mut successor = Serve::spawn(&["--takeover", handoff.to_str().unwrap()]);
@@ -712,7 +726,9 @@ fn a_lying_serve_predecessor_is_refused() {
             let status = successor.child.wait().unwrap();
             assert!(!status.success(), "{name}: the successor took it");
         }
+        assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
         drop(listener);
+        drop(elsewhere);
         drop(tap);
         std::fs::remove_dir_all(dir).ok();
     });

@@ -323,13 +323,18 @@ pub fn check_fds(state: &SessionState, fds: &[OwnedFd]) -> Result<(), SessionSta
             )));
         }
     }
+    // A listener is a listening socket bound at the path the blob names: the successor
+    // removes that path when it stops listening, so a path the fd is not bound at would let
+    // the predecessor make it delete any file of the user's.
     if let Some(l) = state.endpoint.listener {
-        fd_check::expect_listening_socket(fd(l)?, &format!("vhost-user listener (fd {l})"))
-            .map_err(bad)?;
+        let what = format!("vhost-user listener (fd {l})");
+        fd_check::expect_listening_socket(fd(l)?, &what).map_err(bad)?;
+        expect_bound_at(fd(l)?, &state.endpoint.path, &what)?;
     }
-    if let Some((_, l)) = &state.endpoint.handoff {
-        fd_check::expect_listening_socket(fd(*l)?, &format!("handoff listener (fd {l})"))
-            .map_err(bad)?;
+    if let Some((path, l)) = &state.endpoint.handoff {
+        let what = format!("handoff listener (fd {l})");
+        fd_check::expect_listening_socket(fd(*l)?, &what).map_err(bad)?;
+        expect_bound_at(fd(*l)?, path, &what)?;
     }
     for (i, r) in state.regions.iter().enumerate() {
         let what = format!("memory region {i} (fd {})", r.fd);
@@ -348,6 +353,20 @@ pub fn check_fds(state: &SessionState, fds: &[OwnedFd]) -> Result<(), SessionSta
         }
     }
     Ok(())
+}
+
+/// Checks that the Unix socket `fd` is bound at `path`.
+fn expect_bound_at(fd: BorrowedFd<'_>, path: &str, what: &str) -> Result<(), SessionStateError> {
+    use std::os::fd::AsRawFd;
+    let bound = nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd.as_raw_fd())
+        .ok()
+        .and_then(|a| a.path().map(std::path::Path::to_path_buf));
+    if bound.as_deref() == Some(std::path::Path::new(path)) {
+        return Ok(());
+    }
+    Err(SessionStateError::Invalid(format!(
+        "{what}: the blob says it is bound at {path}, it is bound at {bound:?}"
+    )))
 }
 
 /// Takes fd `i` out of the received list.
