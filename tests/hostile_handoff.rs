@@ -1106,3 +1106,84 @@ fn a_source_sending_253_fds_is_refused_by_the_successor() {
     drop(listener);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A launcher that hands a datapath to a child through a socket pair (`--channel-fd`): the
+/// pair's peer credentials are the launcher's own, so the fence pins the process the HELLO
+/// names (the child), and the handoff commits to it.
+#[test]
+fn a_socket_pair_launch_pins_the_child_named_by_hello() {
+    use tapir_datapath::{DeviceConfig, PairResources, RingAddrs};
+    use tapir_migrate::LaunchSource;
+    run_in_new_netns(|| {
+        let dir = tmp("pair-launch");
+        let tap = tapir_bench::rig::host_tap(1, 1500).unwrap();
+        let mut g = tapir_simguest::SimGuest::new(guest(1)).unwrap();
+        let memory = tapir_bench::rig::guest_memory(&g).unwrap();
+        let dup = |raw: RawFd| {
+            // SAFETY: the fd belongs to the SimGuest, which outlives this call.
+            unsafe { BorrowedFd::borrow_raw(raw) }
+                .try_clone_to_owned()
+                .unwrap()
+        };
+        let ring = |q: &tapir_simguest::VirtqueueInfo| RingAddrs {
+            size: q.size,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        };
+        let (rx, tx) = (g.rx_queue(0), g.tx_queue(0));
+        let resources = vec![PairResources {
+            rx: ring(&rx),
+            tx: ring(&tx),
+            tap: tap.into_queues().remove(0).into_fd(),
+            rx_kick: dup(rx.kick_fd),
+            rx_call: dup(rx.call_fd),
+            tx_kick: dup(tx.kick_fd),
+            tx_call: dup(tx.call_fd),
+        }];
+        let config = DeviceConfig {
+            mac: tapir_bench::rig::GUEST_MAC,
+            ..DeviceConfig::new(g.features(), EngineKind::Uring)
+        };
+        let (mine, theirs) = Channel::pair().unwrap();
+        let theirs_raw = theirs.as_raw_fd();
+        let mut cmd = Command::new(EXE);
+        cmd.args(["datapath", "--channel-fd", "3", "--listen"])
+            .arg(dir.join("next.sock"))
+            .stdout(Stdio::piped());
+        // SAFETY: dup2 is async-signal-safe; the child gets its end as fd 3.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(theirs_raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        drop(theirs);
+        let mut source = LaunchSource::new(config, memory, resources);
+        let outcome = hand_off(&mut source, &mine, Timeouts::default()).unwrap();
+        match outcome {
+            Outcome::Committed(r) => {
+                assert_eq!(r.successor_pid, i32::try_from(child.id()).unwrap());
+            }
+            o => panic!("launch through a socket pair: {o:?}"),
+        }
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert!(lines
+            .next()
+            .is_some_and(|l| l.is_ok_and(|l| l.contains("\"running\""))));
+        // Its SIGTERM handler goes in just after the running event.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = g.take_pair(0);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        assert!(child.wait().unwrap().success());
+        drop(source);
+        std::fs::remove_dir_all(dir).ok();
+    })
+    .unwrap();
+}
