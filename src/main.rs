@@ -10,6 +10,7 @@ use tapir_bench::vhost_rig::VhostUserBackend;
 
 mod datapath_cmd;
 mod serve_cmd;
+mod state_cmd;
 
 /// Counts heap allocations, for `tapir bench`'s allocations-per-packet column.
 #[global_allocator]
@@ -56,8 +57,7 @@ enum StateCommand {
 fn state(cmd: StateCommand) -> Result<()> {
     match cmd {
         StateCommand::Inspect { file } => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bytes = state_cmd::read_blob(&file)?;
             let snapshot = tapir_state::decode(&bytes)
                 .with_context(|| format!("{} is not a valid tapir state blob", file.display()))?;
             println!("{}", tapir_state::to_json(&snapshot));

@@ -263,6 +263,12 @@ impl HandoffRig {
             .clone())
     }
 
+    /// The handoff socket the datapath now running listens on (for tests that play a
+    /// successor of their own).
+    pub fn handoff_socket(&self) -> Option<PathBuf> {
+        self.current.as_ref().map(|c| c.socket.clone())
+    }
+
     /// The pid of the datapath process now running.
     pub fn datapath_pid(&self) -> Option<u32> {
         self.current.as_ref().map(DatapathChild::pid)

@@ -9,6 +9,9 @@
 //!   ([`DeviceSource`]) or anything else that implements [`HandoffSource`];
 //! - [`successor`]: the other side, [`take_over`].
 
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+mod fence;
 pub mod protocol;
 pub mod snapshot;
 pub mod source;
@@ -24,4 +27,4 @@ pub use successor::{
     accept_state, refuse_state, restore, take_over, take_over_any, take_over_checked, Extension,
     FailPoint, SuccessorOptions, TakeOver, Taken,
 };
-pub use transport::{Channel, ChannelError, Listener, Message};
+pub use transport::{refused_messages, Channel, ChannelError, Listener, Message};

@@ -95,6 +95,9 @@ pub enum MigrateError {
     /// The embedder refused the state handed on besides the device.
     #[error("embedder state: {0}")]
     Extension(String),
+    /// A peer that is not what it says (its HELLO names another process, or it is gone).
+    #[error("peer: {0}")]
+    Peer(String),
     /// A payload too short for its fields.
     #[error("message kind {0} too short")]
     Short(u8),

@@ -2,13 +2,15 @@
 //! or roll back.
 
 use std::os::fd::BorrowedFd;
+use std::time::Instant;
 
 use tapir_datapath::{Device, GuestMemory, PairResources, QuiescedDevice};
 use tapir_state::DeviceSnapshot;
 
+use crate::fence::Fence;
 use crate::protocol::{self, expect, MigrateError, Timeouts};
 use crate::snapshot::{describe, PairPosition};
-use crate::transport::{Channel, ChannelError, MAX_FDS_PER_MESSAGE};
+use crate::transport::{deadline_after, Channel, MAX_FDS_PER_MESSAGE};
 
 /// Something that can be handed to a successor: a running device, or a VMM (or test parent)
 /// launching the first datapath process.
@@ -80,7 +82,13 @@ impl HandoffSource for DeviceSource {
             DeviceState::Quiesced(q) => (&q.config, &q.memory, q.resources.as_slice()),
             DeviceState::Gone => unreachable!("layout of a device that is gone"),
         };
-        describe(config, memory, resources, None, self.generation + 1)
+        describe(
+            config,
+            memory,
+            resources,
+            None,
+            self.generation.saturating_add(1),
+        )
     }
 
     fn quiesce(&mut self) -> Result<DeviceSnapshot, MigrateError> {
@@ -90,7 +98,7 @@ impl HandoffSource for DeviceSource {
             DeviceState::Quiesced(q) => q,
             DeviceState::Gone => return Err(MigrateError::Fds("device is gone".into())),
         };
-        let (snapshot, _) = snapshot_of(&quiesced, self.generation + 1);
+        let (snapshot, _) = snapshot_of(&quiesced, self.generation.saturating_add(1));
         self.state = DeviceState::Quiesced(quiesced);
         Ok(snapshot)
     }
@@ -142,10 +150,13 @@ pub fn hand_off(
     t: Timeouts,
 ) -> Result<Outcome, MigrateError> {
     // Prepare: the source keeps running.
-    if let Err(e) = prepare(source, ch, t) {
-        abort(ch, &e);
-        return Ok(Outcome::RolledBack(e));
-    }
+    let fence = match prepare(source, ch, t) {
+        Ok(fence) => fence,
+        Err(e) => {
+            abort(ch, &e);
+            return Ok(Outcome::RolledBack(e));
+        }
+    };
     // Switch: the blackout starts here.
     let quiesce_ns = tapir_datapath::stats::monotonic_ns();
     let snapshot = source.quiesce()?;
@@ -167,48 +178,48 @@ pub fn hand_off(
     }
     let ready_ns = tapir_datapath::stats::monotonic_ns();
     ch.send(protocol::GO, &[], &[]).ok();
-    // The successor sends RUNNING before it touches a ring: no RUNNING (it died, or aborted)
-    // means it never serviced anything, and the source may resume.
-    match ch.recv_spinning(Some(t.switch)) {
-        Ok(msg) if msg.kind == protocol::RUNNING => Ok(Outcome::Committed(HandoffReport {
-            successor_pid: ch.peer_pid(),
+    // Ownership is decided here, once: a RUNNING within the switch timeout commits (and
+    // nothing fences the successor afterwards); anything else fires the fence, and from then
+    // on nothing the channel says counts (see HANDOFF.md, "Fence and commit").
+    match after_go(ch, &fence, t) {
+        Ok(()) => Ok(Outcome::Committed(HandoffReport {
+            successor_pid: fence.pid(),
             quiesce_ns,
             running_ns: tapir_datapath::stats::monotonic_ns(),
             switch_sent_ns: quiesced_ns,
             ready_ns,
         })),
-        Ok(msg) => {
-            let e = expect(&msg, protocol::RUNNING, "RUNNING").err().unwrap_or(
-                MigrateError::Unexpected {
-                    expected: "RUNNING",
-                    got: msg.kind,
-                },
-            );
+        Err(e) => {
             source.resume()?;
             Ok(Outcome::RolledBack(e))
         }
-        Err(ChannelError::Timeout(d)) => {
-            // A successor that is alive but silent could still send RUNNING and run: fence it
-            // before taking the rings back.
-            if fence_silent_successor(ch, d, t, "GO") {
-                tracing::error!("successor said RUNNING before it was killed; the device is down");
-                Ok(Outcome::Committed(HandoffReport {
-                    successor_pid: ch.peer_pid(),
-                    quiesce_ns,
-                    running_ns: 0,
-                    switch_sent_ns: quiesced_ns,
-                    ready_ns,
-                }))
-            } else {
-                source.resume()?;
-                Ok(Outcome::RolledBack(ChannelError::Timeout(d).into()))
-            }
-        }
-        Err(e) => {
-            source.resume()?;
-            Ok(Outcome::RolledBack(e.into()))
-        }
     }
+}
+
+/// Waits for RUNNING after GO (or after STATE_ONLY): `Ok` commits; an ABORT rolls back. Any
+/// other outcome (a timeout, a closed or broken channel, another message) fences the
+/// successor first: it is killed
+/// through its pidfd and waited for, and the channel is not read again, so that a RUNNING
+/// sent later through a dup of its fd cannot make the source commit to a dead process.
+fn after_go(ch: &Channel, fence: &Fence, t: Timeouts) -> Result<(), MigrateError> {
+    let got = ch
+        .recv_spinning(Some(t.switch))
+        .map_err(MigrateError::from)
+        .and_then(|msg| expect(&msg, protocol::RUNNING, "RUNNING"));
+    let e = match got {
+        Ok(()) => return Ok(()),
+        // It says it will not run (it did not touch a ring: RUNNING goes out first).
+        Err(e @ MigrateError::Aborted(_)) => return Err(e),
+        Err(e) => e,
+    };
+    tracing::error!(pid = fence.pid(), error = %e, "no RUNNING from the successor; fencing it");
+    let fenced = fence.fire(t.prepare);
+    tracing::warn!(
+        pid = fence.pid(),
+        ?fenced,
+        "successor fenced; the source takes the device back"
+    );
+    Err(e)
 }
 
 /// Hands on embedder state when no device runs (a vhost-user daemon between frontends, or
@@ -221,8 +232,9 @@ pub fn hand_off_state(
     fds: &[BorrowedFd<'_>],
     t: Timeouts,
 ) -> Result<Outcome, MigrateError> {
+    let deadline = deadline_after(t.prepare);
     let offered = (|| {
-        check_hello(ch, t)?;
+        let fence = check_hello(ch, deadline)?;
         if fds.len() > MAX_FDS_PER_MESSAGE {
             return Err(MigrateError::Fds(format!(
                 "{} fds, at most {MAX_FDS_PER_MESSAGE}",
@@ -230,87 +242,66 @@ pub fn hand_off_state(
             )));
         }
         ch.send(protocol::STATE_ONLY, blob, fds)?;
-        Ok(tapir_datapath::stats::monotonic_ns())
+        Ok((fence, tapir_datapath::stats::monotonic_ns()))
     })();
-    let sent_ns = match offered {
-        Ok(ns) => ns,
+    let (fence, sent_ns) = match offered {
+        Ok(v) => v,
         Err(e) => {
             abort(ch, &e);
             return Ok(Outcome::RolledBack(e));
         }
     };
-    let report = |running_ns| HandoffReport {
-        successor_pid: ch.peer_pid(),
-        quiesce_ns: sent_ns,
-        running_ns,
-        switch_sent_ns: sent_ns,
-        ready_ns: sent_ns,
+    // The successor answers once it has taken the state: give it the prepare time.
+    let t_state = Timeouts {
+        switch: t.prepare,
+        ..t
     };
-    match ch.recv(Some(t.prepare)) {
-        Ok(msg) if msg.kind == protocol::RUNNING => Ok(Outcome::Committed(report(
-            tapir_datapath::stats::monotonic_ns(),
-        ))),
-        Ok(msg) => Ok(Outcome::RolledBack(
-            expect(&msg, protocol::RUNNING, "RUNNING")
-                .err()
-                .unwrap_or(MigrateError::Unexpected {
-                    expected: "RUNNING",
-                    got: msg.kind,
-                }),
-        )),
-        Err(ChannelError::Timeout(d)) => {
-            // Silent but alive: it could still take the state and run. Fence it first.
-            if fence_silent_successor(ch, d, t, "STATE_ONLY") {
-                Ok(Outcome::Committed(report(0)))
-            } else {
-                Ok(Outcome::RolledBack(ChannelError::Timeout(d).into()))
-            }
-        }
-        Err(e) => Ok(Outcome::RolledBack(e.into())),
+    match after_go(ch, &fence, t_state) {
+        Ok(()) => Ok(Outcome::Committed(HandoffReport {
+            successor_pid: fence.pid(),
+            quiesce_ns: sent_ns,
+            running_ns: tapir_datapath::stats::monotonic_ns(),
+            switch_sent_ns: sent_ns,
+            ready_ns: sent_ns,
+        })),
+        Err(e) => Ok(Outcome::RolledBack(e)),
     }
 }
 
-/// Kills a successor that stayed silent for `waited` after `after` (by the pid its socket
-/// credentials gave), then drains the socket: true if a RUNNING had arrived before it died,
-/// in which case the successor owns the device and the source must not take it back.
-fn fence_silent_successor(
-    ch: &Channel,
-    waited: std::time::Duration,
-    t: Timeouts,
-    after: &str,
-) -> bool {
-    tracing::error!(
-        pid = ch.peer_pid(),
-        ?waited,
-        "successor silent after {after}; killing it"
-    );
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(ch.peer_pid()),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    matches!(ch.recv(Some(t.switch)), Ok(msg) if msg.kind == protocol::RUNNING)
-}
-
-fn check_hello(ch: &Channel, t: Timeouts) -> Result<(), MigrateError> {
-    let hello = ch.recv(Some(t.prepare))?;
+/// Receives HELLO by `deadline`, checks its version and pins the process it names.
+fn check_hello(ch: &Channel, deadline: Instant) -> Result<Fence, MigrateError> {
+    let hello = ch.recv_by(deadline)?;
     expect(&hello, protocol::HELLO, "HELLO")?;
-    let version = hello
-        .payload
-        .get(..2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .ok_or(MigrateError::Short(protocol::HELLO))?;
+    let (version, pid) = match hello.payload.as_slice() {
+        [v0, v1, p0, p1, p2, p3, ..] => (
+            u16::from_le_bytes([*v0, *v1]),
+            u32::from_le_bytes([*p0, *p1, *p2, *p3]),
+        ),
+        _ => return Err(MigrateError::Short(protocol::HELLO)),
+    };
     if version != protocol::PROTOCOL_VERSION {
         return Err(MigrateError::Version(version));
     }
-    Ok(())
+    if !hello.fds.is_empty() {
+        return Err(MigrateError::Fds(format!(
+            "HELLO carries {} fds",
+            hello.fds.len()
+        )));
+    }
+    Fence::at_hello(ch, pid)
 }
 
-fn prepare(source: &mut dyn HandoffSource, ch: &Channel, t: Timeouts) -> Result<(), MigrateError> {
-    check_hello(ch, t)?;
+/// The prepare phase, under one deadline: HELLO, PREPARE, FDS, EXTENSION, PREPARED.
+fn prepare(
+    source: &mut dyn HandoffSource,
+    ch: &Channel,
+    t: Timeouts,
+) -> Result<Fence, MigrateError> {
+    let fence = check_hello(ch, deadline_after(t.prepare))?;
     let (layout, fds) = source.layout();
     ch.send(protocol::PREPARE, &tapir_state::encode(&layout), &[])?;
     for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
-        let first = u32::try_from(i * MAX_FDS_PER_MESSAGE).unwrap_or(u32::MAX);
+        let first = u32::try_from(i.saturating_mul(MAX_FDS_PER_MESSAGE)).unwrap_or(u32::MAX);
         ch.send(protocol::FDS, &first.to_le_bytes(), chunk)?;
     }
     let (blob, extension_fds) = source.extension();
@@ -321,8 +312,10 @@ fn prepare(source: &mut dyn HandoffSource, ch: &Channel, t: Timeouts) -> Result<
         )));
     }
     ch.send(protocol::EXTENSION, &blob, &extension_fds)?;
-    let msg = ch.recv(Some(t.prepare))?;
-    expect(&msg, protocol::PREPARED, "PREPARED")
+    // Mapping and pre-faulting guest memory is the successor's slow part: its own time.
+    let msg = ch.recv_by(deadline_after(t.prepare))?;
+    expect(&msg, protocol::PREPARED, "PREPARED")?;
+    Ok(fence)
 }
 
 /// Describes a quiesced device for a successor in this process (the embedding API's

@@ -1,7 +1,10 @@
 //! The successor side of a handoff: receive the layout and fds, map and adopt them, then on
 //! the switch rebuild the rings at the source's positions and run.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use tapir_datapath::fd_check;
 
 use tapir_datapath::engine::EngineConfig;
 use tapir_datapath::memory::MemoryRegionSpec;
@@ -193,7 +196,10 @@ fn take_over_inner(
     hello.extend_from_slice(&std::process::id().to_le_bytes());
     ch.send(protocol::HELLO, &hello, &[])?;
     fail_here(opts, FailPoint::BeforeFds);
-    let first = ch.recv(Some(t.prepare))?;
+    // One deadline for the whole prepare phase (PREPARE, every FDS chunk, EXTENSION): a source
+    // feeding its fds one at a time does not get the timeout once per message.
+    let deadline = crate::transport::deadline_after(t.prepare);
+    let first = ch.recv_by(deadline)?;
     if first.kind == protocol::STATE_ONLY {
         let extension = Extension {
             blob: first.payload,
@@ -202,7 +208,7 @@ fn take_over_inner(
         check(&extension).map_err(MigrateError::Extension)?;
         return Ok(Taken::StateOnly(extension));
     }
-    let prepared = prepare(first, ch, t)?;
+    let prepared = prepare(first, ch, deadline)?;
     check(&prepared.extension).map_err(MigrateError::Extension)?;
     fail_here(opts, FailPoint::AfterFds);
     // Everything that does not depend on the ring positions happens before the switch, while
@@ -329,7 +335,11 @@ fn switch(
         .and_then(|b| b.try_into().ok())
         .map(u64::from_le_bytes)
         .ok_or(MigrateError::Short(protocol::SWITCH))?;
-    let snapshot = tapir_state::decode(&msg.payload[8..])?;
+    let blob = msg
+        .payload
+        .get(8..)
+        .ok_or(MigrateError::Short(protocol::SWITCH))?;
+    let snapshot = tapir_state::decode(blob)?;
     fail_here(opts, FailPoint::AfterState);
     if !same_layout(&snapshot, layout) {
         return Err(MigrateError::LayoutChanged);
@@ -358,13 +368,13 @@ fn queue_config(q: &VirtqueueState, kick: OwnedFd, call: OwnedFd) -> QueueConfig
 fn prepare(
     msg: crate::transport::Message,
     ch: &Channel,
-    t: Timeouts,
+    deadline: Instant,
 ) -> Result<Prepared, MigrateError> {
     expect(&msg, protocol::PREPARE, "PREPARE")?;
     let layout = tapir_state::decode(&msg.payload)?;
     let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(layout.fds.len());
     while fds.len() < layout.fds.len() {
-        let msg = ch.recv(Some(t.prepare))?;
+        let msg = ch.recv_by(deadline)?;
         expect(&msg, protocol::FDS, "FDS")?;
         let first = msg
             .payload
@@ -378,9 +388,16 @@ fn prepare(
                 fds.len()
             )));
         }
+        if msg.fds.len() > layout.fds.len().saturating_sub(fds.len()) {
+            return Err(MigrateError::Fds(format!(
+                "a chunk of {} fds at {first}: more than the manifest's {}",
+                msg.fds.len(),
+                layout.fds.len()
+            )));
+        }
         fds.extend(msg.fds.into_iter().map(Some));
     }
-    let msg = ch.recv(Some(t.prepare))?;
+    let msg = ch.recv_by(deadline)?;
     expect(&msg, protocol::EXTENSION, "EXTENSION")?;
     let mut prepared = adopt(layout, fds.into_iter().flatten().collect())?;
     prepared.extension = Extension {
@@ -403,11 +420,21 @@ fn adopt(layout: DeviceSnapshot, fds: Vec<OwnedFd>) -> Result<Prepared, MigrateE
     let missing =
         |what: &str, i: u16| MigrateError::Fds(format!("{what} fd {i} missing or used twice"));
     let mut regions = Vec::new();
-    for r in &layout.memory {
+    for (i, r) in layout.memory.iter().enumerate() {
+        let fd = take_fd(&mut fds, r.fd).ok_or_else(|| missing("memory", r.fd))?;
+        // Before anything is mapped: a mapping past the end of its file raises SIGBUS on
+        // first touch (the pre-fault below, or a worker after RUNNING).
+        fd_check::expect_file_range(
+            fd.as_fd(),
+            r.file_offset,
+            r.size,
+            &format!("memory region {i} (fd {})", r.fd),
+        )
+        .map_err(|e| MigrateError::Fds(e.to_string()))?;
         regions.push(MemoryRegionSpec {
             guest_addr: r.guest_addr,
             size: r.size,
-            fd: take_fd(&mut fds, r.fd).ok_or_else(|| missing("memory", r.fd))?,
+            fd,
             file_offset: r.file_offset,
         });
     }
@@ -421,16 +448,20 @@ fn adopt(layout: DeviceSnapshot, fds: Vec<OwnedFd>) -> Result<Prepared, MigrateE
         }
         let tap =
             TapQueue::adopt(take_fd(&mut fds, p.tap.fd).ok_or_else(|| missing("TAP", p.tap.fd))?)?;
+        // Kick and call fds are eventfds: a pipe or socket there could block a worker's
+        // write or report end-of-file forever.
+        let mut eventfd = |what: &str, i: u16| -> Result<OwnedFd, MigrateError> {
+            let fd = take_fd(&mut fds, i).ok_or_else(|| missing(what, i))?;
+            fd_check::expect_eventfd(fd.as_fd(), &format!("{what} fd {i}"))
+                .map_err(|e| MigrateError::Fds(e.to_string()))?;
+            Ok(fd)
+        };
         pairs.push(PairFds {
             tap,
-            rx_kick: take_fd(&mut fds, p.rx.kick_fd)
-                .ok_or_else(|| missing("kick", p.rx.kick_fd))?,
-            rx_call: take_fd(&mut fds, p.rx.call_fd)
-                .ok_or_else(|| missing("call", p.rx.call_fd))?,
-            tx_kick: take_fd(&mut fds, p.tx.kick_fd)
-                .ok_or_else(|| missing("kick", p.tx.kick_fd))?,
-            tx_call: take_fd(&mut fds, p.tx.call_fd)
-                .ok_or_else(|| missing("call", p.tx.call_fd))?,
+            rx_kick: eventfd("kick", p.rx.kick_fd)?,
+            rx_call: eventfd("call", p.rx.call_fd)?,
+            tx_kick: eventfd("kick", p.tx.kick_fd)?,
+            tx_call: eventfd("call", p.tx.call_fd)?,
         });
     }
     Ok(Prepared {

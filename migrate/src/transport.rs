@@ -1,15 +1,16 @@
 //! The handoff channel: a Unix `SOCK_SEQPACKET` socket (reliable, message boundaries kept),
 //! the peer's credentials checked with `SO_PEERCRED`, fds passed with `SCM_RIGHTS`.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
-    accept4, bind, connect, getsockopt, listen, recvmsg, sendmsg, socket, sockopt, AddressFamily,
-    Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    accept4, bind, connect, getsockopt, listen, sendmsg, socket, sockopt, AddressFamily, Backlog,
+    ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 
 /// Largest message (payload + 1 kind byte) the channel carries.
@@ -50,6 +51,17 @@ pub enum ChannelError {
     /// A message too large, truncated, or carrying more fds than it may.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// The socket path is taken by a live socket or by something that is not a socket.
+    #[error("socket path: {0}")]
+    PathInUse(String),
+}
+
+/// Messages refused because they were truncated or carried too many fds (their fds closed).
+static REFUSED_MESSAGES: AtomicU64 = AtomicU64::new(0);
+
+/// How many messages this process refused as truncated or carrying too many fds.
+pub fn refused_messages() -> u64 {
+    REFUSED_MESSAGES.load(Ordering::Relaxed)
 }
 
 fn os(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> ChannelError {
@@ -77,15 +89,12 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `path` (replacing a stale socket file) with mode 0600.
+    /// Binds `path` with mode 0600. A socket file already there is replaced only when it is
+    /// stale (nobody listens on it: a connect is refused); a live socket (of any type) or a
+    /// path that is not a socket is refused and left alone.
     pub fn bind(path: &Path) -> Result<Listener, ChannelError> {
         let fd = seqpacket_socket()?;
-        if path.exists() {
-            std::fs::remove_file(path).map_err(|source| ChannelError::Os {
-                what: "removing a stale socket file",
-                source,
-            })?;
-        }
+        remove_stale_socket(path)?;
         let addr = UnixAddr::new(path).map_err(os("socket path"))?;
         bind(fd.as_raw_fd(), &addr).map_err(os("bind"))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
@@ -152,10 +161,63 @@ impl Drop for Listener {
     }
 }
 
+/// Removes the socket file at `path` if it is stale; refuses a live socket or a non-socket.
+fn remove_stale_socket(path: &Path) -> Result<(), ChannelError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ChannelError::Os {
+                what: "looking at the socket path",
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ChannelError::PathInUse(format!(
+            "{} exists and is not a socket: refused",
+            path.display()
+        )));
+    }
+    // Probe: a listener of any socket type answers a connect (or refuses it as another
+    // type); only ECONNREFUSED means nobody is there.
+    let probe = seqpacket_socket()?;
+    let addr = UnixAddr::new(path).map_err(os("socket path"))?;
+    match connect(probe.as_raw_fd(), &addr) {
+        Err(nix::errno::Errno::ECONNREFUSED) => {}
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Ok(()) => {
+            return Err(ChannelError::PathInUse(format!(
+                "{} is in use by a running process: refused",
+                path.display()
+            )))
+        }
+        Err(e) => {
+            return Err(ChannelError::PathInUse(format!(
+                "{} is in use (connect probe: {e}): refused",
+                path.display()
+            )))
+        }
+    }
+    std::fs::remove_file(path).map_err(|source| ChannelError::Os {
+        what: "removing a stale socket file",
+        source,
+    })
+}
+
+/// The instant `d` from now (far in the future if that does not fit an `Instant`).
+pub(crate) fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// Returns true when `fd` is readable within `timeout`.
 fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool, ChannelError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(deadline_after);
     loop {
         let left = match deadline {
             None => PollTimeout::NONE,
@@ -265,7 +327,7 @@ impl Channel {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), ChannelError> {
-        if payload.len() + 1 > MAX_MESSAGE {
+        if payload.len().saturating_add(1) > MAX_MESSAGE {
             return Err(ChannelError::Malformed(format!(
                 "payload of {} bytes",
                 payload.len()
@@ -303,6 +365,12 @@ impl Channel {
         }
     }
 
+    /// Receives one message by `deadline` (the end of a phase: a peer that sends its
+    /// messages one at a time gets the phase's time in all, not a timeout per message).
+    pub fn recv_by(&self, deadline: Instant) -> Result<Message, ChannelError> {
+        self.recv(Some(deadline.saturating_duration_since(Instant::now())))
+    }
+
     /// Receives one message, waiting up to `timeout` (forever: None).
     pub fn recv(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
         if !wait_readable(self.fd.as_fd(), timeout)? {
@@ -318,7 +386,7 @@ impl Channel {
     /// [`SPIN`]: during a handoff's blackout each side answers the other within
     /// microseconds, and a sleep/wake-up per message would cost more than the work.
     pub fn recv_spinning(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
-        let spin_until = Instant::now() + SPIN;
+        let spin_until = deadline_after(SPIN);
         while Instant::now() < spin_until {
             if let Some(m) = self.recv_now(MsgFlags::MSG_DONTWAIT)? {
                 return Ok(m);
@@ -328,51 +396,180 @@ impl Channel {
         self.recv(timeout)
     }
 
-    /// One `recvmsg`; `None` when nothing is there (with `MSG_DONTWAIT`).
+    /// One `recvmsg`; `None` when nothing is there (with `MSG_DONTWAIT`). Every fd the
+    /// kernel installed is owned before anything is checked, so a refused message (truncated,
+    /// or with more fds than [`MAX_FDS_PER_MESSAGE`]: `MSG_CTRUNC`) closes them all.
     fn recv_now(&self, flags: MsgFlags) -> Result<Option<Message>, ChannelError> {
         let mut guard = self.buf.lock().unwrap_or_else(|e| e.into_inner());
         if guard.len() < MAX_MESSAGE {
             guard.resize(MAX_MESSAGE, 0);
         }
         let buf: &mut [u8] = &mut guard;
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
-        let (n, msg_flags, mut fds) = loop {
-            let mut iov = [IoSliceMut::new(&mut *buf)];
-            match recvmsg::<()>(
-                self.fd.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                flags | MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(msg) => {
-                    let mut fds = Vec::new();
-                    for c in msg.cmsgs().map_err(os("recvmsg control data"))? {
-                        if let ControlMessageOwned::ScmRights(list) = c {
-                            for raw in list {
-                                // SAFETY: the kernel just installed this fd for us.
-                                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                            }
-                        }
-                    }
-                    break (msg.bytes, msg.flags, fds);
+        // u64 words: the control buffer must be aligned for `cmsghdr`.
+        let mut control = [0u64; CONTROL_WORDS];
+        let (n, msg_flags, fds) = loop {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+            mh.msg_iov = &mut iov;
+            mh.msg_iovlen = 1;
+            mh.msg_control = control.as_mut_ptr().cast();
+            mh.msg_controllen = control_len();
+            let rflags = (flags | MsgFlags::MSG_CMSG_CLOEXEC).bits();
+            // SAFETY: `mh` points at a live iovec over `buf` and at `control`, both valid
+            // for writes of the lengths given, for the duration of the call.
+            let rc = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut mh, rflags) };
+            if rc < 0 {
+                match nix::errno::Errno::last() {
+                    nix::errno::Errno::EINTR => continue,
+                    nix::errno::Errno::EAGAIN => return Ok(None),
+                    nix::errno::Errno::ECONNRESET => return Err(ChannelError::Closed),
+                    e => return Err(os("recvmsg")(e)),
                 }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::EAGAIN) => return Ok(None),
-                Err(nix::errno::Errno::ECONNRESET) => return Err(ChannelError::Closed),
-                Err(e) => return Err(os("recvmsg")(e)),
             }
+            // SAFETY: the kernel filled `control` (up to mh.msg_controllen) for this call.
+            let fds = unsafe { installed_fds(&mh) };
+            break (
+                usize::try_from(rc).unwrap_or(0),
+                MsgFlags::from_bits_truncate(mh.msg_flags),
+                fds,
+            );
         };
         if msg_flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
-            return Err(ChannelError::Malformed(
-                "message or its fds truncated".into(),
-            ));
+            REFUSED_MESSAGES.fetch_add(1, Ordering::Relaxed);
+            let why = if msg_flags.contains(MsgFlags::MSG_CTRUNC) {
+                format!(
+                    "message carries more than {MAX_FDS_PER_MESSAGE} fds (control data truncated; \
+                     the {} that arrived are closed)",
+                    fds.len()
+                )
+            } else {
+                format!("message longer than {MAX_MESSAGE} bytes")
+            };
+            tracing::warn!(peer = self.peer_pid, "refused a handoff message: {why}");
+            drop(fds);
+            return Err(ChannelError::Malformed(why));
         }
         if n == 0 {
             return Err(ChannelError::Closed);
         }
-        let kind = buf[0];
-        let payload = buf[1..n].to_vec();
-        fds.shrink_to_fit();
+        let Some((&kind, rest)) = buf.get(..n).and_then(<[u8]>::split_first) else {
+            return Err(ChannelError::Closed);
+        };
+        let payload = rest.to_vec();
         Ok(Some(Message { kind, payload, fds }))
+    }
+}
+
+/// Control buffer words: room for one `SCM_RIGHTS` message of [`MAX_FDS_PER_MESSAGE`] fds.
+const CONTROL_WORDS: usize = (MAX_FDS_PER_MESSAGE * std::mem::size_of::<RawFd>() + 64) / 8;
+
+/// The control length handed to `recvmsg`: exactly one `SCM_RIGHTS` of
+/// [`MAX_FDS_PER_MESSAGE`] fds, so that one more fd sets `MSG_CTRUNC`.
+fn control_len() -> usize {
+    let payload = u32::try_from(MAX_FDS_PER_MESSAGE.saturating_mul(std::mem::size_of::<RawFd>()))
+        .unwrap_or(0);
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = usize::try_from(unsafe { libc::CMSG_SPACE(payload) }).unwrap_or(0);
+    space.min(CONTROL_WORDS * 8)
+}
+
+/// Takes ownership of every fd in the `SCM_RIGHTS` messages of `mh`'s control data (also of
+/// a truncated one: the kernel installed the fds it reports there).
+///
+/// # Safety
+///
+/// `mh` must be the header of a `recvmsg` that just returned, its control buffer still live.
+unsafe fn installed_fds(mh: &libc::msghdr) -> Vec<OwnedFd> {
+    let mut fds = Vec::new();
+    // SAFETY: per the contract, `mh` describes a control buffer the kernel filled.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(mh) };
+    while !c.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/NXTHDR return headers inside the control buffer.
+        let hdr = unsafe { &*c };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is arithmetic.
+            let head = usize::try_from(unsafe { libc::CMSG_LEN(0) }).unwrap_or(usize::MAX);
+            let bytes = hdr.cmsg_len.saturating_sub(head);
+            let count = bytes.checked_div(std::mem::size_of::<RawFd>()).unwrap_or(0);
+            // SAFETY: the data of this header follows it inside the control buffer.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<RawFd>();
+            for i in 0..count {
+                // SAFETY: `i < count`, within the header's data (possibly unaligned).
+                let raw = unsafe { data.add(i).read_unaligned() };
+                if raw >= 0 {
+                    // SAFETY: the kernel just installed this fd for this process.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        }
+        // SAFETY: `c` is a header of `mh`'s control buffer.
+        c = unsafe { libc::CMSG_NXTHDR(mh, c) };
+    }
+    fds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tests that count this process's fds run one at a time.
+    static FD_COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+    }
+
+    fn eventfds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| {
+                nix::sys::eventfd::EventFd::new()
+                    .map(OwnedFd::from)
+                    .unwrap_or_else(|e| panic!("eventfd: {e}"))
+            })
+            .collect()
+    }
+
+    fn send_raw(ch: &Channel, fds: &[OwnedFd]) {
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let kind = [1u8];
+        let iov = [IoSlice::new(&kind)];
+        let sent = sendmsg::<()>(
+            ch.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        );
+        assert!(sent.is_ok(), "{sent:?}");
+    }
+
+    #[test]
+    fn a_message_with_too_many_fds_is_refused_and_its_fds_closed() {
+        let _one = FD_COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+        let (a, b) = Channel::pair().unwrap_or_else(|e| panic!("{e}"));
+        let before = open_fds();
+        let refused = refused_messages();
+        {
+            let fds = eventfds(253);
+            send_raw(&a, &fds);
+        }
+        let got = b.recv(Some(Duration::from_secs(1)));
+        assert!(
+            matches!(&got, Err(ChannelError::Malformed(m)) if m.contains("more than 250 fds")),
+            "{got:?}"
+        );
+        assert_eq!(open_fds(), before, "fds left open by a refused message");
+        assert!(refused_messages() > refused);
+        // The channel goes on: a message within the limits arrives with its fds.
+        let fds = eventfds(250);
+        send_raw(&a, &fds);
+        let m = b
+            .recv(Some(Duration::from_secs(1)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.fds.len(), 250);
     }
 }

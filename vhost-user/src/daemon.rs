@@ -297,7 +297,7 @@ pub fn take_over_daemon(
     // The session blob is checked before this side commits to anything.
     let check = |ext: &Extension| {
         handoff::decode(&ext.blob, ext.fds.len())
-            .map(|_| ())
+            .and_then(|state| handoff::check_fds(&state, &ext.fds))
             .map_err(|e| e.to_string())
     };
     match take_over_checked(&ch, opts, &check)? {

@@ -232,6 +232,13 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
     if state.running_pairs.iter().any(|&p| usize::from(p) >= pairs) {
         return bad("a running pair beyond the queue pairs".into());
     }
+    let mut running = vec![false; pairs];
+    for &p in &state.running_pairs {
+        match running.get_mut(usize::from(p)) {
+            Some(seen) if !*seen => *seen = true,
+            _ => return bad(format!("running pair {p} listed twice")),
+        }
+    }
     if state.connection.is_none() && !state.running_pairs.is_empty() {
         return bad("running pairs without a frontend connection".into());
     }
@@ -266,6 +273,14 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
         if v.held.iter().any(|&h| v.size == 0 || h >= v.size) {
             return bad("held head beyond the vring size".into());
         }
+        // Each head is held once: a head posted twice is a chain used twice.
+        let mut held = vec![false; usize::from(v.size)];
+        for &h in &v.held {
+            match held.get_mut(usize::from(h)) {
+                Some(seen) if !*seen => *seen = true,
+                _ => return bad(format!("held head {h} listed twice")),
+            }
+        }
     }
     if let Some(l) = &state.log {
         claim(l.fd)?;
@@ -277,6 +292,81 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
         claim(*l)?;
     }
     Ok(state)
+}
+
+/// Checks that every fd a (decoded) session state refers to is what the state says it is,
+/// before anything is adopted or mapped: TAP queues are TAP queues (`TUNGETIFF`), the frontend
+/// connection is a connected socket, the listeners are listening sockets, memory regions and
+/// the dirty log lie inside their files, kick/call/err fds are eventfds. A predecessor that
+/// lies is refused while it still owns everything.
+pub fn check_fds(state: &SessionState, fds: &[OwnedFd]) -> Result<(), SessionStateError> {
+    use tapir_datapath::fd_check;
+    let fd = |i: u16| {
+        fds.get(usize::from(i))
+            .map(AsFd::as_fd)
+            .ok_or_else(|| SessionStateError::Invalid(format!("fd {i} missing")))
+    };
+    let bad = |e: fd_check::FdCheckError| SessionStateError::Invalid(e.to_string());
+    for (pair, &t) in state.taps.iter().enumerate() {
+        let dup = fd(t)?
+            .try_clone_to_owned()
+            .map_err(|e| SessionStateError::Invalid(format!("TAP fd {t}: {e}")))?;
+        tapir_datapath::TapQueue::adopt(dup)
+            .map_err(|e| SessionStateError::Invalid(format!("TAP queue {pair} (fd {t}): {e}")))?;
+    }
+    if let Some(c) = state.connection {
+        let f = fd(c)?;
+        let target = fd_check::link_target(f).unwrap_or_default();
+        if !target.starts_with("socket:") || fd_check::is_listening_socket(f) {
+            return Err(SessionStateError::Invalid(format!(
+                "frontend connection (fd {c}): expected a connected socket, got {target}"
+            )));
+        }
+    }
+    // A listener is a listening socket bound at the path the blob names: the successor
+    // removes that path when it stops listening, so a path the fd is not bound at would let
+    // the predecessor make it delete any file of the user's.
+    if let Some(l) = state.endpoint.listener {
+        let what = format!("vhost-user listener (fd {l})");
+        fd_check::expect_listening_socket(fd(l)?, &what).map_err(bad)?;
+        expect_bound_at(fd(l)?, &state.endpoint.path, &what)?;
+    }
+    if let Some((path, l)) = &state.endpoint.handoff {
+        let what = format!("handoff listener (fd {l})");
+        fd_check::expect_listening_socket(fd(*l)?, &what).map_err(bad)?;
+        expect_bound_at(fd(*l)?, path, &what)?;
+    }
+    for (i, r) in state.regions.iter().enumerate() {
+        let what = format!("memory region {i} (fd {})", r.fd);
+        fd_check::expect_file_range(fd(r.fd)?, r.mmap_offset, r.size, &what).map_err(bad)?;
+    }
+    if let Some(l) = &state.log {
+        let what = format!("dirty log (fd {})", l.fd);
+        fd_check::expect_file_range(fd(l.fd)?, l.mmap_offset, l.mmap_size, &what).map_err(bad)?;
+    }
+    for (n, v) in state.vrings.iter().enumerate() {
+        for (role, i) in [("kick", v.kick), ("call", v.call), ("err", v.err)] {
+            if let Some(i) = i {
+                let what = format!("{role} fd of vring {n} (fd {i})");
+                fd_check::expect_eventfd(fd(i)?, &what).map_err(bad)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the Unix socket `fd` is bound at `path`.
+fn expect_bound_at(fd: BorrowedFd<'_>, path: &str, what: &str) -> Result<(), SessionStateError> {
+    use std::os::fd::AsRawFd;
+    let bound = nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd.as_raw_fd())
+        .ok()
+        .and_then(|a| a.path().map(std::path::Path::to_path_buf));
+    if bound.as_deref() == Some(std::path::Path::new(path)) {
+        return Ok(());
+    }
+    Err(SessionStateError::Invalid(format!(
+        "{what}: the blob says it is bound at {path}, it is bound at {bound:?}"
+    )))
 }
 
 /// Takes fd `i` out of the received list.
@@ -382,6 +472,14 @@ mod tests {
         // A held head beyond its ring.
         let mut s = state();
         s.vrings[0].held = vec![300];
+        assert!(decode(&encode(&s), 7).is_err());
+        // A running pair listed twice.
+        let mut s = state();
+        s.running_pairs = vec![0, 0];
+        assert!(decode(&encode(&s), 7).is_err());
+        // A held head listed twice (it would be used twice).
+        let mut s = state();
+        s.vrings[0].held = vec![3, 3];
         assert!(decode(&encode(&s), 7).is_err());
         // Vrings that do not match the queue pairs.
         let mut s = state();
