@@ -3,6 +3,9 @@
 //! A guest can write anything into its descriptor table. The walker never panics and never
 //! produces an iovec outside guest memory: every descriptor is read with a checked load, every
 //! buffer is translated through the memory map, and each rule below is a [`ChainError`].
+//! Guest values never index, slice or overflow unchecked here (the lints below insist).
+
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
@@ -157,8 +160,16 @@ fn walk_inner(
         if budget == 0 {
             return Err(ChainError::Loop);
         }
-        budget -= 1;
-        let desc_addr = table.addr + u64::from(index) * DESC_SIZE;
+        budget = budget.saturating_sub(1);
+        // A table address is the guest's (an indirect one) or the frontend's: checked.
+        let desc_addr = u64::from(index)
+            .checked_mul(DESC_SIZE)
+            .and_then(|off| table.addr.checked_add(off))
+            .ok_or(ChainError::OutOfMemory {
+                index,
+                addr: table.addr,
+                len: DESC_SIZE_U32,
+            })?;
         let desc: Descriptor =
             mem.mmap()
                 .read_obj(GuestAddress(desc_addr))
@@ -219,13 +230,14 @@ fn walk_inner(
             }
             // Record the guest address of each piece (a buffer spanning two regions gives two).
             let mut piece_addr = addr;
-            for iov in &out.iov[before..] {
+            for iov in out.iov.get(before..).unwrap_or_default() {
                 // Each piece is at most `len` (a u32) long.
                 let piece_len = u32::try_from(iov.iov_len).unwrap_or(len);
                 out.gpa.push((piece_addr, piece_len));
-                piece_addr += iov.iov_len as u64;
+                // Inside guest memory (translate succeeded): cannot wrap.
+                piece_addr = piece_addr.wrapping_add(iov.iov_len as u64);
             }
-            if out.iov.len() - start_segments > MAX_SEGMENTS {
+            if out.iov.len().saturating_sub(start_segments) > MAX_SEGMENTS {
                 return Err(ChainError::TooManySegments(MAX_SEGMENTS));
             }
         }
@@ -245,6 +257,7 @@ fn walk_inner(
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::memory::MemoryRegionSpec;

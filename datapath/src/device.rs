@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::engine::{self, EngineConfig, EngineError, EngineKind, Leftovers};
+use crate::fd_check;
 use crate::features;
 use crate::memory::GuestMemory;
 use crate::pair::{PairPositions, PairSettings, QueuePair};
@@ -152,6 +153,9 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    /// A kick or call fd is not an eventfd.
+    #[error(transparent)]
+    Fd(#[from] crate::fd_check::FdCheckError),
     /// A worker's engine failed.
     #[error("queue pair {pair}: {source}")]
     Engine {
@@ -386,8 +390,18 @@ impl Device {
         let mut built = Vec::with_capacity(pairs.len());
         for (i, spec) in pairs.into_iter().enumerate() {
             let index = u16::try_from(i).map_err(|_| DeviceError::NoQueuePairs)?;
-            set_nonblocking(&spec.rx.kick)?;
-            set_nonblocking(&spec.tx.kick)?;
+            // Kick and call fds must be eventfds: a pipe or socket could block a worker's
+            // call write or report end-of-file on every kick poll. All four are made
+            // non-blocking: the datapath never blocks on a guest's or frontend's fd.
+            for (fd, what) in [
+                (&spec.rx.kick, "RX kick fd"),
+                (&spec.rx.call, "RX call fd"),
+                (&spec.tx.kick, "TX kick fd"),
+                (&spec.tx.call, "TX call fd"),
+            ] {
+                fd_check::expect_eventfd(fd.as_fd(), &format!("{what} of queue pair {index}"))?;
+                set_nonblocking(fd)?;
+            }
             let rx = Virtqueue::new(2 * index, spec.rx, event_idx, memory)?;
             let tx = Virtqueue::new(2 * index + 1, spec.tx, event_idx, memory)?;
             let mut pair = QueuePair::new(
@@ -489,10 +503,23 @@ impl Device {
                             },
                         }
                     };
-                    let result = engine.run(&mut pair, &tap, &stop_fd, &mut signal_ready);
+                    let kind = engine.kind();
+                    // A worker that fails for any reason, a panic that slipped through
+                    // included, breaks its pair only: the device, the other pairs and the
+                    // process carry on, and stop still returns the pair.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        engine.run(&mut pair, &tap, &stop_fd, &mut signal_ready)
+                    }))
+                    .unwrap_or_else(|p| {
+                        Err(EngineError::Panicked {
+                            engine: kind,
+                            message: engine::panic_message(p.as_ref()),
+                        })
+                    });
                     pair.settle_rx_order();
                     if let Err(e) = &result {
-                        tracing::error!(error = %e, "worker stopped");
+                        tracing::error!(error = %e, "worker failed");
+                        pair.mark_broken(&e.to_string());
                     }
                     (pair, tap, result)
                 })
@@ -513,12 +540,21 @@ impl Device {
         let mut ready = 0;
         while ready < device.workers.len() {
             if ready_rx.recv().is_err() {
-                let err = device.stop_inner().err();
+                let (_, err) = device.stop_inner();
                 return Err(err.unwrap_or(DeviceError::WorkerPanicked(0)));
             }
             ready += 1;
         }
         Ok(device)
+    }
+
+    /// Makes the worker of queue pair `pair` fail (tests only: the way to see what a failing
+    /// worker leaves behind).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, pair: u16, fault: crate::engine::WorkerFault) {
+        if let Some(w) = self.workers.iter().find(|w| w.index == pair) {
+            let _ = w.stop.write(fault.stop_value());
+        }
     }
 
     /// Ring addresses and fds of each queue pair, for a successor.
@@ -562,8 +598,15 @@ impl Device {
     /// Quiesces every worker: afterwards nothing is in flight, every TX chain the workers
     /// popped is in the used ring, and the RX chains they hold are listed in order. The
     /// device can then be snapshotted for a successor, or resumed ([`QuiescedDevice::resume`]).
+    ///
+    /// A pair whose worker failed comes back broken ([`QueuePair::is_broken`]; its ring
+    /// positions and held chains are not to be trusted): that is not an error of the device.
+    /// Only a pair that could not be recovered at all is.
     pub fn quiesce(mut self) -> Result<QuiescedDevice, DeviceError> {
-        let pairs = self.stop_inner()?;
+        let (pairs, err) = self.stop_inner();
+        if let Some(e @ DeviceError::WorkerPanicked(_)) = err {
+            return Err(e);
+        }
         Ok(QuiescedDevice {
             config: self.config.clone(),
             memory: self.memory.clone(),
@@ -572,7 +615,9 @@ impl Device {
         })
     }
 
-    fn stop_inner(&mut self) -> Result<Vec<QuiescedPair>, DeviceError> {
+    /// Stops and joins every worker: the pairs (broken ones included) and the first
+    /// failure (an engine's error, or a pair lost with its thread).
+    fn stop_inner(&mut self) -> (Vec<QuiescedPair>, Option<DeviceError>) {
         for w in &self.workers {
             let _ = w.stop.write(1);
         }
@@ -585,21 +630,25 @@ impl Device {
                     tap,
                     _leftovers: leftovers,
                 }),
-                Ok((_, _, Err(source))) => {
+                Ok((pair, tap, Err(source))) => {
                     first_err.get_or_insert(DeviceError::Engine {
                         pair: w.index,
                         source,
                     });
+                    pairs.push(QuiescedPair {
+                        pair,
+                        tap,
+                        _leftovers: Leftovers(None),
+                    });
                 }
                 Err(_) => {
+                    // Cannot happen (the worker catches panics), but if it did the pair is
+                    // gone with its thread.
                     first_err.get_or_insert(DeviceError::WorkerPanicked(w.index));
                 }
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(pairs),
-        }
+        (pairs, first_err)
     }
 }
 

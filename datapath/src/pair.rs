@@ -1,13 +1,20 @@
 //! One queue pair's device logic, shared by both engines: popping and validating chains,
 //! building the iovecs of TAP reads and writes, and completing them into the used rings
 //! (`num_buffers`, dirty logging, counters). The engines only move bytes.
+//!
+//! Everything here is driven by guest-written values (heads, lengths, ring indices): nothing
+//! indexes or slices unchecked (`clippy::indexing_slicing` is denied), and every loop that
+//! pops from an avail ring is bounded by the queue size (a guest that keeps posting cannot
+//! keep a worker from its stop).
+
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::chain::{self, Access, ChainError, Segments};
+use crate::chain::{self, Access, ChainError, Segments, MAX_SEGMENTS};
 use crate::features;
 use crate::memory::GuestMemory;
 use crate::stats::{Counters, QueuePairStats};
@@ -21,6 +28,13 @@ use crate::vnet_hdr::NUM_BUFFERS_OFFSET;
 /// that would need more chains than the guest has posted, is dropped and counted: never
 /// truncated silently.
 pub const SPILL_LEN: usize = 128 * 1024;
+
+/// Guest buffers one RX read may have: one `readv` takes `MAX_SEGMENTS` (`UIO_MAXIOV`)
+/// iovecs, and the spill area is one of them.
+const MAX_RX_PIECES: usize = MAX_SEGMENTS - 1;
+
+const VNET_HDR_LEN_U32: u32 = 12;
+const _: () = assert!(VNET_HDR_LEN_U32 as usize == VNET_HDR_LEN);
 
 /// A walked RX chain: host address, length and guest address of each piece. Host addresses
 /// are kept as integers so the pair stays `Send`; they point into the guest mapping, which
@@ -37,6 +51,11 @@ enum Spill {
     Done,
     Wait,
     Drop,
+}
+
+/// Counts one event (counters are u64: wrapping is a formality).
+fn bump(counter: &mut u64) {
+    *counter = counter.wrapping_add(1);
 }
 
 /// Which queue of the pair.
@@ -80,7 +99,7 @@ impl RxRead {
     /// An empty read with room for `chains` chains.
     pub fn new(chains: usize) -> RxRead {
         RxRead {
-            seg: Segments::with_capacity(chains * 2 + 1),
+            seg: Segments::with_capacity(chains.saturating_mul(2).saturating_add(1)),
             chains: Vec::with_capacity(chains),
             spill: vec![0u8; SPILL_LEN].into_boxed_slice(),
             posted: 0,
@@ -225,6 +244,37 @@ pub struct QueuePair {
     rx_used_pending: bool,
     tx_used_pending: bool,
     serviced: bool,
+    /// Pops left in this pass of the worker's loop, per queue ([`QueuePair::begin_pass`]).
+    rx_budget: usize,
+    tx_budget: usize,
+    /// A pop was refused in this pass because the budget was spent: the engine must come
+    /// back without waiting for a kick.
+    yielded: bool,
+    /// The worker failed: nothing is serviced any more.
+    broken: bool,
+}
+
+/// What [`QueuePair::next_tx`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxNext {
+    /// A chain, in the `TxWrite`.
+    Chain,
+    /// The avail ring is empty (or the queue broken).
+    Empty,
+    /// This pass popped as many chains as the queue holds (malformed ones, a guest that
+    /// keeps posting): come back without waiting for a kick.
+    Later,
+}
+
+/// What [`QueuePair::prepare_rx`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxPrepare {
+    /// The read has guest buffers and the spill area: post it.
+    Ready,
+    /// The guest has not posted (enough) buffers: enable notifications, re-check, wait.
+    NoBuffers,
+    /// This pass popped as many chains as the queue holds: come back without waiting.
+    Later,
 }
 
 impl QueuePair {
@@ -239,6 +289,7 @@ impl QueuePair {
     ) -> QueuePair {
         let capacity = features::rx_frame_capacity(settings.features, settings.mtu);
         let rx_queue_size = usize::from(rx.table().size);
+        let tx_queue_size = usize::from(tx.table().size);
         QueuePair {
             index,
             mem,
@@ -248,8 +299,10 @@ impl QueuePair {
             stats,
             mrg_rxbuf: settings.features & features::NET_F_MRG_RXBUF != 0,
             rx_capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
-            rx_plain: u32::try_from(VNET_HDR_LEN + features::max_plain_frame(settings.mtu))
-                .unwrap_or(u32::MAX),
+            rx_plain: u32::try_from(
+                VNET_HDR_LEN.saturating_add(features::max_plain_frame(settings.mtu)),
+            )
+            .unwrap_or(u32::MAX),
             rx_ewma: 0,
             spare_rx: VecDeque::new(),
             spare_bytes: 0,
@@ -260,7 +313,41 @@ impl QueuePair {
             rx_used_pending: false,
             tx_used_pending: false,
             serviced: false,
+            rx_budget: rx_queue_size.saturating_mul(2),
+            tx_budget: tx_queue_size.saturating_mul(2),
+            yielded: false,
+            broken: false,
         }
+    }
+
+    /// Starts a pass of the worker's loop: each queue may pop twice its size in it, so that
+    /// a guest that keeps posting (malformed chains, say) cannot keep the worker from
+    /// noticing its stop. [`yielded`](Self::yielded) says whether the budget ran out.
+    pub fn begin_pass(&mut self) {
+        self.rx_budget = usize::from(self.rx.table().size).saturating_mul(2);
+        self.tx_budget = usize::from(self.tx.table().size).saturating_mul(2);
+        self.yielded = false;
+    }
+
+    /// True when a pop was refused in this pass for want of budget: more may be available
+    /// (and no kick will say so), so the engine must come back without waiting.
+    pub fn yielded(&self) -> bool {
+        self.yielded
+    }
+
+    /// Marks the pair broken (its worker failed): both queues are serviced no more. Counted
+    /// once (`pairs_broken`) and logged.
+    pub fn mark_broken(&mut self, reason: &str) {
+        if self.broken {
+            return;
+        }
+        self.broken = true;
+        self.counters.pairs_broken = self.counters.pairs_broken.saturating_add(1);
+        tracing::error!(pair = self.index, %reason, "queue pair broken: its worker failed");
+        let why = format!("queue pair {} broken: {reason}", self.index);
+        self.rx.set_broken(&why);
+        self.tx.set_broken(&why);
+        self.publish();
     }
 
     /// Moves the pair to where a predecessor stopped (before its worker services anything).
@@ -298,18 +385,39 @@ impl QueuePair {
         self.spare_rx.clear();
         self.spare_bytes = 0;
         for &h in heads {
-            self.rx_popped += 1;
-            self.rx_pop_seq[usize::from(h)] = self.rx_popped;
+            self.rx_popped = self.rx_popped.wrapping_add(1);
+            if let Some(s) = self.rx_pop_seq.get_mut(usize::from(h)) {
+                *s = self.rx_popped;
+            }
+            // Checked above: in range and listed once.
+            let _ = self.rx.hold(h);
             match self.walk_rx(h) {
                 Ok(len) => self.give_back(h, len),
                 Err(e) => {
-                    self.counters.rx_malformed += 1;
+                    bump(&mut self.counters.rx_malformed);
                     tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
                     self.complete_used(Direction::Rx, h, 0);
                 }
             }
         }
         Ok(())
+    }
+
+    /// True once the pair's worker failed: its queues are serviced no more.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// A kick fd of this pair can never deliver a kick (end of file, an error: not an
+    /// eventfd): that queue is marked broken instead of being polled again.
+    pub fn kick_failed(&mut self, dir: Direction) {
+        let q = match dir {
+            Direction::Rx => &mut self.rx,
+            Direction::Tx => &mut self.tx,
+        };
+        if q.set_broken("its kick fd reports end of file or an error (not an eventfd)") {
+            bump(&mut self.counters.queues_broken);
+        }
     }
 
     /// Publishes the counters.
@@ -328,21 +436,28 @@ impl QueuePair {
         let seq = &self.rx_pop_seq;
         self.spare_rx
             .make_contiguous()
-            .sort_by_key(|&(h, _)| seq[usize::from(h)]);
+            .sort_by_key(|&(h, _)| seq.get(usize::from(h)).copied().unwrap_or(u64::MAX));
     }
 
     // ---- TX ----------------------------------------------------------------------------
 
     /// Pops the next TX chain into `w`. Malformed chains are completed with length 0 and
-    /// counted. Returns false when the avail ring is empty (or the queue broken).
-    pub fn next_tx(&mut self, w: &mut TxWrite) -> bool {
+    /// counted. At most the pass's budget of chains is popped ([`TxNext::Later`]).
+    pub fn next_tx(&mut self, w: &mut TxWrite) -> TxNext {
         loop {
-            let mut head = None;
-            if self.tx.pop(&self.mem, 1, |h| head = Some(h)).is_err() {
-                self.counters.queues_broken += 1;
-                return false;
+            if self.tx_budget == 0 {
+                self.yielded = true;
+                return TxNext::Later;
             }
-            let Some(head) = head else { return false };
+            self.tx_budget = self.tx_budget.saturating_sub(1);
+            let mut head = None;
+            if let Err(e) = self.tx.pop(&self.mem, 1, |h| head = Some(h)) {
+                self.count_broken(Direction::Tx, &e);
+                return TxNext::Empty;
+            }
+            let Some(head) = head else {
+                return TxNext::Empty;
+            };
             w.head = head;
             w.seg.clear();
             let walked = chain::walk(
@@ -358,9 +473,9 @@ impl QueuePair {
                 Ok(())
             });
             match checked {
-                Ok(()) => return true,
+                Ok(()) => return TxNext::Chain,
                 Err(e) => {
-                    self.counters.tx_malformed += 1;
+                    bump(&mut self.counters.tx_malformed);
                     tracing::warn!(queue = self.tx.index, head, error = %e, "dropping malformed TX chain");
                     self.complete_used(Direction::Tx, head, 0);
                 }
@@ -372,11 +487,13 @@ impl QueuePair {
     pub fn complete_tx(&mut self, w: &TxWrite, result: Result<usize, i32>) {
         match result {
             Ok(_) => {
-                self.counters.tx_packets += 1;
-                self.counters.tx_bytes += u64::from(w.seg.len) - VNET_HDR_LEN as u64;
+                bump(&mut self.counters.tx_packets);
+                // The chain was checked to hold at least the header.
+                self.counters.tx_bytes = (self.counters.tx_bytes)
+                    .wrapping_add(u64::from(w.seg.len.saturating_sub(VNET_HDR_LEN_U32)));
             }
             Err(errno) => {
-                self.counters.tx_errors += 1;
+                bump(&mut self.counters.tx_errors);
                 tracing::debug!(head = w.head, errno, "TAP refused a TX frame");
             }
         }
@@ -389,30 +506,34 @@ impl QueuePair {
     /// malformed one is completed with length 0 and counted). Returns how many were popped.
     fn fill_spare(&mut self, max: usize) -> usize {
         let mut heads = [0u16; 64];
-        let mut n = 0;
-        let max = max.min(heads.len());
-        if self
-            .rx
-            .pop(&self.mem, max, |h| {
-                heads[n] = h;
-                n += 1;
-            })
-            .is_err()
-        {
-            self.counters.queues_broken += 1;
+        let mut n = 0usize;
+        let max = max.min(heads.len()).min(self.rx_budget);
+        if max == 0 {
+            self.yielded = true;
+            return 0;
         }
-        for &h in &heads[..n] {
-            self.rx_popped += 1;
+        let popped = self.rx.pop(&self.mem, max, |h| {
+            if let Some(slot) = heads.get_mut(n) {
+                *slot = h;
+                n = n.saturating_add(1);
+            }
+        });
+        self.rx_budget = self.rx_budget.saturating_sub(n);
+        if let Err(e) = popped {
+            self.count_broken(Direction::Rx, &e);
+        }
+        for &h in heads.get(..n).unwrap_or_default() {
+            self.rx_popped = self.rx_popped.wrapping_add(1);
             if let Some(s) = self.rx_pop_seq.get_mut(usize::from(h)) {
                 *s = self.rx_popped;
             }
             match self.walk_rx(h) {
                 Ok(len) => {
                     self.spare_rx.push_back((h, len));
-                    self.spare_bytes += u64::from(len);
+                    self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
                 }
                 Err(e) => {
-                    self.counters.rx_malformed += 1;
+                    bump(&mut self.counters.rx_malformed);
                     tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
                     self.complete_used(Direction::Rx, h, 0);
                 }
@@ -421,11 +542,12 @@ impl QueuePair {
         n
     }
 
-    /// The next RX chain: from the spare list, else from the avail ring.
+    /// The next RX chain: from the spare list, else from the avail ring (bounded by the
+    /// pass's budget: a ring full of malformed chains ends the loop).
     fn next_rx_chain(&mut self) -> Option<(u16, u32)> {
         loop {
             if let Some((h, len)) = self.spare_rx.pop_front() {
-                self.spare_bytes -= u64::from(len);
+                self.spare_bytes = self.spare_bytes.saturating_sub(u64::from(len));
                 return Some((h, len));
             }
             if self.fill_spare(64) == 0 {
@@ -434,10 +556,23 @@ impl QueuePair {
         }
     }
 
+    /// Counts a queue found broken while popping (once per queue): an avail entry naming a
+    /// bad head is also a malformed chain of that queue.
+    fn count_broken(&mut self, dir: Direction, e: &QueueError) {
+        if let QueueError::BadHead { head, .. } = e {
+            tracing::warn!(queue = e.queue_index(), head, error = %e, "refusing an avail entry");
+            match dir {
+                Direction::Rx => bump(&mut self.counters.rx_malformed),
+                Direction::Tx => bump(&mut self.counters.tx_malformed),
+            }
+        }
+        bump(&mut self.counters.queues_broken);
+    }
+
     /// Puts a walked chain back at the front of the spare list.
     fn give_back(&mut self, head: u16, len: u32) {
         self.spare_rx.push_front((head, len));
-        self.spare_bytes += u64::from(len);
+        self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
     }
 
     /// How many bytes of guest buffers an MRG_RXBUF read is posted with: twice the recent
@@ -455,7 +590,10 @@ impl QueuePair {
         let Some((head, len)) = self.next_rx_chain() else {
             return false;
         };
-        let walked = &self.rx_walked[usize::from(head)];
+        // Heads in the spare list were range-checked when popped.
+        let Some(walked) = self.rx_walked.get(usize::from(head)) else {
+            return false;
+        };
         for &(host, l, gpa) in &walked.pieces {
             r.seg.iov.push(libc::iovec {
                 iov_base: host as *mut libc::c_void,
@@ -463,51 +601,93 @@ impl QueuePair {
             });
             r.seg.gpa.push((gpa, l));
         }
-        r.seg.len += len;
+        // Saturating: a guest's chain lengths may sum past 4 GiB (each chain is below it).
+        r.seg.len = r.seg.len.saturating_add(len);
         r.chains.push((head, len));
         true
     }
 
     /// Fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
-    /// predicted frame size), then the read's spill area. Returns false when the guest has
-    /// posted no buffers, or (with `others_posted`, MRG_RXBUF and GSO) when the guest's spare
-    /// buffers could not take a largest frame beyond what posted reads hold.
-    pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> bool {
+    /// predicted frame size, within what one `readv` takes), then the read's spill area.
+    /// [`RxPrepare::NoBuffers`] when the guest has posted no buffers, or (with
+    /// `others_posted`, MRG_RXBUF and GSO) when the guest's spare buffers could not take a
+    /// largest frame beyond what posted reads hold; [`RxPrepare::Later`] when this pass
+    /// popped as many chains as the queue holds without finding one.
+    pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrepare {
         r.clear();
+        if self.rx.is_broken() {
+            return RxPrepare::NoBuffers;
+        }
         let target = if self.mrg_rxbuf { self.rx_target() } else { 0 };
         if self.mrg_rxbuf && self.rx_capacity > self.rx_plain {
             // Pop what the guest has made available; a further read is posted only while the
             // guest's spare buffers can still take a largest frame spilling out of one, so
             // that a spill rarely has to wait for the guest (it is never dropped for it).
             if others_posted {
+                // Bounded by the pass's budget (fill_spare returns 0 once it is spent).
                 while self.fill_spare(64) > 0 {}
-                if self.spare_bytes < u64::from(self.rx_capacity) + u64::from(target) {
-                    return false;
+                if self.spare_bytes < u64::from(self.rx_capacity).saturating_add(u64::from(target))
+                {
+                    return self.no_rx_chain();
                 }
             }
         }
+        // One readv takes at most UIO_MAXIOV iovecs, the spill area's included: a guest
+        // posting chains of tiny buffers gets reads of fewer bytes (the rest spills and is
+        // copied). One chain always fits (`walk_rx` refuses longer ones).
         while r.chains.is_empty() || r.seg.len < target {
             if !self.add_rx_chain(r) {
                 break;
             }
+            if r.seg.iov.len() > MAX_RX_PIECES {
+                // Hand the last chain back: it goes first into the next read.
+                if let Some((head, len)) = r.chains.pop() {
+                    let keep = r.seg.iov.len().saturating_sub(self.pieces_of(head));
+                    r.seg.iov.truncate(keep);
+                    r.seg.gpa.truncate(keep);
+                    r.seg.len = r.seg.len.saturating_sub(len);
+                    self.give_back(head, len);
+                }
+                break;
+            }
         }
         if r.chains.is_empty() {
-            self.counters.rx_no_buffers += 1;
-            return false;
+            return self.no_rx_chain();
         }
         r.posted = r.seg.len;
         r.seg.iov.push(libc::iovec {
             iov_base: r.spill.as_mut_ptr().cast(),
             iov_len: r.spill.len(),
         });
-        true
+        RxPrepare::Ready
+    }
+
+    /// Why no chain could be had: the budget ran out, or the guest has none.
+    fn no_rx_chain(&mut self) -> RxPrepare {
+        if self.yielded {
+            return RxPrepare::Later;
+        }
+        bump(&mut self.counters.rx_no_buffers);
+        RxPrepare::NoBuffers
+    }
+
+    fn pieces_of(&self, head: u16) -> usize {
+        self.rx_walked
+            .get(usize::from(head))
+            .map_or(0, |w| w.pieces.len())
     }
 
     /// Walks an RX chain into the cache (or finds it there); returns its length.
     fn walk_rx(&mut self, head: u16) -> Result<u32, ChainError> {
         let slot = usize::from(head);
-        if self.rx_walked[slot].valid {
-            return Ok(self.rx_walked[slot].len);
+        let Some(cached) = self.rx_walked.get(slot) else {
+            return Err(ChainError::IndexOutOfRange {
+                index: head,
+                size: self.rx.table().size,
+            });
+        };
+        if cached.valid {
+            return Ok(cached.len);
         }
         self.rx_scratch.clear();
         chain::walk(
@@ -517,7 +697,16 @@ impl QueuePair {
             Access::DeviceWrites,
             &mut self.rx_scratch,
         )?;
-        let walked = &mut self.rx_walked[slot];
+        if self.rx_scratch.iov.len() > MAX_RX_PIECES {
+            // A read needs one more iovec for its spill area.
+            return Err(ChainError::TooManySegments(MAX_RX_PIECES));
+        }
+        let Some(walked) = self.rx_walked.get_mut(slot) else {
+            return Err(ChainError::IndexOutOfRange {
+                index: head,
+                size: self.rx.table().size,
+            });
+        };
         walked.pieces.clear();
         for (iov, &(gpa, len)) in self.rx_scratch.iov.iter().zip(&self.rx_scratch.gpa) {
             walked.pieces.push((iov.iov_base as usize, len, gpa));
@@ -529,9 +718,9 @@ impl QueuePair {
 
     /// Gives the chains of an unposted or cancelled read back (to the front, in order).
     pub fn return_rx(&mut self, r: &mut RxRead) {
-        for i in (0..r.chains.len()).rev() {
-            let (head, len) = r.chains[i];
-            self.give_back(head, len);
+        for &(head, len) in r.chains.iter().rev() {
+            self.spare_rx.push_front((head, len));
+            self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
         }
         r.clear();
     }
@@ -545,8 +734,13 @@ impl QueuePair {
     /// Completes (or tries again to complete) a read whose frame length is recorded.
     pub fn retry_rx(&mut self, r: &mut RxRead) -> RxCompletion {
         let n = r.frame;
+        if self.rx.is_broken() {
+            // Nothing is written to a broken queue: the frame is lost with it.
+            self.return_rx(r);
+            return RxCompletion::Done;
+        }
         if n < VNET_HDR_LEN {
-            self.counters.rx_dropped_oversize += 1;
+            bump(&mut self.counters.rx_dropped_oversize);
             self.return_rx(r);
             return RxCompletion::Done;
         }
@@ -556,7 +750,7 @@ impl QueuePair {
                 Spill::Wait => {
                     if !r.deferred {
                         r.deferred = true;
-                        self.counters.rx_deferred += 1;
+                        bump(&mut self.counters.rx_deferred);
                     }
                     return RxCompletion::Deferred;
                 }
@@ -573,7 +767,7 @@ impl QueuePair {
     /// Gives up on a deferred frame (the worker is stopping and the guest never posted the
     /// buffers it needs): dropped and counted.
     pub fn drop_deferred(&mut self, r: &mut RxRead) {
-        self.counters.rx_dropped_no_buffers += 1;
+        bump(&mut self.counters.rx_dropped_no_buffers);
         tracing::warn!(
             pair = self.index,
             bytes = r.frame,
@@ -585,7 +779,10 @@ impl QueuePair {
     fn finish_rx(&mut self, r: &mut RxRead, n: usize) {
         // Moving average of frame sizes (1/8 weight), for sizing the next reads.
         let n32 = u32::try_from(n).unwrap_or(u32::MAX);
-        self.rx_ewma = self.rx_ewma - self.rx_ewma / 8 + n32 / 8;
+        self.rx_ewma = self
+            .rx_ewma
+            .saturating_sub(self.rx_ewma / 8)
+            .saturating_add(n32 / 8);
         // How many chains the frame occupies.
         let mut left = n;
         let mut used = 0usize;
@@ -594,7 +791,7 @@ impl QueuePair {
                 break;
             }
             left = left.saturating_sub(cap as usize);
-            used += 1;
+            used = used.saturating_add(1);
         }
         // num_buffers: the TAP leaves bytes 10-11 alone (virtio 1.2 §5.1.6.4: 1 without
         // MRG_RXBUF, the number of used buffers with it).
@@ -608,23 +805,24 @@ impl QueuePair {
             }
             let l = (len as usize).min(left);
             self.mem.mark_dirty(gpa, l);
-            left -= l;
+            left = left.saturating_sub(l);
         }
         // Used entries, consecutive as MRG_RXBUF requires.
         let mut left = n;
-        for i in 0..used {
-            let (head, cap) = r.chains[i];
+        for &(head, cap) in r.chains.iter().take(used) {
             let len = cap.min(u32::try_from(left).unwrap_or(u32::MAX));
-            left -= len as usize;
+            left = left.saturating_sub(len as usize);
             self.complete_used(Direction::Rx, head, len);
         }
         // Unused chains go back for the next read.
-        for i in (used..r.chains.len()).rev() {
-            let (head, len) = r.chains[i];
-            self.give_back(head, len);
+        for &(head, len) in r.chains.get(used..).unwrap_or_default().iter().rev() {
+            self.spare_rx.push_front((head, len));
+            self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
         }
-        self.counters.rx_packets += 1;
-        self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
+        bump(&mut self.counters.rx_packets);
+        // `retry_rx` checked n >= VNET_HDR_LEN.
+        self.counters.rx_bytes =
+            (self.counters.rx_bytes).wrapping_add(n.saturating_sub(VNET_HDR_LEN) as u64);
         r.clear();
     }
 
@@ -633,11 +831,12 @@ impl QueuePair {
     /// frame is larger than the TAP may produce or the guest has not posted enough buffers.
     fn spill_into_chains(&mut self, r: &mut RxRead, n: usize) -> Spill {
         let posted = r.posted as usize;
-        let spilled = n - posted;
+        // The caller checked n > posted.
+        let spilled = n.saturating_sub(posted);
         if !self.mrg_rxbuf || n > self.rx_capacity as usize || spilled >= r.spill.len() {
             // Without MRG_RXBUF a frame must fit one chain (virtio 1.2 §5.1.6.3.1); and no
             // frame may exceed what the negotiated features allow.
-            self.counters.rx_dropped_oversize += 1;
+            bump(&mut self.counters.rx_dropped_oversize);
             return Spill::Drop;
         }
         while (r.seg.len as usize) < n {
@@ -645,8 +844,12 @@ impl QueuePair {
                 return Spill::Wait;
             }
         }
-        self.write_at(&r.seg.gpa, posted, &r.spill[..spilled]);
-        self.counters.rx_spilled += 1;
+        self.write_at(
+            &r.seg.gpa,
+            posted,
+            r.spill.get(..spilled).unwrap_or_default(),
+        );
+        bump(&mut self.counters.rx_spilled);
         Spill::Done
     }
 
@@ -658,16 +861,18 @@ impl QueuePair {
             }
             let len = len as usize;
             if offset >= len {
-                offset -= len;
+                offset = offset.saturating_sub(len);
                 continue;
             }
-            let take = (len - offset).min(bytes.len());
-            // The range was validated when the chain was walked.
+            let take = len.saturating_sub(offset).min(bytes.len());
+            let (now, rest) = bytes.split_at(take);
+            // The range was validated when the chain was walked (gpa + len is inside guest
+            // memory, so gpa + offset cannot wrap).
             let _ = self
                 .mem
                 .mmap()
-                .write_slice(&bytes[..take], GuestAddress(gpa + offset as u64));
-            bytes = &bytes[take..];
+                .write_slice(now, GuestAddress(gpa.wrapping_add(offset as u64)));
+            bytes = rest;
             offset = 0;
         }
     }
@@ -685,8 +890,12 @@ impl QueuePair {
             Direction::Rx => (&mut self.rx, &mut self.rx_used_pending),
             Direction::Tx => (&mut self.tx, &mut self.tx_used_pending),
         };
+        if q.is_broken() {
+            // Counted when it broke; a broken ring is written no more.
+            return;
+        }
         if q.add_used(&self.mem, head, len).is_err() {
-            self.counters.queues_broken += 1;
+            bump(&mut self.counters.queues_broken);
         }
         *pending = true;
         if !self.serviced {
@@ -701,14 +910,14 @@ impl QueuePair {
         if self.rx_used_pending {
             self.rx_used_pending = false;
             if self.rx.needs_notification(&self.mem) {
-                self.counters.rx_interrupts += 1;
+                bump(&mut self.counters.rx_interrupts);
                 signal(&self.rx);
             }
         }
         if self.tx_used_pending {
             self.tx_used_pending = false;
             if self.tx.needs_notification(&self.mem) {
-                self.counters.tx_interrupts += 1;
+                bump(&mut self.counters.tx_interrupts);
                 signal(&self.tx);
             }
         }

@@ -92,6 +92,9 @@ counters! {
     io_syscalls,
     /// Queues marked broken (a ring the guest corrupted; serviced no more until reset).
     queues_broken,
+    /// The queue pair was marked broken because its worker failed (an engine error, or a
+    /// panic caught at the worker's edge); its queues are serviced no more.
+    pairs_broken,
 }
 
 /// What a worker publishes: its counters and its thread id (for CPU accounting through

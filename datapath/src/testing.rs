@@ -29,7 +29,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::chain::{self, Access};
 use crate::features;
 use crate::memory::GuestMemory;
-use crate::pair::{PairSettings, QueuePair, RxCompletion, RxRead, TxWrite};
+use crate::pair::{PairSettings, QueuePair, RxCompletion, RxPrepare, RxRead, TxNext, TxWrite};
 use crate::stats::{Counters, QueuePairStats};
 use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueConfig, QueueError, Virtqueue};
@@ -99,6 +99,15 @@ pub enum Violation {
         frame: u64,
         /// What differs.
         reason: String,
+    },
+    /// A read was prepared with more iovecs than `readv` takes (`UIO_MAXIOV`): the kernel
+    /// would refuse it with `EINVAL`.
+    #[error("an RX read of {iovecs} iovecs (readv takes at most {max})")]
+    TooManyIovecs {
+        /// Iovecs of the read (guest pieces and the spill area).
+        iovecs: usize,
+        /// `UIO_MAXIOV`.
+        max: usize,
     },
     /// The pair holds more RX chains than the queue has descriptors.
     #[error("{held} RX heads held, queue size {size}")]
@@ -173,6 +182,8 @@ pub struct PairHarness {
     /// Frames delivered whose used entries `check` has not matched yet.
     delivered: VecDeque<Vec<u8>>,
     frames_checked: u64,
+    /// A violation seen while driving the pair, reported by the next `check`.
+    pending: Option<Violation>,
     mrg_rxbuf: bool,
 }
 
@@ -212,6 +223,7 @@ impl PairHarness {
             tx_watch,
             delivered: VecDeque::new(),
             frames_checked: 0,
+            pending: None,
             mrg_rxbuf: settings.features & features::NET_F_MRG_RXBUF != 0,
         })
     }
@@ -276,7 +288,8 @@ impl PairHarness {
             }
         };
         let (w, busy) = self.tx.get_mut(slot)?;
-        let popped = self.pair.next_tx(w);
+        self.pair.begin_pass();
+        let popped = self.pair.next_tx(w) == TxNext::Chain;
         *busy = popped;
         self.note_pops();
         popped.then_some(TxSlot(slot))
@@ -319,6 +332,12 @@ impl PairHarness {
 
     // ---- RX ----------------------------------------------------------------------------
 
+    /// True when the last operation stopped popping because it had popped twice the queue
+    /// size (an engine would come back at once; see [`QueuePair::begin_pass`]).
+    pub fn yielded(&self) -> bool {
+        self.pair.yielded()
+    }
+
     /// Reads prepared (posted) and not completed, or deferred.
     pub fn rx_outstanding(&self) -> usize {
         self.rx.iter().filter(|s| s.in_use).count()
@@ -341,10 +360,18 @@ impl PairHarness {
             }
         };
         let state = self.rx.get_mut(slot)?;
-        let prepared = self.pair.prepare_rx(&mut state.read, others);
+        self.pair.begin_pass();
+        let prepared = self.pair.prepare_rx(&mut state.read, others) == RxPrepare::Ready;
         state.in_use = prepared;
         state.written = 0;
         state.frame.clear();
+        let iovecs = state.read.seg.iov.len();
+        if prepared && iovecs > chain::MAX_SEGMENTS {
+            self.pending.get_or_insert(Violation::TooManyIovecs {
+                iovecs,
+                max: chain::MAX_SEGMENTS,
+            });
+        }
         self.note_pops();
         prepared.then_some(RxSlot(slot))
     }
@@ -403,6 +430,7 @@ impl PairHarness {
     }
 
     fn rx_retry_waiting(&mut self) -> RxCompletion {
+        self.pair.begin_pass();
         while let Some(&slot) = self.rx_order.front() {
             let Some(state) = self.rx.get_mut(slot) else {
                 self.rx_order.pop_front();
@@ -497,6 +525,9 @@ impl PairHarness {
     /// pair's bounds (see the module documentation).
     pub fn check(&mut self) -> Result<(), Violation> {
         self.note_pops();
+        if let Some(v) = self.pending.take() {
+            return Err(v);
+        }
         let size = self.pair.rx.table().size;
         let held = self.pair.spare_rx().count();
         if held > usize::from(size) {

@@ -1,6 +1,10 @@
 //! One split virtqueue as the device sees it: `virtio-queue`'s ring logic plus the kick and
-//! call eventfds and a broken flag. A ring the guest corrupts (an avail index that jumps past
-//! the queue size, rings outside memory) marks the queue broken instead of panicking.
+//! call eventfds, the set of heads the device holds, and a broken flag. A ring the guest
+//! corrupts (an avail index that jumps past the queue size, rings outside memory, an avail
+//! entry naming a head past the queue size or one the device already holds) marks the queue
+//! broken instead of panicking; a broken queue is neither popped nor written any more.
+
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::os::fd::OwnedFd;
 
@@ -55,6 +59,41 @@ pub enum QueueError {
         /// What the guest did.
         reason: String,
     },
+    /// An avail entry names a head past the queue size, or one the device holds (made
+    /// available again before the device used it: virtio 1.2 §2.7.13 forbids it). The queue
+    /// is broken until reset.
+    #[error("virtqueue {index} is broken: avail entry names head {head}: {reason}")]
+    BadHead {
+        /// Queue index.
+        index: u16,
+        /// The head.
+        head: u16,
+        /// Out of range, or held.
+        reason: &'static str,
+    },
+}
+
+impl QueueError {
+    /// The queue the error is about.
+    pub fn queue_index(&self) -> u16 {
+        match self {
+            QueueError::InvalidConfig { index, .. }
+            | QueueError::Broken { index, .. }
+            | QueueError::BadHead { index, .. } => *index,
+        }
+    }
+}
+
+/// What reading a kick eventfd found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    /// The guest kicked this many times.
+    Kicked(u64),
+    /// Nothing to read (`EAGAIN`).
+    None,
+    /// The fd can never deliver a kick (end of file, or an error other than `EAGAIN`): not an
+    /// eventfd. The queue must be marked broken rather than polled again.
+    Dead,
 }
 
 /// A running virtqueue.
@@ -69,6 +108,9 @@ pub struct Virtqueue {
     /// Call eventfd.
     pub call: OwnedFd,
     broken: bool,
+    /// Heads the device popped and has not used, by head (`size` entries): a head made
+    /// available again while held is refused.
+    held: Vec<bool>,
 }
 
 impl Virtqueue {
@@ -108,6 +150,7 @@ impl Virtqueue {
             kick: cfg.kick,
             call: cfg.call,
             broken: false,
+            held: vec![false; usize::from(cfg.size)],
         })
     }
 
@@ -126,6 +169,14 @@ impl Virtqueue {
         self.broken
     }
 
+    /// Marks the queue broken (the guest corrupted it, or its worker failed): it is popped and
+    /// written no more. Returns true if it was not broken before.
+    pub fn set_broken(&mut self, reason: &str) -> bool {
+        let newly = !self.broken;
+        let _ = self.mark_broken(reason.to_string());
+        newly
+    }
+
     fn mark_broken(&mut self, reason: String) -> QueueError {
         if !self.broken {
             tracing::error!(queue = self.index, %reason, "guest corrupted the virtqueue; marking it broken");
@@ -137,7 +188,10 @@ impl Virtqueue {
         }
     }
 
-    /// Pops up to `max` available heads into `out`. Returns how many.
+    /// Pops up to `max` available heads into `out` (each below the queue size and not held;
+    /// it is held from here until [`add_used`](Self::add_used)). Returns how many. A head
+    /// out of range or already held breaks the queue ([`QueueError::BadHead`]); the heads
+    /// popped before it were handed to `out`.
     pub fn pop(
         &mut self,
         mem: &GuestMemory,
@@ -151,16 +205,69 @@ impl Virtqueue {
             Ok(it) => it,
             Err(e) => return Err(self.mark_broken(format!("reading the avail ring: {e}"))),
         };
-        let mut n = 0;
+        let mut n = 0usize;
+        let mut bad = None;
+        // `take(max)` bounds the loop; `iter` itself stops at the avail index, which
+        // virtio-queue has checked to be at most the queue size ahead.
         for chain in iter.take(max) {
-            out(chain.head_index());
-            n += 1;
+            let head = chain.head_index();
+            // virtio-queue's iterator does not check heads: this is where they are checked.
+            match self.held.get_mut(usize::from(head)) {
+                Some(held) if !*held => {
+                    *held = true;
+                    out(head);
+                    n = n.saturating_add(1);
+                }
+                Some(_) => {
+                    bad = Some((head, "the device holds it (made available twice)"));
+                    break;
+                }
+                None => {
+                    bad = Some((head, "past the queue size"));
+                    break;
+                }
+            }
+        }
+        if let Some((head, reason)) = bad {
+            let _ = self.mark_broken(format!("avail entry names head {head}: {reason}"));
+            return Err(QueueError::BadHead {
+                index: self.index,
+                head,
+                reason,
+            });
         }
         Ok(n)
     }
 
-    /// Puts `head` in the used ring with `len` bytes written.
+    /// Marks `head` held (taken over from a predecessor that popped it). False if it is out
+    /// of range or held already.
+    pub fn hold(&mut self, head: u16) -> bool {
+        match self.held.get_mut(usize::from(head)) {
+            Some(h) if !*h => {
+                *h = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// True when the device holds `head` (popped it and has not used it).
+    pub fn holds(&self, head: u16) -> bool {
+        self.held.get(usize::from(head)).copied().unwrap_or(false)
+    }
+
+    /// Puts `head` in the used ring with `len` bytes written (it is no longer held). A broken
+    /// queue is not written.
     pub fn add_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<(), QueueError> {
+        if self.broken {
+            return Err(QueueError::Broken {
+                index: self.index,
+                reason: "the queue is broken".into(),
+            });
+        }
+        if let Some(h) = self.held.get_mut(usize::from(head)) {
+            *h = false;
+        }
         if let Err(e) = self.queue.add_used(mem.mmap(), head, len) {
             return Err(self.mark_broken(format!("adding {head} to the used ring: {e}")));
         }
@@ -208,27 +315,33 @@ impl Virtqueue {
         self.queue.needs_notification(mem.mmap()).unwrap_or(true)
     }
 
-    /// Signals the call eventfd with a plain `write(2)`.
+    /// Signals the call eventfd with a `write(2)`, which never blocks: `Device::start` made
+    /// the fd `O_NONBLOCK` (an eventfd whose counter is at its maximum would otherwise block
+    /// the worker until someone reads it).
     pub fn signal(&self) {
         let one = 1u64.to_ne_bytes();
-        // An eventfd write only fails when the counter would overflow, in which case the guest
-        // has an interrupt pending anyway.
+        // An eventfd write only fails when the counter would overflow (EAGAIN), in which case
+        // the guest has an interrupt pending anyway.
         let _ = nix::unistd::write(&self.call, &one);
     }
 
-    /// Drains the kick eventfd (non-blocking); returns the number of kicks it counted.
-    pub fn drain_kick(&self) -> u64 {
+    /// Drains the kick eventfd (non-blocking).
+    pub fn drain_kick(&self) -> Kick {
         let mut buf = [0u8; 8];
         match nix::unistd::read(&self.kick, &mut buf) {
-            Ok(8) => u64::from_ne_bytes(buf),
-            _ => 0,
+            Ok(8) => Kick::Kicked(u64::from_ne_bytes(buf)),
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Kick::None,
+            // 0 bytes (a pipe at EOF), a short read, any other error: not an eventfd.
+            Ok(_) | Err(_) => Kick::Dead,
         }
     }
 
     /// Moves the queue to these ring positions (a successor resuming a predecessor's rings).
+    /// Nothing is held afterwards (see [`hold`](Self::hold)).
     pub fn set_positions(&mut self, next_avail: u16, next_used: u16) {
         self.queue.set_next_avail(next_avail);
         self.queue.set_next_used(next_used);
+        self.held.iter_mut().for_each(|h| *h = false);
     }
 
     /// Next available index (ring position) and next used index.
@@ -238,8 +351,14 @@ impl Virtqueue {
 
     /// The head the guest put at avail-ring position `pos` (a free-running index).
     pub fn avail_head(&self, mem: &GuestMemory, pos: u16) -> Option<u16> {
-        let slot = u64::from(pos % self.table.size.max(1));
-        let addr = self.queue.avail_ring() + 4 + 2 * slot;
+        let slot = u64::from(pos.checked_rem(self.table.size)?);
+        // avail ring: flags (2), idx (2), then one u16 per slot; `is_valid` checked that the
+        // ring lies inside guest memory.
+        let addr = self
+            .queue
+            .avail_ring()
+            .checked_add(4)?
+            .checked_add(slot.checked_mul(2)?)?;
         mem.mmap()
             .read_obj::<u16>(GuestAddress(addr))
             .ok()
@@ -257,31 +376,52 @@ impl Virtqueue {
     /// it is never done. Signals the guest if anything was used.
     pub fn give_back(&mut self, mem: &GuestMemory, held: &[u16]) -> GiveBack {
         let (mut base, _) = self.positions();
-        let mut left: Vec<u16> = held.to_vec();
-        let mut rewound = 0;
-        while !left.is_empty() {
+        // Which heads are still to be given back, by head (a head listed twice, or out of
+        // range, counts once or not at all): linear in the queue size, whatever the guest
+        // made available.
+        let mut left = vec![false; self.held.len()];
+        let mut n_left = 0usize;
+        for &h in held {
+            if let Some(l) = left.get_mut(usize::from(h)) {
+                if !*l {
+                    *l = true;
+                    n_left = n_left.saturating_add(1);
+                }
+            }
+        }
+        let mut rewound = 0usize;
+        while n_left > 0 {
             let q = base.wrapping_sub(1);
-            let Some(k) = self
+            let slot = self
                 .avail_head(mem, q)
-                .and_then(|head| left.iter().position(|&h| h == head))
-            else {
+                .and_then(|head| left.get_mut(usize::from(head)).map(|l| (head, l)));
+            let Some((head, l)) = slot.filter(|(_, l)| **l) else {
                 break;
             };
-            left.remove(k);
+            *l = false;
+            n_left = n_left.saturating_sub(1);
+            if let Some(h) = self.held.get_mut(usize::from(head)) {
+                *h = false;
+            }
             base = q;
-            rewound += 1;
+            rewound = rewound.saturating_add(1);
         }
-        for &h in &left {
-            let _ = self.add_used(mem, h, 0);
+        let emptied = n_left;
+        // In the order they were popped.
+        for &h in held {
+            if let Some(l) = left.get_mut(usize::from(h)).filter(|l| **l) {
+                *l = false;
+                let _ = self.add_used(mem, h, 0);
+            }
         }
         self.queue.set_next_avail(base);
-        if !left.is_empty() {
+        if emptied > 0 {
             self.signal();
         }
         GiveBack {
             base,
             rewound,
-            emptied: left.len(),
+            emptied,
         }
     }
 }
@@ -300,7 +440,7 @@ pub struct GiveBack {
 /// The used index the guest sees in the used ring at `used_ring` (guest-physical).
 pub fn used_index(mem: &GuestMemory, used_ring: u64) -> Option<u16> {
     mem.mmap()
-        .read_obj::<u16>(GuestAddress(used_ring + 2))
+        .read_obj::<u16>(GuestAddress(used_ring.checked_add(2)?))
         .ok()
         .map(u16::from_le)
 }

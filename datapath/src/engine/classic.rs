@@ -6,9 +6,10 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers};
-use crate::pair::{QueuePair, RxCompletion, RxRead, TxWrite};
+use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers, WorkerFault};
+use crate::pair::{Direction, QueuePair, RxCompletion, RxPrepare, RxRead, TxNext, TxWrite};
 use crate::tap::TapQueue;
+use crate::virtqueue::Kick;
 
 const TOKEN_TX_KICK: u64 = 1;
 const TOKEN_RX_KICK: u64 = 2;
@@ -51,12 +52,17 @@ fn process_tx(pair: &mut QueuePair, tap: &TapQueue, w: &mut TxWrite, burst: usiz
             // Let RX and interrupts in; come back without waiting for a kick.
             return true;
         }
-        if !pair.next_tx(w) {
-            if pair.tx.enable_notification(&pair.mem) {
-                pair.tx.disable_notification(&pair.mem);
-                continue;
+        match pair.next_tx(w) {
+            TxNext::Chain => {}
+            // The pass's budget is spent: come back without waiting.
+            TxNext::Later => return true,
+            TxNext::Empty => {
+                if pair.tx.enable_notification(&pair.mem) {
+                    pair.tx.disable_notification(&pair.mem);
+                    continue;
+                }
+                return false;
             }
-            return false;
         }
         let iovcnt = libc::c_int::try_from(w.seg.iov.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: the iovecs point into mapped guest memory and are valid for the call.
@@ -91,6 +97,9 @@ fn process_rx(
         // Each failed try re-arms the guest's kick and re-checks (virtio's lost-wakeup rule:
         // going to sleep armed at a stale position would never be woken).
         while pair.retry_rx(r) == RxCompletion::Deferred {
+            if pair.yielded() {
+                return RxOutcome::Burst;
+            }
             if !pair.rx.enable_notification(&pair.mem) {
                 return RxOutcome::NoBuffers;
             }
@@ -99,9 +108,16 @@ fn process_rx(
     }
     pair.rx.disable_notification(&pair.mem);
     for _ in 0..burst {
-        while !pair.prepare_rx(r, false) {
-            if !pair.rx.enable_notification(&pair.mem) {
-                return RxOutcome::NoBuffers;
+        loop {
+            match pair.prepare_rx(r, false) {
+                RxPrepare::Ready => break,
+                // The pass's budget is spent: come back without waiting.
+                RxPrepare::Later => return RxOutcome::Burst,
+                RxPrepare::NoBuffers => {
+                    if !pair.rx.enable_notification(&pair.mem) {
+                        return RxOutcome::NoBuffers;
+                    }
+                }
             }
         }
         let iovcnt = libc::c_int::try_from(r.seg.iov.len()).unwrap_or(libc::c_int::MAX);
@@ -115,6 +131,9 @@ fn process_rx(
                     // Wait for buffers, re-arming and re-checking as above.
                     *waiting = true;
                     while pair.retry_rx(r) == RxCompletion::Deferred {
+                        if pair.yielded() {
+                            return RxOutcome::Burst;
+                        }
                         if !pair.rx.enable_notification(&pair.mem) {
                             return RxOutcome::NoBuffers;
                         }
@@ -133,6 +152,26 @@ fn process_rx(
         }
     }
     RxOutcome::Burst
+}
+
+/// Reads the stop eventfd: a test's injected fault, or a plain stop.
+fn read_fault(stop: &OwnedFd) -> Option<WorkerFault> {
+    let mut buf = [0u8; 8];
+    match nix::unistd::read(stop, &mut buf) {
+        Ok(8) => WorkerFault::from_stop_value(u64::from_ne_bytes(buf)),
+        _ => None,
+    }
+}
+
+/// Fails as a test asked ([`crate::Device::inject_fault`]).
+fn inject(fault: WorkerFault) -> Result<Leftovers, EngineError> {
+    match fault {
+        WorkerFault::Panic => panic!("classic engine: injected panic (a test's fault)"),
+        WorkerFault::Error => Err(io_err(
+            "an injected fault",
+            io::Error::other("a test's fault"),
+        )),
+    }
 }
 
 impl Engine for ClassicEngine {
@@ -185,23 +224,39 @@ impl Engine for ClassicEngine {
                 Err(e) => return Err(io_err("epoll_wait", e.into())),
             };
             pair.counters.batches += 1;
+            pair.begin_pass();
             let mut stopping = false;
-            for ev in &events[..n] {
+            for ev in events.iter().take(n) {
                 match ev.data() {
                     TOKEN_TX_KICK => {
-                        if pair.tx.drain_kick() > 0 {
-                            pair.counters.tx_kicks += 1;
+                        match pair.tx.drain_kick() {
+                            Kick::Kicked(_) => pair.counters.tx_kicks += 1,
+                            Kick::None => {}
+                            Kick::Dead => {
+                                pair.kick_failed(Direction::Tx);
+                                let _ = epoll.delete(pair.tx.kick.as_fd());
+                            }
                         }
                         tx_more = true;
                     }
                     TOKEN_RX_KICK => {
-                        if pair.rx.drain_kick() > 0 {
-                            pair.counters.rx_kicks += 1;
+                        match pair.rx.drain_kick() {
+                            Kick::Kicked(_) => pair.counters.rx_kicks += 1,
+                            Kick::None => {}
+                            Kick::Dead => {
+                                pair.kick_failed(Direction::Rx);
+                                let _ = epoll.delete(pair.rx.kick.as_fd());
+                            }
                         }
                         rx_more = true;
                     }
                     TOKEN_TAP => rx_more = true,
-                    TOKEN_STOP => stopping = true,
+                    TOKEN_STOP => {
+                        if let Some(fault) = read_fault(stop) {
+                            return inject(fault);
+                        }
+                        stopping = true;
+                    }
                     _ => {}
                 }
             }

@@ -50,6 +50,36 @@ impl FromStr for EngineKind {
     }
 }
 
+/// A failure a test can make a running worker suffer ([`crate::Device::inject_fault`]): the
+/// only way to see a worker fail on purpose, since a correct worker does not. Not for
+/// production use.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerFault {
+    /// The worker panics.
+    Panic,
+    /// The worker's engine returns an error.
+    Error,
+}
+
+impl WorkerFault {
+    /// The value written to the worker's stop eventfd to inject the fault (a plain stop writes
+    /// 1; these cannot be sums of a few stops).
+    pub(crate) const fn stop_value(self) -> u64 {
+        match self {
+            WorkerFault::Panic => 0x7a91_0000_0000_0001,
+            WorkerFault::Error => 0x7a91_0000_0000_0002,
+        }
+    }
+
+    /// The fault a stop eventfd's value asks for, if any.
+    pub(crate) fn from_stop_value(v: u64) -> Option<WorkerFault> {
+        [WorkerFault::Panic, WorkerFault::Error]
+            .into_iter()
+            .find(|f| f.stop_value() == v)
+    }
+}
+
 /// Tunables of an engine.
 #[derive(Clone, Copy, Debug)]
 pub struct EngineConfig {
@@ -84,6 +114,14 @@ pub enum EngineError {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// The engine panicked (a bug in tapir), caught at the engine's or the worker's edge.
+    #[error("{engine} engine panicked: {message}")]
+    Panicked {
+        /// Which engine.
+        engine: EngineKind,
+        /// The panic's message.
+        message: String,
     },
     /// A syscall the loop depends on failed.
     #[error("{engine} engine: {what} failed: {source}")]
@@ -132,6 +170,17 @@ impl std::fmt::Debug for Leftovers {
         } else {
             "Leftovers(none)"
         })
+    }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 

@@ -5,8 +5,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use io_uring::types::{CancelBuilder, Fixed};
 use io_uring::{opcode, squeue, IoUring};
 
-use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers};
-use crate::pair::{QueuePair, RxCompletion, RxRead, TxWrite};
+use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers, WorkerFault};
+use crate::pair::{Direction, QueuePair, RxCompletion, RxPrepare, RxRead, TxNext, TxWrite};
 use crate::tap::TapQueue;
 use crate::virtqueue::Virtqueue;
 
@@ -100,6 +100,14 @@ struct Loop {
     rx_waiting: std::collections::VecDeque<usize>,
     stopping: bool,
     cancel_sent: bool,
+    /// Work is known to be waiting (a pass ran out of budget, buffers arrived while a frame
+    /// waited): the next `io_uring_enter` must not wait for a completion.
+    again: bool,
+    /// Call eventfd writes go out with `RWF_NOWAIT` (an eventfd at its maximum fails them
+    /// with `EAGAIN` at once; without it io_uring would keep the write pending until the
+    /// counter is read, and a quiesce would wait for it). Cleared if the kernel's eventfd
+    /// does not support it (`EOPNOTSUPP`): then calls are plain non-blocking `write(2)`s.
+    call_nowait: bool,
 }
 
 impl Loop {
@@ -147,14 +155,27 @@ impl Loop {
                 self.tx_pending = true;
                 return Ok(());
             };
-            if !pair.next_tx(&mut self.tx[slot]) {
-                self.tx_free.push(slot);
-                if pair.tx.enable_notification(&pair.mem) {
-                    pair.tx.disable_notification(&pair.mem);
-                    continue;
-                }
-                self.tx_pending = false;
+            let Some(w) = self.tx.get_mut(slot) else {
                 return Ok(());
+            };
+            match pair.next_tx(w) {
+                TxNext::Chain => {}
+                TxNext::Later => {
+                    // The pass's budget is spent: come back without waiting for a kick.
+                    self.tx_free.push(slot);
+                    self.tx_pending = true;
+                    self.again = true;
+                    return Ok(());
+                }
+                TxNext::Empty => {
+                    self.tx_free.push(slot);
+                    if pair.tx.enable_notification(&pair.mem) {
+                        pair.tx.disable_notification(&pair.mem);
+                        continue;
+                    }
+                    self.tx_pending = false;
+                    return Ok(());
+                }
             }
             let w = &self.tx[slot];
             // At most MAX_SEGMENTS (1024) iovecs.
@@ -189,8 +210,10 @@ impl Loop {
         if !self.rx_waiting.is_empty() {
             // A frame waits for guest buffers: read nothing more (frames wait in the TAP),
             // and have the guest kick when it refills.
-            if pair.rx.enable_notification(&pair.mem) {
+            if pair.yielded() || pair.rx.enable_notification(&pair.mem) {
+                // Buffers are there (no kick will come for them): try again at once.
                 self.rx_pending = true;
+                self.again = true;
             }
             return Ok(());
         }
@@ -207,13 +230,26 @@ impl Loop {
                 break;
             };
             let others = self.rx_posted + self.rx_batch.len() > 0;
-            if !pair.prepare_rx(&mut self.rx[slot], others) {
-                self.rx_free.push(slot);
-                if pair.rx.enable_notification(&pair.mem) {
-                    pair.rx.disable_notification(&pair.mem);
-                    continue;
-                }
+            let Some(r) = self.rx.get_mut(slot) else {
                 break;
+            };
+            match pair.prepare_rx(r, others) {
+                RxPrepare::Ready => {}
+                RxPrepare::Later => {
+                    // The pass's budget is spent: come back without waiting for a kick.
+                    self.rx_free.push(slot);
+                    self.rx_pending = true;
+                    self.again = true;
+                    break;
+                }
+                RxPrepare::NoBuffers => {
+                    self.rx_free.push(slot);
+                    if pair.rx.enable_notification(&pair.mem) {
+                        pair.rx.disable_notification(&pair.mem);
+                        continue;
+                    }
+                    break;
+                }
             }
             self.rx_batch.push(slot);
         }
@@ -265,25 +301,37 @@ impl Loop {
     }
 
     fn signal(&mut self, file: u32) -> Result<(), EngineError> {
+        // RWF_NOWAIT: a call eventfd at its maximum fails the write at once (EAGAIN) instead
+        // of keeping it pending until someone reads the counter (measured on 6.18: with
+        // O_NONBLOCK alone io_uring still arms a poll and retries).
         let entry = opcode::Write::new(Fixed(file), std::ptr::from_ref(&ONE).cast::<u8>(), 8)
+            .rw_flags(libc::RWF_NOWAIT)
             .build()
-            .user_data(ud(OP_CALL, 0));
+            .user_data(ud(OP_CALL, file as usize));
         // SAFETY: `ONE` is a static.
         unsafe { self.push(entry) }
     }
 
     fn interrupts(&mut self, pair: &mut QueuePair) -> Result<(), EngineError> {
         let mut files = [0u32; 2];
-        let mut n = 0;
+        let mut n = 0usize;
+        let nowait = self.call_nowait;
         pair.interrupts(|q: &Virtqueue| {
-            files[n] = if q.index.is_multiple_of(2) {
-                FILE_RX_CALL
-            } else {
-                FILE_TX_CALL
-            };
-            n += 1;
+            if !nowait {
+                // A plain non-blocking write(2) (the fd is O_NONBLOCK).
+                q.signal();
+                return;
+            }
+            if let Some(f) = files.get_mut(n) {
+                *f = if q.index.is_multiple_of(2) {
+                    FILE_RX_CALL
+                } else {
+                    FILE_TX_CALL
+                };
+                n += 1;
+            }
         });
-        for &f in &files[..n] {
+        for &f in files.iter().take(n) {
             self.signal(f)?;
         }
         Ok(())
@@ -346,6 +394,19 @@ impl Loop {
                 self.rx_pending = true;
             }
             OP_TX_KICK | OP_RX_KICK => {
+                let dir = if op == OP_TX_KICK {
+                    Direction::Tx
+                } else {
+                    Direction::Rx
+                };
+                // End of file, a short read or an error other than EAGAIN: the fd is not an
+                // eventfd and will never kick; re-posting the read would spin.
+                let dead = (0..8).contains(&res)
+                    || (res < 0 && ![-libc::EAGAIN, -libc::EINTR, -libc::ECANCELED].contains(&res));
+                if dead && !self.stopping {
+                    pair.kick_failed(dir);
+                    return Ok(());
+                }
                 if res == 8 {
                     if op == OP_TX_KICK {
                         pair.counters.tx_kicks += 1;
@@ -360,9 +421,25 @@ impl Loop {
                 }
             }
             OP_STOP => {
+                if res == 8 {
+                    if let Some(fault) = WorkerFault::from_stop_value(self.kick_buf[2]) {
+                        return inject(fault);
+                    }
+                }
                 if res != -libc::ECANCELED {
                     self.stopping = true;
                 }
+            }
+            OP_CALL if res == -libc::EOPNOTSUPP || res == -libc::EINVAL => {
+                // This kernel's eventfd takes no RWF_NOWAIT: plain non-blocking writes from
+                // now on, and this interrupt again.
+                self.call_nowait = false;
+                let q = if slot == FILE_RX_CALL as usize {
+                    &pair.rx
+                } else {
+                    &pair.tx
+                };
+                q.signal();
             }
             OP_RX_RETRY => {
                 self.rx_paused = false;
@@ -372,6 +449,18 @@ impl Loop {
             _ => tracing::error!(data, res, "unknown io_uring completion"),
         }
         Ok(())
+    }
+}
+
+/// Fails as a test asked ([`crate::Device::inject_fault`]).
+fn inject(fault: WorkerFault) -> Result<(), EngineError> {
+    match fault {
+        WorkerFault::Panic => panic!("uring engine: injected panic (a test's fault)"),
+        WorkerFault::Error => Err(EngineError::Io {
+            engine: EngineKind::Uring,
+            what: "an injected fault",
+            source: std::io::Error::other("a test's fault"),
+        }),
     }
 }
 
@@ -421,6 +510,8 @@ impl Engine for UringEngine {
             rx_waiting: std::collections::VecDeque::with_capacity(rx_depth),
             stopping: false,
             cancel_sent: false,
+            again: false,
+            call_nowait: true,
         };
         if !ready(pair) {
             return Ok(Leftovers(Some(Box::new(lp))));
@@ -428,7 +519,16 @@ impl Engine for UringEngine {
         for which in 0..3 {
             lp.post_eventfd_read(which)?;
         }
-        let result = run_loop(&mut lp, pair);
+        // A panic must not unwind through `lp` while the kernel may still write into its
+        // buffers: it is caught here and handled like an error.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&mut lp, pair)))
+                .unwrap_or_else(|p| {
+                    Err(EngineError::Panicked {
+                        engine: EngineKind::Uring,
+                        message: super::panic_message(p.as_ref()),
+                    })
+                });
         if result.is_err() && lp.outstanding > 0 {
             // Operations may still be in flight, and closing the ring cancels them
             // asynchronously: leak the buffers they point at rather than free them under the
@@ -454,6 +554,8 @@ impl Engine for UringEngine {
 
 fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
     loop {
+        pair.begin_pass();
+        lp.again = false;
         if !lp.stopping {
             if lp.tx_pending {
                 lp.fill_tx(pair)?;
@@ -478,7 +580,9 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
         // Publish before blocking: what this iteration counted (malformed chains completed
         // while popping, a queue found broken, interrupts) must not wait for the next event.
         pair.publish();
-        match lp.ring.submit_and_wait(1) {
+        // Known work left (see `again`): enter the kernel without waiting.
+        let want = usize::from(!lp.again || lp.stopping);
+        match lp.ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             // EBUSY: the completion queue overflowed; reaping makes room.

@@ -401,3 +401,190 @@ fn check_reports_used_entries_the_device_did_not_hold() {
         })
     ));
 }
+
+// ---- hostile guests (issue 9) ----------------------------------------------------------------
+
+/// An avail entry naming a head past the queue size: counted as malformed, the RX queue is
+/// broken (nothing can be answered for it), nothing panics, TX carries on.
+#[test]
+fn rx_head_out_of_range_is_malformed_and_breaks_rx_only() {
+    let mut fx = fixture(config(
+        f::VIRTIO_NET_F_MRG_RXBUF | f::VIRTIO_NET_F_GUEST_CSUM,
+        64,
+    ));
+    fx.rx.raw().push_avail(1000);
+    fx.rx.raw().publish();
+    let before = fx.h.counters();
+    assert_eq!(fx.h.rx_deliver(&frame(64, 1)), RxDelivery::NoBuffers);
+    let d = fx.h.counters().delta(&before);
+    assert_eq!((d.rx_malformed, d.queues_broken), (1, 1), "{d:?}");
+    assert!(fx.h.pair().rx.is_broken());
+    assert!(!fx.h.pair().tx.is_broken());
+    // A broken queue stays broken: buffers posted later are not touched.
+    fx.rx.refill();
+    assert_eq!(fx.h.rx_deliver(&frame(64, 2)), RxDelivery::NoBuffers);
+    assert_eq!(fx.h.counters().delta(&before).queues_broken, 1);
+    fx.h.check().expect("invariants");
+    assert!(fx.tx.push(&VirtioNetHdr::default(), &[7; 100]).unwrap());
+    fx.tx.flush();
+    assert_eq!(fx.h.tx_send().map(|v| v.len()), Some(112));
+}
+
+#[test]
+fn tx_head_out_of_range_is_malformed_and_breaks_tx_only() {
+    let mut fx = fixture(config(f::VIRTIO_NET_F_GUEST_CSUM, 64));
+    fx.tx.raw().push_avail(64);
+    fx.tx.raw().publish();
+    let before = fx.h.counters();
+    assert_eq!(fx.h.tx_send(), None);
+    let d = fx.h.counters().delta(&before);
+    assert_eq!((d.tx_malformed, d.queues_broken), (1, 1), "{d:?}");
+    assert!(fx.h.pair().tx.is_broken() && !fx.h.pair().rx.is_broken());
+    fx.rx.refill();
+    assert_eq!(fx.h.rx_deliver(&frame(64, 1)), RxDelivery::Done);
+    fx.h.check().expect("invariants");
+}
+
+/// The same head made available twice while the device holds it (popped in one batch): a
+/// protocol violation, counted; the RX queue is broken, the head is never used twice and the
+/// spare list never holds a head twice.
+#[test]
+fn rx_duplicate_head_while_held_breaks_rx() {
+    let gso = f::VIRTIO_NET_F_GUEST_CSUM | f::VIRTIO_NET_F_GUEST_TSO4;
+    let mut fx = fixture(config(f::VIRTIO_NET_F_MRG_RXBUF | gso, 64));
+    let mem = fx.guest.memory();
+    let raw = fx.rx.raw();
+    let d = raw.free_desc_indices();
+    for &i in &d[..3] {
+        raw.write_desc(i, mem.alloc(2048, 64).unwrap(), 2048, WRITE, 0);
+    }
+    for &i in &[d[0], d[1], d[1], d[2]] {
+        raw.push_avail(i);
+    }
+    raw.publish();
+    let before = fx.h.counters();
+    let _ = fx.h.rx_deliver(&frame(64, 1));
+    let c = fx.h.counters().delta(&before);
+    assert_eq!((c.rx_malformed, c.queues_broken), (1, 1), "{c:?}");
+    assert!(fx.h.pair().rx.is_broken());
+    let mut held: Vec<u16> = fx.h.pair().spare_rx().collect();
+    held.sort_unstable();
+    held.dedup();
+    assert_eq!(
+        held.len(),
+        fx.h.pair().spare_rx().count(),
+        "a head held twice"
+    );
+    fx.h.check().expect("invariants");
+}
+
+/// A guest that keeps re-posting one head while the device holds it cannot grow the spare
+/// list: every round the device pops what is available, and the first duplicate ends it.
+#[test]
+fn rx_duplicates_never_grow_the_spare_list() {
+    let gso = f::VIRTIO_NET_F_GUEST_CSUM | f::VIRTIO_NET_F_GUEST_TSO4;
+    let mut fx = fixture(config(f::VIRTIO_NET_F_MRG_RXBUF | gso, 16));
+    let mem = fx.guest.memory();
+    let d = fx.rx.raw().free_desc_indices()[0];
+    fx.rx
+        .raw()
+        .write_desc(d, mem.alloc(2048, 64).unwrap(), 2048, WRITE, 0);
+    for _ in 0..20 {
+        for _ in 0..8 {
+            fx.rx.raw().push_avail(d);
+        }
+        fx.rx.raw().publish();
+        // Two reads: the second pops everything available (MRG_RXBUF with GSO).
+        let a = fx.h.rx_prepare();
+        let b = fx.h.rx_prepare();
+        for s in [b, a].into_iter().flatten() {
+            fx.h.rx_cancel(s);
+        }
+        assert!(fx.h.pair().spare_rx().count() <= 1, "spare list grew");
+        fx.h.check().expect("invariants");
+    }
+    assert_eq!(fx.h.counters().queues_broken, 1);
+}
+
+/// MRG_RXBUF chains of many tiny buffers: a read never gets more iovecs than readv takes
+/// (UIO_MAXIOV), and the frame is still delivered whole.
+#[test]
+fn rx_read_of_tiny_buffers_stays_within_uio_maxiov() {
+    let mut cfg = config(f::VIRTIO_NET_F_MRG_RXBUF | f::VIRTIO_NET_F_GUEST_CSUM, 2048);
+    cfg.rx_buffer_size = 12;
+    cfg.rx_descs_per_chain = 12;
+    let mut fx = fixture(cfg);
+    fx.rx.refill();
+    let before = fx.h.counters();
+    let fr = frame(1000, 9);
+    assert_eq!(fx.h.rx_deliver(&fr), RxDelivery::Done);
+    fx.h.check().expect("invariants");
+    assert_eq!(fx.h.counters().delta(&before).rx_packets, 1);
+    let p = recv(&mut fx.rx);
+    assert_eq!(p.data, fr[VNET_HDR_LEN..]);
+}
+
+/// A guest that keeps posting malformed chains while the worker pops cannot keep it in one
+/// pass: after twice the queue size of pops the pass yields (`Later`), so the engine gets back
+/// to its event loop (and its stop) before it comes back for more.
+#[test]
+fn a_pass_pops_at_most_twice_the_queue_size() {
+    let mut fx = fixture(config(f::VIRTIO_NET_F_GUEST_CSUM, 8));
+    let mem = fx.guest.memory();
+    let d = fx.tx.raw().free_desc_indices();
+    let buf = mem.alloc(64, 64).unwrap();
+    // Write-only TX buffers: malformed, completed at once, reposted by the guest.
+    for &i in &d {
+        fx.tx.raw().write_desc(i, buf, 64, WRITE, 0);
+    }
+    let pair = fx.h.pair_mut();
+    pair.begin_pass();
+    let mut w = TxWrite::new();
+    let mut rounds = Vec::new();
+    for _ in 0..4 {
+        for &i in &d {
+            fx.tx.raw().push_avail(i);
+        }
+        fx.tx.raw().publish();
+        rounds.push(pair.next_tx(&mut w));
+    }
+    // 2 descriptors per round (a queue of 8 reserves 2), budget 16: no yield here...
+    assert_eq!(rounds, vec![TxNext::Empty; 4]);
+    // ...but a guest posting a full ring per round exhausts it in the third.
+    let mut fx = fixture(GuestConfig {
+        raw_reserved_descs: 8,
+        ..config(f::VIRTIO_NET_F_GUEST_CSUM, 32)
+    });
+    let mem = fx.guest.memory();
+    let d = fx.tx.raw().free_desc_indices();
+    assert_eq!(d.len(), 8);
+    let buf = mem.alloc(64, 64).unwrap();
+    for &i in &d {
+        fx.tx.raw().write_desc(i, buf, 64, WRITE, 0);
+    }
+    let before = fx.h.counters();
+    let pair = fx.h.pair_mut();
+    pair.begin_pass();
+    let mut rounds = Vec::new();
+    for _ in 0..10 {
+        for &i in &d {
+            fx.tx.raw().push_avail(i);
+        }
+        fx.tx.raw().publish();
+        rounds.push(pair.next_tx(&mut w));
+        if pair.yielded() {
+            break;
+        }
+    }
+    // Budget 64 pop attempts, 9 per round (8 chains, then the empty ring): 7 rounds, and
+    // the 8th stops after one chain.
+    assert_eq!(rounds.len(), 8, "{rounds:?}");
+    assert_eq!(rounds.last(), Some(&TxNext::Later));
+    assert_eq!(fx.h.counters().delta(&before).tx_malformed, 57);
+    // The next pass carries on with the 7 left.
+    let pair = fx.h.pair_mut();
+    pair.begin_pass();
+    assert_eq!(pair.next_tx(&mut w), TxNext::Empty);
+    assert_eq!(fx.h.counters().delta(&before).tx_malformed, 64);
+    fx.h.check().expect("invariants");
+}
