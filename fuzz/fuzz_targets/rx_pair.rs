@@ -7,7 +7,9 @@
 //! `readv`) wrote guest memory only inside device-writable chains and the used ring.
 //!
 //! With `TAPIR_FUZZ_SKIP_KNOWN=1` an input ends once the guest posts a head >= the queue
-//! size (the open RX index panic).
+//! size (the RX index panic, fixed since), and a frame delivered without room for its
+//! `num_buffers` (open: fuzz/artifacts-found/rx_pair/rx_short_chain_num_buffers) is not
+//! reported.
 //!
 //! Input: size exponent (u8, size 2^(1 + n % 8)), feature bits (u8: bit 0 MRG_RXBUF, 1
 //! EVENT_IDX, 2 GUEST_TSO4/6 + GUEST_CSUM, 3 GUEST_USO4/6), the MTU (u16, 0: 1500), the
@@ -45,6 +47,12 @@ fn frame(input: &mut Input) -> Vec<u8> {
     frame.resize(12, 0);
     frame.extend((0..len).map(|i| (i % 251) as u8));
     frame
+}
+
+/// The open finding rx_pair/rx_short_chain_num_buffers: a frame delivered into chains too
+/// short for the vnet header (skipped with `TAPIR_FUZZ_SKIP_KNOWN=1`).
+fn short_header(v: &tapir_datapath::testing::Violation) -> bool {
+    v.to_string().contains("num_buffers None")
 }
 
 /// True when an avail entry the device has not popped yet names a head >= size.
@@ -157,11 +165,15 @@ fuzz_target!(|data: &[u8]| {
         }
         std::mem::swap(&mut before, &mut after);
         if let Err(v) = h.check() {
-            panic!("invariant: {v}");
+            if !(tapir_fuzz::skip_known() && short_header(&v)) {
+                panic!("invariant: {v}");
+            }
         }
     }
     h.rx_drop_deferred();
     if let Err(v) = h.check() {
-        panic!("invariant at the end: {v}");
+        if !(tapir_fuzz::skip_known() && short_header(&v)) {
+            panic!("invariant at the end: {v}");
+        }
     }
 });
