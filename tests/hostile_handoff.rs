@@ -698,6 +698,20 @@ fn a_lying_serve_predecessor_is_refused() {
             vec![tap_fd, conn.as_fd(), short_region.as_fd()],
             "past the end of its file",
         ));
+        // 4. A handoff listener bound elsewhere than the path the blob names (the successor
+        //    would remove that path when it stops listening).
+        let precious = dir.join("precious");
+        std::fs::write(&precious, b"keep me").unwrap();
+        let elsewhere = Listener::bind(&dir.join("elsewhere.sock")).unwrap();
+        let mut s = base.clone();
+        s.endpoint.listener = None;
+        s.endpoint.handoff = Some((precious.display().to_string(), 1));
+        cases.push((
+            "handoff path",
+            s,
+            vec![tap_fd, elsewhere.as_fd()],
+            "bound at",
+        ));
         let listener = Listener::bind(&handoff).unwrap();
         for (name, state, fds, expect) in cases {
             let mut successor = Serve::spawn(&["--takeover", handoff.to_str().unwrap()]);
@@ -712,7 +726,9 @@ fn a_lying_serve_predecessor_is_refused() {
             let status = successor.child.wait().unwrap();
             assert!(!status.success(), "{name}: the successor took it");
         }
+        assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
         drop(listener);
+        drop(elsewhere);
         drop(tap);
         std::fs::remove_dir_all(dir).ok();
     });
@@ -840,4 +856,334 @@ fn binding_never_unlinks_a_live_socket_or_a_file() {
     drop(replaced);
     drop(first);
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// The fence of a state-only handoff (`tapir serve` with no device running): a successor
+/// silent after STATE_ONLY is killed, and a RUNNING sent afterwards through a dup of its fd
+/// does not make the daemon give its state away.
+#[test]
+fn a_running_through_a_dupd_fd_after_the_fence_does_not_take_serve_state() {
+    common::in_netns("serve fence", || {
+        let dir = tmp("serve-fence");
+        let socket = dir.join("vu.sock");
+        let handoff = dir.join("handoff.sock");
+        let first = Serve::spawn(&[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--tap",
+            TAP_NAME,
+            "--handoff-socket",
+            handoff.to_str().unwrap(),
+        ]);
+        first.wait_event("listening");
+        std::thread::sleep(Duration::from_millis(100));
+        let baseline = fd_count(first.pid());
+        let (mut helper, ch) = spawn_connector(&handoff);
+        ch.send(protocol::HELLO, &hello(helper.id()), &[]).unwrap();
+        let offer = ch.recv(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(offer.kind, protocol::STATE_ONLY);
+        drop(offer);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = helper.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the fence never fired");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+        let _ = ch.send(protocol::RUNNING, &[], &[]);
+        drop(ch);
+        first.wait_event("handoff_rolled_back");
+        wait_fd_count(first.pid(), baseline, "after the fence");
+        let fe = vhost::vhost_user::Frontend::connect(&socket, 2).unwrap();
+        vhost::VhostBackend::get_features(&fe).expect("the daemon still answers");
+        drop(fe);
+        first.wait_event("disconnected");
+        let second = Serve::spawn(&["--takeover", handoff.to_str().unwrap()]);
+        second.wait_event("\"running\"");
+        first.wait_event("handoff_committed");
+        let mut first = first;
+        assert!(first.child.wait().unwrap().success());
+        drop(second);
+        std::fs::remove_dir_all(dir).ok();
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// 11, with a device running in `tapir serve` (the full handoff path, not state alone).
+// ---------------------------------------------------------------------------------------
+
+mod serve_session {
+    //! A frontend session against `tapir serve`, as `tests/vhost_user_protocol.rs` drives it.
+
+    use std::os::fd::FromRawFd;
+    use std::time::{Duration, Instant};
+
+    use super::common::{frames, rx_recv, tx_drain, tx_send, GUEST_IP, GUEST_MAC, HOST_IP};
+    use tapir_simguest::{RxDriver, SimGuest, TxDriver, VirtioNetHdr};
+    use vhost::vhost_user::message::{
+        VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    };
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn eventfd_of(raw: i32) -> EventFd {
+        // SAFETY: `raw` is an eventfd the SimGuest owns for its lifetime; we own the dup.
+        let dup = unsafe { libc::dup(raw) };
+        assert!(dup >= 0);
+        // SAFETY: `dup` is a fresh fd nothing else owns.
+        unsafe { EventFd::from_raw_fd(dup) }
+    }
+
+    /// Negotiates and attaches the guest: memory table, every vring, enabled.
+    pub fn attach(fe: &mut Frontend, guest: &SimGuest) {
+        let offered = fe.get_features().unwrap();
+        let acked =
+            (guest.features() & offered) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        fe.set_features(acked).unwrap();
+        let want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(want).unwrap();
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        fe.set_owner().unwrap();
+        let regions: Vec<VhostUserMemoryRegionInfo> = guest
+            .regions()
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.guest_addr,
+                memory_size: r.size,
+                userspace_addr: r.guest_addr,
+                mmap_offset: r.file_offset,
+                mmap_handle: r.fd,
+            })
+            .collect();
+        fe.set_mem_table(&regions).unwrap();
+        for q in guest.queues() {
+            let i = usize::from(q.index);
+            fe.set_vring_num(i, q.size).unwrap();
+            fe.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: q.size,
+                    queue_size: q.size,
+                    flags: 0,
+                    desc_table_addr: q.desc_table,
+                    used_ring_addr: q.used_ring,
+                    avail_ring_addr: q.avail_ring,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_base(i, 0).unwrap();
+            fe.set_vring_call(i, &eventfd_of(q.call_fd)).unwrap();
+            fe.set_vring_kick(i, &eventfd_of(q.kick_fd)).unwrap();
+            fe.set_vring_enable(i, true).unwrap();
+        }
+    }
+
+    /// The guest asks the host for its MAC (ARP through TX) and gets the answer (RX).
+    pub fn arp_round_trip(rx: &mut RxDriver, tx: &mut TxDriver, ctx: &str) {
+        let mut buf = vec![0u8; 64];
+        let n = frames::build_arp(
+            &mut buf,
+            frames::ArpOp::Request,
+            GUEST_MAC,
+            GUEST_IP,
+            [0; 6],
+            HOST_IP,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            tx_send(tx, &VirtioNetHdr::default(), &buf[..n], ctx);
+            tx_drain(tx, ctx);
+            if let Some(p) = rx_recv(rx, Duration::from_millis(500), ctx) {
+                if let Some(a) = frames::parse_arp(&p.data) {
+                    if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "{ctx}: no ARP reply");
+        }
+    }
+}
+
+#[test]
+fn a_successor_sending_253_fds_leaks_nothing_in_a_running_tapir_serve() {
+    for engine in common::engines() {
+        common::in_netns(&format!("serve running {engine}"), || {
+            let ctx = format!("{engine}");
+            let dir = tmp(&format!("serve-running-{engine}"));
+            let socket = dir.join("vu.sock");
+            let handoff = dir.join("handoff.sock");
+            let first = Serve::spawn(&[
+                "--socket",
+                socket.to_str().unwrap(),
+                "--tap",
+                TAP_NAME,
+                "--engine",
+                &engine.to_string(),
+                "--handoff-socket",
+                handoff.to_str().unwrap(),
+            ]);
+            first.wait_event("listening");
+            common::netns::sysctl_write(&format!("net/ipv6/conf/{TAP_NAME}/disable_ipv6"), "1")
+                .ok();
+            common::netns::link_up(TAP_NAME).unwrap();
+            common::netns::add_addr(TAP_NAME, &format!("{HOST_IP}/24")).unwrap();
+            let mut fe = vhost::vhost_user::Frontend::connect(&socket, 2).unwrap();
+            let mut g = tapir_simguest::SimGuest::new(guest(1)).unwrap();
+            serve_session::attach(&mut fe, &g);
+            first.wait_event("\"running\":[0]");
+            let (mut rx, mut tx) = g.take_pair(0);
+            serve_session::arp_round_trip(&mut rx, &mut tx, &format!("{ctx} before"));
+            std::thread::sleep(Duration::from_millis(100));
+            let baseline = fd_count(first.pid());
+            for round in 0..3 {
+                let ch = Channel::connect(&handoff).unwrap();
+                let fds: Vec<OwnedFd> = (0..253).map(|_| eventfd()).collect();
+                send_with_fds(&ch, protocol::HELLO, &hello(std::process::id()), &fds);
+                expect_abort(&ch, "more than 250 fds", &format!("{ctx} round {round}"));
+                drop(ch);
+                first.wait_event("handoff_rolled_back");
+                wait_fd_count(first.pid(), baseline, &format!("{ctx} round {round}"));
+            }
+            serve_session::arp_round_trip(&mut rx, &mut tx, &format!("{ctx} after the floods"));
+            // A real successor takes the running session over, and serves it.
+            let second = Serve::spawn(&["--takeover", handoff.to_str().unwrap()]);
+            let running = second.wait_event("\"running\"");
+            assert!(running.contains("\"pairs\":[0]"), "{ctx}: {running}");
+            first.wait_event("handoff_committed");
+            let mut first = first;
+            assert!(first.child.wait().unwrap().success(), "{ctx}");
+            serve_session::arp_round_trip(&mut rx, &mut tx, &format!("{ctx} after the handoff"));
+            drop(fe);
+            drop(second);
+            std::fs::remove_dir_all(dir).ok();
+        });
+    }
+}
+
+/// The other direction: a source that sends 253 fds in one FDS chunk. The successor (`tapir
+/// datapath`) refuses it with the reason, closes them, and exits; the source hears why.
+#[test]
+fn a_source_sending_253_fds_is_refused_by_the_successor() {
+    let dir = tmp("source-flood");
+    let socket = dir.join("source.sock");
+    let listener = Listener::bind(&socket).unwrap();
+    let child = Command::new(EXE)
+        .args(["datapath", "--take-over"])
+        .arg(&socket)
+        .arg("--listen")
+        .arg(dir.join("next.sock"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ch = listener.accept(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(
+        ch.recv(Some(Duration::from_secs(10))).unwrap().kind,
+        protocol::HELLO
+    );
+    let layout = tapir_state::example_snapshot();
+    ch.send(protocol::PREPARE, &tapir_state::encode(&layout), &[])
+        .unwrap();
+    let fds: Vec<OwnedFd> = (0..253).map(|_| eventfd()).collect();
+    send_with_fds(&ch, protocol::FDS, &0u32.to_le_bytes(), &fds);
+    expect_abort(&ch, "more than 250 fds", "successor");
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("more than 250 fds"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(listener);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A launcher that hands a datapath to a child through a socket pair (`--channel-fd`): the
+/// pair's peer credentials are the launcher's own, so the fence pins the process the HELLO
+/// names (the child), and the handoff commits to it.
+#[test]
+fn a_socket_pair_launch_pins_the_child_named_by_hello() {
+    use tapir_datapath::{DeviceConfig, PairResources, RingAddrs};
+    use tapir_migrate::LaunchSource;
+    run_in_new_netns(|| {
+        let dir = tmp("pair-launch");
+        let tap = tapir_bench::rig::host_tap(1, 1500).unwrap();
+        let mut g = tapir_simguest::SimGuest::new(guest(1)).unwrap();
+        let memory = tapir_bench::rig::guest_memory(&g).unwrap();
+        let dup = |raw: RawFd| {
+            // SAFETY: the fd belongs to the SimGuest, which outlives this call.
+            unsafe { BorrowedFd::borrow_raw(raw) }
+                .try_clone_to_owned()
+                .unwrap()
+        };
+        let ring = |q: &tapir_simguest::VirtqueueInfo| RingAddrs {
+            size: q.size,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        };
+        let (rx, tx) = (g.rx_queue(0), g.tx_queue(0));
+        let resources = vec![PairResources {
+            rx: ring(&rx),
+            tx: ring(&tx),
+            tap: tap.into_queues().remove(0).into_fd(),
+            rx_kick: dup(rx.kick_fd),
+            rx_call: dup(rx.call_fd),
+            tx_kick: dup(tx.kick_fd),
+            tx_call: dup(tx.call_fd),
+        }];
+        let config = DeviceConfig {
+            mac: tapir_bench::rig::GUEST_MAC,
+            ..DeviceConfig::new(g.features(), EngineKind::Uring)
+        };
+        let (mine, theirs) = Channel::pair().unwrap();
+        let theirs_raw = theirs.as_raw_fd();
+        let mut cmd = Command::new(EXE);
+        cmd.args(["datapath", "--channel-fd", "3", "--listen"])
+            .arg(dir.join("next.sock"))
+            .stdout(Stdio::piped());
+        // SAFETY: dup2 is async-signal-safe; the child gets its end as fd 3.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(theirs_raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        drop(theirs);
+        let mut source = LaunchSource::new(config, memory, resources);
+        let outcome = hand_off(&mut source, &mine, Timeouts::default()).unwrap();
+        match outcome {
+            Outcome::Committed(r) => {
+                assert_eq!(r.successor_pid, i32::try_from(child.id()).unwrap());
+            }
+            o => panic!("launch through a socket pair: {o:?}"),
+        }
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert!(lines
+            .next()
+            .is_some_and(|l| l.is_ok_and(|l| l.contains("\"running\""))));
+        // Its SIGTERM handler goes in just after the running event.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = g.take_pair(0);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        assert!(child.wait().unwrap().success());
+        drop(source);
+        std::fs::remove_dir_all(dir).ok();
+    })
+    .unwrap();
 }

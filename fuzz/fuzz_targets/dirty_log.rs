@@ -6,6 +6,8 @@
 //! log is dropped, not written elsewhere). A log longer than its file must be refused by
 //! `map` rather than SIGBUS a later mark (issue 9 item 3).
 //!
+//! With `TAPIR_FUZZ_SKIP_KNOWN=1`, logs longer than their file are skipped (the open SIGBUS).
+//!
 //! Input: file length (u8 choice), log size (u8 choice or u64), log offset (u8 choice or
 //! u64), two guest regions (guest address choice or u64, size in pages u8), then up to 32
 //! operations: op (u8 % 3) and its address/length fields.
@@ -57,6 +59,14 @@ fuzz_target!(|data: &[u8]| {
             1 => 0x1000,
             _ => input.u64(),
         };
+        if tapir_fuzz::skip_known()
+            && log_offset
+                .checked_add(log_len)
+                .is_none_or(|end| end > file_len)
+        {
+            // Open: a log longer than its file SIGBUSes the first mark (issue 9 item 3).
+            return;
+        }
         let fd = memfd(file_len);
         let file_fd = fd.try_clone().expect("dup");
         let Ok(log) = DirtyLog::map(fd, log_len, log_offset) else {
@@ -95,19 +105,27 @@ fuzz_target!(|data: &[u8]| {
                     let Some(mem) = &mem else { continue };
                     let n = log.mark_all(mem);
                     let mut want = 0;
+                    // The model: every page number the region touches, up to the log's end.
+                    let pages = log_len.saturating_mul(8);
                     for &(base, size) in &placed {
-                        let mut p = base;
-                        // The model: every page start of the region, without wrapping.
-                        while p.checked_sub(base).is_some_and(|o| o < size) {
-                            bits.insert(p / LOG_PAGE);
-                            want += 1;
-                            match p.checked_add(LOG_PAGE) {
-                                Some(q) => p = q,
-                                None => break,
-                            }
+                        let Some(last) = size.checked_sub(1).and_then(|s| base.checked_add(s))
+                        else {
+                            continue;
+                        };
+                        let first = base / LOG_PAGE;
+                        let last = (last / LOG_PAGE).min(pages.saturating_sub(1));
+                        if first >= pages {
+                            continue;
                         }
+                        for page in first..=last {
+                            bits.insert(page);
+                        }
+                        want += last - first + 1;
                     }
-                    assert_eq!(n, want, "mark_all counts every page of guest memory");
+                    assert_eq!(
+                        n, want,
+                        "mark_all counts every page of guest memory the log covers"
+                    );
                 }
                 _ => {
                     let Some(mem) = &mem else { continue };

@@ -128,6 +128,9 @@ fuzz_target!(|data: &[u8]| {
                 resumed: 0,
             };
             let outcome = hand_off(&mut source, &ours, t).expect("hand_off never fails here");
+            if std::env::var_os("TAPIR_FUZZ_VERBOSE").is_some() {
+                eprintln!("script {kinds:?}, outcome {outcome:?}");
+            }
             match outcome {
                 Outcome::Committed(_) => {
                     assert!(

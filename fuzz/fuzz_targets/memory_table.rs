@@ -5,6 +5,9 @@
 //! exactly its regions, every byte of which can be read (a region longer than its file must
 //! be refused by `map`, not SIGBUS the reader: issue 9 item 3).
 //!
+//! With `TAPIR_FUZZ_SKIP_KNOWN=1`, `map` is skipped while a region is longer than its file
+//! (the open SIGBUS and bitmap-size crashes).
+//!
 //! Input: up to 32 operations, each an op (u8 % 5) and its fields: a region is guest
 //! address, size, frontend address, offset (each a u8 choice of typical values or a raw
 //! u64) and an fd kind (u8).
@@ -14,7 +17,7 @@ use std::os::fd::OwnedFd;
 
 use libfuzzer_sys::fuzz_target;
 use tapir_fuzz::{eventfd, fd_count, memfd, Input};
-use tapir_vhost_user::memory_table::{MemoryTable, Region, TableError, MAX_MEM_SLOTS};
+use tapir_vhost_user::memory_table::{Added, MemoryTable, Region, TableError, MAX_MEM_SLOTS};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +76,16 @@ fn region(p: Place, fd: OwnedFd) -> Region {
     }
 }
 
+/// True when the region lies within its file (and is not absurdly large).
+fn backed(r: &Region) -> bool {
+    let len = nix::sys::stat::fstat(&r.fd).map_or(0, |st| st.st_size);
+    let len = u64::try_from(len).unwrap_or(0);
+    r.mmap_offset
+        .checked_add(r.size)
+        .is_some_and(|end| end <= len)
+        || len == 0
+}
+
 fn places(t: &MemoryTable) -> Vec<Place> {
     t.regions()
         .iter()
@@ -101,11 +114,12 @@ fuzz_target!(|data: &[u8]| {
                     let ps: Vec<Place> = (0..n).map(|_| place(&mut input)).collect();
                     let regions = ps.iter().map(|&p| region(p, fd(&mut input))).collect();
                     let r = table.replace(regions);
-                    if ps.iter().all(Place::valid) && ps.len() <= MAX_MEM_SLOTS {
-                        assert!(r.is_ok(), "replace refused a valid table: {r:?}");
-                        model = ps;
-                    } else {
+                    if !ps.iter().all(Place::valid) || ps.len() > MAX_MEM_SLOTS {
                         assert!(r.is_err(), "replace took an invalid table {ps:?}");
+                    }
+                    // A table that maps replaces the old one; one that does not leaves it.
+                    if r.is_ok() {
+                        model = ps;
                     }
                 }
                 1 => {
@@ -114,12 +128,17 @@ fuzz_target!(|data: &[u8]| {
                     if !p.valid() {
                         assert!(matches!(r, Err(TableError::InvalidRegion { .. })), "{r:?}");
                     } else if model.iter().any(|m| m.same(&p)) {
-                        assert!(matches!(r, Ok(false)), "re-adding changes nothing: {r:?}");
+                        assert!(
+                            matches!(r, Ok(Added::Unchanged)),
+                            "re-adding changes nothing: {r:?}"
+                        );
                     } else if model.len() >= MAX_MEM_SLOTS {
                         assert!(matches!(r, Err(TableError::TooManyRegions)), "{r:?}");
-                    } else {
-                        assert!(matches!(r, Ok(true)), "add of {p:?}: {r:?}");
+                    } else if matches!(r, Ok(Added::Mapped(_))) {
                         model.push(p);
+                    } else {
+                        // Refused (overlap, a file too short, mapping failed): not kept.
+                        assert!(r.is_err(), "add of {p:?}: {r:?}");
                     }
                 }
                 2 => {
@@ -130,9 +149,16 @@ fuzz_target!(|data: &[u8]| {
                         None => place(&mut input),
                     };
                     let r = table.remove(p.guest, p.size, p.user);
-                    let before = model.len();
-                    model.retain(|m| !m.same(&p));
-                    assert_eq!(r.is_ok(), model.len() < before, "remove {p:?}: {r:?}");
+                    let at = model.iter().position(|m| m.same(&p));
+                    match (&r, at) {
+                        (Ok(_), Some(i)) => {
+                            model.remove(i);
+                        }
+                        (Err(TableError::NoSuchRegion(_)), None) => {}
+                        // The rest no longer maps: the region stays.
+                        (Err(_), Some(_)) => {}
+                        (r, at) => panic!("remove {p:?} at {at:?}: {r:?}"),
+                    }
                 }
                 3 => {
                     let base = match model.get(usize::from(input.u8()) % (model.len() + 1)) {
@@ -147,6 +173,11 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(table.va_to_gpa(va), want, "va_to_gpa({va:#x})");
                 }
                 _ => {
+                    if tapir_fuzz::skip_known() && !table.regions().iter().all(backed) {
+                        // Open: a region longer than its file SIGBUSes the reader, a huge one
+                        // aborts on its bitmap (issue 9 items 3 and 4).
+                        continue;
+                    }
                     if let Ok(mem) = table.map() {
                         assert_eq!(
                             mem.mmap().num_regions(),

@@ -5,6 +5,8 @@
 //! returns is well formed (version 1, not a reply, body at most `MAX_BODY`), and no fd
 //! leaks: the process's fd count is back where it was once both ends are closed.
 //!
+//! With `TAPIR_FUZZ_SKIP_KNOWN=1` a piece carries at most 32 fds (the open CTRUNC leak).
+//!
 //! Input: a list of pieces, each `nfds` (u8, % 65), `len` (u16, at most 8 KiB), `len`
 //! bytes; the writer closes its end after the last piece.
 #![no_main]
@@ -29,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
         let mut pieces = 0;
         while !input.is_empty() && pieces < 16 {
             pieces += 1;
-            let nfds = usize::from(input.u8() % 65);
+            let mut nfds = usize::from(input.u8() % 65);
+            if tapir_fuzz::skip_known() {
+                // Open: more fds than the control buffer holds leak (issue 9 item 6).
+                nfds = nfds.min(MAX_FDS);
+            }
             let bytes = input.blob(8192);
             let fds: Vec<OwnedFd> = (0..nfds)
                 .map(|i| if i % 2 == 0 { eventfd() } else { memfd(4096) })

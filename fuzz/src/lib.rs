@@ -194,10 +194,11 @@ pub fn inside_mapping(mem: &GuestMemory, ptr: *const u8, len: usize) -> bool {
 
 /// Zeroes all of guest memory (between iterations of a target that reuses it).
 pub fn zero(mem: &GuestMemory) {
+    static ZEROS: [u8; 0x10000] = [0; 0x10000];
     for &(base, size) in &REGIONS {
-        let zeros = vec![0u8; usize::try_from(size).expect("small")];
+        let size = usize::try_from(size).expect("small");
         mem.mmap()
-            .write_slice(&zeros, GuestAddress(base))
+            .write_slice(&ZEROS[..size], GuestAddress(base))
             .expect("zero guest memory");
     }
     let _ = mem.take_dirty_log();
@@ -273,4 +274,112 @@ pub fn fd_of_kind(kind: u8, tap: &OwnedFd) -> OwnedFd {
         3 => tap.try_clone().expect("dup of the TAP queue"),
         _ => nix::unistd::pipe().expect("pipe").0,
     }
+}
+
+/// Which guest bytes the device may write: a byte map over [`REGIONS`] (region 0's bytes,
+/// then region 1's).
+pub struct Writable {
+    map: Vec<bool>,
+}
+
+impl Default for Writable {
+    fn default() -> Self {
+        let len = REGIONS.iter().map(|r| r.1).sum::<u64>();
+        Writable {
+            map: vec![false; usize::try_from(len).expect("small")],
+        }
+    }
+}
+
+impl Writable {
+    /// Allows `[addr, addr + len)` (the parts inside guest memory).
+    pub fn allow(&mut self, addr: u64, len: u64) {
+        let end = addr.saturating_add(len);
+        let mut flat = 0u64;
+        for &(base, size) in &REGIONS {
+            let start = addr.max(base);
+            let stop = end.min(base + size);
+            if start < stop {
+                let from = usize::try_from(flat + start - base).expect("small");
+                let to = usize::try_from(flat + stop - base).expect("small");
+                self.map[from..to].fill(true);
+            }
+            flat += size;
+        }
+    }
+
+    /// Allows every buffer of every chain a device-writes walk accepts from the table.
+    pub fn allow_chains(&mut self, mem: &GuestMemory, table: tapir_datapath::chain::DescTable) {
+        use tapir_datapath::chain::{walk, Access, Segments};
+        let mut seg = Segments::default();
+        for head in 0..table.size {
+            seg.clear();
+            if walk(mem, table, head, Access::DeviceWrites, &mut seg).is_ok() {
+                for &(gpa, len) in &seg.gpa {
+                    self.allow(gpa, u64::from(len));
+                }
+            }
+        }
+    }
+
+    /// The first byte that differs between two [`snapshot`]s and is not allowed.
+    pub fn first_forbidden(&self, before: &[u8], after: &[u8]) -> Option<u64> {
+        const CHUNK: usize = 4096;
+        let i = before
+            .chunks(CHUNK)
+            .zip(after.chunks(CHUNK))
+            .enumerate()
+            .filter(|(_, (b, a))| b != a)
+            .find_map(|(c, (b, a))| {
+                let ok = self.map.get(c * CHUNK..)?;
+                b.iter()
+                    .zip(a.iter())
+                    .zip(ok)
+                    .position(|((x, y), ok)| x != y && !ok)
+                    .map(|i| c * CHUNK + i)
+            })?;
+        let mut flat = i as u64;
+        for &(base, size) in &REGIONS {
+            if flat < size {
+                return Some(base + flat);
+            }
+            flat -= size;
+        }
+        None
+    }
+}
+
+/// All of guest memory ([`REGIONS`], flattened) into `out` (reused: no allocation once it
+/// has the size), for comparing before and after.
+pub fn snapshot_into(mem: &GuestMemory, out: &mut Vec<u8>) {
+    let total = usize::try_from(REGIONS.iter().map(|r| r.1).sum::<u64>()).expect("small");
+    out.resize(total, 0);
+    let mut flat = 0usize;
+    for &(base, size) in &REGIONS {
+        let size = usize::try_from(size).expect("small");
+        mem.mmap()
+            .read_slice(&mut out[flat..flat + size], GuestAddress(base))
+            .expect("read guest memory");
+        flat += size;
+    }
+}
+
+/// Applies up to 16 guest patches from the input: each a guest address (u16, times 4, so
+/// anywhere in the first 256 KiB) and a u16-length blob of at most 2 KiB. Returns how many.
+pub fn patch_guest(mem: &GuestMemory, input: &mut Input) -> usize {
+    let n = usize::from(input.u8() % 17);
+    for _ in 0..n {
+        let addr = u64::from(input.u16()) * 4;
+        let blob = input.blob(2048);
+        write_clipped(mem, addr, blob);
+    }
+    n
+}
+
+/// `TAPIR_FUZZ_SKIP_KNOWN=1`: targets steer clear of inputs that hit crashes already found
+/// and still open (fuzz/artifacts-found/), so that a campaign explores past them instead of
+/// restarting on the same crash. Each target documents what it skips; CI does not set it.
+pub fn skip_known() -> bool {
+    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SKIP.get_or_init(|| std::env::var_os("TAPIR_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
 }

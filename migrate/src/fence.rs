@@ -96,7 +96,7 @@ fn send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> std::io::Result<()> {
 /// to `timeout`.
 fn exited_within(pidfd: &OwnedFd, timeout: Duration) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = crate::transport::deadline_after(timeout);
     loop {
         let ms = deadline
             .saturating_duration_since(std::time::Instant::now())

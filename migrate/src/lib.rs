@@ -9,6 +9,8 @@
 //!   ([`DeviceSource`]) or anything else that implements [`HandoffSource`];
 //! - [`successor`]: the other side, [`take_over`].
 
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 mod fence;
 pub mod protocol;
 pub mod snapshot;

@@ -135,7 +135,7 @@ pub fn describe<'a>(
         let index = u16_of(i);
         pairs.push(QueuePairState {
             rx: queue(
-                2 * index,
+                index.saturating_mul(2),
                 &res.rx,
                 &pos.rx,
                 rx_kick,
@@ -143,7 +143,7 @@ pub fn describe<'a>(
                 InFlightAction::RepostRx,
             ),
             tx: queue(
-                2 * index + 1,
+                index.saturating_mul(2).saturating_add(1),
                 &res.tx,
                 &pos.tx,
                 tx_kick,

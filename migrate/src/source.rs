@@ -10,7 +10,7 @@ use tapir_state::DeviceSnapshot;
 use crate::fence::Fence;
 use crate::protocol::{self, expect, MigrateError, Timeouts};
 use crate::snapshot::{describe, PairPosition};
-use crate::transport::{Channel, MAX_FDS_PER_MESSAGE};
+use crate::transport::{deadline_after, Channel, MAX_FDS_PER_MESSAGE};
 
 /// Something that can be handed to a successor: a running device, or a VMM (or test parent)
 /// launching the first datapath process.
@@ -82,7 +82,13 @@ impl HandoffSource for DeviceSource {
             DeviceState::Quiesced(q) => (&q.config, &q.memory, q.resources.as_slice()),
             DeviceState::Gone => unreachable!("layout of a device that is gone"),
         };
-        describe(config, memory, resources, None, self.generation + 1)
+        describe(
+            config,
+            memory,
+            resources,
+            None,
+            self.generation.saturating_add(1),
+        )
     }
 
     fn quiesce(&mut self) -> Result<DeviceSnapshot, MigrateError> {
@@ -92,7 +98,7 @@ impl HandoffSource for DeviceSource {
             DeviceState::Quiesced(q) => q,
             DeviceState::Gone => return Err(MigrateError::Fds("device is gone".into())),
         };
-        let (snapshot, _) = snapshot_of(&quiesced, self.generation + 1);
+        let (snapshot, _) = snapshot_of(&quiesced, self.generation.saturating_add(1));
         self.state = DeviceState::Quiesced(quiesced);
         Ok(snapshot)
     }
@@ -226,7 +232,7 @@ pub fn hand_off_state(
     fds: &[BorrowedFd<'_>],
     t: Timeouts,
 ) -> Result<Outcome, MigrateError> {
-    let deadline = Instant::now() + t.prepare;
+    let deadline = deadline_after(t.prepare);
     let offered = (|| {
         let fence = check_hello(ch, deadline)?;
         if fds.len() > MAX_FDS_PER_MESSAGE {
@@ -291,11 +297,11 @@ fn prepare(
     ch: &Channel,
     t: Timeouts,
 ) -> Result<Fence, MigrateError> {
-    let fence = check_hello(ch, Instant::now() + t.prepare)?;
+    let fence = check_hello(ch, deadline_after(t.prepare))?;
     let (layout, fds) = source.layout();
     ch.send(protocol::PREPARE, &tapir_state::encode(&layout), &[])?;
     for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
-        let first = u32::try_from(i * MAX_FDS_PER_MESSAGE).unwrap_or(u32::MAX);
+        let first = u32::try_from(i.saturating_mul(MAX_FDS_PER_MESSAGE)).unwrap_or(u32::MAX);
         ch.send(protocol::FDS, &first.to_le_bytes(), chunk)?;
     }
     let (blob, extension_fds) = source.extension();
@@ -307,7 +313,7 @@ fn prepare(
     }
     ch.send(protocol::EXTENSION, &blob, &extension_fds)?;
     // Mapping and pre-faulting guest memory is the successor's slow part: its own time.
-    let msg = ch.recv_by(Instant::now() + t.prepare)?;
+    let msg = ch.recv_by(deadline_after(t.prepare))?;
     expect(&msg, protocol::PREPARED, "PREPARED")?;
     Ok(fence)
 }

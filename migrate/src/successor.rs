@@ -198,7 +198,7 @@ fn take_over_inner(
     fail_here(opts, FailPoint::BeforeFds);
     // One deadline for the whole prepare phase (PREPARE, every FDS chunk, EXTENSION): a source
     // feeding its fds one at a time does not get the timeout once per message.
-    let deadline = Instant::now() + t.prepare;
+    let deadline = crate::transport::deadline_after(t.prepare);
     let first = ch.recv_by(deadline)?;
     if first.kind == protocol::STATE_ONLY {
         let extension = Extension {

@@ -206,10 +206,18 @@ fn remove_stale_socket(path: &Path) -> Result<(), ChannelError> {
     })
 }
 
+/// The instant `d` from now (far in the future if that does not fit an `Instant`).
+pub(crate) fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// Returns true when `fd` is readable within `timeout`.
 fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool, ChannelError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(deadline_after);
     loop {
         let left = match deadline {
             None => PollTimeout::NONE,
@@ -319,7 +327,7 @@ impl Channel {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), ChannelError> {
-        if payload.len() + 1 > MAX_MESSAGE {
+        if payload.len().saturating_add(1) > MAX_MESSAGE {
             return Err(ChannelError::Malformed(format!(
                 "payload of {} bytes",
                 payload.len()
@@ -378,7 +386,7 @@ impl Channel {
     /// [`SPIN`]: during a handoff's blackout each side answers the other within
     /// microseconds, and a sleep/wake-up per message would cost more than the work.
     pub fn recv_spinning(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
-        let spin_until = Instant::now() + SPIN;
+        let spin_until = deadline_after(SPIN);
         while Instant::now() < spin_until {
             if let Some(m) = self.recv_now(MsgFlags::MSG_DONTWAIT)? {
                 return Ok(m);
@@ -462,7 +470,8 @@ const CONTROL_WORDS: usize = (MAX_FDS_PER_MESSAGE * std::mem::size_of::<RawFd>()
 /// The control length handed to `recvmsg`: exactly one `SCM_RIGHTS` of
 /// [`MAX_FDS_PER_MESSAGE`] fds, so that one more fd sets `MSG_CTRUNC`.
 fn control_len() -> usize {
-    let payload = u32::try_from(MAX_FDS_PER_MESSAGE * std::mem::size_of::<RawFd>()).unwrap_or(0);
+    let payload = u32::try_from(MAX_FDS_PER_MESSAGE.saturating_mul(std::mem::size_of::<RawFd>()))
+        .unwrap_or(0);
     // SAFETY: CMSG_SPACE is arithmetic on its argument.
     let space = usize::try_from(unsafe { libc::CMSG_SPACE(payload) }).unwrap_or(0);
     space.min(CONTROL_WORDS * 8)
@@ -485,7 +494,7 @@ unsafe fn installed_fds(mh: &libc::msghdr) -> Vec<OwnedFd> {
             // SAFETY: CMSG_LEN(0) is arithmetic.
             let head = usize::try_from(unsafe { libc::CMSG_LEN(0) }).unwrap_or(usize::MAX);
             let bytes = hdr.cmsg_len.saturating_sub(head);
-            let count = bytes / std::mem::size_of::<RawFd>();
+            let count = bytes.checked_div(std::mem::size_of::<RawFd>()).unwrap_or(0);
             // SAFETY: the data of this header follows it inside the control buffer.
             let data = unsafe { libc::CMSG_DATA(c) }.cast::<RawFd>();
             for i in 0..count {
@@ -501,4 +510,66 @@ unsafe fn installed_fds(mh: &libc::msghdr) -> Vec<OwnedFd> {
         c = unsafe { libc::CMSG_NXTHDR(mh, c) };
     }
     fds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tests that count this process's fds run one at a time.
+    static FD_COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+    }
+
+    fn eventfds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| {
+                nix::sys::eventfd::EventFd::new()
+                    .map(OwnedFd::from)
+                    .unwrap_or_else(|e| panic!("eventfd: {e}"))
+            })
+            .collect()
+    }
+
+    fn send_raw(ch: &Channel, fds: &[OwnedFd]) {
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let kind = [1u8];
+        let iov = [IoSlice::new(&kind)];
+        let sent = sendmsg::<()>(
+            ch.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        );
+        assert!(sent.is_ok(), "{sent:?}");
+    }
+
+    #[test]
+    fn a_message_with_too_many_fds_is_refused_and_its_fds_closed() {
+        let _one = FD_COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+        let (a, b) = Channel::pair().unwrap_or_else(|e| panic!("{e}"));
+        let before = open_fds();
+        let refused = refused_messages();
+        {
+            let fds = eventfds(253);
+            send_raw(&a, &fds);
+        }
+        let got = b.recv(Some(Duration::from_secs(1)));
+        assert!(
+            matches!(&got, Err(ChannelError::Malformed(m)) if m.contains("more than 250 fds")),
+            "{got:?}"
+        );
+        assert_eq!(open_fds(), before, "fds left open by a refused message");
+        assert!(refused_messages() > refused);
+        // The channel goes on: a message within the limits arrives with its fds.
+        let fds = eventfds(250);
+        send_raw(&a, &fds);
+        let m = b
+            .recv(Some(Duration::from_secs(1)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.fds.len(), 250);
+    }
 }

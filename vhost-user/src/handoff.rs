@@ -232,6 +232,13 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
     if state.running_pairs.iter().any(|&p| usize::from(p) >= pairs) {
         return bad("a running pair beyond the queue pairs".into());
     }
+    let mut running = vec![false; pairs];
+    for &p in &state.running_pairs {
+        match running.get_mut(usize::from(p)) {
+            Some(seen) if !*seen => *seen = true,
+            _ => return bad(format!("running pair {p} listed twice")),
+        }
+    }
     if state.connection.is_none() && !state.running_pairs.is_empty() {
         return bad("running pairs without a frontend connection".into());
     }
@@ -316,13 +323,18 @@ pub fn check_fds(state: &SessionState, fds: &[OwnedFd]) -> Result<(), SessionSta
             )));
         }
     }
+    // A listener is a listening socket bound at the path the blob names: the successor
+    // removes that path when it stops listening, so a path the fd is not bound at would let
+    // the predecessor make it delete any file of the user's.
     if let Some(l) = state.endpoint.listener {
-        fd_check::expect_listening_socket(fd(l)?, &format!("vhost-user listener (fd {l})"))
-            .map_err(bad)?;
+        let what = format!("vhost-user listener (fd {l})");
+        fd_check::expect_listening_socket(fd(l)?, &what).map_err(bad)?;
+        expect_bound_at(fd(l)?, &state.endpoint.path, &what)?;
     }
-    if let Some((_, l)) = &state.endpoint.handoff {
-        fd_check::expect_listening_socket(fd(*l)?, &format!("handoff listener (fd {l})"))
-            .map_err(bad)?;
+    if let Some((path, l)) = &state.endpoint.handoff {
+        let what = format!("handoff listener (fd {l})");
+        fd_check::expect_listening_socket(fd(*l)?, &what).map_err(bad)?;
+        expect_bound_at(fd(*l)?, path, &what)?;
     }
     for (i, r) in state.regions.iter().enumerate() {
         let what = format!("memory region {i} (fd {})", r.fd);
@@ -341,6 +353,20 @@ pub fn check_fds(state: &SessionState, fds: &[OwnedFd]) -> Result<(), SessionSta
         }
     }
     Ok(())
+}
+
+/// Checks that the Unix socket `fd` is bound at `path`.
+fn expect_bound_at(fd: BorrowedFd<'_>, path: &str, what: &str) -> Result<(), SessionStateError> {
+    use std::os::fd::AsRawFd;
+    let bound = nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd.as_raw_fd())
+        .ok()
+        .and_then(|a| a.path().map(std::path::Path::to_path_buf));
+    if bound.as_deref() == Some(std::path::Path::new(path)) {
+        return Ok(());
+    }
+    Err(SessionStateError::Invalid(format!(
+        "{what}: the blob says it is bound at {path}, it is bound at {bound:?}"
+    )))
 }
 
 /// Takes fd `i` out of the received list.
@@ -446,6 +472,10 @@ mod tests {
         // A held head beyond its ring.
         let mut s = state();
         s.vrings[0].held = vec![300];
+        assert!(decode(&encode(&s), 7).is_err());
+        // A running pair listed twice.
+        let mut s = state();
+        s.running_pairs = vec![0, 0];
         assert!(decode(&encode(&s), 7).is_err());
         // A held head listed twice (it would be used twice).
         let mut s = state();
