@@ -119,6 +119,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     if !args.allow_uids.is_empty() {
         access.allow_uids = args.allow_uids;
+    } else if let Some(ids) = lockdown.ids() {
+        // The default is the daemon's own uid: the one it runs as after `--user`.
+        access.allow_uids = vec![ids.uid];
     }
     if let Some(path) = &args.takeover {
         // A successor opens nothing privileged: everything comes over the handoff socket.

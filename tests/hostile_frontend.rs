@@ -1057,7 +1057,10 @@ fn in_client_mode_a_listener_of_another_uid_is_refused() {
                         libc::_exit(100);
                     }
                     let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                    // World-writable: a sandboxed daemon has no CAP_DAC_OVERRIDE, and the
+                    // point is the uid check, not the file mode.
                     if libc::bind(fd, (&raw const addr.0).cast(), addr.1) != 0
+                        || libc::chmod(c.as_ptr(), 0o666) != 0
                         || libc::listen(fd, 4) != 0
                     {
                         libc::_exit(101);

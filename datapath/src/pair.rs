@@ -701,6 +701,12 @@ impl QueuePair {
             // A read needs one more iovec for its spill area.
             return Err(ChainError::TooManySegments(MAX_RX_PIECES));
         }
+        if (self.rx_scratch.len as usize) < VNET_HDR_LEN {
+            // Every RX buffer must hold the header (and so `num_buffers`) of a frame that
+            // starts in it: found by the rx_pair fuzz target (a chain of 8 bytes was used as
+            // the first buffer of a merged frame, its `num_buffers` written into the next).
+            return Err(ChainError::ShorterThanHeader(self.rx_scratch.len));
+        }
         let Some(walked) = self.rx_walked.get_mut(slot) else {
             return Err(ChainError::IndexOutOfRange {
                 index: head,

@@ -232,4 +232,13 @@ impl Lockdown {
         self.drop_privileges()?;
         self.confine()
     }
+
+    /// The ids [`Lockdown::drop_privileges`] switches to, if any (files made before the
+    /// switch are given to them).
+    pub fn ids(&self) -> Option<Ids> {
+        match self {
+            Lockdown::Sandboxed(s) => s.config.ids,
+            Lockdown::Off => None,
+        }
+    }
 }

@@ -197,7 +197,11 @@ fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
 
 /// Binds the vhost-user socket with no access for anyone but the owner from the start (umask
 /// 0177 around bind), then gives it the group and mode asked for.
-fn bind_private(path: &Path, access: &AccessControl) -> Result<UnixListener, ServeError> {
+fn bind_private(
+    path: &Path,
+    access: &AccessControl,
+    owner: Option<tapir_sandbox::Ids>,
+) -> Result<UnixListener, ServeError> {
     use std::os::unix::fs::PermissionsExt;
     let fail = |what: &str, e| ServeError::Socket(format!("{what} {}", path.display()), e);
     // SAFETY: umask only changes this process's file-creation mask; restored right after.
@@ -206,8 +210,10 @@ fn bind_private(path: &Path, access: &AccessControl) -> Result<UnixListener, Ser
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     let listener = bound.map_err(|e| fail("binding", e))?;
-    if let Some(gid) = access.socket_group {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| fail("chown of", e))?;
+    let uid = owner.map(|ids| ids.uid);
+    let gid = access.socket_group.or(owner.map(|ids| ids.gid));
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::chown(path, uid, gid).map_err(|e| fail("chown of", e))?;
     }
     std::fs::set_permissions(
         path,
@@ -261,14 +267,17 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         queues = opts.session.queue_pairs,
         "TAP open"
     );
-    opts.lockdown.drop_privileges()?;
+    // The vhost-user socket is bound while the daemon may still chown it (to `--socket-group`,
+    // and to the `--user` the sandbox switches to); the handoff socket after the switch, so
+    // that a successor of the same user sees its own uid in the listener's credentials.
     let vhost_listener = match &opts.endpoint {
         Endpoint::Server(path) => {
             remove_stale_socket(path)?;
-            Some(bind_private(path, &opts.access)?)
+            Some(bind_private(path, &opts.access, opts.lockdown.ids())?)
         }
         Endpoint::Client(_) => None,
     };
+    opts.lockdown.drop_privileges()?;
     let handoff = opts.handoff.as_deref().map(Listener::bind).transpose()?;
     opts.lockdown.confine()?;
     let daemon = Daemon {
