@@ -96,11 +96,7 @@ fn list() -> Vec<Entry> {
         ("sched_setscheduler", SYS_sched_setscheduler, vec![]),
         ("sched_yield", SYS_sched_yield, vec![]),
         // Thread names (std sets them with PR_SET_NAME).
-        (
-            "prctl",
-            SYS_prctl,
-            vec![rule(vec![eq(0, c(PR_SET_NAME))])],
-        ),
+        ("prctl", SYS_prctl, vec![rule(vec![eq(0, c(PR_SET_NAME))])]),
         ("rt_sigprocmask", SYS_rt_sigprocmask, vec![]),
         ("rt_sigaction", SYS_rt_sigaction, vec![]),
         ("rt_sigreturn", SYS_rt_sigreturn, vec![]),
@@ -149,11 +145,7 @@ fn list() -> Vec<Entry> {
             ),
         ),
         // Unix sockets only: the vhost-user socket in client mode, handoff channels.
-        (
-            "socket",
-            SYS_socket,
-            vec![rule(vec![eq32(0, c(AF_UNIX))])],
-        ),
+        ("socket", SYS_socket, vec![rule(vec![eq32(0, c(AF_UNIX))])]),
         ("connect", SYS_connect, vec![]),
         ("accept4", SYS_accept4, vec![]),
         ("sendmsg", SYS_sendmsg, vec![]),
