@@ -172,6 +172,11 @@ impl Sandbox {
         if threads != 1 {
             return Err(SandboxError::Threads(threads));
         }
+        // Symbolizing a backtrace (a panic, an anyhow error printed at exit, with
+        // RUST_BACKTRACE set) opens the executable, which the filter refuses: the process
+        // would die of SIGSYS instead of reporting. No backtraces in the sandbox.
+        std::env::set_var("RUST_BACKTRACE", "0");
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
         if let Some(prio) = self.config.realtime_priority {
             caps::allow_realtime(prio)?;
         }
