@@ -336,15 +336,6 @@ fn memfd(len: u64) -> OwnedFd {
     fd
 }
 
-fn eventfd_of(raw: i32) -> EventFd {
-    // SAFETY: `raw` is an eventfd the SimGuest owns for its lifetime; we duplicate it and own
-    // the duplicate.
-    let dup = unsafe { libc::dup(raw) };
-    assert!(dup >= 0);
-    // SAFETY: `dup` is a fresh fd nothing else owns.
-    unsafe { EventFd::from_raw_fd(dup) }
-}
-
 #[derive(Clone, Copy)]
 enum Order {
     Ascending,
@@ -384,27 +375,7 @@ fn attach(fe: &mut Frontend, guest: &SimGuest, order: Order) {
     }
     fe.set_mem_table(&regions)
         .unwrap_or_else(|e| panic!("SET_MEM_TABLE {:?}: {e}", guest.regions()));
-    for q in guest.queues() {
-        let i = usize::from(q.index);
-        fe.set_vring_num(i, q.size).unwrap();
-        fe.set_vring_addr(
-            i,
-            &VringConfigData {
-                queue_max_size: q.size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: q.desc_table,
-                used_ring_addr: q.used_ring,
-                avail_ring_addr: q.avail_ring,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(i, 0).unwrap();
-        fe.set_vring_call(i, &eventfd_of(q.call_fd)).unwrap();
-        fe.set_vring_kick(i, &eventfd_of(q.kick_fd)).unwrap();
-        fe.set_vring_enable(i, true).unwrap();
-    }
+    crate::common::vhost::set_up_vrings(fe, guest);
 }
 
 fn guest() -> SimGuest {

@@ -917,7 +917,6 @@ fn a_running_through_a_dupd_fd_after_the_fence_does_not_take_serve_state() {
 mod serve_session {
     //! A frontend session against `tapir serve`, as `tests/vhost_user_protocol.rs` drives it.
 
-    use std::os::fd::FromRawFd;
     use std::time::{Duration, Instant};
 
     use super::common::{frames, rx_recv, tx_drain, tx_send, GUEST_IP, GUEST_MAC, HOST_IP};
@@ -926,16 +925,7 @@ mod serve_session {
         VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
     };
     use vhost::vhost_user::{Frontend, VhostUserFrontend};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-    use vmm_sys_util::eventfd::EventFd;
-
-    fn eventfd_of(raw: i32) -> EventFd {
-        // SAFETY: `raw` is an eventfd the SimGuest owns for its lifetime; we own the dup.
-        let dup = unsafe { libc::dup(raw) };
-        assert!(dup >= 0);
-        // SAFETY: `dup` is a fresh fd nothing else owns.
-        unsafe { EventFd::from_raw_fd(dup) }
-    }
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 
     /// Negotiates and attaches the guest: memory table, every vring, enabled.
     pub fn attach(fe: &mut Frontend, guest: &SimGuest) {
@@ -962,27 +952,7 @@ mod serve_session {
             })
             .collect();
         fe.set_mem_table(&regions).unwrap();
-        for q in guest.queues() {
-            let i = usize::from(q.index);
-            fe.set_vring_num(i, q.size).unwrap();
-            fe.set_vring_addr(
-                i,
-                &VringConfigData {
-                    queue_max_size: q.size,
-                    queue_size: q.size,
-                    flags: 0,
-                    desc_table_addr: q.desc_table,
-                    used_ring_addr: q.used_ring,
-                    avail_ring_addr: q.avail_ring,
-                    log_addr: None,
-                },
-            )
-            .unwrap();
-            fe.set_vring_base(i, 0).unwrap();
-            fe.set_vring_call(i, &eventfd_of(q.call_fd)).unwrap();
-            fe.set_vring_kick(i, &eventfd_of(q.kick_fd)).unwrap();
-            fe.set_vring_enable(i, true).unwrap();
-        }
+        crate::common::vhost::set_up_vrings(fe, guest);
     }
 
     /// The guest asks the host for its MAC (ARP through TX) and gets the answer (RX).

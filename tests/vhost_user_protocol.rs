@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,8 +21,7 @@ use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
-use vmm_sys_util::eventfd::EventFd;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo};
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
@@ -118,15 +117,6 @@ impl Drop for Serve {
     }
 }
 
-fn eventfd_of(raw: i32) -> EventFd {
-    // SAFETY: `raw` is an eventfd the SimGuest owns for its lifetime; we duplicate it and own
-    // the duplicate.
-    let dup = unsafe { libc::dup(raw) };
-    assert!(dup >= 0);
-    // SAFETY: `dup` is a fresh fd nothing else owns.
-    unsafe { EventFd::from_raw_fd(dup) }
-}
-
 /// Negotiates and attaches the simulated guest: memory table (user address = guest address),
 /// every vring, enabled. Returns the acked features.
 fn attach(fe: &mut Frontend, guest: &SimGuest, extra_features: u64) -> u64 {
@@ -163,27 +153,7 @@ fn attach(fe: &mut Frontend, guest: &SimGuest, extra_features: u64) -> u64 {
         .collect();
     fe.set_mem_table(&regions)
         .unwrap_or_else(|e| panic!("SET_MEM_TABLE {:?}: {e}", guest.regions()));
-    for q in guest.queues() {
-        let i = usize::from(q.index);
-        fe.set_vring_num(i, q.size).unwrap();
-        fe.set_vring_addr(
-            i,
-            &VringConfigData {
-                queue_max_size: q.size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: q.desc_table,
-                used_ring_addr: q.used_ring,
-                avail_ring_addr: q.avail_ring,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(i, 0).unwrap();
-        fe.set_vring_call(i, &eventfd_of(q.call_fd)).unwrap();
-        fe.set_vring_kick(i, &eventfd_of(q.kick_fd)).unwrap();
-        fe.set_vring_enable(i, true).unwrap();
-    }
+    crate::common::vhost::set_up_vrings(fe, guest);
     acked
 }
 

@@ -8,6 +8,8 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod vhost;
+
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -1,0 +1,45 @@
+//! The vhost-user frontend side shared by the tests that drive `tapir serve` with the rust-vmm
+//! `vhost` frontend and the simulated guest.
+
+use std::os::fd::FromRawFd;
+
+use tapir_simguest::SimGuest;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+/// A duplicate of one of the simulated guest's eventfds, owned by the caller.
+pub fn eventfd_of(raw: i32) -> EventFd {
+    // SAFETY: `raw` is an eventfd the SimGuest owns for its lifetime; we duplicate it and own
+    // the duplicate.
+    let dup = unsafe { libc::dup(raw) };
+    assert!(dup >= 0);
+    // SAFETY: `dup` is a fresh fd nothing else owns.
+    unsafe { EventFd::from_raw_fd(dup) }
+}
+
+/// Sets up every vring of `guest` (size, addresses, base 0, call and kick eventfds) and
+/// enables it.
+pub fn set_up_vrings(fe: &mut Frontend, guest: &SimGuest) {
+    for q in guest.queues() {
+        let i = usize::from(q.index);
+        fe.set_vring_num(i, q.size).unwrap();
+        fe.set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: q.size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: q.desc_table,
+                used_ring_addr: q.used_ring,
+                avail_ring_addr: q.avail_ring,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(i, 0).unwrap();
+        fe.set_vring_call(i, &eventfd_of(q.call_fd)).unwrap();
+        fe.set_vring_kick(i, &eventfd_of(q.kick_fd)).unwrap();
+        fe.set_vring_enable(i, true).unwrap();
+    }
+}
