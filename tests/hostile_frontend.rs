@@ -15,9 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use common::{frames, netns, rx_recv, tx_drain, tx_send, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
+use common::{netns, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use tapir_simguest::{GuestConfig, SimGuest, VirtioNetHdr};
+use tapir_simguest::SimGuest;
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -179,10 +179,10 @@ impl Serve {
         self.assert_fds_at_baseline(ctx);
         {
             let mut fe = self.connect();
-            let mut g = guest();
+            let mut g = crate::common::vhost::one_pair_guest();
             attach(&mut fe, &g, Order::Ascending);
             self.wait_event("\"running\":[0]");
-            arp_round_trip(&mut g, ctx);
+            crate::common::vhost::arp_round_trip(&mut g, ctx);
         }
         self.wait_event("disconnected");
         self.assert_fds_at_baseline(&format!("{ctx}, after the working session"));
@@ -378,45 +378,6 @@ fn attach(fe: &mut Frontend, guest: &SimGuest, order: Order) {
     crate::common::vhost::set_up_vrings(fe, guest);
 }
 
-fn guest() -> SimGuest {
-    SimGuest::new(GuestConfig {
-        queue_pairs: 1,
-        ..GuestConfig::default()
-    })
-    .unwrap()
-}
-
-/// The guest asks the host for its MAC (ARP through TX) and gets the answer (through RX).
-fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
-    let (mut rx, mut tx) = guest.take_pair(0);
-    let mut buf = vec![0u8; 64];
-    let n = frames::build_arp(
-        &mut buf,
-        frames::ArpOp::Request,
-        GUEST_MAC,
-        GUEST_IP,
-        [0; 6],
-        HOST_IP,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        tx_send(&mut tx, &VirtioNetHdr::default(), &buf[..n], ctx);
-        tx_drain(&mut tx, ctx);
-        if let Some(p) = rx_recv(&mut rx, Duration::from_millis(500), ctx) {
-            if let Some(a) = frames::parse_arp(&p.data) {
-                if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
-                    return;
-                }
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{ctx}: no ARP reply through tapir serve"
-        );
-    }
-}
-
 /// Runs `case` on both engines, each in its own namespace with its own daemon.
 fn on_both_engines(extra: &[&str], case: impl Fn(&mut Serve, &str) + Sync) {
     for engine in ENGINES {
@@ -501,10 +462,10 @@ fn a_dirty_log_longer_than_its_file_ends_the_session() {
 fn guest_memory_truncated_under_traffic_ends_the_session_not_the_daemon() {
     on_both_engines(&[], |serve, engine| {
         let mut fe = serve.connect();
-        let mut g = guest();
+        let mut g = crate::common::vhost::one_pair_guest();
         attach(&mut fe, &g, Order::Ascending);
         serve.wait_event("\"running\":[0]");
-        arp_round_trip(&mut g, engine);
+        crate::common::vhost::arp_round_trip(&mut g, engine);
         let regions = g.regions();
         let kicks: Vec<RawFd> = g.queues().iter().map(|q| q.kick_fd).collect();
         // From here on this process must not touch the guest's memory either.
@@ -787,10 +748,10 @@ fn descending_regions_are_taken_and_a_refused_region_is_not_kept() {
         // A real guest whose regions come in descending order.
         {
             let mut fe = serve.connect();
-            let mut g = guest();
+            let mut g = crate::common::vhost::one_pair_guest();
             attach(&mut fe, &g, Order::Descending);
             serve.wait_event("\"running\":[0]");
-            arp_round_trip(&mut g, &format!("{engine}: descending regions"));
+            crate::common::vhost::arp_round_trip(&mut g, &format!("{engine}: descending regions"));
         }
         serve.wait_event("disconnected");
         serve.still_serves(engine);
@@ -1077,10 +1038,10 @@ fn in_client_mode_a_listener_of_another_uid_is_refused() {
             let (stream, _) = listener.accept().unwrap();
             serve.wait_event("connected");
             let mut fe = Frontend::from_stream(stream, 64);
-            let mut g = guest();
+            let mut g = crate::common::vhost::one_pair_guest();
             attach(&mut fe, &g, Order::Ascending);
             serve.wait_event("\"running\":[0]");
-            arp_round_trip(&mut g, &format!("{engine}: client mode"));
+            crate::common::vhost::arp_round_trip(&mut g, &format!("{engine}: client mode"));
             drop(fe);
             drop(serve);
             let _ = std::fs::remove_dir_all(&dir);
@@ -1231,7 +1192,7 @@ fn hostile_indices_counts_and_sizes_are_refused_and_the_session_goes_on() {
 fn rings_outside_guest_memory_are_refused() {
     on_both_engines(&[], |serve, engine| {
         let mut fe = serve.connect();
-        let mut g = guest();
+        let mut g = crate::common::vhost::one_pair_guest();
         attach(&mut fe, &g, Order::Ascending);
         serve.wait_event("\"running\":[0]");
         let rings_end = g
@@ -1288,7 +1249,7 @@ fn rings_outside_guest_memory_are_refused() {
         }
         fe.set_vring_addr(0, &good).unwrap();
         serve.wait_event("\"running\":[0]");
-        arp_round_trip(&mut g, &format!("{engine}: corrected ring address"));
+        crate::common::vhost::arp_round_trip(&mut g, &format!("{engine}: corrected ring address"));
         drop(fe);
         serve.wait_event("disconnected");
         serve.still_serves(engine);

@@ -13,10 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use common::{
-    frames, netns, rx_recv, tx_drain, tx_send, GuestConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME,
-};
-use tapir_simguest::{SimGuest, VirtioNetHdr};
+use common::{netns, HOST_IP, TAP_NAME};
+use tapir_simguest::SimGuest;
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -157,55 +155,16 @@ fn attach(fe: &mut Frontend, guest: &SimGuest, extra_features: u64) -> u64 {
     acked
 }
 
-fn guest() -> SimGuest {
-    SimGuest::new(GuestConfig {
-        queue_pairs: 1,
-        ..GuestConfig::default()
-    })
-    .unwrap()
-}
-
-/// The guest asks the host for its MAC (ARP through TX) and gets the answer (through RX).
-fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
-    let (mut rx, mut tx) = guest.take_pair(0);
-    let mut buf = vec![0u8; 64];
-    let n = frames::build_arp(
-        &mut buf,
-        frames::ArpOp::Request,
-        GUEST_MAC,
-        GUEST_IP,
-        [0; 6],
-        HOST_IP,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        tx_send(&mut tx, &VirtioNetHdr::default(), &buf[..n], ctx);
-        tx_drain(&mut tx, ctx);
-        if let Some(p) = rx_recv(&mut rx, Duration::from_millis(500), ctx) {
-            if let Some(a) = frames::parse_arp(&p.data) {
-                if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
-                    return;
-                }
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{ctx}: no ARP reply through tapir serve"
-        );
-    }
-}
-
 #[test]
 fn frames_cross_a_vhost_user_session_with_both_engines() {
     for engine in ["uring", "classic"] {
         common::in_netns(engine, || {
             let serve = Serve::start(engine, 1);
             let mut fe = serve.connect();
-            let mut g = guest();
+            let mut g = crate::common::vhost::one_pair_guest();
             attach(&mut fe, &g, 0);
             serve.wait_event("\"running\":[0]");
-            arp_round_trip(&mut g, engine);
+            crate::common::vhost::arp_round_trip(&mut g, engine);
             // Stopping a ring hands back where to resume: everything tapir popped is either
             // in the used ring (TX, sent) or given back (RX buffers it held are popped again
             // by the next owner), so the base equals the used index the guest sees.
@@ -249,7 +208,7 @@ fn the_dirty_log_shows_what_the_device_wrote() {
     common::in_netns("dirty log", || {
         let serve = Serve::start("uring", 1);
         let mut fe = serve.connect();
-        let mut g = guest();
+        let mut g = crate::common::vhost::one_pair_guest();
         let top = g
             .regions()
             .iter()
@@ -269,7 +228,7 @@ fn the_dirty_log_shows_what_the_device_wrote() {
         )
         .unwrap();
         serve.wait_event("\"running\":[0]");
-        arp_round_trip(&mut g, "dirty log");
+        crate::common::vhost::arp_round_trip(&mut g, "dirty log");
         let rx_used = g.rx_queue(0).used_ring;
         let tx_used = g.tx_queue(0).used_ring;
         let read_log = || {
@@ -317,7 +276,7 @@ fn bad_requests_fail_and_the_session_goes_on() {
     common::in_netns("bad requests", || {
         let serve = Serve::start("uring", 1);
         let mut fe = serve.connect();
-        let mut g = guest();
+        let mut g = crate::common::vhost::one_pair_guest();
         attach(&mut fe, &g, 0);
         serve.wait_event("\"running\":[0]");
         // REPLY_ACK is on: each of these comes back as a failure.
@@ -331,7 +290,7 @@ fn bad_requests_fail_and_the_session_goes_on() {
         );
         assert!(fe.set_vring_base(9, 0).is_err(), "vring 9 accepted");
         // And the session still moves frames.
-        arp_round_trip(&mut g, "after refused requests");
+        crate::common::vhost::arp_round_trip(&mut g, "after refused requests");
     });
 }
 
@@ -358,17 +317,17 @@ fn a_frontend_that_speaks_garbage_is_dropped_and_the_next_is_served() {
         // A frontend that vanishes mid-session.
         {
             let mut fe = serve.connect();
-            let g = guest();
+            let g = crate::common::vhost::one_pair_guest();
             attach(&mut fe, &g, 0);
             serve.wait_event("\"running\":[0]");
         }
         serve.wait_event("disconnected");
         // The next frontend gets a working device.
         let mut fe = serve.connect();
-        let mut g = guest();
+        let mut g = crate::common::vhost::one_pair_guest();
         attach(&mut fe, &g, 0);
         serve.wait_event("\"running\":[0]");
-        arp_round_trip(&mut g, "after garbage");
+        crate::common::vhost::arp_round_trip(&mut g, "after garbage");
     });
 }
 
@@ -409,7 +368,7 @@ fn an_idle_daemon_and_a_half_built_session_are_handed_over() {
         let mut fe = Frontend::connect(&socket, 64).expect("the successor serves the socket");
         wait_for(&second_events, "connected");
         let offered = fe.get_features().unwrap();
-        let g = guest();
+        let g = crate::common::vhost::one_pair_guest();
         fe.set_features(
             (g.features() & offered) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
         )
@@ -426,7 +385,7 @@ fn an_idle_daemon_and_a_half_built_session_are_handed_over() {
         let mut g = g;
         attach(&mut fe, &g, 0);
         wait_for(&third_events, "\"running\":[0]");
-        arp_round_trip(&mut g, "after two idle handoffs");
+        crate::common::vhost::arp_round_trip(&mut g, "after two idle handoffs");
         for mut c in children {
             let _ = c.kill();
             let _ = c.wait();
@@ -458,9 +417,9 @@ fn an_unanswerable_request_ends_the_session_not_the_daemon() {
         );
         serve.wait_event("disconnected");
         let mut fe = serve.connect();
-        let mut g = guest();
+        let mut g = crate::common::vhost::one_pair_guest();
         attach(&mut fe, &g, 0);
         serve.wait_event("\"running\":[0]");
-        arp_round_trip(&mut g, "after an unanswerable request");
+        crate::common::vhost::arp_round_trip(&mut g, "after an unanswerable request");
     });
 }

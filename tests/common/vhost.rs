@@ -3,7 +3,11 @@
 
 use std::os::fd::FromRawFd;
 
-use tapir_simguest::SimGuest;
+use std::time::{Duration, Instant};
+
+use tapir_simguest::{GuestConfig, SimGuest, VirtioNetHdr};
+
+use super::{frames, rx_recv, tx_drain, tx_send, GUEST_IP, GUEST_MAC, HOST_IP};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -41,5 +45,45 @@ pub fn set_up_vrings(fe: &mut Frontend, guest: &SimGuest) {
         fe.set_vring_call(i, &eventfd_of(q.call_fd)).unwrap();
         fe.set_vring_kick(i, &eventfd_of(q.kick_fd)).unwrap();
         fe.set_vring_enable(i, true).unwrap();
+    }
+}
+
+/// A simulated guest with one queue pair.
+pub fn one_pair_guest() -> SimGuest {
+    SimGuest::new(GuestConfig {
+        queue_pairs: 1,
+        ..GuestConfig::default()
+    })
+    .unwrap()
+}
+
+/// The guest asks the host for its MAC (ARP through TX) and gets the answer (through RX).
+pub fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
+    let (mut rx, mut tx) = guest.take_pair(0);
+    let mut buf = vec![0u8; 64];
+    let n = frames::build_arp(
+        &mut buf,
+        frames::ArpOp::Request,
+        GUEST_MAC,
+        GUEST_IP,
+        [0; 6],
+        HOST_IP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tx_send(&mut tx, &VirtioNetHdr::default(), &buf[..n], ctx);
+        tx_drain(&mut tx, ctx);
+        if let Some(p) = rx_recv(&mut rx, Duration::from_millis(500), ctx) {
+            if let Some(a) = frames::parse_arp(&p.data) {
+                if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
+                    return;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ctx}: no ARP reply through tapir serve"
+        );
     }
 }
