@@ -29,6 +29,11 @@ pub struct ServeArgs {
     /// `-device virtio-net-pci,mac=...`).
     #[arg(long, value_parser = parse_mac)]
     mac: Option<[u8; 6]>,
+    /// The TAP's MTU, set at start (default: leave it as it is, 1500 for a new TAP). A
+    /// frontend may ask for the MTU (QEMU `-device virtio-net-pci,host_mtu=N`); once the
+    /// sandbox dropped CAP_NET_ADMIN tapir can only agree to the MTU the TAP already has.
+    #[arg(long, value_parser = parse_mtu)]
+    mtu: Option<u16>,
     /// Engine: uring or classic.
     #[arg(long, default_value = "uring")]
     engine: EngineKind,
@@ -79,6 +84,11 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         *m = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
     }
     Ok(mac)
+}
+
+fn parse_mtu(s: &str) -> Result<u16, String> {
+    let v: u64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    tapir_vhost_user::link::checked_mtu(v).map_err(|e| e.to_string())
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -160,6 +170,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         frontend_timeout,
         access,
         lockdown,
+        mtu: args.mtu,
     };
     tapir_vhost_user::serve(opts).context("tapir serve")
 }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use common::raw::{Answer, Raw, F_PROTOCOL_FEATURES, GET_FEATURES, SET_FEATURES};
 use common::{netns, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tapir_simguest::SimGuest;
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -29,22 +29,16 @@ const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 const ENGINES: [&str; 2] = ["uring", "classic"];
 
 // vhost-user request codes.
-const GET_FEATURES: u32 = 1;
-const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
 const SET_LOG_BASE: u32 = 6;
 const GET_VRING_BASE: u32 = 11;
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_CALL: u32 = 13;
 const SET_VRING_ERR: u32 = 14;
-const SET_PROTOCOL_FEATURES: u32 = 16;
 const ADD_MEM_REG: u32 = 37;
 const REM_MEM_REG: u32 = 38;
 
-const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const F_LOG_ALL: u64 = 1 << 26;
-/// MQ, LOG_SHMFD, REPLY_ACK, CONFIGURE_MEM_SLOTS.
-const PROTOCOL: u64 = 1 | (1 << 1) | (1 << 3) | (1 << 15);
 
 /// `tapir serve` in the calling thread's namespace, killed (by pid) on drop.
 struct Serve {
@@ -194,117 +188,6 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-/// A frontend that writes vhost-user messages by hand.
-struct Raw {
-    s: UnixStream,
-}
-
-/// What came back for a request.
-#[derive(Debug, PartialEq, Eq)]
-enum Answer {
-    /// A reply (its body).
-    Reply(Vec<u8>),
-    /// The daemon closed the connection.
-    Closed,
-}
-
-impl Raw {
-    fn send(&self, request: u32, need_reply: bool, body: &[u8], fds: &[BorrowedFd<'_>]) {
-        let flags = 0x1 | if need_reply { 0x8 } else { 0 };
-        let mut msg: Vec<u8> = [request, flags, u32::try_from(body.len()).unwrap()]
-            .iter()
-            .flat_map(|w| w.to_ne_bytes())
-            .collect();
-        msg.extend_from_slice(body);
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let cmsg = [ControlMessage::ScmRights(&raw)];
-        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
-        let iov = [std::io::IoSlice::new(&msg)];
-        let n = sendmsg::<()>(
-            self.s.as_raw_fd(),
-            &iov,
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
-        .expect("sendmsg");
-        assert_eq!(n, msg.len());
-    }
-
-    fn answer(&mut self) -> Answer {
-        let mut hdr = [0u8; 12];
-        if self.s.read_exact(&mut hdr).is_err() {
-            return Answer::Closed;
-        }
-        let size = u32::from_ne_bytes(hdr[8..12].try_into().unwrap());
-        let mut body = vec![0u8; size as usize];
-        if self.s.read_exact(&mut body).is_err() {
-            return Answer::Closed;
-        }
-        Answer::Reply(body)
-    }
-
-    /// Sends a request with REPLY_ACK and returns the status (0: success).
-    fn request(&mut self, request: u32, body: &[u8], fds: &[BorrowedFd<'_>]) -> Option<u64> {
-        self.send(request, true, body, fds);
-        match self.answer() {
-            Answer::Reply(b) if b.len() == 8 => Some(u64::from_ne_bytes(b.try_into().unwrap())),
-            Answer::Reply(b) => panic!("a REPLY_ACK of {} bytes", b.len()),
-            Answer::Closed => None,
-        }
-    }
-
-    /// Asserts the request is refused with a failure reply.
-    fn refused(&mut self, request: u32, body: &[u8], fds: &[BorrowedFd<'_>], ctx: &str) {
-        let status = self.request(request, body, fds);
-        assert!(
-            matches!(status, Some(s) if s != 0),
-            "{ctx}: expected a failure reply, got {status:?} (None: the connection closed)"
-        );
-    }
-
-    fn accepted(&mut self, request: u32, body: &[u8], fds: &[BorrowedFd<'_>], ctx: &str) {
-        let status = self.request(request, body, fds);
-        assert_eq!(status, Some(0), "{ctx}: expected success");
-    }
-
-    /// The session still answers.
-    fn still_answers(&mut self, ctx: &str) {
-        self.send(GET_FEATURES, false, &[], &[]);
-        assert!(
-            matches!(self.answer(), Answer::Reply(b) if b.len() == 8),
-            "{ctx}: the session did not go on"
-        );
-    }
-
-    /// Asserts the daemon ends the session: the connection closes without a reply.
-    fn closed(&mut self, ctx: &str) {
-        self.s
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut b = [0u8; 64];
-        match self.s.read(&mut b) {
-            Ok(0) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Ok(n) => panic!("{ctx}: expected the session to end, got {n} bytes"),
-            Err(e) => panic!("{ctx}: expected the session to end: {e}"),
-        }
-    }
-
-    /// Negotiates protocol features (REPLY_ACK among them) and, with `extra`, more features.
-    fn negotiate(&mut self, extra: u64) {
-        self.send(GET_FEATURES, false, &[], &[]);
-        assert!(matches!(self.answer(), Answer::Reply(_)));
-        self.send(
-            SET_FEATURES,
-            false,
-            &(F_PROTOCOL_FEATURES | extra).to_ne_bytes(),
-            &[],
-        );
-        self.send(SET_PROTOCOL_FEATURES, false, &PROTOCOL.to_ne_bytes(), &[]);
     }
 }
 

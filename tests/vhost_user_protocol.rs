@@ -13,7 +13,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use common::{netns, HOST_IP, TAP_NAME};
+use std::io::Read;
+
+use common::raw::{
+    Answer, Raw, GET_PROTOCOL_FEATURES, NET_SET_MTU, PROTOCOL, PROTOCOL_F_NET_MTU, PROTOCOL_F_RARP,
+    SEND_RARP,
+};
+use common::{netns, GUEST_IP, HOST_IP, TAP_NAME};
 use tapir_simguest::SimGuest;
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -32,6 +38,11 @@ struct Serve {
 
 impl Serve {
     fn start(engine: &str, queues: u16) -> Serve {
+        Serve::start_with(engine, queues, &[])
+    }
+
+    /// `start` with more `tapir serve` arguments.
+    fn start_with(engine: &str, queues: u16, extra: &[&str]) -> Serve {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let socket = std::env::temp_dir().join(format!(
             "tapir-vu-proto-{}-{}.sock",
@@ -39,7 +50,7 @@ impl Serve {
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let queues = queues.to_string();
-        let (child, events) = spawn_serve(&[
+        let mut args = vec![
             "--socket",
             socket.to_str().unwrap(),
             "--tap",
@@ -48,7 +59,9 @@ impl Serve {
             &queues,
             "--engine",
             engine,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let (child, events) = spawn_serve(&args);
         let serve = Serve {
             child,
             events,
@@ -422,4 +435,168 @@ fn an_unanswerable_request_ends_the_session_not_the_daemon() {
         serve.wait_event("\"running\":[0]");
         crate::common::vhost::arp_round_trip(&mut g, "after an unanswerable request");
     });
+}
+
+/// A hand-written frontend on `serve`'s socket.
+fn raw_frontend(serve: &Serve) -> Raw {
+    let s = UnixStream::connect(&serve.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    Raw { s }
+}
+
+/// The TAP's MTU as `ip link` shows it (sysfs shows the host's namespace).
+fn tap_mtu() -> u16 {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show", "dev", TAP_NAME])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words
+        .find(|&w| w == "mtu")
+        .and_then(|_| words.next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no MTU in {text:?}"))
+}
+
+#[test]
+fn send_rarp_announces_the_mac_on_the_tap() {
+    common::in_netns("rarp", || {
+        let serve = Serve::start("uring", 1);
+        let mut sock = common::packet_socket(TAP_NAME, 0x8035, Duration::from_secs(5));
+        let mut fe = raw_frontend(&serve);
+        fe.send(GET_PROTOCOL_FEATURES, false, &[], &[]);
+        let Answer::Reply(b) = fe.answer() else {
+            panic!("no GET_PROTOCOL_FEATURES reply")
+        };
+        let offered = u64::from_ne_bytes(b.try_into().unwrap());
+        assert_eq!(
+            offered & (PROTOCOL_F_RARP | PROTOCOL_F_NET_MTU),
+            PROTOCOL_F_RARP | PROTOCOL_F_NET_MTU,
+            "protocol features offered: {offered:#x}"
+        );
+        fe.negotiate_with(0, PROTOCOL | PROTOCOL_F_RARP);
+        let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+        let mut body = [0u8; 8];
+        body[..6].copy_from_slice(&mac);
+        fe.accepted(SEND_RARP, &body, &[], "SEND_RARP");
+        let mut f = [0u8; 2048];
+        let n = sock
+            .read(&mut f)
+            .expect("no RARP frame on the TAP within 5 s");
+        let f = &f[..n];
+        assert_eq!(n, 60, "frame {f:02x?}");
+        assert_eq!(&f[..6], &[0xff; 6], "not broadcast: {f:02x?}");
+        assert_eq!(&f[6..12], &mac, "source: {f:02x?}");
+        assert_eq!(
+            &f[12..22],
+            &[0x80, 0x35, 0, 1, 8, 0, 6, 4, 0, 3],
+            "{f:02x?}"
+        );
+        assert_eq!(&f[22..28], &mac, "sender hardware address: {f:02x?}");
+        assert_eq!(&f[32..38], &mac, "target hardware address: {f:02x?}");
+        drop(fe);
+        serve.wait_event("disconnected");
+        // Without the protocol feature the request is refused, and nothing is sent.
+        let mut quiet = common::packet_socket(TAP_NAME, 0x8035, Duration::from_millis(300));
+        let mut fe = raw_frontend(&serve);
+        fe.negotiate_with(0, PROTOCOL);
+        fe.refused(SEND_RARP, &body, &[], "SEND_RARP without F_RARP");
+        fe.still_answers("after a refused SEND_RARP");
+        assert!(
+            quiet.read(&mut [0u8; 2048]).is_err(),
+            "a refused SEND_RARP sent a frame"
+        );
+    });
+}
+
+#[test]
+fn net_set_mtu_agrees_to_the_taps_mtu_in_the_sandbox_and_sets_it_without() {
+    common::in_netns("mtu", || {
+        // Sandboxed (the default): --mtu sets the TAP's MTU at start; the frontend may ask for
+        // exactly that one.
+        let serve = Serve::start_with("uring", 1, &["--mtu", "9000"]);
+        assert_eq!(tap_mtu(), 9000, "--mtu 9000 did not set the TAP's MTU");
+        let mut fe = raw_frontend(&serve);
+        fe.negotiate_with(0, PROTOCOL | PROTOCOL_F_NET_MTU);
+        fe.accepted(NET_SET_MTU, &9000u64.to_ne_bytes(), &[], "MTU 9000");
+        fe.refused(
+            NET_SET_MTU,
+            &4000u64.to_ne_bytes(),
+            &[],
+            "MTU 4000 in the sandbox",
+        );
+        assert_eq!(tap_mtu(), 9000);
+        fe.refused(NET_SET_MTU, &60u64.to_ne_bytes(), &[], "MTU 60");
+        fe.refused(NET_SET_MTU, &70_000u64.to_ne_bytes(), &[], "MTU 70000");
+        fe.still_answers("after refused MTUs");
+        drop(fe);
+        serve.wait_event("disconnected");
+        let mut fe = raw_frontend(&serve);
+        fe.negotiate_with(0, PROTOCOL);
+        fe.refused(
+            NET_SET_MTU,
+            &9000u64.to_ne_bytes(),
+            &[],
+            "NET_SET_MTU without F_NET_MTU",
+        );
+        drop(fe);
+        drop(serve);
+        // Without the sandbox tapir keeps CAP_NET_ADMIN and the TAP follows the frontend.
+        let serve = Serve::start_with("uring", 1, &["--no-sandbox"]);
+        let mut fe = raw_frontend(&serve);
+        fe.negotiate_with(0, PROTOCOL | PROTOCOL_F_NET_MTU);
+        fe.accepted(
+            NET_SET_MTU,
+            &4000u64.to_ne_bytes(),
+            &[],
+            "MTU 4000 without the sandbox",
+        );
+        assert_eq!(tap_mtu(), 4000, "the TAP did not follow NET_SET_MTU");
+    });
+}
+
+#[test]
+fn frames_up_to_the_taps_mtu_reach_a_guest_without_gso() {
+    for engine in ["uring", "classic"] {
+        common::in_netns(engine, || {
+            let serve = Serve::start_with(engine, 1, &["--mtu", "9000"]);
+            let mut fe = serve.connect();
+            // MRG_RXBUF and checksum offloads, no GSO: RX reads are sized by the MTU.
+            let mut g = crate::common::vhost::one_pair_guest();
+            attach(&mut fe, &g, 0);
+            serve.wait_event("\"running\":[0]");
+            let status = Command::new("ip")
+                .args(["neigh", "replace", &GUEST_IP.to_string(), "lladdr"])
+                .arg(
+                    common::GUEST_MAC
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                )
+                .args(["dev", TAP_NAME])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let host = common::host_udp(HOST_IP, 0);
+            let payload: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8).collect();
+            let (mut rx, _tx) = g.take_pair(0);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let got = loop {
+                host.send_to(&payload, (GUEST_IP, 9)).unwrap();
+                if let Some(p) = common::rx_recv(&mut rx, Duration::from_millis(300), engine) {
+                    if p.data.len() > 1500 {
+                        break p;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{engine}: no 8000-byte datagram reached the guest at MTU 9000"
+                );
+            };
+            assert_eq!(got.data.len(), 14 + 20 + 8 + 8000, "{engine}: frame length");
+            assert_eq!(&got.data[42..], &payload[..], "{engine}: payload");
+        });
+    }
 }

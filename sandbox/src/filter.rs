@@ -126,7 +126,8 @@ fn list() -> Vec<Entry> {
         ("readlinkat", SYS_readlinkat, vec![]),
         ("lseek", SYS_lseek, vec![]),
         // The TUN ioctls tapir makes on open queues (adopting handed-in queues, feature
-        // changes, queue attach and detach), and non-blocking / close-on-exec.
+        // changes, queue attach and detach), non-blocking / close-on-exec, and the link MTU
+        // (`NET_SET_MTU`; setting it still needs CAP_NET_ADMIN, which the sandbox dropped).
         (
             "ioctl",
             SYS_ioctl,
@@ -137,6 +138,8 @@ fn list() -> Vec<Entry> {
                     TUNSETOFFLOAD as u64,
                     TUNSETVNETHDRSZ as u64,
                     TUNGETVNETHDRSZ as u64,
+                    SIOCGIFMTU,
+                    SIOCSIFMTU,
                     TUNSETQUEUE as u64,
                     FIONBIO as u64,
                     FIOCLEX as u64,

@@ -8,6 +8,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod raw;
 pub mod vhost;
 
 use std::io;
@@ -465,4 +466,52 @@ pub fn pread(fd: i32, offset: u64, len: usize) -> Vec<u8> {
         io::Error::last_os_error()
     );
     buf
+}
+
+/// A packet socket bound to interface `ifname` that receives its frames of `ethertype`
+/// (`ETH_P_ALL` for every frame), each read waiting at most `timeout`.
+pub fn packet_socket(ifname: &str, ethertype: u16, timeout: Duration) -> std::fs::File {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("AF_PACKET socket");
+    let index = nix::net::if_::if_nametoindex(ifname).expect("if_nametoindex");
+    let ll = libc::sockaddr_ll {
+        sll_family: u16::try_from(libc::AF_PACKET).unwrap(),
+        sll_protocol: ethertype.to_be(),
+        sll_ifindex: i32::try_from(index).unwrap(),
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 0,
+        sll_addr: [0; 8],
+    };
+    // SAFETY: binding a packet socket we own to a sockaddr_ll of the right size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&ll as *const libc::sockaddr_ll).cast(),
+            u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
+        )
+    };
+    assert_eq!(rc, 0, "bind AF_PACKET: {}", io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap(),
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: setting a receive timeout on our socket with a valid timeval.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            u32::try_from(std::mem::size_of::<libc::timeval>()).unwrap(),
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", io::Error::last_os_error());
+    std::fs::File::from(fd)
 }

@@ -62,6 +62,9 @@ pub struct ServeOptions {
     pub access: AccessControl,
     /// Privileges dropped once the TAP is open, seccomp once the sockets are bound.
     pub lockdown: tapir_sandbox::Lockdown,
+    /// The TAP's MTU, set at start while tapir may still change it (`--mtu`); a frontend's
+    /// `NET_SET_MTU` for it then succeeds in the sandbox.
+    pub mtu: Option<u16>,
 }
 
 /// How a successor treats the frontend (its own settings, not the predecessor's).
@@ -147,6 +150,9 @@ pub enum ServeError {
     /// Entering the sandbox.
     #[error("sandbox: {0}")]
     Sandbox(#[from] tapir_sandbox::SandboxError),
+    /// Setting the TAP's MTU.
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
 }
 
 fn event(json: String) {
@@ -262,6 +268,9 @@ fn is_exhaustion(e: &std::io::Error) -> bool {
 /// Runs `tapir serve` until it is handed off (returns `Ok`) or fails.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let tap = Tap::open(&opts.tap, usize::from(opts.session.queue_pairs))?;
+    if let (Some(mtu), Some(queue)) = (opts.mtu, tap.queues().first()) {
+        crate::link::set_mtu(queue, mtu)?;
+    }
     tracing::info!(
         tap = tap.name(),
         queues = opts.session.queue_pairs,

@@ -8,6 +8,7 @@
 //! - [`wire`]: the vhost-user socket (header, body, `SCM_RIGHTS`);
 //! - [`memory_table`]: the frontend's memory regions and address translation;
 //! - [`dirty_log`]: the shared dirty log for the frontend's live migration;
+//! - [`link`]: the TAP link a frontend asks about (RARP announcement, MTU);
 //! - [`session`]: one frontend's state and the device running its ready queue pairs;
 //! - [`handoff`]: a session as handoff state, out and back in;
 //! - [`daemon`]: the serve loop (server or client mode, handoffs).
@@ -15,6 +16,7 @@
 pub mod daemon;
 pub mod dirty_log;
 pub mod handoff;
+pub mod link;
 pub mod memory_table;
 pub mod session;
 pub mod wire;

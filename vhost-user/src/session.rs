@@ -29,6 +29,7 @@ use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vm_memory::ByteValued;
 
 use crate::dirty_log::DirtyLog;
+use crate::link;
 use crate::memory_table::{Added, MemoryTable, Region, MAX_MEM_SLOTS};
 use crate::wire::{Connection, Request, WireError};
 
@@ -38,13 +39,17 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
+        | VhostUserProtocolFeatures::MTU
 }
 
 /// Virtio features tapir offers over vhost-user: what the datapath implements, minus what
-/// the frontend provides itself (MAC, status and MTU live in the frontend's config space),
-/// plus `VHOST_USER_F_PROTOCOL_FEATURES` and `VHOST_F_LOG_ALL`.
+/// the frontend provides itself (MAC and status live in the frontend's config space), plus
+/// `VHOST_USER_F_PROTOCOL_FEATURES` and `VHOST_F_LOG_ALL`. `VIRTIO_NET_F_MTU` is offered: the
+/// MTU lives in the frontend's config space too, but QEMU passes its `host_mtu` to the guest
+/// only if the backend offers the bit, and then sets the TAP's MTU with `NET_SET_MTU`.
 pub fn offered_features() -> u64 {
-    (features::SUPPORTED & !(features::NET_F_MAC | features::NET_F_STATUS | features::NET_F_MTU))
+    (features::SUPPORTED & !(features::NET_F_MAC | features::NET_F_STATUS))
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
         | VhostUserVirtioFeatures::LOG_ALL.bits()
 }
@@ -132,6 +137,9 @@ pub enum RequestError {
     /// An fd of the wrong kind (a pipe as a kick fd, ...).
     #[error(transparent)]
     Fd(#[from] FdCheckError),
+    /// The TAP link (announcement, MTU).
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
     /// An fd or eventfd.
     #[error("{0}: {1}")]
     Os(&'static str, #[source] std::io::Error),
@@ -167,6 +175,10 @@ pub struct Session {
     pub generation: u64,
     /// Requests handled.
     pub requests: u64,
+    /// RARP announcements written into the TAP (`SEND_RARP`).
+    pub announcements: u64,
+    /// The MTU the frontend set with `NET_SET_MTU` (the TAP has it).
+    pub mtu: Option<u16>,
 }
 
 impl Session {
@@ -188,6 +200,8 @@ impl Session {
             restart: false,
             generation: 0,
             requests: 0,
+            announcements: 0,
+            mtu: None,
         }
     }
 
@@ -546,6 +560,32 @@ impl Session {
                 };
                 Ok(false)
             }
+            FrontendReq::SEND_RARP => {
+                if !self.has_protocol(VhostUserProtocolFeatures::RARP) {
+                    return Err(invalid("SEND_RARP without VHOST_USER_PROTOCOL_F_RARP"));
+                }
+                let v = Self::body::<VhostUserU64>(req)?.value;
+                // QEMU copies the MAC into the first six bytes of the payload.
+                let b = v.to_ne_bytes();
+                let mac = [b[0], b[1], b[2], b[3], b[4], b[5]];
+                link::announce(self.first_tap()?, mac)?;
+                self.announcements += 1;
+                tracing::info!(mac = %MacAddr(mac), "RARP announcement sent into the TAP");
+                Ok(false)
+            }
+            FrontendReq::NET_SET_MTU => {
+                if !self.has_protocol(VhostUserProtocolFeatures::MTU) {
+                    return Err(invalid("NET_SET_MTU without VHOST_USER_PROTOCOL_F_NET_MTU"));
+                }
+                let mtu = link::checked_mtu(Self::body::<VhostUserU64>(req)?.value)?;
+                link::set_mtu(self.first_tap()?, mtu)?;
+                if self.mtu != Some(mtu) && self.running.is_some() {
+                    self.restart = true;
+                }
+                self.mtu = Some(mtu);
+                tracing::info!(mtu, "link MTU set");
+                Ok(false)
+            }
             other => Err(invalid(format!("{other:?} is not supported"))),
         }
     }
@@ -832,7 +872,7 @@ impl Session {
         }
         let cfg = DeviceConfig {
             features: self.features & features::SUPPORTED,
-            mtu: 1500,
+            mtu: self.device_mtu(),
             mac: self.config.mac,
             engine: self.config.engine,
             engine_config: self.config.engine_config,
@@ -857,6 +897,28 @@ impl Session {
         self.running = Some(Running { device, pairs });
         self.restart = false;
         Ok(())
+    }
+
+    fn first_tap(&self) -> Result<&TapQueue, RequestError> {
+        self.taps
+            .first()
+            .ok_or_else(|| invalid("the device has no TAP queue"))
+    }
+
+    /// The MTU the device runs with: the TAP's (which `NET_SET_MTU` sets), 1500 if it cannot be
+    /// read.
+    fn device_mtu(&self) -> u16 {
+        if let Some(m) = self.mtu {
+            return m;
+        }
+        match self.first_tap().ok().map(link::mtu) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "TAP MTU unreadable; running with 1500");
+                1500
+            }
+            None => 1500,
+        }
     }
 
     fn tap_queue(&self, pair: u16) -> Result<TapQueue, RequestError> {
@@ -888,6 +950,16 @@ fn expects_reply(code: Option<FrontendReq>) -> bool {
 /// Whether the error happened after the reply went out (reconciling the device afterwards).
 fn replied_already(e: &RequestError) -> bool {
     matches!(e, RequestError::AfterReply(_))
+}
+
+/// A MAC as `aa:bb:cc:dd:ee:ff`.
+struct MacAddr([u8; 6]);
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
 }
 
 fn wire_to_request(e: WireError) -> RequestError {
