@@ -46,8 +46,10 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 /// Virtio features tapir offers over vhost-user: what the datapath implements, minus what
 /// the frontend provides itself (MAC and status live in the frontend's config space), plus
 /// `VHOST_USER_F_PROTOCOL_FEATURES` and `VHOST_F_LOG_ALL`. `VIRTIO_NET_F_MTU` is offered: the
-/// MTU lives in the frontend's config space too, but QEMU passes its `host_mtu` to the guest
-/// only if the backend offers the bit, and then sets the TAP's MTU with `NET_SET_MTU`.
+/// MTU lives in the frontend's config space too, but tapir honours one (`NET_SET_MTU` sets the
+/// TAP's, and the device sizes RX reads by it), so a frontend that builds its device features
+/// from the backend's may offer it. (QEMU 7.2 passes its `host_mtu` to the guest either way:
+/// tested with and without the bit.)
 pub fn offered_features() -> u64 {
     (features::SUPPORTED & !(features::NET_F_MAC | features::NET_F_STATUS))
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
