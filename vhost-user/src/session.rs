@@ -393,6 +393,13 @@ impl Session {
                 if datapath(v) != datapath(self.features) && self.running.is_some() {
                     self.restart = true;
                 }
+                if v != self.features {
+                    tracing::info!(
+                        acked = format_args!("{v:#x}"),
+                        offered = format_args!("{:#x}", offered_features()),
+                        "frontend's virtio features"
+                    );
+                }
                 self.features = v;
                 Ok(false)
             }
@@ -413,6 +420,11 @@ impl Session {
             FrontendReq::SET_PROTOCOL_FEATURES => {
                 let v = Self::body::<VhostUserU64>(req)?.value;
                 self.protocol_features = v & offered_protocol_features().bits();
+                tracing::info!(
+                    acked = format_args!("{v:#x}"),
+                    offered = format_args!("{:#x}", offered_protocol_features().bits()),
+                    "frontend's protocol features"
+                );
                 Ok(false)
             }
             FrontendReq::GET_QUEUE_NUM => {
