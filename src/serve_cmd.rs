@@ -8,7 +8,7 @@ use clap::Args;
 use tapir_datapath::engine::EngineConfig;
 use tapir_datapath::EngineKind;
 use tapir_migrate::{SuccessorOptions, Timeouts};
-use tapir_vhost_user::{Endpoint, ServeOptions, SessionConfig};
+use tapir_vhost_user::{DirtyAtStop, Endpoint, ServeOptions, SessionConfig};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -34,6 +34,12 @@ pub struct ServeArgs {
     /// sandbox dropped CAP_NET_ADMIN tapir can only agree to the MTU the TAP already has.
     #[arg(long, value_parser = parse_mtu)]
     mtu: Option<u16>,
+    /// During a live migration, report all of guest memory dirty when a ring stops, so the
+    /// frontend's final pass copies the guest whole. A workaround for frontends that lose
+    /// their own guest's writes (QEMU 7.2 under TCG, see docs/QEMU.md); it makes the
+    /// migration's downtime grow with guest memory. Default: only the pages tapir wrote.
+    #[arg(long)]
+    all_dirty_at_ring_stop: bool,
     /// Engine: uring or classic.
     #[arg(long, default_value = "uring")]
     engine: EngineKind,
@@ -117,6 +123,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ..Timeouts::default()
     };
     let cpu_affinity: Vec<Option<usize>> = args.cpus.iter().map(|&c| Some(c)).collect();
+    let dirty_at_stop = if args.all_dirty_at_ring_stop {
+        DirtyAtStop::AllPages
+    } else {
+        DirtyAtStop::Written
+    };
     let lockdown = args.sandbox.lockdown(None)?;
     let frontend_timeout = Duration::try_from_secs_f64(args.frontend_timeout)
         .ok()
@@ -143,6 +154,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let frontend = tapir_vhost_user::FrontendPolicy {
             access,
             timeout: frontend_timeout,
+            dirty_at_stop,
         };
         return tapir_vhost_user::take_over_daemon(path, &opts, &frontend)
             .with_context(|| format!("taking over the tapir serve at {}", path.display()));
@@ -164,6 +176,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             engine_config: EngineConfig::default(),
             mac: args.mac.unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]),
             cpu_affinity,
+            dirty_at_stop,
         },
         handoff: args.handoff_socket,
         timeouts,

@@ -229,6 +229,7 @@ fuzz_target!(|data: &[u8]| {
             engine_config: EngineConfig::default(),
             mac: [0x52, 0x54, 0, 0, 0, 1],
             cpu_affinity: Vec::new(),
+            dirty_at_stop: Default::default(),
         };
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
         theirs

@@ -74,6 +74,8 @@ pub struct FrontendPolicy {
     pub access: AccessControl,
     /// How long a frontend may take to finish a message or take a reply.
     pub timeout: Duration,
+    /// What a ring stop reports dirty during a live migration.
+    pub dirty_at_stop: crate::session::DirtyAtStop,
 }
 
 impl Default for FrontendPolicy {
@@ -81,6 +83,7 @@ impl Default for FrontendPolicy {
         FrontendPolicy {
             access: AccessControl::default(),
             timeout: crate::wire::DEFAULT_FRONTEND_TIMEOUT,
+            dirty_at_stop: crate::session::DirtyAtStop::default(),
         }
     }
 }
@@ -155,7 +158,8 @@ pub enum ServeError {
     Link(#[from] crate::link::LinkError),
 }
 
-fn event(json: String) {
+/// Writes one JSON event line to stdout.
+pub(crate) fn event(json: String) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{json}");
     let _ = out.flush();
@@ -405,6 +409,7 @@ fn restore(
         engine_config: opts.engine_config,
         mac: state.mac,
         cpu_affinity: opts.cpu_affinity.clone(),
+        dirty_at_stop: frontend.dirty_at_stop,
     };
     let taps = Arc::new(taps);
     let current = match state.connection {

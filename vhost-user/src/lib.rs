@@ -24,4 +24,6 @@ pub mod wire;
 pub use daemon::{
     serve, take_over_daemon, AccessControl, Endpoint, FrontendPolicy, ServeError, ServeOptions,
 };
-pub use session::{offered_features, offered_protocol_features, Session, SessionConfig};
+pub use session::{
+    offered_features, offered_protocol_features, DirtyAtStop, Session, SessionConfig,
+};

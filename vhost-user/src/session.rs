@@ -69,6 +69,20 @@ pub struct SessionConfig {
     pub mac: [u8; 6],
     /// Worker pinning by queue pair.
     pub cpu_affinity: Vec<Option<usize>>,
+    /// What a ring stop reports dirty while the frontend logs (live migration).
+    pub dirty_at_stop: DirtyAtStop,
+}
+
+/// What a ring stop during a live migration reports dirty in the frontend's log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyAtStop {
+    /// The pages tapir wrote (the default: the log holds every write of tapir's).
+    #[default]
+    Written,
+    /// All of guest memory, so the frontend's final pass copies the guest whole. A workaround
+    /// for a frontend that loses track of its own guest's writes: QEMU 7.2 under TCG does,
+    /// with its own tap backend too (docs/QEMU.md, "Live migration").
+    AllPages,
 }
 
 /// Ring addresses as the frontend gave them (its virtual addresses).
@@ -245,14 +259,17 @@ impl Session {
         self.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0 && self.log.is_some()
     }
 
-    /// Moves the datapath's dirty marks into the frontend's log (when logging).
-    pub fn flush_log(&self) {
+    /// Moves the datapath's dirty marks into the frontend's log (when logging); returns the
+    /// pages moved.
+    pub fn flush_log(&self) -> usize {
         if let (true, Some(log), Some(mem)) = (self.logging(), &self.log, &self.memory) {
             let pages = log.flush(mem);
             if pages > 0 {
                 tracing::trace!(pages, "dirty pages moved into the frontend's log");
             }
+            return pages;
         }
+        0
     }
 
     /// Handles one request and replies as the protocol says (REPLY_ACK included). Request
@@ -679,16 +696,25 @@ impl Session {
     fn stop_vring(&mut self, i: usize) -> Result<u16, RequestError> {
         self.vring(i)?;
         self.touch(i);
-        self.stop_device();
+        let flushed_before = self.stop_device();
         let base = self.give_back_held(i);
-        self.flush_log();
+        let flushed = flushed_before + self.flush_log();
         if self.logging() {
-            // Stopgap for an open bug (see docs/QEMU.md, "Live migration"): with traffic
-            // through tapir during a QEMU live migration, the destination guest sometimes
-            // finds pages stale although every write tapir knows of is in the log. Until the
-            // missing writes are found, a ring stop during migration reports all of guest
-            // memory dirty, so QEMU's final pass sends it whole: correct, at the price of a
-            // longer final pass (the stop-and-copy phase grows with guest memory).
+            let guest_pages: u64 = self
+                .memory
+                .as_ref()
+                .map(|m| m.regions().iter().map(|r| r.size.div_ceil(4096)).sum())
+                .unwrap_or(0);
+            let all_pages = self.config.dirty_at_stop == DirtyAtStop::AllPages;
+            crate::daemon::event(format!(
+                "{{\"event\":\"ring_stopped_logging\",\"vring\":{i},\"dirty_pages\":{},\"guest_pages\":{guest_pages},\"all_pages\":{all_pages}}}",
+                if all_pages { guest_pages } else { flushed as u64 }
+            ));
+        }
+        if self.logging() && self.config.dirty_at_stop == DirtyAtStop::AllPages {
+            // `--all-dirty-at-ring-stop`: QEMU's final pass then sends the guest whole, which
+            // also covers pages QEMU itself lost track of (docs/QEMU.md, "Live migration"), at
+            // the price of a stop-and-copy phase that grows with guest memory.
             if let (Some(log), Some(mem)) = (&self.log, &self.memory) {
                 let pages = log.mark_all(mem);
                 tracing::info!(
@@ -732,11 +758,12 @@ impl Session {
         given.base
     }
 
-    /// Quiesces the device, recording each pair's positions and held RX chains.
-    pub fn stop_device(&mut self) {
+    /// Quiesces the device, recording each pair's positions and held RX chains; returns the
+    /// dirty pages it moved into the log.
+    pub fn stop_device(&mut self) -> usize {
         self.restart = false;
         let Some(running) = self.running.take() else {
-            return;
+            return 0;
         };
         match running.device.quiesce() {
             Ok(q) => {
@@ -768,7 +795,7 @@ impl Session {
                 }
             }
         }
-        self.flush_log();
+        self.flush_log()
     }
 
     fn ready(&self, pair: usize) -> bool {
