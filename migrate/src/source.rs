@@ -8,7 +8,7 @@ use tapir_datapath::{Device, GuestMemory, PairResources, QuiescedDevice};
 use tapir_state::DeviceSnapshot;
 
 use crate::fence::Fence;
-use crate::protocol::{self, expect, MigrateError, Timeouts};
+use crate::protocol::{self, expect, MigrateError, Timeouts, Versions};
 use crate::snapshot::{describe, PairPosition};
 use crate::transport::{deadline_after, Channel, MAX_FDS_PER_MESSAGE};
 
@@ -234,7 +234,7 @@ pub fn hand_off_state(
 ) -> Result<Outcome, MigrateError> {
     let deadline = deadline_after(t.prepare);
     let offered = (|| {
-        let fence = check_hello(ch, deadline)?;
+        let (fence, _version) = check_hello(ch, deadline)?;
         if fds.len() > MAX_FDS_PER_MESSAGE {
             return Err(MigrateError::Fds(format!(
                 "{} fds, at most {MAX_FDS_PER_MESSAGE}",
@@ -268,27 +268,26 @@ pub fn hand_off_state(
     }
 }
 
-/// Receives HELLO by `deadline`, checks its version and pins the process it names.
-fn check_hello(ch: &Channel, deadline: Instant) -> Result<Fence, MigrateError> {
+/// Receives HELLO by `deadline`, agrees on a protocol version (the highest both speak; the
+/// successor learns it from a VERSION message, unless it is version 2, which has none) and
+/// pins the process the HELLO names.
+fn check_hello(ch: &Channel, deadline: Instant) -> Result<(Fence, u16), MigrateError> {
     let hello = ch.recv_by(deadline)?;
     expect(&hello, protocol::HELLO, "HELLO")?;
-    let (version, pid) = match hello.payload.as_slice() {
-        [v0, v1, p0, p1, p2, p3, ..] => (
-            u16::from_le_bytes([*v0, *v1]),
-            u32::from_le_bytes([*p0, *p1, *p2, *p3]),
-        ),
-        _ => return Err(MigrateError::Short(protocol::HELLO)),
-    };
-    if version != protocol::PROTOCOL_VERSION {
-        return Err(MigrateError::Version(version));
-    }
+    let (theirs, pid) = Versions::of_hello(&hello.payload)?;
+    let version = Versions::spoken().agree(theirs)?;
     if !hello.fds.is_empty() {
         return Err(MigrateError::Fds(format!(
             "HELLO carries {} fds",
             hello.fds.len()
         )));
     }
-    Fence::at_hello(ch, pid)
+    let fence = Fence::at_hello(ch, pid)?;
+    if version > 2 {
+        ch.send(protocol::VERSION, &version.to_le_bytes(), &[])?;
+    }
+    tracing::debug!(version, successor = %theirs, "handoff protocol agreed");
+    Ok((fence, version))
 }
 
 /// The prepare phase, under one deadline: HELLO, PREPARE, FDS, EXTENSION, PREPARED.
@@ -297,7 +296,7 @@ fn prepare(
     ch: &Channel,
     t: Timeouts,
 ) -> Result<Fence, MigrateError> {
-    let fence = check_hello(ch, deadline_after(t.prepare))?;
+    let (fence, _version) = check_hello(ch, deadline_after(t.prepare))?;
     let (layout, fds) = source.layout();
     ch.send(protocol::PREPARE, &tapir_state::encode(&layout), &[])?;
     for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {

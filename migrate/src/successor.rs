@@ -14,7 +14,7 @@ use tapir_datapath::{
 };
 use tapir_state::{DeviceSnapshot, FdKind, VirtqueueState};
 
-use crate::protocol::{self, expect, MigrateError, Timeouts};
+use crate::protocol::{self, expect, MigrateError, Timeouts, Versions};
 use crate::snapshot::{same_layout, take_fd};
 use crate::transport::Channel;
 
@@ -192,14 +192,13 @@ fn take_over_inner(
     check: &dyn Fn(&Extension) -> Result<(), String>,
 ) -> Result<Taken, MigrateError> {
     let t = opts.timeouts;
-    let mut hello = protocol::PROTOCOL_VERSION.to_le_bytes().to_vec();
-    hello.extend_from_slice(&std::process::id().to_le_bytes());
-    ch.send(protocol::HELLO, &hello, &[])?;
+    let ours = Versions::spoken();
+    ch.send(protocol::HELLO, &ours.hello(std::process::id()), &[])?;
     fail_here(opts, FailPoint::BeforeFds);
     // One deadline for the whole prepare phase (PREPARE, every FDS chunk, EXTENSION): a source
     // feeding its fds one at a time does not get the timeout once per message.
     let deadline = crate::transport::deadline_after(t.prepare);
-    let first = ch.recv_by(deadline)?;
+    let (_version, first) = agreed_version(ch, ours, deadline)?;
     if first.kind == protocol::STATE_ONLY {
         let extension = Extension {
             blob: first.payload,
@@ -253,6 +252,38 @@ fn take_over_inner(
         generation,
         extension,
     }))
+}
+
+/// The version the source chose (its VERSION message; none: a version-2 source) and the
+/// first message after it.
+fn agreed_version(
+    ch: &Channel,
+    ours: Versions,
+    deadline: Instant,
+) -> Result<(u16, crate::transport::Message), MigrateError> {
+    let first = ch.recv_by(deadline)?;
+    if first.kind != protocol::VERSION {
+        let v2 = Versions {
+            oldest: 2,
+            newest: 2,
+        };
+        return Ok((ours.agree(v2)?, first));
+    }
+    let version = first
+        .payload
+        .get(..2)
+        .and_then(|b| b.try_into().ok())
+        .map(u16::from_le_bytes)
+        .ok_or(MigrateError::Short(protocol::VERSION))?;
+    let chosen = Versions {
+        oldest: version,
+        newest: version,
+    };
+    // The source must pick one this side offered, and one newer than 2 (2 has no VERSION).
+    if version <= 2 || ours.agree(chosen)? != version || !first.fds.is_empty() {
+        return Err(MigrateError::Version { peer: chosen, ours });
+    }
+    Ok((version, ch.recv_by(deadline)?))
 }
 
 /// Starts the workers of a prepared device, parked before their first ring access (the
