@@ -74,9 +74,12 @@ pub struct HandoffSample {
     /// Successor spawn to predecessor exit (the whole handoff, prepare included).
     pub total_ms: f64,
     /// Blackout phases in µs: quiesce + encode + send (quiesce start to SWITCH received),
-    /// decode + engine set-up (to READY), READY to GO, GO to RUNNING, RUNNING to the first
-    /// used-ring update.
+    /// decode + engine set-up (to READY; version 3: decode and claim), READY to GO, GO to
+    /// RUNNING (both 0 in version 3), RUNNING (version 3: the claim) to the first used-ring
+    /// update.
     pub phases_us: [f64; 5],
+    /// The handoff protocol version the two processes agreed on.
+    pub protocol: u16,
 }
 
 /// How datapath children run.
@@ -193,6 +196,15 @@ impl HandoffRig {
     }
 
     fn spawn_with(&mut self, take_over: &Path, extra: &[&str]) -> Result<DatapathChild> {
+        self.spawn_speaking(take_over, extra, None)
+    }
+
+    fn spawn_speaking(
+        &mut self,
+        take_over: &Path,
+        extra: &[&str],
+        newest: Option<u16>,
+    ) -> Result<DatapathChild> {
         self.counter += 1;
         let socket = self.dir.join(format!("dp{}.sock", self.counter));
         let mut cmd = Command::new(&self.exe);
@@ -207,6 +219,9 @@ impl HandoffRig {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .args(extra);
+        if let Some(v) = newest {
+            cmd.env(tapir_migrate::protocol::NEWEST_VERSION_ENV, v.to_string());
+        }
         if !self.child.cpus.is_empty() {
             let list: Vec<String> = self.child.cpus.iter().map(ToString::to_string).collect();
             cmd.arg("--cpus").arg(list.join(","));
@@ -276,9 +291,26 @@ impl HandoffRig {
 
     /// Hands the datapath to a fresh child process and waits until the old one has exited.
     pub fn handoff(&mut self) -> Result<HandoffSample> {
+        self.handoff_to(None, &[])
+    }
+
+    /// [`handoff`](Self::handoff) to a successor that claims the device and runs but never
+    /// acknowledges the switch (`--fail-at no-ack`, version 3): the source must commit on
+    /// the claim it reads in the ownership word.
+    pub fn handoff_without_ack(&mut self) -> Result<HandoffSample> {
+        self.handoff_to(None, &["--fail-at", "no-ack"])
+    }
+
+    /// [`handoff`](Self::handoff) to a successor that speaks protocol versions up to
+    /// `newest` only (`TAPIR_HANDOFF_PROTOCOL`; it keeps that cap as a source later).
+    pub fn handoff_speaking(&mut self, newest: u16) -> Result<HandoffSample> {
+        self.handoff_to(Some(newest), &[])
+    }
+
+    fn handoff_to(&mut self, newest: Option<u16>, extra: &[&str]) -> Result<HandoffSample> {
         let start = Instant::now();
         let old_socket = self.current_socket()?;
-        let new = self.spawn(&old_socket)?;
+        let new = self.spawn_speaking(&old_socket, extra, newest)?;
         let running = new.wait_event("running", Duration::from_secs(10))?;
         let first = new.wait_event("first_service", Duration::from_secs(10))?;
         let mut old = self
@@ -292,18 +324,41 @@ impl HandoffRig {
             let c = |k: &str| committed.json[k].as_u64().unwrap_or(0);
             let r = |k: &str| running.json[k].as_u64().unwrap_or(0);
             let q = c("quiesce_ns");
-            eprintln!(
-                "handoff trace (µs from quiesce): switch sent {} | successor got switch {} | ready sent {} | source got ready {} | successor got go {} | running {} | source got running {} | worker resumed {} | first service {}",
-                c("switch_sent_ns").saturating_sub(q) / 1000,
-                r("switch_ns").saturating_sub(q) / 1000,
-                r("ready_ns").saturating_sub(q) / 1000,
-                c("ready_ns").saturating_sub(q) / 1000,
-                r("go_ns").saturating_sub(q) / 1000,
-                r("running_ns").saturating_sub(q) / 1000,
-                c("running_ns").saturating_sub(q) / 1000,
-                first.json["resumed_ns"].as_u64().unwrap_or(0).saturating_sub(q) / 1000,
-                first.json["first_service_ns"].as_u64().unwrap_or(0).saturating_sub(q) / 1000,
-            );
+            let resumed = first.json["resumed_ns"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(q)
+                / 1000;
+            let served = first.json["first_service_ns"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(q)
+                / 1000;
+            if r("protocol") >= 3 {
+                eprintln!(
+                    "handoff trace v3 (µs from quiesce): switch sent {} | successor got switch {} | claimed {} | worker resumed {} | first service {} | ack sent {} | source got ack {}",
+                    c("switch_sent_ns").saturating_sub(q) / 1000,
+                    r("switch_ns").saturating_sub(q) / 1000,
+                    r("go_ns").saturating_sub(q) / 1000,
+                    resumed,
+                    served,
+                    r("running_ns").saturating_sub(q) / 1000,
+                    c("running_ns").saturating_sub(q) / 1000,
+                );
+            } else {
+                eprintln!(
+                    "handoff trace (µs from quiesce): switch sent {} | successor got switch {} | ready sent {} | source got ready {} | successor got go {} | running {} | source got running {} | worker resumed {} | first service {}",
+                    c("switch_sent_ns").saturating_sub(q) / 1000,
+                    r("switch_ns").saturating_sub(q) / 1000,
+                    r("ready_ns").saturating_sub(q) / 1000,
+                    c("ready_ns").saturating_sub(q) / 1000,
+                    r("go_ns").saturating_sub(q) / 1000,
+                    r("running_ns").saturating_sub(q) / 1000,
+                    c("running_ns").saturating_sub(q) / 1000,
+                    resumed,
+                    served,
+                );
+            }
         }
         if !status.success() {
             bail!("the old datapath exited with {status}");
@@ -311,7 +366,14 @@ impl HandoffRig {
         let total_ms = start.elapsed().as_secs_f64() * 1e3;
         self.current = Some(new);
         let at = |k: &str| running.json[k].as_u64().unwrap_or(0);
-        let (q, r) = (at("quiesce_ns"), at("running_ns"));
+        let protocol = u16::try_from(at("protocol")).unwrap_or(0);
+        // Version 3 runs before it acknowledges: its "running" is the claim (go_ns), and its
+        // READY-to-GO and GO-to-RUNNING phases do not exist (0).
+        let (q, r) = if protocol >= 3 {
+            (at("quiesce_ns"), at("go_ns"))
+        } else {
+            (at("quiesce_ns"), at("running_ns"))
+        };
         let f = first.json["first_service_ns"].as_u64().unwrap_or(0);
         let d = first.json["downtime_ns"].as_u64().unwrap_or(0);
         #[allow(clippy::cast_precision_loss, reason = "microseconds")]
@@ -327,6 +389,7 @@ impl HandoffRig {
                 us(at("go_ns"), r),
                 us(r, f),
             ],
+            protocol,
         })
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::transport::ChannelError;
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this build still speaks (a successor of this build takes over
 /// from a source that speaks only this one, and the other way round).
 pub const OLDEST_PROTOCOL_VERSION: u16 = 2;
@@ -46,6 +46,10 @@ pub const STATE_ONLY: u8 = 11;
 /// agreed version (u16 LE). A version-2 source sends no VERSION (PREPARE or STATE_ONLY come
 /// first), so a successor that sees none speaks version 2.
 pub const VERSION: u8 = 12;
+
+/// Source -> successor (version 3), after EXTENSION: the ownership word's sealed memfd (one
+/// fd) and the source's attempt number (u32 LE).
+pub const OWNERSHIP: u8 = 13;
 
 /// The protocol versions a process speaks, oldest to newest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +194,9 @@ pub enum MigrateError {
     /// A peer that is not what it says (its HELLO names another process, or it is gone).
     #[error("peer: {0}")]
     Peer(String),
+    /// The ownership word (version 3): it cannot be set up, or it says what it must not.
+    #[error("ownership word: {0}")]
+    Ownership(String),
     /// A payload too short for its fields.
     #[error("message kind {0} too short")]
     Short(u8),
