@@ -486,6 +486,8 @@ struct Tracker {
     flows: std::collections::HashMap<u32, FlowTrack>,
     last: Option<Instant>,
     max_gap: Duration,
+    /// The largest gap since [`SteadyTraffic::start_window`], while a window is open.
+    window_gap: Option<Duration>,
 }
 
 impl Tracker {
@@ -493,6 +495,9 @@ impl Tracker {
         let now = Instant::now();
         if let Some(last) = self.last {
             self.max_gap = self.max_gap.max(now - last);
+            if let Some(w) = &mut self.window_gap {
+                *w = (*w).max(now - last);
+            }
         }
         self.last = Some(now);
         let f = self.flows.entry(flow).or_default();
@@ -582,6 +587,27 @@ fn ticks(stop: &AtomicBool, per_tick: u64, mut send: impl FnMut(u64) -> Result<(
 }
 
 impl SteadyTraffic {
+    /// Opens a measuring window: from now, [`end_window`](Self::end_window) reports the
+    /// largest gap between arrivals (either direction), e.g. over a stretch without handoffs.
+    pub fn start_window(&self) {
+        for t in [&self.host_track, &self.guest_track] {
+            if let Ok(mut t) = t.lock() {
+                t.window_gap = Some(Duration::ZERO);
+            }
+        }
+    }
+
+    /// Closes the window: the largest gap in it, µs.
+    pub fn end_window(&self) -> f64 {
+        let mut gap = Duration::ZERO;
+        for t in [&self.host_track, &self.guest_track] {
+            if let Ok(mut t) = t.lock() {
+                gap = gap.max(t.window_gap.take().unwrap_or_default());
+            }
+        }
+        gap.as_secs_f64() * 1e6
+    }
+
     /// Starts `pps` datagrams per second per direction (split over the queue pairs). Takes
     /// every pair's drivers from the rig. Must run in the rig's namespace.
     pub fn start(rig: &mut HandoffRig, pps: u64) -> Result<SteadyTraffic> {
