@@ -654,7 +654,7 @@ fn a_lying_serve_predecessor_is_refused() {
         for (name, state, fds, expect) in cases {
             let mut successor = Serve::spawn(&["--takeover", handoff.to_str().unwrap()]);
             let ch = listener.accept(Some(Duration::from_secs(10))).unwrap();
-            let blob = session_blob::encode(&state);
+            let blob = session_blob::encode(&state).unwrap();
             match hand_off_state(&ch, &blob, &fds, Timeouts::default()).unwrap() {
                 Outcome::RolledBack(MigrateError::Aborted(why)) => {
                     assert!(why.contains(expect), "{name}: {why}");
