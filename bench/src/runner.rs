@@ -1047,6 +1047,8 @@ fn measure_handoffs(
         rt_priority: opts.handoff_rt_priority,
     };
     let mut rig = crate::handoff::HandoffRig::launch(&exe, engine, guest, child)?;
+    // Runs of many handoffs do not wait for each predecessor's idle-priority teardown.
+    rig.defer_teardown(8);
     let traffic = crate::handoff::SteadyTraffic::start(&mut rig, opts.handoff_pps)?;
     std::thread::sleep(Duration::from_millis(200));
     let rss_kib = rig.datapath_rss_anon_kib().unwrap_or(0);
