@@ -83,8 +83,9 @@ pub fn run(args: DatapathArgs) -> Result<()> {
     let took = take_over(&channel, &opts).context("taking the device over")?;
     drop(channel);
     event(format!(
-        "{{\"event\":\"running\",\"pid\":{},\"generation\":{},\"quiesce_ns\":{},\"switch_ns\":{},\"ready_ns\":{},\"go_ns\":{},\"running_ns\":{}}}",
+        "{{\"event\":\"running\",\"pid\":{},\"protocol\":{},\"generation\":{},\"quiesce_ns\":{},\"switch_ns\":{},\"ready_ns\":{},\"go_ns\":{},\"running_ns\":{}}}",
         std::process::id(),
+        took.version,
         took.generation,
         took.quiesce_ns,
         took.switch_ns,
@@ -119,8 +120,9 @@ pub fn run(args: DatapathArgs) -> Result<()> {
                 // SAFETY: plain syscall on the calling thread with a valid parameter struct.
                 unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
                 event(format!(
-                    "{{\"event\":\"committed\",\"pid\":{},\"successor\":{},\"quiesce_ns\":{},\"switch_sent_ns\":{},\"ready_ns\":{},\"running_ns\":{}}}",
+                    "{{\"event\":\"committed\",\"pid\":{},\"protocol\":{},\"successor\":{},\"quiesce_ns\":{},\"switch_sent_ns\":{},\"ready_ns\":{},\"running_ns\":{}}}",
                     std::process::id(),
+                    r.version,
                     r.successor_pid,
                     r.quiesce_ns,
                     r.switch_sent_ns,

@@ -84,10 +84,22 @@ fn quick_bench_reports_every_engine_latency_and_the_handoff() {
         assert_eq!(h["lost"], 0, "{h}");
         assert_eq!(h["duplicated"], 0, "{h}");
         assert!(h["downtime_us_p50"].as_f64().unwrap() > 0.0, "{h}");
+        // Losses split by cause, the machine's own gaps beside the handoffs', phase tails.
+        assert_eq!(h["lost_by_tapir"], 0, "{h}");
+        assert_eq!(
+            h["dropped_by_kernel"].as_u64().unwrap(),
+            h["tap_tx_dropped"].as_u64().unwrap() + h["udp_rcvbuf_errors"].as_u64().unwrap(),
+            "{h}"
+        );
+        assert!(h["baseline_gap_us_max"].as_f64().unwrap() > 0.0, "{h}");
+        assert_eq!(h["phases_us_p99"].as_array().unwrap().len(), 5, "{h}");
     }
     assert!(std::fs::read_to_string(&md)
         .unwrap()
         .contains("| vs floor |"));
+    assert!(std::fs::read_to_string(&md)
+        .unwrap()
+        .contains("Handoff phases, p50/p99"));
     std::fs::remove_dir_all(dir).ok();
 }
 

@@ -121,6 +121,9 @@ fn handoffs_with_descriptors_in_flight() {
 /// nothing is lost. Then a real handoff still works.
 #[test]
 fn successor_death_at_every_phase_rolls_back() {
+    let _turn = TRAFFIC
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for engine in [EngineKind::Uring, EngineKind::Classic] {
         run_in_new_netns(move || {
             let mut rig =
@@ -140,6 +143,72 @@ fn successor_death_at_every_phase_rolls_back() {
             let report = traffic.finish().unwrap();
             rig.shutdown().unwrap();
             assert_clean(&format!("{engine} rollbacks"), &report, false);
+        })
+        .unwrap();
+    }
+}
+
+/// Version negotiation (issue 10, item 4), both directions, under traffic, between real
+/// processes of this build: a successor capped at version 2 takes over from a version-3
+/// source (they speak 2); a version-3 successor takes over from that version-2 source (the
+/// upgrade: they speak 2); the next pair, both version 3, speaks 3.
+#[test]
+fn successors_of_either_version_take_over_from_either() {
+    let _turn = TRAFFIC
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for engine in [EngineKind::Uring, EngineKind::Classic] {
+        run_in_new_netns(move || {
+            let mut rig =
+                HandoffRig::launch(Path::new(EXE), engine, guest(1), ChildOptions::default())
+                    .unwrap();
+            let traffic = SteadyTraffic::start(&mut rig, 20_000).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let down = rig.handoff_speaking(2).unwrap();
+            assert_eq!(down.protocol, 2, "{engine}: v3 source, v2 successor");
+            std::thread::sleep(Duration::from_millis(30));
+            let up = rig.handoff().unwrap();
+            assert_eq!(up.protocol, 2, "{engine}: v2 source, v3 successor");
+            std::thread::sleep(Duration::from_millis(30));
+            let both = rig.handoff().unwrap();
+            assert_eq!(both.protocol, 3, "{engine}: v3 source, v3 successor");
+            std::thread::sleep(Duration::from_millis(50));
+            let report = traffic.finish().unwrap();
+            rig.shutdown().unwrap();
+            assert_clean(&format!("{engine} versions"), &report, false);
+        })
+        .unwrap();
+    }
+}
+
+/// Version 3: a successor that claims the device and runs but never acknowledges (never
+/// sends RUNNING) is the owner: the source commits when the switch timeout passes (it reads
+/// the claim in the ownership word) and exits; traffic goes on through the successor.
+#[test]
+fn a_successor_that_never_acknowledges_but_claimed_owns_the_device() {
+    let _turn = TRAFFIC
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for engine in [EngineKind::Uring, EngineKind::Classic] {
+        run_in_new_netns(move || {
+            let mut rig =
+                HandoffRig::launch(Path::new(EXE), engine, guest(1), ChildOptions::default())
+                    .unwrap();
+            let traffic = SteadyTraffic::start(&mut rig, 5_000).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let old = rig.datapath_pid();
+            let s = rig.handoff_without_ack().unwrap();
+            assert_eq!(s.protocol, 3, "{engine}");
+            assert_ne!(rig.datapath_pid(), old, "{engine}: the successor runs");
+            std::thread::sleep(Duration::from_millis(50));
+            // And it hands on as usual.
+            rig.handoff().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let report = traffic.finish().unwrap();
+            rig.shutdown().unwrap();
+            // The source waited out the switch timeout before it exited, but the successor
+            // served all along: nothing lost.
+            assert_clean(&format!("{engine} no ack"), &report, false);
         })
         .unwrap();
     }

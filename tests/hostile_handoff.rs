@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, IoSlice, IoSliceMut};
+use std::io::{BufRead, BufReader, IoSlice};
 use std::net::UdpSocket;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tapir_bench::frames::{build_udp, verify_payload};
 use tapir_bench::handoff::{ChildOptions, HandoffRig, SteadyTraffic, TrafficReport};
 use tapir_bench::netns::run_in_new_netns;
@@ -31,10 +31,6 @@ use tapir_state::DeviceSnapshot;
 use tapir_vhost_user::handoff::{self as session_blob, EndpointState, SessionState, VringState};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapir");
-
-/// Set in a re-executed copy of this test binary: connect to this handoff socket, pass the
-/// connected fd back on fd 3, then sit there (a successor whose channel lives on in a dup).
-const HELPER_ENV: &str = "TAPIR_HOSTILE_HELPER_CONNECT";
 
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tapir-hostile-{}-{name}", std::process::id()));
@@ -103,10 +99,14 @@ fn send_with_fds(ch: &Channel, kind: u8, payload: &[u8], fds: &[OwnedFd]) {
     .expect("sendmsg with fds");
 }
 
+/// A HELLO that speaks exactly version 2 (the protocol these cases were written against;
+/// version 3's own cases are in `hostile_ownership.rs`).
 fn hello(pid: u32) -> Vec<u8> {
-    let mut p = protocol::PROTOCOL_VERSION.to_le_bytes().to_vec();
-    p.extend_from_slice(&pid.to_le_bytes());
-    p
+    protocol::Versions {
+        oldest: 2,
+        newest: 2,
+    }
+    .hello(pid)
 }
 
 fn expect_abort(ch: &Channel, contains: &str, ctx: &str) {
@@ -268,77 +268,15 @@ fn a_successor_sending_253_fds_leaks_nothing_in_tapir_serve() {
 // 12. A RUNNING that arrives through a dup'd fd after the fence killed the successor.
 // ---------------------------------------------------------------------------------------
 
-/// Not a test of its own: the body of the helper process that [`spawn_connector`] starts
-/// (this binary, re-executed with [`HELPER_ENV`] set). Without it, it does nothing.
+/// Not a test of its own: the body of the helper process that `spawn_connector` starts
+/// (this binary, re-executed). Without it, it does nothing.
 #[test]
 fn helper_process_connects_and_passes_its_channel() {
-    let Some(path) = std::env::var_os(HELPER_ENV) else {
-        return;
-    };
-    let ch = Channel::connect(Path::new(&path)).expect("helper: connect");
-    let raw = [ch.as_raw_fd()];
-    let byte = [0u8];
-    sendmsg::<()>(
-        3,
-        &[IoSlice::new(&byte)],
-        &[ControlMessage::ScmRights(&raw)],
-        MsgFlags::empty(),
-        None,
-    )
-    .expect("helper: pass the channel");
-    // Silent from here on, as a hung successor.
-    std::thread::sleep(Duration::from_secs(60));
-    std::process::exit(0);
+    common::peer::run_helper_if_asked();
 }
 
-/// Starts a helper process that connects to `socket` (so that the source's SO_PEERCRED names
-/// it) and hands the connected fd to this process: returns the helper and the channel.
 fn spawn_connector(socket: &Path) -> (Child, Channel) {
-    let (mine, theirs) = UnixStream::pair().unwrap();
-    let theirs_raw = theirs.as_raw_fd();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "helper_process_connects_and_passes_its_channel",
-        "--exact",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(HELPER_ENV, socket)
-    .stdout(Stdio::null());
-    // SAFETY: dup2 is async-signal-safe; the child gets the stream as fd 3 (without CLOEXEC).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(theirs_raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    drop(theirs);
-    mine.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut byte = [0u8];
-    let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        mine.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .expect("the helper's channel");
-    let mut fd = None;
-    for c in msg.cmsgs().unwrap() {
-        if let ControlMessageOwned::ScmRights(list) = c {
-            for raw in list {
-                // SAFETY: the kernel installed this fd for us just now.
-                fd = Some(unsafe { OwnedFd::from_raw_fd(raw) });
-            }
-        }
-    }
-    let ch = Channel::from_fd(fd.expect("no fd from the helper")).unwrap();
-    (child, ch)
+    common::peer::spawn_connector(socket, "helper_process_connects_and_passes_its_channel")
 }
 
 /// Plays a successor on `ch` (whose real peer process is `pid`) up to GO: HELLO, the layout
@@ -716,7 +654,7 @@ fn a_lying_serve_predecessor_is_refused() {
         for (name, state, fds, expect) in cases {
             let mut successor = Serve::spawn(&["--takeover", handoff.to_str().unwrap()]);
             let ch = listener.accept(Some(Duration::from_secs(10))).unwrap();
-            let blob = session_blob::encode(&state);
+            let blob = session_blob::encode(&state).unwrap();
             match hand_off_state(&ch, &blob, &fds, Timeouts::default()).unwrap() {
                 Outcome::RolledBack(MigrateError::Aborted(why)) => {
                     assert!(why.contains(expect), "{name}: {why}");

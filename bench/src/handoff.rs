@@ -71,12 +71,16 @@ pub struct HandoffSample {
     pub downtime_us: f64,
     /// Quiesce start to the successor's RUNNING.
     pub switch_us: f64,
-    /// Successor spawn to predecessor exit (the whole handoff, prepare included).
+    /// Successor spawn to the predecessor's commit (the whole handoff, prepare included; the
+    /// predecessor's teardown goes on afterwards and is reaped later).
     pub total_ms: f64,
     /// Blackout phases in µs: quiesce + encode + send (quiesce start to SWITCH received),
-    /// decode + engine set-up (to READY), READY to GO, GO to RUNNING, RUNNING to the first
-    /// used-ring update.
+    /// decode + engine set-up (to READY; version 3: decode and claim), READY to GO, GO to
+    /// RUNNING (both 0 in version 3), RUNNING (version 3: the claim) to the first used-ring
+    /// update.
     pub phases_us: [f64; 5],
+    /// The handoff protocol version the two processes agreed on.
+    pub protocol: u16,
 }
 
 /// How datapath children run.
@@ -101,6 +105,10 @@ pub struct HandoffRig {
     /// The TAP's MAC.
     pub host_mac: [u8; 6],
     current: Option<DatapathChild>,
+    /// Predecessors that committed and are tearing down (at `SCHED_IDLE`, which on a busy
+    /// machine takes seconds), at most `retire_limit`: see [`HandoffRig::defer_teardown`].
+    retiring: std::collections::VecDeque<DatapathChild>,
+    retire_limit: usize,
     counter: u64,
 }
 
@@ -169,6 +177,8 @@ impl HandoffRig {
             drivers,
             host_mac,
             current: None,
+            retiring: std::collections::VecDeque::new(),
+            retire_limit: 0,
             counter: 0,
         };
         // The launch: this process plays the source.
@@ -193,6 +203,15 @@ impl HandoffRig {
     }
 
     fn spawn_with(&mut self, take_over: &Path, extra: &[&str]) -> Result<DatapathChild> {
+        self.spawn_speaking(take_over, extra, None)
+    }
+
+    fn spawn_speaking(
+        &mut self,
+        take_over: &Path,
+        extra: &[&str],
+        newest: Option<u16>,
+    ) -> Result<DatapathChild> {
         self.counter += 1;
         let socket = self.dir.join(format!("dp{}.sock", self.counter));
         let mut cmd = Command::new(&self.exe);
@@ -207,6 +226,9 @@ impl HandoffRig {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .args(extra);
+        if let Some(v) = newest {
+            cmd.env(tapir_migrate::protocol::NEWEST_VERSION_ENV, v.to_string());
+        }
         if !self.child.cpus.is_empty() {
             let list: Vec<String> = self.child.cpus.iter().map(ToString::to_string).collect();
             cmd.arg("--cpus").arg(list.join(","));
@@ -274,11 +296,39 @@ impl HandoffRig {
         self.current.as_ref().map(DatapathChild::pid)
     }
 
-    /// Hands the datapath to a fresh child process and waits until the old one has exited.
+    /// Lets up to `limit` predecessors finish their teardown while the next handoffs run
+    /// (default 0: each handoff waits until its predecessor has exited). A run of 1000
+    /// handoffs on a busy 2-CPU machine then takes ~4 min a row instead of ~12 (a
+    /// predecessor's teardown at `SCHED_IDLE` took 1-2 s there). Whether the overlapping
+    /// teardowns cost the traffic anything is not measured yet (the machine was too loaded
+    /// to tell); `tests/handoff.rs` keeps the default. Exits are still checked, later.
+    pub fn defer_teardown(&mut self, limit: usize) {
+        self.retire_limit = limit;
+    }
+
+    /// Hands the datapath to a fresh child process and waits until the old one committed
+    /// and (unless [`defer_teardown`](Self::defer_teardown)) has exited.
     pub fn handoff(&mut self) -> Result<HandoffSample> {
+        self.handoff_to(None, &[])
+    }
+
+    /// [`handoff`](Self::handoff) to a successor that claims the device and runs but never
+    /// acknowledges the switch (`--fail-at no-ack`, version 3): the source must commit on
+    /// the claim it reads in the ownership word.
+    pub fn handoff_without_ack(&mut self) -> Result<HandoffSample> {
+        self.handoff_to(None, &["--fail-at", "no-ack"])
+    }
+
+    /// [`handoff`](Self::handoff) to a successor that speaks protocol versions up to
+    /// `newest` only (`TAPIR_HANDOFF_PROTOCOL`; it keeps that cap as a source later).
+    pub fn handoff_speaking(&mut self, newest: u16) -> Result<HandoffSample> {
+        self.handoff_to(Some(newest), &[])
+    }
+
+    fn handoff_to(&mut self, newest: Option<u16>, extra: &[&str]) -> Result<HandoffSample> {
         let start = Instant::now();
         let old_socket = self.current_socket()?;
-        let new = self.spawn(&old_socket)?;
+        let new = self.spawn_speaking(&old_socket, extra, newest)?;
         let running = new.wait_event("running", Duration::from_secs(10))?;
         let first = new.wait_event("first_service", Duration::from_secs(10))?;
         let mut old = self
@@ -286,32 +336,66 @@ impl HandoffRig {
             .take()
             .ok_or_else(|| anyhow!("no datapath running"))?;
         let committed = old.wait_event("committed", Duration::from_secs(10));
-        let status = old.child.wait()?;
-        let committed = committed?;
+        let committed = match committed {
+            Ok(c) => c,
+            Err(e) => {
+                let status = old.child.wait()?;
+                return Err(e.context(format!("the old datapath exited with {status}")));
+            }
+        };
         if std::env::var_os("TAPIR_HANDOFF_TRACE").is_some() {
             let c = |k: &str| committed.json[k].as_u64().unwrap_or(0);
             let r = |k: &str| running.json[k].as_u64().unwrap_or(0);
             let q = c("quiesce_ns");
-            eprintln!(
-                "handoff trace (µs from quiesce): switch sent {} | successor got switch {} | ready sent {} | source got ready {} | successor got go {} | running {} | source got running {} | worker resumed {} | first service {}",
-                c("switch_sent_ns").saturating_sub(q) / 1000,
-                r("switch_ns").saturating_sub(q) / 1000,
-                r("ready_ns").saturating_sub(q) / 1000,
-                c("ready_ns").saturating_sub(q) / 1000,
-                r("go_ns").saturating_sub(q) / 1000,
-                r("running_ns").saturating_sub(q) / 1000,
-                c("running_ns").saturating_sub(q) / 1000,
-                first.json["resumed_ns"].as_u64().unwrap_or(0).saturating_sub(q) / 1000,
-                first.json["first_service_ns"].as_u64().unwrap_or(0).saturating_sub(q) / 1000,
-            );
+            let resumed = first.json["resumed_ns"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(q)
+                / 1000;
+            let served = first.json["first_service_ns"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(q)
+                / 1000;
+            if r("protocol") >= 3 {
+                eprintln!(
+                    "handoff trace v3 (µs from quiesce): switch sent {} | successor got switch {} | claimed {} | worker resumed {} | first service {} | ack sent {} | source got ack {}",
+                    c("switch_sent_ns").saturating_sub(q) / 1000,
+                    r("switch_ns").saturating_sub(q) / 1000,
+                    r("go_ns").saturating_sub(q) / 1000,
+                    resumed,
+                    served,
+                    r("running_ns").saturating_sub(q) / 1000,
+                    c("running_ns").saturating_sub(q) / 1000,
+                );
+            } else {
+                eprintln!(
+                    "handoff trace (µs from quiesce): switch sent {} | successor got switch {} | ready sent {} | source got ready {} | successor got go {} | running {} | source got running {} | worker resumed {} | first service {}",
+                    c("switch_sent_ns").saturating_sub(q) / 1000,
+                    r("switch_ns").saturating_sub(q) / 1000,
+                    r("ready_ns").saturating_sub(q) / 1000,
+                    c("ready_ns").saturating_sub(q) / 1000,
+                    r("go_ns").saturating_sub(q) / 1000,
+                    r("running_ns").saturating_sub(q) / 1000,
+                    c("running_ns").saturating_sub(q) / 1000,
+                    resumed,
+                    served,
+                );
+            }
         }
-        if !status.success() {
-            bail!("the old datapath exited with {status}");
-        }
+        self.retiring.push_back(old);
+        self.reap(self.retire_limit)?;
         let total_ms = start.elapsed().as_secs_f64() * 1e3;
         self.current = Some(new);
         let at = |k: &str| running.json[k].as_u64().unwrap_or(0);
-        let (q, r) = (at("quiesce_ns"), at("running_ns"));
+        let protocol = u16::try_from(at("protocol")).unwrap_or(0);
+        // Version 3 runs before it acknowledges: its "running" is the claim (go_ns), and its
+        // READY-to-GO and GO-to-RUNNING phases do not exist (0).
+        let (q, r) = if protocol >= 3 {
+            (at("quiesce_ns"), at("go_ns"))
+        } else {
+            (at("quiesce_ns"), at("running_ns"))
+        };
         let f = first.json["first_service_ns"].as_u64().unwrap_or(0);
         let d = first.json["downtime_ns"].as_u64().unwrap_or(0);
         #[allow(clippy::cast_precision_loss, reason = "microseconds")]
@@ -327,6 +411,7 @@ impl HandoffRig {
                 us(at("go_ns"), r),
                 us(r, f),
             ],
+            protocol,
         })
     }
 
@@ -358,7 +443,38 @@ impl HandoffRig {
         Ok(())
     }
 
+    /// Reaps predecessors that have exited, and waits for the oldest while more than `keep`
+    /// are left; each must have exited cleanly.
+    fn reap(&mut self, keep: usize) -> Result<()> {
+        let mut left = std::collections::VecDeque::new();
+        let mut failed = None;
+        while let Some(mut c) = self.retiring.pop_front() {
+            let status = if self.retiring.len() + left.len() >= keep {
+                c.child.wait().map(Some)
+            } else {
+                c.child.try_wait()
+            };
+            match status {
+                Ok(Some(s)) if !s.success() => {
+                    failed.get_or_insert_with(|| anyhow!("an old datapath exited with {s}"));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => left.push_back(c),
+                Err(e) => {
+                    failed.get_or_insert_with(|| anyhow!("waiting for an old datapath: {e}"));
+                }
+            }
+        }
+        self.retiring = left;
+        failed.map_or(Ok(()), Err)
+    }
+
     fn stop_child(&mut self) -> Result<()> {
+        let reaped = self.stop_current();
+        self.reap(0).and(reaped)
+    }
+
+    fn stop_current(&mut self) -> Result<()> {
         if let Some(mut c) = self.current.take() {
             let pid = nix::unistd::Pid::from_raw(i32::try_from(c.pid())?);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -423,6 +539,8 @@ struct Tracker {
     flows: std::collections::HashMap<u32, FlowTrack>,
     last: Option<Instant>,
     max_gap: Duration,
+    /// The largest gap since [`SteadyTraffic::start_window`], while a window is open.
+    window_gap: Option<Duration>,
 }
 
 impl Tracker {
@@ -430,6 +548,9 @@ impl Tracker {
         let now = Instant::now();
         if let Some(last) = self.last {
             self.max_gap = self.max_gap.max(now - last);
+            if let Some(w) = &mut self.window_gap {
+                *w = (*w).max(now - last);
+            }
         }
         self.last = Some(now);
         let f = self.flows.entry(flow).or_default();
@@ -519,6 +640,27 @@ fn ticks(stop: &AtomicBool, per_tick: u64, mut send: impl FnMut(u64) -> Result<(
 }
 
 impl SteadyTraffic {
+    /// Opens a measuring window: from now, [`end_window`](Self::end_window) reports the
+    /// largest gap between arrivals (either direction), e.g. over a stretch without handoffs.
+    pub fn start_window(&self) {
+        for t in [&self.host_track, &self.guest_track] {
+            if let Ok(mut t) = t.lock() {
+                t.window_gap = Some(Duration::ZERO);
+            }
+        }
+    }
+
+    /// Closes the window: the largest gap in it, µs.
+    pub fn end_window(&self) -> f64 {
+        let mut gap = Duration::ZERO;
+        for t in [&self.host_track, &self.guest_track] {
+            if let Ok(mut t) = t.lock() {
+                gap = gap.max(t.window_gap.take().unwrap_or_default());
+            }
+        }
+        gap.as_secs_f64() * 1e6
+    }
+
     /// Starts `pps` datagrams per second per direction (split over the queue pairs). Takes
     /// every pair's drivers from the rig. Must run in the rig's namespace.
     pub fn start(rig: &mut HandoffRig, pps: u64) -> Result<SteadyTraffic> {

@@ -110,8 +110,21 @@ pub struct HandoffResult {
     pub switch_us_p50: f64,
     /// Largest inter-arrival gap seen by the traffic endpoints (either direction).
     pub gap_us_max: f64,
-    /// Datagrams lost (both directions).
+    /// Largest inter-arrival gap of the same traffic in a window without handoffs (1 s,
+    /// before the first), µs: what the loaded machine does on its own.
+    pub baseline_gap_us_max: f64,
+    /// Datagrams lost (both directions): `lost_by_tapir` + `dropped_by_kernel`.
     pub lost: u64,
+    /// Sent, never received, and not dropped by the kernel (both directions).
+    pub lost_by_tapir: u64,
+    /// Dropped by the kernel outside tapir: `tap_tx_dropped` + `udp_rcvbuf_errors`.
+    pub dropped_by_kernel: u64,
+    /// Host->guest frames the kernel dropped at the TAP (its `tx_dropped`: a full TAP queue
+    /// while the datapath does not read, e.g. in a blackout or starved of CPU).
+    pub tap_tx_dropped: u64,
+    /// Guest->host datagrams the kernel dropped at the host sink (`Udp RcvbufErrors`: a full
+    /// socket buffer while the sink thread is starved of CPU).
+    pub udp_rcvbuf_errors: u64,
     /// Datagrams duplicated.
     pub duplicated: u64,
     /// Datagrams out of order within their flow.
@@ -126,6 +139,8 @@ pub struct HandoffResult {
     /// Median of each blackout phase, µs: [quiesce + encode + send, decode + engine set-up,
     /// READY to GO, GO to RUNNING, RUNNING to the first used-ring update].
     pub phases_us_p50: [f64; 5],
+    /// 99th percentile of each blackout phase, µs (same phases).
+    pub phases_us_p99: [f64; 5],
     /// Every handoff's downtime.
     pub downtime_us: Vec<f64>,
 }
@@ -254,7 +269,9 @@ impl Report {
             "p99 µs",
             "max µs",
             "gap max µs",
-            "lost",
+            "baseline gap µs",
+            "lost by tapir",
+            "kernel drops (TAP/sock)",
             "dup",
             "reordered",
             "sent",
@@ -272,12 +289,44 @@ impl Report {
                 format!("{:.0}", h.downtime_us_p99),
                 format!("{:.0}", h.downtime_us_max),
                 format!("{:.0}", h.gap_us_max),
-                h.lost.to_string(),
+                format!("{:.0}", h.baseline_gap_us_max),
+                h.lost_by_tapir.to_string(),
+                format!(
+                    "{} ({}/{})",
+                    h.dropped_by_kernel, h.tap_tx_dropped, h.udp_rcvbuf_errors
+                ),
                 h.duplicated.to_string(),
                 h.reordered.to_string(),
                 h.sent.to_string(),
                 (h.rss_anon_kib / u64::try_from(h.queues.max(1)).unwrap_or(1)).to_string(),
             ]);
+        }
+        rows
+    }
+
+    /// Each handoff row's blackout phases, p50/p99 µs.
+    fn phase_table(&self) -> Vec<Vec<String>> {
+        let mut rows = vec![[
+            "queues",
+            "engine",
+            "quiesce+send p50/p99",
+            "decode+set-up (v3: +claim)",
+            "READY->GO",
+            "GO->RUNNING",
+            "RUNNING (v3: claim)->first used",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect::<Vec<_>>()];
+        for h in &self.handoff {
+            let mut row = vec![h.queues.to_string(), h.engine.clone()];
+            row.extend(
+                h.phases_us_p50
+                    .iter()
+                    .zip(&h.phases_us_p99)
+                    .map(|(a, b)| format!("{a:.0}/{b:.0}")),
+            );
+            rows.push(row);
         }
         rows
     }
@@ -319,6 +368,8 @@ impl Report {
         if !self.handoff.is_empty() {
             out.push('\n');
             out.push_str(&align(&self.handoff_table(), 2));
+            out.push('\n');
+            out.push_str(&align(&self.phase_table(), 2));
         }
         out
     }
@@ -375,6 +426,13 @@ impl Report {
             let rows = self.handoff_table();
             out.push_str("\nHandoffs (downtime: quiesce start to the successor's first used-ring update):\n\n");
             for (i, r) in rows.iter().enumerate() {
+                out.push_str(&format!("| {} |\n", r.join(" | ")));
+                if i == 0 {
+                    out.push_str(&format!("|{}\n", "---|".repeat(r.len())));
+                }
+            }
+            out.push_str("\nHandoff phases, p50/p99 µs:\n\n");
+            for (i, r) in self.phase_table().iter().enumerate() {
                 out.push_str(&format!("| {} |\n", r.join(" | ")));
                 if i == 0 {
                     out.push_str(&format!("|{}\n", "---|".repeat(r.len())));

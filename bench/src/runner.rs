@@ -1047,9 +1047,15 @@ fn measure_handoffs(
         rt_priority: opts.handoff_rt_priority,
     };
     let mut rig = crate::handoff::HandoffRig::launch(&exe, engine, guest, child)?;
+    // Runs of many handoffs do not wait for each predecessor's idle-priority teardown.
+    rig.defer_teardown(8);
     let traffic = crate::handoff::SteadyTraffic::start(&mut rig, opts.handoff_pps)?;
     std::thread::sleep(Duration::from_millis(200));
     let rss_kib = rig.datapath_rss_anon_kib().unwrap_or(0);
+    // The same traffic without handoffs: what the machine's own scheduling does to it.
+    traffic.start_window();
+    std::thread::sleep(Duration::from_secs(1));
+    let baseline_gap = traffic.end_window();
     let mut downtime = Vec::with_capacity(opts.handoffs);
     let mut switch = Vec::with_capacity(opts.handoffs);
     let mut phases = Vec::with_capacity(opts.handoffs);
@@ -1088,7 +1094,13 @@ fn measure_handoffs(
         downtime_us_max: pct(&downtime, 100.0),
         switch_us_p50: pct(&switch, 50.0),
         gap_us_max: g.max_gap_us.max(h.max_gap_us),
+        baseline_gap_us_max: baseline_gap,
         lost: g.lost + h.lost,
+        lost_by_tapir: g.lost.saturating_sub(g.dropped_by_kernel)
+            + h.lost.saturating_sub(h.dropped_by_kernel),
+        dropped_by_kernel: g.dropped_by_kernel + h.dropped_by_kernel,
+        tap_tx_dropped: h.dropped_by_kernel,
+        udp_rcvbuf_errors: g.dropped_by_kernel,
         duplicated: g.duplicated + h.duplicated,
         reordered: g.reordered + h.reordered,
         traffic_pps: opts.handoff_pps,
@@ -1096,6 +1108,9 @@ fn measure_handoffs(
         rss_anon_kib: rss_kib,
         phases_us_p50: std::array::from_fn(|i| {
             pct(&phases.iter().map(|p| p[i]).collect::<Vec<_>>(), 50.0)
+        }),
+        phases_us_p99: std::array::from_fn(|i| {
+            pct(&phases.iter().map(|p| p[i]).collect::<Vec<_>>(), 99.0)
         }),
         downtime_us: downtime,
     })

@@ -6,12 +6,14 @@
 //! the peer pid, which is this process). The source is a `HandoffSource` that records its
 //! calls. Checks: nothing panics, `hand_off` never returns `Err` (the source never fails),
 //! it commits only on exactly HELLO (version 2), PREPARED, READY, RUNNING (`hand_off_state`:
-//! HELLO, RUNNING), a source quiesced and not committed is resumed exactly once, and no fd
+//! HELLO, RUNNING), never after a version-3 HELLO (a script cannot claim the ownership word,
+//! and without a claim version 3 never commits), a source quiesced and not committed is resumed exactly once, and no fd
 //! leaks (the fds the peer sent included).
 //!
 //! Input: mode (u8, bit 0: hand_off_state), then up to 8 messages: kind choice (u8: 0 HELLO,
 //! 1 PREPARED, 2 READY, 3 RUNNING, 4 ABORT, else a raw kind byte), payload choice (u8: 0 the
-//! right payload, else raw u8-length bytes), fd count (u8 % 4).
+//! right payload (HELLO: version 2 only), 1 for HELLO: versions 2 to 3, else raw u8-length
+//! bytes), fd count (u8 % 4).
 #![no_main]
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tapir_fuzz::{eventfd, fd_count, small_snapshot, Input};
-use tapir_migrate::protocol::{self, PROTOCOL_VERSION};
+use tapir_migrate::protocol::{self, Versions};
 use tapir_migrate::{
     hand_off, hand_off_state, Channel, HandoffSource, MigrateError, Outcome, Timeouts,
 };
@@ -80,12 +82,11 @@ fuzz_target!(|data: &[u8]| {
                 4 => protocol::ABORT,
                 k => k,
             };
-            let payload = match input.u8() {
-                0 if kind == protocol::HELLO => {
-                    let mut p = PROTOCOL_VERSION.to_le_bytes().to_vec();
-                    p.extend_from_slice(&std::process::id().to_le_bytes());
-                    p
-                }
+            let v = |newest| Versions { oldest: 2, newest };
+            let choice = input.u8();
+            let payload = match choice {
+                0 if kind == protocol::HELLO => v(2).hello(std::process::id()),
+                1 if kind == protocol::HELLO => v(3).hello(std::process::id()),
                 0 => Vec::new(),
                 _ => {
                     let n = usize::from(input.u8());
@@ -97,9 +98,12 @@ fuzz_target!(|data: &[u8]| {
             theirs
                 .send(kind, &payload, &borrowed)
                 .expect("the script fits the socket");
+            // The version a HELLO makes the source agree on (none: refused).
             hello_ok.push(
-                kind == protocol::HELLO
-                    && payload.get(..2) == Some(&PROTOCOL_VERSION.to_le_bytes()[..]),
+                Versions::of_hello(&payload)
+                    .ok()
+                    .filter(|_| kind == protocol::HELLO)
+                    .and_then(|(theirs, _)| Versions::spoken().agree(theirs).ok()),
             );
             kinds.push(kind);
         }
@@ -116,7 +120,8 @@ fuzz_target!(|data: &[u8]| {
             let outcome = hand_off_state(&ours, &blob, &fds, t).expect("hand_off_state");
             if let Outcome::Committed(_) = outcome {
                 assert!(
-                    hello_ok.first() == Some(&true) && kinds.get(1) == Some(&protocol::RUNNING),
+                    matches!(hello_ok.first(), Some(Some(_)))
+                        && kinds.get(1) == Some(&protocol::RUNNING),
                     "committed state on the script {kinds:?}"
                 );
             }
@@ -134,7 +139,7 @@ fuzz_target!(|data: &[u8]| {
             match outcome {
                 Outcome::Committed(_) => {
                     assert!(
-                        hello_ok.first() == Some(&true)
+                        hello_ok.first() == Some(&Some(2))
                             && kinds.get(1..4)
                                 == Some(
                                     &[protocol::PREPARED, protocol::READY, protocol::RUNNING][..]

@@ -7,7 +7,7 @@
 //! Input: mode (u8), then the bytes. Mode % 4: 0 a raw snapshot blob; 1 a snapshot payload
 //! (postcard) that the target frames with a correct header and CRC, so mutations reach the
 //! payload decoder and validation; 2 a raw session blob; 3 a session payload the target
-//! prefixes with the session magic and version. For 2 and 3 the next byte is the fd count.
+//! frames as `handoff::encode` does (tapir-state's header, magic `TAPIRVUS`, a correct CRC). For 2 and 3 the next byte is the fd count.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -59,7 +59,8 @@ fn snapshot(blob: &[u8]) {
 
 fn session(blob: &[u8], fds: usize) {
     if let Ok(st) = handoff::decode(blob, fds) {
-        let again = handoff::decode(&handoff::encode(&st), fds)
+        let blob = handoff::encode(&st).expect("a decoded session state encodes");
+        let again = handoff::decode(&blob, fds)
             .expect("a decoded session blob re-encodes into one that decodes");
         assert_eq!(again, st, "decode(encode(x)) == x (session blob)");
     }
@@ -76,9 +77,8 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             let fds = usize::from(input.u8());
-            let mut blob = b"TVUS".to_vec();
-            blob.extend_from_slice(&1u16.to_le_bytes());
-            blob.extend_from_slice(input.rest());
+            // Framed as `handoff::encode` frames it (tapir-state's header, a correct CRC).
+            let blob = tapir_state::seal(*b"TAPIRVUS", 2, input.rest());
             session(&blob, fds);
         }
     }

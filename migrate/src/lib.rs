@@ -12,10 +12,12 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 mod fence;
+pub mod ownership;
 pub mod protocol;
 pub mod snapshot;
 pub mod source;
 pub mod successor;
+mod switch_v3;
 pub mod transport;
 
 pub use protocol::{MigrateError, Timeouts};

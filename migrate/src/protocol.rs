@@ -4,10 +4,19 @@ use std::time::Duration;
 
 use crate::transport::ChannelError;
 
-/// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest protocol version this build still speaks (a successor of this build takes over
+/// from a source that speaks only this one, and the other way round).
+pub const OLDEST_PROTOCOL_VERSION: u16 = 2;
 
-/// Successor -> source: version (u16 LE), pid (u32 LE).
+/// Hidden test knob: the newest protocol version this process speaks (e.g. `2`, to play a
+/// build from before version 3). Read once per process.
+pub const NEWEST_VERSION_ENV: &str = "TAPIR_HANDOFF_PROTOCOL";
+
+/// Successor -> source: the oldest version it speaks (u16 LE), pid (u32 LE), the newest
+/// version it speaks (u16 LE; missing: the same as the oldest, a build from before version
+/// negotiation).
 pub const HELLO: u8 = 1;
 /// Source -> successor: the layout snapshot (rings at 0, nothing in flight).
 pub const PREPARE: u8 = 2;
@@ -32,6 +41,88 @@ pub const EXTENSION: u8 = 10;
 /// handed on (blob and fds, as in EXTENSION). The successor answers RUNNING once it has taken
 /// it, or ABORT.
 pub const STATE_ONLY: u8 = 11;
+
+/// Source -> successor, right after HELLO, when the pair agreed on version 3 or newer: the
+/// agreed version (u16 LE). A version-2 source sends no VERSION (PREPARE or STATE_ONLY come
+/// first), so a successor that sees none speaks version 2.
+pub const VERSION: u8 = 12;
+
+/// Source -> successor (version 3), after EXTENSION: the ownership word's sealed memfd (one
+/// fd) and the source's attempt number (u32 LE).
+pub const OWNERSHIP: u8 = 13;
+
+/// The protocol versions a process speaks, oldest to newest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Versions {
+    /// The oldest.
+    pub oldest: u16,
+    /// The newest.
+    pub newest: u16,
+}
+
+impl Versions {
+    /// What this process speaks: [`OLDEST_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`], or less
+    /// at the newest end when [`NEWEST_VERSION_ENV`] says so (never outside that range).
+    pub fn spoken() -> Versions {
+        static SPOKEN: std::sync::OnceLock<Versions> = std::sync::OnceLock::new();
+        *SPOKEN.get_or_init(|| {
+            let newest = std::env::var(NEWEST_VERSION_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse::<u16>().ok())
+                .map_or(PROTOCOL_VERSION, |v| {
+                    v.clamp(OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION)
+                });
+            Versions {
+                oldest: OLDEST_PROTOCOL_VERSION,
+                newest,
+            }
+        })
+    }
+
+    /// The HELLO payload of a successor with pid `pid` speaking these versions.
+    pub fn hello(self, pid: u32) -> Vec<u8> {
+        let mut p = self.oldest.to_le_bytes().to_vec();
+        p.extend_from_slice(&pid.to_le_bytes());
+        p.extend_from_slice(&self.newest.to_le_bytes());
+        p
+    }
+
+    /// Parses a HELLO payload: the successor's versions and pid.
+    pub fn of_hello(payload: &[u8]) -> Result<(Versions, u32), MigrateError> {
+        match payload {
+            [o0, o1, p0, p1, p2, p3, rest @ ..] => {
+                let oldest = u16::from_le_bytes([*o0, *o1]);
+                let pid = u32::from_le_bytes([*p0, *p1, *p2, *p3]);
+                let newest = match rest {
+                    [n0, n1, ..] => u16::from_le_bytes([*n0, *n1]),
+                    // A build from before negotiation: exactly one version.
+                    _ => oldest,
+                };
+                Ok((Versions { oldest, newest }, pid))
+            }
+            _ => Err(MigrateError::Short(HELLO)),
+        }
+    }
+
+    /// The highest version both speak.
+    pub fn agree(self, peer: Versions) -> Result<u16, MigrateError> {
+        let newest = self.newest.min(peer.newest);
+        if newest < self.oldest.max(peer.oldest) || peer.oldest > peer.newest {
+            return Err(MigrateError::Version { peer, ours: self });
+        }
+        Ok(newest)
+    }
+}
+
+impl std::fmt::Display for Versions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.oldest == self.newest {
+            write!(f, "{}", self.oldest)
+        } else {
+            write!(f, "{} to {}", self.oldest, self.newest)
+        }
+    }
+}
 
 /// Timeouts of each step.
 #[derive(Clone, Copy, Debug)]
@@ -65,9 +156,14 @@ pub enum MigrateError {
         /// What came.
         got: u8,
     },
-    /// The peer speaks another protocol version.
-    #[error("peer speaks handoff protocol {0}, this build speaks {PROTOCOL_VERSION}")]
-    Version(u16),
+    /// The peer speaks no protocol version this process speaks.
+    #[error("peer speaks handoff protocol {peer}, this process speaks {ours}")]
+    Version {
+        /// What the peer speaks.
+        peer: Versions,
+        /// What this process speaks.
+        ours: Versions,
+    },
     /// The peer called the handoff off.
     #[error("peer aborted the handoff: {0}")]
     Aborted(String),
@@ -98,6 +194,9 @@ pub enum MigrateError {
     /// A peer that is not what it says (its HELLO names another process, or it is gone).
     #[error("peer: {0}")]
     Peer(String),
+    /// The ownership word (version 3): it cannot be set up, or it says what it must not.
+    #[error("ownership word: {0}")]
+    Ownership(String),
     /// A payload too short for its fields.
     #[error("message kind {0} too short")]
     Short(u8),
@@ -121,4 +220,44 @@ pub fn expect(
         expected: name,
         got: msg.kind,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(oldest: u16, newest: u16) -> Versions {
+        Versions { oldest, newest }
+    }
+
+    #[test]
+    fn the_highest_common_version_is_agreed() {
+        assert_eq!(v(2, 3).agree(v(2, 3)).unwrap(), 3);
+        assert_eq!(v(2, 3).agree(v(2, 2)).unwrap(), 2);
+        assert_eq!(v(2, 2).agree(v(2, 3)).unwrap(), 2);
+        assert_eq!(v(2, 4).agree(v(3, 9)).unwrap(), 4);
+    }
+
+    #[test]
+    fn no_common_version_is_refused() {
+        assert!(matches!(
+            v(2, 3).agree(v(4, 5)),
+            Err(MigrateError::Version { .. })
+        ));
+        assert!(v(3, 3).agree(v(2, 2)).is_err());
+        // A range upside down is no range.
+        assert!(v(2, 3).agree(v(3, 2)).is_err());
+    }
+
+    #[test]
+    fn a_hello_without_a_newest_version_is_a_single_version() {
+        let mut old = 2u16.to_le_bytes().to_vec();
+        old.extend_from_slice(&77u32.to_le_bytes());
+        assert_eq!(Versions::of_hello(&old).unwrap(), (v(2, 2), 77));
+        assert_eq!(
+            Versions::of_hello(&v(2, 3).hello(78)).unwrap(),
+            (v(2, 3), 78)
+        );
+        assert!(Versions::of_hello(old.get(..5).unwrap()).is_err());
+    }
 }

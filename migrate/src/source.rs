@@ -8,8 +8,9 @@ use tapir_datapath::{Device, GuestMemory, PairResources, QuiescedDevice};
 use tapir_state::DeviceSnapshot;
 
 use crate::fence::Fence;
-use crate::protocol::{self, expect, MigrateError, Timeouts};
+use crate::protocol::{self, expect, MigrateError, Timeouts, Versions};
 use crate::snapshot::{describe, PairPosition};
+use crate::switch_v3::SourceWord;
 use crate::transport::{deadline_after, Channel, MAX_FDS_PER_MESSAGE};
 
 /// Something that can be handed to a successor: a running device, or a VMM (or test parent)
@@ -124,8 +125,10 @@ pub struct HandoffReport {
     pub running_ns: u64,
     /// When the quiesce finished and SWITCH went out.
     pub switch_sent_ns: u64,
-    /// When READY arrived.
+    /// When READY arrived (version 3, which has none: when SWITCH went out).
     pub ready_ns: u64,
+    /// The protocol version the handoff spoke.
+    pub version: u16,
 }
 
 /// How a handoff ended.
@@ -137,7 +140,7 @@ pub enum Outcome {
     RolledBack(MigrateError),
 }
 
-fn abort(ch: &Channel, why: &MigrateError) {
+pub(crate) fn abort(ch: &Channel, why: &MigrateError) {
     let _ = ch.send(protocol::ABORT, why.to_string().as_bytes(), &[]);
 }
 
@@ -150,13 +153,26 @@ pub fn hand_off(
     t: Timeouts,
 ) -> Result<Outcome, MigrateError> {
     // Prepare: the source keeps running.
-    let fence = match prepare(source, ch, t) {
-        Ok(fence) => fence,
+    let (fence, word) = match prepare(source, ch, t) {
+        Ok(v) => v,
         Err(e) => {
             abort(ch, &e);
             return Ok(Outcome::RolledBack(e));
         }
     };
+    if let Some(word) = word {
+        return crate::switch_v3::hand_over(source, ch, &fence, &word, t);
+    }
+    switch_v2(source, ch, &fence, t)
+}
+
+/// Version 2's switch: quiesce, SWITCH, READY, GO, RUNNING.
+fn switch_v2(
+    source: &mut dyn HandoffSource,
+    ch: &Channel,
+    fence: &Fence,
+    t: Timeouts,
+) -> Result<Outcome, MigrateError> {
     // Switch: the blackout starts here.
     let quiesce_ns = tapir_datapath::stats::monotonic_ns();
     let snapshot = source.quiesce()?;
@@ -181,13 +197,14 @@ pub fn hand_off(
     // Ownership is decided here, once: a RUNNING within the switch timeout commits (and
     // nothing fences the successor afterwards); anything else fires the fence, and from then
     // on nothing the channel says counts (see HANDOFF.md, "Fence and commit").
-    match after_go(ch, &fence, t) {
+    match after_go(ch, fence, t) {
         Ok(()) => Ok(Outcome::Committed(HandoffReport {
             successor_pid: fence.pid(),
             quiesce_ns,
             running_ns: tapir_datapath::stats::monotonic_ns(),
             switch_sent_ns: quiesced_ns,
             ready_ns,
+            version: 2,
         })),
         Err(e) => {
             source.resume()?;
@@ -234,7 +251,7 @@ pub fn hand_off_state(
 ) -> Result<Outcome, MigrateError> {
     let deadline = deadline_after(t.prepare);
     let offered = (|| {
-        let fence = check_hello(ch, deadline)?;
+        let (fence, version) = check_hello(ch, deadline)?;
         if fds.len() > MAX_FDS_PER_MESSAGE {
             return Err(MigrateError::Fds(format!(
                 "{} fds, at most {MAX_FDS_PER_MESSAGE}",
@@ -242,9 +259,9 @@ pub fn hand_off_state(
             )));
         }
         ch.send(protocol::STATE_ONLY, blob, fds)?;
-        Ok((fence, tapir_datapath::stats::monotonic_ns()))
+        Ok((fence, version, tapir_datapath::stats::monotonic_ns()))
     })();
-    let (fence, sent_ns) = match offered {
+    let (fence, version, sent_ns) = match offered {
         Ok(v) => v,
         Err(e) => {
             abort(ch, &e);
@@ -263,41 +280,42 @@ pub fn hand_off_state(
             running_ns: tapir_datapath::stats::monotonic_ns(),
             switch_sent_ns: sent_ns,
             ready_ns: sent_ns,
+            version,
         })),
         Err(e) => Ok(Outcome::RolledBack(e)),
     }
 }
 
-/// Receives HELLO by `deadline`, checks its version and pins the process it names.
-fn check_hello(ch: &Channel, deadline: Instant) -> Result<Fence, MigrateError> {
+/// Receives HELLO by `deadline`, agrees on a protocol version (the highest both speak; the
+/// successor learns it from a VERSION message, unless it is version 2, which has none) and
+/// pins the process the HELLO names.
+fn check_hello(ch: &Channel, deadline: Instant) -> Result<(Fence, u16), MigrateError> {
     let hello = ch.recv_by(deadline)?;
     expect(&hello, protocol::HELLO, "HELLO")?;
-    let (version, pid) = match hello.payload.as_slice() {
-        [v0, v1, p0, p1, p2, p3, ..] => (
-            u16::from_le_bytes([*v0, *v1]),
-            u32::from_le_bytes([*p0, *p1, *p2, *p3]),
-        ),
-        _ => return Err(MigrateError::Short(protocol::HELLO)),
-    };
-    if version != protocol::PROTOCOL_VERSION {
-        return Err(MigrateError::Version(version));
-    }
+    let (theirs, pid) = Versions::of_hello(&hello.payload)?;
+    let version = Versions::spoken().agree(theirs)?;
     if !hello.fds.is_empty() {
         return Err(MigrateError::Fds(format!(
             "HELLO carries {} fds",
             hello.fds.len()
         )));
     }
-    Fence::at_hello(ch, pid)
+    let fence = Fence::at_hello(ch, pid)?;
+    if version > 2 {
+        ch.send(protocol::VERSION, &version.to_le_bytes(), &[])?;
+    }
+    tracing::debug!(version, successor = %theirs, "handoff protocol agreed");
+    Ok((fence, version))
 }
 
-/// The prepare phase, under one deadline: HELLO, PREPARE, FDS, EXTENSION, PREPARED.
+/// The prepare phase, under one deadline: HELLO, (VERSION,) PREPARE, FDS, EXTENSION,
+/// (OWNERSHIP,) PREPARED. Returns the fence and, for version 3, the ownership word.
 fn prepare(
     source: &mut dyn HandoffSource,
     ch: &Channel,
     t: Timeouts,
-) -> Result<Fence, MigrateError> {
-    let fence = check_hello(ch, deadline_after(t.prepare))?;
+) -> Result<(Fence, Option<SourceWord>), MigrateError> {
+    let (fence, version) = check_hello(ch, deadline_after(t.prepare))?;
     let (layout, fds) = source.layout();
     ch.send(protocol::PREPARE, &tapir_state::encode(&layout), &[])?;
     for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
@@ -312,10 +330,15 @@ fn prepare(
         )));
     }
     ch.send(protocol::EXTENSION, &blob, &extension_fds)?;
+    let word = if version >= 3 {
+        Some(SourceWord::offer(ch)?)
+    } else {
+        None
+    };
     // Mapping and pre-faulting guest memory is the successor's slow part: its own time.
     let msg = ch.recv_by(deadline_after(t.prepare))?;
     expect(&msg, protocol::PREPARED, "PREPARED")?;
-    Ok(fence)
+    Ok((fence, word))
 }
 
 /// Describes a quiesced device for a successor in this process (the embedding API's

@@ -9,12 +9,13 @@ use tapir_datapath::fd_check;
 use tapir_datapath::engine::EngineConfig;
 use tapir_datapath::memory::MemoryRegionSpec;
 use tapir_datapath::{
-    Device, DeviceConfig, EngineKind, GuestMemory, PairPositions, QueueConfig, QueuePairSpec,
-    TapQueue,
+    Device, DeviceConfig, EngineKind, GuestMemory, PairPositions, PausedDevice, QueueConfig,
+    QueuePairSpec, TapQueue,
 };
 use tapir_state::{DeviceSnapshot, FdKind, VirtqueueState};
 
-use crate::protocol::{self, expect, MigrateError, Timeouts};
+use crate::ownership::OwnershipWord;
+use crate::protocol::{self, expect, MigrateError, Timeouts, Versions};
 use crate::snapshot::{same_layout, take_fd};
 use crate::transport::Channel;
 
@@ -43,8 +44,12 @@ pub enum FailPoint {
     AfterFds,
     /// With the final snapshot received, before READY.
     AfterState,
-    /// After GO, before RUNNING.
+    /// Version 2: after GO, before RUNNING. Version 3: with the switch validated, before the
+    /// claim of the ownership word.
     BeforeRunning,
+    /// Version 3 only: claims the word and runs, but never acknowledges (never sends
+    /// RUNNING); the process carries on serving.
+    NoAck,
 }
 
 impl std::str::FromStr for FailPoint {
@@ -55,14 +60,15 @@ impl std::str::FromStr for FailPoint {
             "after-fds" => Ok(FailPoint::AfterFds),
             "after-state" => Ok(FailPoint::AfterState),
             "before-running" => Ok(FailPoint::BeforeRunning),
+            "no-ack" => Ok(FailPoint::NoAck),
             o => Err(format!(
-                "unknown fail point {o:?} (before-fds, after-fds, after-state, before-running)"
+                "unknown fail point {o:?} (before-fds, after-fds, after-state, before-running, no-ack)"
             )),
         }
     }
 }
 
-fn fail_here(opts: &SuccessorOptions, point: FailPoint) {
+pub(crate) fn fail_here(opts: &SuccessorOptions, point: FailPoint) {
     if opts.fail_at == Some(point) {
         tracing::error!(?point, "test hook: dying at this point of the handoff");
         // SAFETY: _exit ends the process at once; no Rust state is used afterwards.
@@ -100,6 +106,8 @@ pub struct TakeOver {
     pub go_ns: u64,
     /// Handoffs this device has been through.
     pub generation: u64,
+    /// The protocol version the handoff spoke.
+    pub version: u16,
     /// What the source's embedder handed on besides the device.
     pub extension: Extension,
 }
@@ -127,6 +135,8 @@ struct Prepared {
     memory: GuestMemory,
     pairs: Vec<PairFds>,
     extension: Extension,
+    /// Version 3: the ownership word and the source's attempt.
+    word: Option<(OwnershipWord, u32)>,
 }
 
 /// Takes over the device offered at the other end of `ch`.
@@ -192,14 +202,13 @@ fn take_over_inner(
     check: &dyn Fn(&Extension) -> Result<(), String>,
 ) -> Result<Taken, MigrateError> {
     let t = opts.timeouts;
-    let mut hello = protocol::PROTOCOL_VERSION.to_le_bytes().to_vec();
-    hello.extend_from_slice(&std::process::id().to_le_bytes());
-    ch.send(protocol::HELLO, &hello, &[])?;
+    let ours = Versions::spoken();
+    ch.send(protocol::HELLO, &ours.hello(std::process::id()), &[])?;
     fail_here(opts, FailPoint::BeforeFds);
     // One deadline for the whole prepare phase (PREPARE, every FDS chunk, EXTENSION): a source
     // feeding its fds one at a time does not get the timeout once per message.
     let deadline = crate::transport::deadline_after(t.prepare);
-    let first = ch.recv_by(deadline)?;
+    let (version, first) = agreed_version(ch, ours, deadline)?;
     if first.kind == protocol::STATE_ONLY {
         let extension = Extension {
             blob: first.payload,
@@ -208,15 +217,37 @@ fn take_over_inner(
         check(&extension).map_err(MigrateError::Extension)?;
         return Ok(Taken::StateOnly(extension));
     }
-    let prepared = prepare(first, ch, deadline)?;
+    let mut prepared = prepare(first, ch, deadline, version)?;
+    let word = prepared.word.take();
     check(&prepared.extension).map_err(MigrateError::Extension)?;
     fail_here(opts, FailPoint::AfterFds);
+    let extension = std::mem::take(&mut prepared.extension);
     // Everything that does not depend on the ring positions happens before the switch, while
     // the source still runs: rings checked against memory, engines (io_uring, registered
     // files, buffers) and worker threads set up and parked.
-    let (layout, paused, extension) = start_parked(prepared, opts)?;
-    let switched = switch(ch, opts, &layout);
-    let (positions, quiesce_ns, switch_ns, generation) = match switched {
+    let (layout, paused) = start_parked(prepared, opts)?;
+    let mut took = match word {
+        Some(word) => crate::switch_v3::claim_and_run(ch, opts, &layout, paused, &word)?,
+        None => switch_v2(ch, opts, &layout, paused)?,
+    };
+    took.extension = extension;
+    Ok(Taken::Device(took))
+}
+
+/// Version 2's switch: PREPARED, SWITCH, READY, GO, RUNNING, then run.
+fn switch_v2(
+    ch: &Channel,
+    opts: &SuccessorOptions,
+    layout: &DeviceSnapshot,
+    paused: PausedDevice,
+) -> Result<TakeOver, MigrateError> {
+    let t = opts.timeouts;
+    ch.send(protocol::PREPARED, &[], &[])?;
+    let switched = ch
+        .recv_spinning(Some(t.prepare))
+        .map_err(MigrateError::from)
+        .and_then(|msg| final_positions(&msg, opts, layout));
+    let (switch_ns, sw) = match switched {
         Ok(v) => v,
         Err(e) => {
             let _ = paused.abort();
@@ -243,16 +274,49 @@ fn take_over_inner(
         let _ = paused.abort();
         return Err(e.into());
     }
-    Ok(Taken::Device(TakeOver {
-        device: paused.go_at(positions),
-        quiesce_ns,
+    Ok(TakeOver {
+        device: paused.go_at(sw.positions),
+        quiesce_ns: sw.quiesce_ns,
         running_ns,
         switch_ns,
         ready_ns,
         go_ns,
-        generation,
-        extension,
-    }))
+        generation: sw.generation,
+        version: 2,
+        extension: Extension::default(),
+    })
+}
+
+/// The version the source chose (its VERSION message; none: a version-2 source) and the
+/// first message after it.
+fn agreed_version(
+    ch: &Channel,
+    ours: Versions,
+    deadline: Instant,
+) -> Result<(u16, crate::transport::Message), MigrateError> {
+    let first = ch.recv_by(deadline)?;
+    if first.kind != protocol::VERSION {
+        let v2 = Versions {
+            oldest: 2,
+            newest: 2,
+        };
+        return Ok((ours.agree(v2)?, first));
+    }
+    let version = first
+        .payload
+        .get(..2)
+        .and_then(|b| b.try_into().ok())
+        .map(u16::from_le_bytes)
+        .ok_or(MigrateError::Short(protocol::VERSION))?;
+    let chosen = Versions {
+        oldest: version,
+        newest: version,
+    };
+    // The source must pick one this side offered, and one newer than 2 (2 has no VERSION).
+    if version <= 2 || ours.agree(chosen)? != version || !first.fds.is_empty() {
+        return Err(MigrateError::Version { peer: chosen, ours });
+    }
+    Ok((version, ch.recv_by(deadline)?))
 }
 
 /// Starts the workers of a prepared device, parked before their first ring access (the
@@ -260,9 +324,8 @@ fn take_over_inner(
 fn start_parked(
     prepared: Prepared,
     opts: &SuccessorOptions,
-) -> Result<(DeviceSnapshot, tapir_datapath::PausedDevice, Extension), MigrateError> {
+) -> Result<(DeviceSnapshot, PausedDevice), MigrateError> {
     let layout = prepared.layout;
-    let extension = prepared.extension;
     let specs = prepared
         .pairs
         .into_iter()
@@ -283,7 +346,7 @@ fn start_parked(
         cpu_affinity: opts.cpu_affinity.clone(),
     };
     let paused = Device::start_paused(config, prepared.memory, specs)?;
-    Ok((layout, paused, extension))
+    Ok((layout, paused))
 }
 
 /// The positions each pair of a (validated) snapshot resumes at.
@@ -314,21 +377,29 @@ pub fn restore(
     snapshot.validate()?;
     let positions = positions(&snapshot)?;
     let prepared = adopt(snapshot, fds)?;
-    let (_, paused, _) = start_parked(prepared, opts)?;
+    let (_, paused) = start_parked(prepared, opts)?;
     Ok(paused.go_at(positions))
 }
 
-/// Receives the switch: the final snapshot, checked against the prepared layout, as the
-/// positions each pair resumes at.
-fn switch(
-    ch: &Channel,
+/// What a SWITCH says.
+pub(crate) struct Switch {
+    /// Where each pair resumes.
+    pub(crate) positions: Vec<PairPositions>,
+    /// When the source stopped servicing.
+    pub(crate) quiesce_ns: u64,
+    /// The source's generation.
+    pub(crate) generation: u64,
+}
+
+/// Reads a SWITCH: the final snapshot, checked against the prepared layout, as the positions
+/// each pair resumes at. Returns when it arrived too.
+pub(crate) fn final_positions(
+    msg: &crate::transport::Message,
     opts: &SuccessorOptions,
     layout: &DeviceSnapshot,
-) -> Result<(Vec<PairPositions>, u64, u64, u64), MigrateError> {
-    ch.send(protocol::PREPARED, &[], &[])?;
-    let msg = ch.recv_spinning(Some(opts.timeouts.prepare))?;
+) -> Result<(u64, Switch), MigrateError> {
     let switch_ns = tapir_datapath::stats::monotonic_ns();
-    expect(&msg, protocol::SWITCH, "SWITCH")?;
+    expect(msg, protocol::SWITCH, "SWITCH")?;
     let quiesce_ns = msg
         .payload
         .get(..8)
@@ -345,10 +416,12 @@ fn switch(
         return Err(MigrateError::LayoutChanged);
     }
     Ok((
-        positions(&snapshot)?,
-        quiesce_ns,
         switch_ns,
-        snapshot.source.generation,
+        Switch {
+            positions: positions(&snapshot)?,
+            quiesce_ns,
+            generation: snapshot.source.generation,
+        },
     ))
 }
 
@@ -365,10 +438,14 @@ fn queue_config(q: &VirtqueueState, kick: OwnedFd, call: OwnedFd) -> QueueConfig
     }
 }
 
+/// PREPARE, the FDS chunks, EXTENSION and (version 3) OWNERSHIP, all received before any
+/// is checked (a source still sending when this side refuses would see a closed channel
+/// instead of the ABORT); then the fds are adopted.
 fn prepare(
     msg: crate::transport::Message,
     ch: &Channel,
     deadline: Instant,
+    version: u16,
 ) -> Result<Prepared, MigrateError> {
     expect(&msg, protocol::PREPARE, "PREPARE")?;
     let layout = tapir_state::decode(&msg.payload)?;
@@ -399,11 +476,17 @@ fn prepare(
     }
     let msg = ch.recv_by(deadline)?;
     expect(&msg, protocol::EXTENSION, "EXTENSION")?;
+    let word = if version >= 3 {
+        Some(crate::switch_v3::receive_word(ch, deadline)?)
+    } else {
+        None
+    };
     let mut prepared = adopt(layout, fds.into_iter().flatten().collect())?;
     prepared.extension = Extension {
         blob: msg.payload,
         fds: msg.fds,
     };
+    prepared.word = word;
     Ok(prepared)
 }
 
@@ -469,5 +552,6 @@ fn adopt(layout: DeviceSnapshot, fds: Vec<OwnedFd>) -> Result<Prepared, MigrateE
         memory,
         pairs,
         extension: Extension::default(),
+        word: None,
     })
 }

@@ -161,6 +161,17 @@ fn list() -> Vec<Entry> {
         ("shutdown", SYS_shutdown, vec![]),
         // A listener's socket file goes when it is dropped.
         ("unlinkat", SYS_unlinkat, vec![]),
+        // A version-3 handoff's ownership word: a sealed one-page memfd per handoff (only
+        // close-on-exec and sealable; never executable).
+        (
+            "memfd_create",
+            SYS_memfd_create,
+            vec![rule(vec![eq32(
+                1,
+                u64::from(MFD_CLOEXEC | MFD_ALLOW_SEALING),
+            )])],
+        ),
+        ("ftruncate", SYS_ftruncate, vec![]),
         // Handoff fencing of a successor.
         ("kill", SYS_kill, vec![rule(vec![eq32(1, c(SIGKILL))])]),
         ("pidfd_open", SYS_pidfd_open, vec![]),

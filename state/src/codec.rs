@@ -67,6 +67,21 @@ impl Header {
     /// [`StateError::UnsupportedVersion`], [`StateError::ReservedNonZero`],
     /// [`StateError::TooLarge`].
     pub fn parse(bytes: &[u8]) -> Result<Self, StateError> {
+        Header::parse_as(MAGIC, OLDEST_VERSION, CURRENT_VERSION, bytes)
+    }
+
+    /// [`parse`](Self::parse) for another kind of blob (see [`seal`]): its own magic and
+    /// range of format versions.
+    ///
+    /// # Errors
+    ///
+    /// As [`parse`](Self::parse).
+    pub fn parse_as(
+        expected_magic: [u8; 8],
+        oldest: u16,
+        newest: u16,
+        bytes: &[u8],
+    ) -> Result<Self, StateError> {
         let Some((header, _)) = bytes.split_first_chunk::<HEADER_LEN>() else {
             return Err(StateError::TooShort {
                 len: bytes.len(),
@@ -77,20 +92,20 @@ impl Header {
         let [m0, m1, m2, m3, m4, m5, m6, m7, v0, v1, r0, r1, l0, l1, l2, l3, c0, c1, c2, c3] =
             *header;
         let magic = [m0, m1, m2, m3, m4, m5, m6, m7];
-        if magic != MAGIC {
+        if magic != expected_magic {
             return Err(StateError::BadMagic { found: magic });
         }
         let version = u16::from_le_bytes([v0, v1]);
-        if version > CURRENT_VERSION {
+        if version > newest {
             return Err(StateError::FutureVersion {
                 found: version,
-                supported: CURRENT_VERSION,
+                supported: newest,
             });
         }
-        if version < OLDEST_VERSION {
+        if version < oldest {
             return Err(StateError::UnsupportedVersion {
                 found: version,
-                oldest: OLDEST_VERSION,
+                oldest,
             });
         }
         let reserved = u16::from_le_bytes([r0, r1]);
@@ -126,7 +141,40 @@ impl Header {
 pub fn encode(s: &DeviceSnapshot) -> Vec<u8> {
     #[allow(clippy::expect_used)] // see "# Panics": cannot fail for these types
     let payload = postcard::to_allocvec(s).expect("postcard encodes plain derived types");
-    frame(CURRENT_VERSION, &payload)
+    frame(MAGIC, CURRENT_VERSION, &payload)
+}
+
+/// Frames another kind of payload (the vhost-user session blob) the way snapshots are
+/// framed: `magic`, format `version`, length and CRC-32, so that its reader gets the same
+/// checks ([`unseal`]). The caller encodes the payload and knows its versions.
+#[must_use]
+pub fn seal(magic: [u8; 8], version: u16, payload: &[u8]) -> Vec<u8> {
+    frame(magic, version, payload)
+}
+
+/// Checks a blob made by [`seal`]: magic, a version from `oldest` to `newest`, reserved
+/// field, exact length (at most [`MAX_BLOB`]) and checksum. Returns the version and the
+/// payload, for the caller to decode.
+///
+/// # Errors
+///
+/// The first check that fails, as its own [`StateError`] variant.
+pub fn unseal(
+    magic: [u8; 8],
+    oldest: u16,
+    newest: u16,
+    bytes: &[u8],
+) -> Result<(u16, &[u8]), StateError> {
+    let header = Header::parse_as(magic, oldest, newest, bytes)?;
+    let payload = payload_of(bytes, &header)?;
+    let computed = crc32fast::hash(payload);
+    if computed != header.checksum {
+        return Err(StateError::Checksum {
+            expected: header.checksum,
+            computed,
+        });
+    }
+    Ok((header.version, payload))
 }
 
 /// Validates `s`, encodes it and checks the blob fits [`MAX_BLOB`]: what a source sends.
@@ -179,12 +227,12 @@ pub fn decode_unvalidated(bytes: &[u8]) -> Result<DeviceSnapshot, StateError> {
     decode_payload(header.version, payload)
 }
 
-/// Prefixes `payload` with a header for `version`.
-fn frame(version: u16, payload: &[u8]) -> Vec<u8> {
+/// Prefixes `payload` with a header for `magic` and `version`.
+fn frame(magic: [u8; 8], version: u16, payload: &[u8]) -> Vec<u8> {
     // A payload over 4 GiB cannot be described; u32::MAX makes decode refuse it as TooLarge.
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     let mut blob = Vec::with_capacity(HEADER_LEN.saturating_add(payload.len()));
-    blob.extend_from_slice(&MAGIC);
+    blob.extend_from_slice(&magic);
     blob.extend_from_slice(&version.to_le_bytes());
     blob.extend_from_slice(&0u16.to_le_bytes());
     blob.extend_from_slice(&len.to_le_bytes());
@@ -242,4 +290,39 @@ fn postcard_decode<T: serde::de::DeserializeOwned>(
         });
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod seal_tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_payload_unseals_and_nothing_else_does() {
+        let blob = seal(*b"TESTBLOB", 3, b"payload");
+        assert_eq!(
+            unseal(*b"TESTBLOB", 2, 3, &blob).unwrap(),
+            (3, &b"payload"[..])
+        );
+        assert!(matches!(
+            unseal(*b"OTHERMAG", 2, 3, &blob),
+            Err(StateError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            unseal(*b"TESTBLOB", 1, 2, &blob),
+            Err(StateError::FutureVersion { .. })
+        ));
+        let mut bad = blob.clone();
+        if let Some(b) = bad.last_mut() {
+            *b ^= 1;
+        }
+        assert!(matches!(
+            unseal(*b"TESTBLOB", 2, 3, &bad),
+            Err(StateError::Checksum { .. })
+        ));
+        let cut = blob.get(..blob.len() - 1).unwrap_or_default();
+        assert!(matches!(
+            unseal(*b"TESTBLOB", 2, 3, cut),
+            Err(StateError::Truncated { .. })
+        ));
+    }
 }

@@ -29,8 +29,8 @@ mod snapshot;
 mod validate;
 
 pub use codec::{
-    decode, decode_unvalidated, encode, try_encode, Header, CURRENT_VERSION, HEADER_LEN, MAGIC,
-    MAX_BLOB, MAX_PAYLOAD, OLDEST_VERSION,
+    decode, decode_unvalidated, encode, seal, try_encode, unseal, Header, CURRENT_VERSION,
+    HEADER_LEN, MAGIC, MAX_BLOB, MAX_PAYLOAD, OLDEST_VERSION,
 };
 pub use error::{Direction, FdUser, QueueRef, Ring, StateError};
 pub use example::example_snapshot;

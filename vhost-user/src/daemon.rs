@@ -725,7 +725,16 @@ impl Daemon {
         };
         let mut list = FdList::default();
         let state = self.export(session, &pairs, Some(conn), &mut list);
-        source.blob = handoff::encode(&state);
+        source.blob = match handoff::encode(&state) {
+            Ok(blob) => blob,
+            Err(e) => {
+                // Nothing went out yet: the successor sees the channel close.
+                tracing::error!(error = %e, "handoff refused");
+                let ServeSource { inner, .. } = source;
+                self.take_back(session, inner, pairs);
+                return Ok(false);
+            }
+        };
         source.fds = list.into_vec();
         let outcome = hand_off(&mut source, &ch, self.timeouts);
         let ServeSource { inner, .. } = source;
@@ -782,7 +791,13 @@ impl Daemon {
     ) -> Result<bool, ServeError> {
         let mut list = FdList::default();
         let state = self.export(session, &[], conn, &mut list);
-        let blob = handoff::encode(&state);
+        let blob = match handoff::encode(&state) {
+            Ok(blob) => blob,
+            Err(e) => {
+                tracing::error!(error = %e, "handoff refused");
+                return Ok(false);
+            }
+        };
         match hand_off_state(&ch, &blob, &list.into_vec(), self.timeouts) {
             Ok(Outcome::Committed(report)) => {
                 event(format!(

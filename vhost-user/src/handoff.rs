@@ -1,5 +1,6 @@
 //! A vhost-user session as handoff state: everything `tapir serve` knows besides the running
-//! device (which `tapir-migrate` carries itself), as a versioned postcard blob plus fds. It
+//! device (which `tapir-migrate` carries itself), as a postcard payload framed by tapir-state's
+//! codec (magic `TAPIRVUS`, format version, length, CRC-32: `tapir_state::seal`) plus fds. It
 //! rides in the handoff protocol's EXTENSION message: the successor gets the connection to
 //! the frontend, the listening sockets, the TAP queues, the memory table, every vring's fds
 //! and the dirty log, and carries on the session where the predecessor stopped reading it.
@@ -10,8 +11,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::session::{Session, Vring, VringAddrs};
 
-const MAGIC: &[u8; 4] = b"TVUS";
-const VERSION: u16 = 1;
+/// The frame's magic (tapir-state's header layout).
+const MAGIC: [u8; 8] = *b"TAPIRVUS";
+/// The format version [`encode`] writes: 2, the payload of version 1 in tapir-state's frame.
+const VERSION: u16 = 2;
+/// Version 1's own header (no length, no checksum), still read: a successor of this build
+/// takes over from a `tapir serve` that wrote it.
+const LEGACY_MAGIC: &[u8; 4] = b"TVUS";
+const LEGACY_VERSION: u16 = 1;
 
 /// Most vrings a blob may describe (256 queue pairs).
 const MAX_VRINGS: usize = 512;
@@ -112,12 +119,18 @@ pub struct SessionState {
 /// Errors of decoding a session blob.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionStateError {
-    /// Not a session blob, or another version.
-    #[error("not a tapir vhost-user session blob of version {VERSION}")]
+    /// Not a session blob (neither framed nor of the legacy version 1).
+    #[error("not a tapir vhost-user session blob (versions {LEGACY_VERSION} to {VERSION})")]
     Header,
+    /// The frame: magic, version, length or checksum.
+    #[error("session blob: {0}")]
+    Frame(#[from] tapir_state::StateError),
     /// postcard.
     #[error("session blob: {0}")]
     Decode(#[from] postcard::Error),
+    /// The state could not be encoded (nothing is sent then: no empty payload).
+    #[error("encoding the session blob: {0}")]
+    Encode(#[source] postcard::Error),
     /// Fields that do not add up.
     #[error("session blob: {0}")]
     Invalid(String),
@@ -202,21 +215,28 @@ pub fn export<'a>(
     }
 }
 
-/// Encodes a session state.
-pub fn encode(state: &SessionState) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    // postcard into a Vec cannot fail for these plain types.
-    out.extend_from_slice(&postcard::to_allocvec(state).unwrap_or_default());
-    out
+/// Encodes a session state: postcard, framed by tapir-state's codec.
+pub fn encode(state: &SessionState) -> Result<Vec<u8>, SessionStateError> {
+    let payload = postcard::to_allocvec(state).map_err(SessionStateError::Encode)?;
+    Ok(tapir_state::seal(MAGIC, VERSION, &payload))
+}
+
+/// The payload of a blob: checked by tapir-state's frame (version 2), or behind version 1's
+/// header (no checksum).
+fn payload_of(blob: &[u8]) -> Result<&[u8], SessionStateError> {
+    if let Some(rest) = blob.strip_prefix(LEGACY_MAGIC.as_slice()) {
+        return match rest.split_first_chunk::<2>() {
+            Some((v, payload)) if u16::from_le_bytes(*v) == LEGACY_VERSION => Ok(payload),
+            _ => Err(SessionStateError::Header),
+        };
+    }
+    let (_version, payload) = tapir_state::unseal(MAGIC, VERSION, VERSION, blob)?;
+    Ok(payload)
 }
 
 /// Decodes and checks a session state against the number of fds that came with it.
 pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionStateError> {
-    if blob.len() < 6 || &blob[..4] != MAGIC || blob[4..6] != VERSION.to_le_bytes() {
-        return Err(SessionStateError::Header);
-    }
-    let state: SessionState = postcard::from_bytes(&blob[6..])?;
+    let state: SessionState = postcard::from_bytes(payload_of(blob)?)?;
     let bad = |s: String| Err(SessionStateError::Invalid(s));
     let pairs = usize::from(state.queue_pairs);
     if pairs == 0 || state.vrings.len() != 2 * pairs || state.vrings.len() > MAX_VRINGS {
@@ -448,10 +468,44 @@ mod tests {
         }
     }
 
+    fn encode(s: &SessionState) -> Vec<u8> {
+        super::encode(s).unwrap()
+    }
+
     #[test]
     fn a_session_round_trips() {
         let s = state();
         assert_eq!(decode(&encode(&s), 7).unwrap(), s);
+    }
+
+    #[test]
+    fn a_version_1_blob_still_decodes() {
+        let s = state();
+        let mut v1 = LEGACY_MAGIC.to_vec();
+        v1.extend_from_slice(&LEGACY_VERSION.to_le_bytes());
+        v1.extend_from_slice(&postcard::to_allocvec(&s).unwrap());
+        assert_eq!(decode(&v1, 7).unwrap(), s);
+        let mut v9 = v1.clone();
+        v9[4] = 9;
+        assert!(matches!(decode(&v9, 7), Err(SessionStateError::Header)));
+    }
+
+    #[test]
+    fn a_flipped_payload_byte_fails_the_checksum() {
+        let blob = encode(&state());
+        for i in [tapir_state::HEADER_LEN, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[i] ^= 0x01;
+            assert!(
+                matches!(
+                    decode(&bad, 7),
+                    Err(SessionStateError::Frame(
+                        tapir_state::StateError::Checksum { .. }
+                    ))
+                ),
+                "byte {i}"
+            );
+        }
     }
 
     #[test]
@@ -462,7 +516,12 @@ mod tests {
         }
         let mut other = blob.clone();
         other[4] ^= 0xff;
-        assert!(matches!(decode(&other, 7), Err(SessionStateError::Header)));
+        assert!(matches!(
+            decode(&other, 7),
+            Err(SessionStateError::Frame(
+                tapir_state::StateError::BadMagic { .. }
+            ))
+        ));
         // Fewer fds than the blob refers to.
         assert!(decode(&blob, 6).is_err());
         // An fd used twice.

@@ -259,7 +259,7 @@ fn session_state() -> tapir_vhost_user::handoff::SessionState {
 fn state_decode() -> Seeds {
     let blob = tapir_state::try_encode(&tapir_state::example_snapshot()).expect("valid");
     let small = tapir_state::try_encode(&tapir_fuzz::small_snapshot(16)).expect("valid");
-    let session = tapir_vhost_user::handoff::encode(&session_state());
+    let session = tapir_vhost_user::handoff::encode(&session_state()).expect("encodes");
     let with = |mode: u8, extra: &[u8], b: &[u8]| {
         let mut v = vec![mode];
         v.extend_from_slice(extra);
