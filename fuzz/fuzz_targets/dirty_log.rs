@@ -135,7 +135,11 @@ fuzz_target!(|data: &[u8]| {
                     };
                     let len = usize::from(input.u16());
                     mem.mark_dirty(addr, len);
-                    // The model: the region-relative pages the range touches.
+                    // The model: the bytes of the range inside each region (a hole before
+                    // or between regions is skipped, not the end of the range), tracked
+                    // as the region's bitmap does, a page per 4 KiB from the region's start;
+                    // each such page is flushed as every guest page it overlaps (two when
+                    // the region is not page aligned), so no written guest page is lost.
                     let mut pages = 0;
                     for &(base, size) in &placed {
                         let start = addr.max(base);
@@ -143,12 +147,22 @@ fuzz_target!(|data: &[u8]| {
                             .saturating_add(len as u64)
                             .min(base.saturating_add(size));
                         if start < end {
+                            let region_end = base.saturating_add(size);
                             let first = (start - base) / LOG_PAGE;
                             let last = (end - 1 - base) / LOG_PAGE;
+                            let mut guest = BTreeSet::new();
                             for page in first..=last {
-                                bits.insert((base + page * LOG_PAGE) / LOG_PAGE);
-                                pages += 1;
+                                let lo = base + page * LOG_PAGE;
+                                let hi = lo.saturating_add(LOG_PAGE).min(region_end) - 1;
+                                guest.insert(lo / LOG_PAGE);
+                                guest.insert(hi / LOG_PAGE);
                             }
+                            // Soundness, independent of the bitmap's granularity: the guest
+                            // pages of the first and last byte written are among them.
+                            assert!(guest.contains(&(start / LOG_PAGE)));
+                            assert!(guest.contains(&((end - 1) / LOG_PAGE)));
+                            pages += guest.len();
+                            bits.extend(guest);
                         }
                     }
                     assert_eq!(log.flush(mem), pages, "flush moves each dirty page once");
