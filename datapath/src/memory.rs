@@ -461,6 +461,18 @@ mod tests {
         assert_eq!(mem.take_dirty_log(), vec![0, 0x1000, 0x2000]);
     }
 
+    #[test]
+    fn two_regions_off_a_page_boundary_report_the_guest_page_they_share_once() {
+        // dirty_log fuzz finding 11 (the target's model counted it once per region).
+        let mem = GuestMemory::from_regions(vec![
+            spec(0x800, 0x1000, memfd(0x1000), 0),
+            spec(0x1800, 0x1000, memfd(0x1000), 0),
+        ])
+        .unwrap();
+        mem.mark_dirty(0x800, 0x2000);
+        assert_eq!(mem.take_dirty_log(), vec![0, 0x1000, 0x2000]);
+    }
+
     fn spec(guest_addr: u64, size: u64, fd: OwnedFd, file_offset: u64) -> MemoryRegionSpec {
         MemoryRegionSpec {
             guest_addr,
