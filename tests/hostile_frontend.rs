@@ -1214,3 +1214,7 @@ fn in_client_mode_a_listener_that_never_accepts_does_not_block_the_daemon() {
         });
     }
 }
+
+// Guest memory on hugetlbfs and in a sealed memfd (item 3).
+#[path = "hostile_frontend/shrinkable_memory.rs"]
+mod shrinkable_memory;

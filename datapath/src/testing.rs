@@ -14,10 +14,13 @@
 //!   completes it; a deferred read is retried with [`PairHarness::rx_retry`], given up with
 //!   [`PairHarness::rx_drop_deferred`], or a posted one cancelled with
 //!   [`PairHarness::rx_cancel`]. [`PairHarness::rx_deliver`] does prepare, write and complete.
-//! - [`PairHarness::check`] reads what the device put in the used rings since the last check
-//!   and verifies the invariants a fuzzer checks: used ids below the queue size and only ids
-//!   the device held, used lengths within the chain's capacity (0 for TX), a delivered frame's
-//!   bytes and `num_buffers` exactly right, spare list and held heads bounded by the queue size.
+//! - [`PairHarness::check`] reports what the harness found in the used rings right after each
+//!   device action (see `check.rs`: a guest whose buffers alias its own rings or each other
+//!   only corrupts itself and must not make a correct device look wrong) and verifies the
+//!   invariants a fuzzer checks: used ids below the queue size and only ids the device held,
+//!   used lengths within the chain's capacity (0 for TX), a delivered frame's bytes where the
+//!   used chains say and `num_buffers` right, each read's iovecs the mapping of its guest
+//!   ranges, spare list and held heads bounded by the queue size.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -31,9 +34,11 @@ use crate::features;
 use crate::memory::GuestMemory;
 use crate::pair::{PairSettings, QueuePair, RxCompletion, RxPrepare, RxRead, TxNext, TxWrite};
 use crate::stats::{Counters, QueuePairStats};
+#[cfg(test)]
 use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueConfig, QueueError, Virtqueue};
-use crate::vnet_hdr::NUM_BUFFERS_OFFSET;
+
+use check::{Delivered, UsedChain, UsedWatch};
 
 /// A ring configuration at these addresses, starting at index 0, with fresh non-blocking
 /// kick and call eventfds.
@@ -109,6 +114,16 @@ pub enum Violation {
         /// `UIO_MAXIOV`.
         max: usize,
     },
+    /// An iovec of a read is not the host mapping of the guest range it stands for.
+    #[error("iovec {index} of an RX read is not the mapping of guest range {gpa:#x}+{len:#x}")]
+    IovecMismatch {
+        /// Index of the iovec.
+        index: usize,
+        /// Guest address it stands for.
+        gpa: u64,
+        /// Its length.
+        len: u32,
+    },
     /// The pair holds more RX chains than the queue has descriptors.
     #[error("{held} RX heads held, queue size {size}")]
     TooManyHeld {
@@ -154,19 +169,10 @@ struct RxState {
     frame: Vec<u8>,
     /// Bytes the read returned (0: not written yet).
     written: usize,
+    /// Where the read put them in guest memory (cut to the frame; the rest went to the
+    /// spill area).
+    written_at: Vec<(u64, u32)>,
     in_use: bool,
-}
-
-/// Ring bookkeeping of one queue, for [`PairHarness::check`], kept from the rings alone.
-#[derive(Debug)]
-struct UsedWatch {
-    /// Next used index not checked yet.
-    seen: u16,
-    /// Next avail index whose head was not noted yet.
-    avail_seen: u16,
-    /// Capacity (bytes, as walked when the device popped it) of each head the device popped
-    /// and has not used, by head.
-    held: Vec<Option<u32>>,
 }
 
 /// A queue pair driven in process (see the module documentation).
@@ -179,8 +185,10 @@ pub struct PairHarness {
     rx_order: VecDeque<usize>,
     rx_watch: UsedWatch,
     tx_watch: UsedWatch,
-    /// Frames delivered whose used entries `check` has not matched yet.
-    delivered: VecDeque<Vec<u8>>,
+    /// Frames delivered whose used entries were not read yet.
+    delivered: VecDeque<Delivered>,
+    /// RX used chains (id, length, segments as popped) not matched with a frame yet.
+    rx_chains: Vec<UsedChain>,
     frames_checked: u64,
     /// A violation seen while driving the pair, reported by the next `check`.
     pending: Option<Violation>,
@@ -199,13 +207,8 @@ impl PairHarness {
         let event_idx = settings.features & features::F_EVENT_IDX != 0;
         let rx = Virtqueue::new(0, rx, event_idx, &mem)?;
         let tx = Virtqueue::new(1, tx, event_idx, &mem)?;
-        let watch = |q: &Virtqueue| UsedWatch {
-            seen: q.positions().1,
-            avail_seen: q.positions().0,
-            held: vec![None; usize::from(q.table().size)],
-        };
-        let rx_watch = watch(&rx);
-        let tx_watch = watch(&tx);
+        let rx_watch = UsedWatch::new(&rx);
+        let tx_watch = UsedWatch::new(&tx);
         let pair = QueuePair::new(
             0,
             mem,
@@ -222,6 +225,7 @@ impl PairHarness {
             rx_watch,
             tx_watch,
             delivered: VecDeque::new(),
+            rx_chains: Vec::new(),
             frames_checked: 0,
             pending: None,
             mrg_rxbuf: settings.features & features::NET_F_MRG_RXBUF != 0,
@@ -260,17 +264,8 @@ impl PairHarness {
             w.held.iter_mut().for_each(|h| *h = None);
         }
         for &head in &positions.rx_in_flight {
-            let mut seg = chain::Segments::default();
-            let walked = chain::walk(
-                &self.pair.mem,
-                self.pair.rx.table(),
-                head,
-                Access::DeviceWrites,
-                &mut seg,
-            );
-            if let (Ok(()), Some(h)) = (walked, self.rx_watch.held.get_mut(usize::from(head))) {
-                *h = Some(seg.len);
-            }
+            self.rx_watch
+                .hold(&self.pair.mem, &self.pair.rx, Access::DeviceWrites, head);
         }
         Ok(())
     }
@@ -291,7 +286,7 @@ impl PairHarness {
         self.pair.begin_pass();
         let popped = self.pair.next_tx(w) == TxNext::Chain;
         *busy = popped;
-        self.note_pops();
+        self.capture();
         popped.then_some(TxSlot(slot))
     }
 
@@ -354,6 +349,7 @@ impl PairHarness {
                     read: RxRead::new(4),
                     frame: Vec::new(),
                     written: 0,
+                    written_at: Vec::new(),
                     in_use: false,
                 });
                 self.rx.len() - 1
@@ -372,7 +368,14 @@ impl PairHarness {
                 max: chain::MAX_SEGMENTS,
             });
         }
-        self.note_pops();
+        if prepared {
+            if let Some(v) = iovec_mismatch(&self.pair.mem, &state.read.seg) {
+                self.pending.get_or_insert(v);
+                // Never write through an iovec that is not the guest range's mapping.
+                state.read.seg.iov.clear();
+            }
+        }
+        self.capture();
         prepared.then_some(RxSlot(slot))
     }
 
@@ -391,11 +394,24 @@ impl PairHarness {
             return 0;
         };
         let mut left = frame;
-        for &(gpa, len) in &state.read.seg.gpa {
+        state.written_at.clear();
+        for (k, &(gpa, len)) in state.read.seg.gpa.iter().enumerate() {
             let take = (len as usize).min(left.len());
             let (now, rest) = left.split_at(take);
-            // The range was validated when the chain was walked.
-            let _ = self.pair.mem.mmap().write_slice(now, GuestAddress(gpa));
+            // As readv does: through the read's host iovec (checked in `rx_prepare` to be
+            // the mapping of this guest range).
+            if let Some(iov) = state.read.seg.iov.get(k) {
+                // SAFETY: `rx_prepare` checked that this iovec is the host mapping of
+                // `gpa..gpa+len`, inside guest memory, and `take <= len`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(now.as_ptr(), iov.iov_base.cast::<u8>(), take);
+                }
+            }
+            if take > 0 {
+                state
+                    .written_at
+                    .push((gpa, u32::try_from(take).unwrap_or(u32::MAX)));
+            }
             left = rest;
         }
         let spill = state.read.spill_mut();
@@ -441,29 +457,19 @@ impl PairHarness {
                 return RxCompletion::Deferred;
             }
             if self.pair.counters.rx_packets > before {
-                self.delivered.push_back(std::mem::take(&mut state.frame));
+                self.delivered.push_back(Delivered {
+                    frame: std::mem::take(&mut state.frame),
+                    written: std::mem::take(&mut state.written_at),
+                    posted: state.read.posted_len() as usize,
+                });
             }
             state.in_use = false;
             self.rx_order.pop_front();
+            // Read what the device wrote before anything else can land on it.
+            self.capture();
         }
-        self.note_pops();
+        self.capture();
         RxCompletion::Done
-    }
-
-    /// Notes the heads the device popped since the last call, from the avail rings.
-    fn note_pops(&mut self) {
-        note_pops(
-            &self.pair.mem,
-            &self.pair.rx,
-            Access::DeviceWrites,
-            &mut self.rx_watch,
-        );
-        note_pops(
-            &self.pair.mem,
-            &self.pair.tx,
-            Access::DeviceReads,
-            &mut self.tx_watch,
-        );
     }
 
     /// Cancels a prepared read that was not completed (its chains go back to the spare list),
@@ -521,10 +527,11 @@ impl PairHarness {
         self.pair.publish();
     }
 
-    /// Checks everything the device added to the used rings since the last check, and the
-    /// pair's bounds (see the module documentation).
+    /// Reports the first violation seen since the last check (used entries and frames are
+    /// checked as the device writes them: see [`check`](self::check)), then the pair's
+    /// bounds.
     pub fn check(&mut self) -> Result<(), Violation> {
-        self.note_pops();
+        self.capture();
         if let Some(v) = self.pending.take() {
             return Err(v);
         }
@@ -533,187 +540,25 @@ impl PairHarness {
         if held > usize::from(size) {
             return Err(Violation::TooManyHeld { held, size });
         }
-        let tx_entries = used_entries(&self.pair.mem, &self.pair.tx, &mut self.tx_watch.seen);
-        for (id, len) in tx_entries {
-            take_held(&mut self.tx_watch, self.pair.tx.index, id, len)?;
-        }
-        let rx_entries = used_entries(&self.pair.mem, &self.pair.rx, &mut self.rx_watch.seen);
-        // Group the entries into frames: used length 0 is a chain given back empty
-        // (malformed, or at a give-back); a frame's chains are consecutive.
-        let mut frame_chains: Vec<(u16, u32)> = Vec::new();
-        let mut frames: Vec<Vec<(u16, u32)>> = Vec::new();
-        for (id, len) in rx_entries {
-            take_held(&mut self.rx_watch, self.pair.rx.index, id, len)?;
-            if len == 0 {
-                continue;
-            }
-            let head = u16::try_from(id).unwrap_or(u16::MAX);
-            frame_chains.push((head, len));
-            let first = frame_chains.first().copied();
-            let want = match first {
-                Some((h, _)) if self.mrg_rxbuf => self.num_buffers_of(h),
-                _ => 1,
-            };
-            if frame_chains.len() >= usize::from(want.max(1)) {
-                frames.push(std::mem::take(&mut frame_chains));
-            }
-        }
-        if !frame_chains.is_empty() {
-            frames.push(frame_chains);
-        }
-        for chains in frames {
-            self.check_frame(&chains)?;
-        }
-        Ok(())
-    }
-
-    /// `num_buffers` as the device wrote it into the chain at `head` (whose descriptors
-    /// still describe it: nothing runs between the device's write and this read).
-    fn num_buffers_of(&self, head: u16) -> u16 {
-        let bytes = self.chain_bytes(head, VNET_HDR_LEN);
-        let lo = bytes.get(NUM_BUFFERS_OFFSET).copied().unwrap_or(0);
-        let hi = bytes.get(NUM_BUFFERS_OFFSET + 1).copied().unwrap_or(0);
-        u16::from_le_bytes([lo, hi])
-    }
-
-    /// The first `max` bytes of the chain at `head`, read from guest memory.
-    fn chain_bytes(&self, head: u16, max: usize) -> Vec<u8> {
-        let mut seg = chain::Segments::default();
-        if chain::walk(
-            &self.pair.mem,
-            self.pair.rx.table(),
-            head,
-            Access::DeviceWrites,
-            &mut seg,
-        )
-        .is_err()
-        {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        for &(gpa, len) in &seg.gpa {
-            if out.len() >= max {
-                break;
-            }
-            let take = (len as usize).min(max - out.len());
-            let start = out.len();
-            out.resize(start + take, 0);
-            if let Some(buf) = out.get_mut(start..) {
-                let _ = self.pair.mem.mmap().read_slice(buf, GuestAddress(gpa));
-            }
-        }
-        out
-    }
-
-    fn check_frame(&mut self, chains: &[(u16, u32)]) -> Result<(), Violation> {
-        let frame_no = self.frames_checked;
-        self.frames_checked += 1;
-        let bad = |reason: String| Violation::FrameMismatch {
-            frame: frame_no,
-            reason,
-        };
-        let Some(expected) = self.delivered.pop_front() else {
-            return Err(bad(format!(
-                "used entries {chains:?} but no frame was delivered"
-            )));
-        };
-        let mut got = Vec::with_capacity(expected.len());
-        for &(head, len) in chains {
-            got.extend(self.chain_bytes(head, len as usize));
-        }
-        let want_nb = if self.mrg_rxbuf { chains.len() } else { 1 };
-        let nb = got
-            .get(NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2)
-            .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])));
-        if self.mrg_rxbuf || nb.is_some() {
-            // Without MRG_RXBUF num_buffers is 1 as well (virtio 1.2 §5.1.6.4).
-            if nb != Some(want_nb) {
-                return Err(bad(format!(
-                    "num_buffers {nb:?}, {want_nb} chains used ({chains:?})"
-                )));
-            }
-        }
-        if got.len() != expected.len() {
-            return Err(bad(format!(
-                "{} bytes in the used chains, {} bytes read from the TAP",
-                got.len(),
-                expected.len()
-            )));
-        }
-        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-            let in_nb = (NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2).contains(&i);
-            if g != e && !in_nb {
-                return Err(bad(format!("byte {i} is {g:#x}, the TAP read {e:#x}")));
-            }
-        }
         Ok(())
     }
 }
 
-/// The used entries the device added to `q` since `seen` (which is advanced).
-fn used_entries(mem: &GuestMemory, q: &Virtqueue, seen: &mut u16) -> Vec<(u32, u32)> {
-    let (_, next_used) = q.positions();
-    let size = q.table().size.max(1);
-    let used_ring = q.used_ring();
-    let mut out = Vec::new();
-    while *seen != next_used {
-        let slot = u64::from(*seen % size);
-        let addr = used_ring + 4 + 8 * slot;
-        let id: u32 = mem.mmap().read_obj(GuestAddress(addr)).unwrap_or(u32::MAX);
-        let len: u32 = mem
-            .mmap()
-            .read_obj(GuestAddress(addr + 4))
-            .unwrap_or(u32::MAX);
-        out.push((u32::from_le(id), u32::from_le(len)));
-        *seen = seen.wrapping_add(1);
-    }
-    out
+/// The first guest piece of `seg` whose iovec is not the host mapping of its guest range.
+fn iovec_mismatch(mem: &GuestMemory, seg: &chain::Segments) -> Option<Violation> {
+    seg.gpa.iter().enumerate().find_map(|(index, &(gpa, len))| {
+        let mut pieces = Vec::new();
+        let ok = mem.translate(gpa, len, |p, l| pieces.push((p, l))).is_ok();
+        let iov = seg.iov.get(index);
+        let same = ok
+            && pieces.len() == 1
+            && iov.is_some_and(|v| pieces.first() == Some(&(v.iov_base.cast::<u8>(), v.iov_len)));
+        (!same).then_some(Violation::IovecMismatch { index, gpa, len })
+    })
 }
 
-/// Notes the heads popped from `q` since `watch.avail_seen`, with the capacity their chains
-/// have now (what the device walked when it popped them: nothing ran in between).
-fn note_pops(mem: &GuestMemory, q: &Virtqueue, access: Access, watch: &mut UsedWatch) {
-    let (next, _) = q.positions();
-    if next.wrapping_sub(watch.avail_seen) > q.table().size {
-        // Rewound (a give-back) or a jump the queue refused: start over from here.
-        watch.avail_seen = next;
-        return;
-    }
-    while watch.avail_seen != next {
-        if let Some(head) = q.avail_head(mem, watch.avail_seen) {
-            let mut seg = chain::Segments::default();
-            let walked = chain::walk(mem, q.table(), head, access, &mut seg).is_ok();
-            let capacity = match access {
-                Access::DeviceWrites => seg.len,
-                Access::DeviceReads => 0,
-            };
-            if let Some(h) = watch.held.get_mut(usize::from(head)) {
-                *h = walked.then_some(capacity);
-            }
-        }
-        watch.avail_seen = watch.avail_seen.wrapping_add(1);
-    }
-}
-
-fn take_held(watch: &mut UsedWatch, queue: u16, id: u32, len: u32) -> Result<(), Violation> {
-    let size = u16::try_from(watch.held.len()).unwrap_or(u16::MAX);
-    let slot = usize::try_from(id).unwrap_or(usize::MAX);
-    let Some(entry) = watch.held.get_mut(slot) else {
-        return Err(Violation::UsedIdOutOfRange { queue, id, size });
-    };
-    match entry.take() {
-        // A chain refused as malformed is used (length 0) without ever being handed out.
-        None if len == 0 => Ok(()),
-        None => Err(Violation::UsedIdNotHeld { queue, id }),
-        Some(capacity) if len > capacity => Err(Violation::UsedLenTooLong {
-            queue,
-            id,
-            len,
-            capacity,
-        }),
-        Some(_) => Ok(()),
-    }
-}
-
+#[cfg(test)]
+mod aliasing_tests;
+mod check;
 #[cfg(test)]
 mod tests;

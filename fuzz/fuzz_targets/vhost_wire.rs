@@ -14,13 +14,23 @@
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tapir_fuzz::{eventfd, fd_count, memfd, Input};
 use tapir_vhost_user::wire::{Connection, MAX_BODY, MAX_FDS};
 
+/// An eventfd and a 4 KiB memfd, made once: a piece sends them as many times as it carries
+/// fds (each `SCM_RIGHTS` entry becomes a new fd in the receiver, as with distinct files),
+/// so an input costs no fd creation.
+fn pool() -> &'static [OwnedFd; 2] {
+    static POOL: OnceLock<[OwnedFd; 2]> = OnceLock::new();
+    POOL.get_or_init(|| [eventfd(), memfd(4096)])
+}
+
 fuzz_target!(|data: &[u8]| {
+    let pool = pool();
     let baseline = fd_count();
     {
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
@@ -37,10 +47,7 @@ fuzz_target!(|data: &[u8]| {
                 nfds = nfds.min(MAX_FDS);
             }
             let bytes = input.blob(8192);
-            let fds: Vec<OwnedFd> = (0..nfds)
-                .map(|i| if i % 2 == 0 { eventfd() } else { memfd(4096) })
-                .collect();
-            let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+            let raw: Vec<RawFd> = (0..nfds).map(|i| pool[i % 2].as_raw_fd()).collect();
             let cmsg = [ControlMessage::ScmRights(&raw)];
             let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
             // A piece without bytes cannot carry fds on a stream socket; send a zero byte.
@@ -57,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
             {
                 break;
             }
-            // Our copies close here; the kernel holds the ones in flight.
+            // The kernel holds its own references to the ones in flight.
         }
         drop(theirs);
         let conn = Connection::new(ours);

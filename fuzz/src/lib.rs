@@ -322,7 +322,47 @@ impl Writable {
         }
     }
 
-    /// The first byte that differs between two [`snapshot`]s and is not allowed.
+    /// The first byte of guest memory that differs from `before` (a [`snapshot_into`] of
+    /// it) and is not allowed; `before` is brought up to date (the chunks that changed).
+    /// The same check as [`first_forbidden`](Self::first_forbidden) of two snapshots,
+    /// without copying all of guest memory for the second one.
+    pub fn first_forbidden_since(&self, mem: &GuestMemory, before: &mut [u8]) -> Option<u64> {
+        const CHUNK: usize = 4096;
+        let mut flat = 0usize;
+        let mut found = None;
+        for &(base, size) in &REGIONS {
+            let size = usize::try_from(size).expect("small");
+            let host = mem
+                .mmap()
+                .get_host_address(GuestAddress(base))
+                .expect("a mapped region");
+            // SAFETY: `host..host + size` is one region of `mem`'s mapping, alive as long as
+            // `mem`; nothing writes guest memory while the slice lives (the target drives the
+            // pair on this thread, no workers run).
+            let now = unsafe { std::slice::from_raw_parts(host.cast_const(), size) };
+            let old = &mut before[flat..flat + size];
+            for (c, (o, n)) in old.chunks_mut(CHUNK).zip(now.chunks(CHUNK)).enumerate() {
+                if o == n {
+                    continue;
+                }
+                if found.is_none() {
+                    let start = flat + c * CHUNK;
+                    let ok = &self.map[start..start + n.len()];
+                    found = o
+                        .iter()
+                        .zip(n)
+                        .zip(ok)
+                        .position(|((x, y), ok)| x != y && !ok)
+                        .map(|i| base + (c * CHUNK + i) as u64);
+                }
+                o.copy_from_slice(n);
+            }
+            flat += size;
+        }
+        found
+    }
+
+    /// The first byte that differs between two [`snapshot_into`]s and is not allowed.
     pub fn first_forbidden(&self, before: &[u8], after: &[u8]) -> Option<u64> {
         const CHUNK: usize = 4096;
         let i = before

@@ -402,7 +402,9 @@ impl Channel {
     fn recv_now(&self, flags: MsgFlags) -> Result<Option<Message>, ChannelError> {
         let mut guard = self.buf.lock().unwrap_or_else(|e| e.into_inner());
         if guard.len() < MAX_MESSAGE {
-            guard.resize(MAX_MESSAGE, 0);
+            // Zeroed by the allocator (calloc: fresh pages, no memset), so a channel that
+            // only ever receives small messages touches only the pages they fill.
+            *guard = vec![0u8; MAX_MESSAGE];
         }
         let buf: &mut [u8] = &mut guard;
         // u64 words: the control buffer must be aligned for `cmsghdr`.
