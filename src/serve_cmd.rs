@@ -8,7 +8,26 @@ use clap::Args;
 use tapir_datapath::engine::EngineConfig;
 use tapir_datapath::EngineKind;
 use tapir_migrate::{SuccessorOptions, Timeouts};
-use tapir_vhost_user::{Endpoint, ServeOptions, SessionConfig};
+use tapir_vhost_user::tap_setup::MAX_TAP_QUEUES;
+use tapir_vhost_user::{Endpoint, ServeOptions, SessionConfig, TapSharing};
+
+/// `tapir serve --help`'s closing text.
+pub const SERVE_AFTER_HELP: &str = "\
+Output: stdout is a JSON event stream, one object per line (listening, connected, pairs,
+disconnected, stopped, handoff_committed, ...); logs go to stderr, their level set with
+RUST_LOG (default: info; e.g. RUST_LOG=debug). SIGTERM or SIGINT stops the daemon cleanly
+(rings stopped, socket file removed, exit 0).
+
+Examples:
+  # A backend for QEMU with 2 queue pairs (root, or a TAP made for this user beforehand):
+  tapir serve --socket /run/tapir/vm0.sock --tap tap-vm0 --queues 2
+  # QEMU listens (-chardev socket,...,server=on), tapir connects and reconnects:
+  tapir serve --client --socket /run/tapir/vm0.sock --tap tap-vm0
+  # Without root: the TAP made beforehand for user U, tapir started as U:
+  ip tuntap add tap-vm0 mode tap multi_queue vnet_hdr user U
+  # An upgrade in place: the new binary takes the live session over:
+  tapir serve --socket S --tap T --handoff-socket /run/tapir/vm0.handoff
+  tapir serve --takeover /run/tapir/vm0.handoff";
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -19,20 +38,26 @@ pub struct ServeArgs {
     /// Connect to --socket instead of listening on it (retrying until it is there).
     #[arg(long)]
     client: bool,
-    /// The TAP interface (a multiqueue TAP with this name is created if it does not exist).
+    /// The TAP interface (a multiqueue TAP with this name is created if it does not exist;
+    /// an existing one must be `multi_queue vnet_hdr`).
     #[arg(long, required_unless_present = "takeover")]
     tap: Option<String>,
-    /// Queue pairs offered to the frontend (one TAP queue and one worker each).
+    /// Use the TAP even if another process has queues attached to it (by default that is
+    /// refused: the TAP would spread host-to-guest traffic over both).
+    #[arg(long)]
+    share_tap: bool,
+    /// Queue pairs offered to the frontend (one TAP queue and one worker each; 1 to 256).
     #[arg(long, default_value_t = 1)]
     queues: u16,
     /// MAC address kept with the device (the guest-visible MAC is the frontend's, e.g. QEMU
-    /// `-device virtio-net-pci,mac=...`).
+    /// `-device virtio-net-pci,mac=...`). Default: 52:54:00:12:34:56.
     #[arg(long, value_parser = parse_mac)]
     mac: Option<[u8; 6]>,
     /// Engine: uring or classic.
     #[arg(long, default_value = "uring")]
     engine: EngineKind,
-    /// Pin queue pair i's worker to the i-th CPU of this list.
+    /// Pin queue pair i's worker to the i-th CPU of this list (e.g. --cpus 2,3; at most one
+    /// per queue pair, each one this process may run on). Default: not pinned.
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
     /// Listen here for a successor (`tapir serve --takeover PATH`).
@@ -98,10 +123,33 @@ fn parse_group(s: &str) -> Result<u32, String> {
     }
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    if args.queues == 0 {
-        bail!("--queues must be at least 1");
+/// Checks `--cpus` against the queue pairs and the CPUs this process may run on.
+fn check_cpus(cpus: &[usize], queues: u16) -> Result<()> {
+    if cpus.len() > usize::from(queues) {
+        bail!(
+            "--cpus lists {} CPUs for {queues} queue pairs (one per pair, in pair order)",
+            cpus.len()
+        );
     }
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .context("reading this process's CPU affinity")?;
+    let usable: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    if let Some(bad) = cpus.iter().find(|c| !usable.contains(c)) {
+        bail!("--cpus {bad}: CPU {bad} is not available (this process may run on CPUs {usable:?})");
+    }
+    Ok(())
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.queues == 0 || usize::from(args.queues) > MAX_TAP_QUEUES {
+        bail!(
+            "--queues {}: between 1 and {MAX_TAP_QUEUES} queue pairs (a TAP has at most {MAX_TAP_QUEUES} queues)",
+            args.queues
+        );
+    }
+    check_cpus(&args.cpus, args.queues)?;
     let timeouts = Timeouts {
         switch: Duration::from_millis(args.switch_timeout_ms),
         ..Timeouts::default()
@@ -148,6 +196,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let opts = ServeOptions {
         endpoint,
         tap,
+        tap_sharing: if args.share_tap {
+            TapSharing::Shared
+        } else {
+            TapSharing::Exclusive
+        },
+        version: env!("CARGO_PKG_VERSION").to_owned(),
         session: SessionConfig {
             queue_pairs: args.queues,
             engine: args.engine,

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use tapir_simguest::{GuestConfig, SimGuest, VirtioNetHdr};
 
 use super::{frames, rx_recv, tx_drain, tx_send, GUEST_IP, GUEST_MAC, HOST_IP};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A duplicate of one of the simulated guest's eventfds, owned by the caller.
@@ -86,4 +89,44 @@ pub fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
             "{ctx}: no ARP reply through tapir serve"
         );
     }
+}
+
+/// Negotiates and attaches the simulated guest: memory table (user address = guest address),
+/// every vring, enabled. Returns the acked features.
+pub fn attach(fe: &mut Frontend, guest: &SimGuest, extra_features: u64) -> u64 {
+    let offered = fe.get_features().unwrap();
+    assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
+    let acked = (guest.features() & offered)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | extra_features;
+    fe.set_features(acked).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    let want = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    assert!(proto.contains(want), "protocol features {proto:?}");
+    fe.set_protocol_features(want).unwrap();
+    // Ask for an ack of every request (REPLY_ACK), so refusals come back as errors.
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert_eq!(
+        fe.get_queue_num().unwrap(),
+        2 * u64::from(guest.queue_pairs())
+    );
+    fe.set_owner().unwrap();
+    let regions: Vec<VhostUserMemoryRegionInfo> = guest
+        .regions()
+        .iter()
+        .map(|r| VhostUserMemoryRegionInfo {
+            guest_phys_addr: r.guest_addr,
+            memory_size: r.size,
+            userspace_addr: r.guest_addr,
+            mmap_offset: r.file_offset,
+            mmap_handle: r.fd,
+        })
+        .collect();
+    fe.set_mem_table(&regions)
+        .unwrap_or_else(|e| panic!("SET_MEM_TABLE {:?}: {e}", guest.regions()));
+    set_up_vrings(fe, guest);
+    acked
 }

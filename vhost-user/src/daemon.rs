@@ -4,7 +4,9 @@
 //! over, connection included: the frontend's requests wait in the socket meanwhile.
 //!
 //! Events go to stdout as JSON lines (`listening`, `connected`, `disconnected`,
-//! `handoff_committed`, `handoff_rolled_back`, `running`) for supervisors and tests.
+//! `handoff_committed`, `handoff_rolled_back`, `running`, `stopped`) for supervisors and
+//! tests. SIGTERM and SIGINT stop the daemon between requests ([`crate::stop_signal`]): the
+//! device is quiesced, the socket files are removed, and `serve` returns `Ok`.
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use tapir_datapath::{Tap, TapQueue};
+use tapir_datapath::TapQueue;
 use tapir_migrate::{
     accept_state, hand_off, hand_off_state, refuse_state, take_over_checked, Channel, DeviceSource,
     Extension, HandoffSource, Listener, MigrateError, Outcome, SuccessorOptions, Taken, Timeouts,
@@ -23,6 +25,8 @@ use tapir_state::DeviceSnapshot;
 
 use crate::handoff::{self, EndpointState, FdList};
 use crate::session::{Running, Session, SessionConfig};
+use crate::stop_signal::{StopSignal, StopSignals};
+use crate::tap_setup::{open_tap, TapSetupError, TapSharing};
 use crate::wire::{Connection, WireError};
 
 /// Where the frontend is.
@@ -50,6 +54,10 @@ pub struct ServeOptions {
     pub endpoint: Endpoint,
     /// The TAP interface (created if missing).
     pub tap: String,
+    /// Whether a TAP other processes have queues on is used anyway.
+    pub tap_sharing: TapSharing,
+    /// The version reported in the `listening` event.
+    pub version: String,
     /// Devices' configuration (queue pairs, engine, ...).
     pub session: SessionConfig,
     /// Listen here for a successor.
@@ -129,6 +137,12 @@ pub enum ServeError {
     /// The TAP.
     #[error(transparent)]
     Tap(#[from] tapir_datapath::TapError),
+    /// Opening the TAP.
+    #[error(transparent)]
+    TapSetup(#[from] TapSetupError),
+    /// Blocking SIGTERM and SIGINT for the stop signalfd.
+    #[error("blocking SIGTERM and SIGINT")]
+    Signals(#[source] std::io::Error),
     /// A socket.
     #[error("{0}: {1}")]
     Socket(String, #[source] std::io::Error),
@@ -165,11 +179,20 @@ struct Daemon {
     frontend_timeout: Duration,
     access: AccessControl,
     counters: DaemonCounters,
+    stop: StopSignals,
 }
 
 enum SessionEnd {
     Disconnected,
     HandedOff,
+    Stopped(StopSignal),
+}
+
+/// What waiting for a frontend came to.
+enum Reached {
+    Frontend(Connection),
+    HandedOff,
+    Stopped(StopSignal),
 }
 
 /// Removes a socket file a previous daemon left at `path`; refuses to touch anything else,
@@ -261,7 +284,13 @@ fn is_exhaustion(e: &std::io::Error) -> bool {
 
 /// Runs `tapir serve` until it is handed off (returns `Ok`) or fails.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
-    let tap = Tap::open(&opts.tap, usize::from(opts.session.queue_pairs))?;
+    // First, while this is the only thread: every worker started later inherits the mask.
+    let stop = StopSignals::block().map_err(ServeError::Signals)?;
+    let tap = open_tap(
+        &opts.tap,
+        usize::from(opts.session.queue_pairs),
+        opts.tap_sharing,
+    )?;
     tracing::info!(
         tap = tap.name(),
         queues = opts.session.queue_pairs,
@@ -290,12 +319,27 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         frontend_timeout: opts.frontend_timeout,
         access: opts.access,
         counters: DaemonCounters::default(),
+        stop,
     };
-    event(format!(
-        "{{\"event\":\"listening\",\"socket\":{:?},\"tap\":{:?}}}",
-        daemon.endpoint.path().display().to_string(),
-        opts.tap
-    ));
+    event(
+        serde_json::json!({
+            "event": "listening",
+            "version": opts.version,
+            "pid": std::process::id(),
+            "socket": daemon.endpoint.path().display().to_string(),
+            "mode": match daemon.endpoint {
+                Endpoint::Server(_) => "server",
+                Endpoint::Client(_) => "client",
+            },
+            "tap": opts.tap,
+            "queues": daemon.config.queue_pairs,
+            "engine": daemon.config.engine.to_string(),
+            "features": format!("{:#x}", crate::session::offered_features()),
+            "protocol_features": format!("{:#x}", crate::session::offered_protocol_features().bits()),
+            "share_tap": opts.tap_sharing == TapSharing::Shared,
+        })
+        .to_string(),
+    );
     daemon.run(None)
 }
 
@@ -309,6 +353,8 @@ pub fn take_over_daemon(
     opts: &SuccessorOptions,
     frontend: &FrontendPolicy,
 ) -> Result<(), ServeError> {
+    // Before the taken-over device's workers start (see `serve`).
+    let stop = StopSignals::block().map_err(ServeError::Signals)?;
     let ch = Channel::connect(path)?;
     // The session blob is checked before this side commits to anything.
     let check = |ext: &Extension| {
@@ -327,11 +373,12 @@ pub fn take_over_daemon(
                 frontend,
                 Some(took.device),
                 generation,
+                stop,
             )?;
             running_event(&current, generation, quiesce_ns, running_ns, false);
             daemon.run(current)
         }
-        Taken::StateOnly(ext) => match restore(ext, opts, frontend, None, 0) {
+        Taken::StateOnly(ext) => match restore(ext, opts, frontend, None, 0, stop) {
             Ok((daemon, mut current)) => {
                 accept_state(&ch)?;
                 drop(ch);
@@ -380,6 +427,7 @@ fn restore(
     frontend: &FrontendPolicy,
     device: Option<tapir_datapath::Device>,
     generation: u64,
+    stop: StopSignals,
 ) -> Result<(Daemon, Option<(Connection, Session)>), ServeError> {
     let state = handoff::decode(&ext.blob, ext.fds.len())?;
     let mut fds: Vec<Option<OwnedFd>> = ext.fds.into_iter().map(Some).collect();
@@ -470,6 +518,7 @@ fn restore(
         frontend_timeout: frontend.timeout,
         access: frontend.access.clone(),
         counters: DaemonCounters::default(),
+        stop,
     };
     Ok((daemon, current))
 }
@@ -513,12 +562,16 @@ impl Daemon {
             let (conn, mut session) = match current.take() {
                 Some(c) => c,
                 None => match self.reach_frontend()? {
-                    Some(conn) => {
+                    Reached::Frontend(conn) => {
                         event("{\"event\":\"connected\"}".into());
                         (conn, Session::new(self.config.clone(), self.taps.clone()))
                     }
-                    None => {
+                    Reached::HandedOff => {
                         self.forget_handoff_socket();
+                        return Ok(());
+                    }
+                    Reached::Stopped(signal) => {
+                        self.stopped(signal, None);
                         return Ok(());
                     }
                 },
@@ -526,6 +579,10 @@ impl Daemon {
             match self.session_loop(&conn, &mut session)? {
                 SessionEnd::HandedOff => {
                     self.forget_handoff_socket();
+                    return Ok(());
+                }
+                SessionEnd::Stopped(signal) => {
+                    self.stopped(signal, Some(&mut session));
                     return Ok(());
                 }
                 SessionEnd::Disconnected => {
@@ -539,6 +596,36 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Stops on a signal: the device quiesced (rings stopped at known positions), the
+    /// vhost-user socket file removed (the handoff socket's goes with its listener).
+    fn stopped(&mut self, signal: StopSignal, session: Option<&mut Session>) {
+        let pairs = session
+            .as_ref()
+            .map(|s| s.running_pairs())
+            .unwrap_or_default();
+        if let Some(session) = session {
+            session.stop_device();
+        }
+        if let (Endpoint::Server(path), Some(_)) = (&self.endpoint, &self.vhost_listener) {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove the vhost-user socket");
+            }
+        }
+        tracing::info!(
+            signal = signal.name(),
+            stopped_pairs = ?pairs,
+            "stopping: rings stopped, socket removed"
+        );
+        event(
+            serde_json::json!({
+                "event": "stopped",
+                "signal": signal.name(),
+                "pairs": pairs,
+            })
+            .to_string(),
+        );
     }
 
     /// After a committed handoff: the successor listens on the handoff socket now, so its
@@ -573,13 +660,16 @@ impl Daemon {
         }
     }
 
-    /// Waits for a frontend (Some), or hands the idle daemon to a successor (None).
-    fn reach_frontend(&mut self) -> Result<Option<Connection>, ServeError> {
+    /// Waits for a frontend, hands the idle daemon to a successor, or stops on a signal.
+    fn reach_frontend(&mut self) -> Result<Reached, ServeError> {
         loop {
+            if let Some(signal) = self.stop.take() {
+                return Ok(Reached::Stopped(signal));
+            }
             if let Endpoint::Client(path) = &self.endpoint {
                 match connect_without_blocking(path) {
                     Ok(s) => match self.admit(s) {
-                        Some(conn) => return Ok(Some(conn)),
+                        Some(conn) => return Ok(Reached::Frontend(conn)),
                         None => std::thread::sleep(BACKOFF),
                     },
                     Err(e) => tracing::debug!(error = %e, "frontend not listening yet"),
@@ -591,11 +681,14 @@ impl Daemon {
                 Endpoint::Client(_) => Some(Duration::from_millis(100)),
                 Endpoint::Server(_) => None,
             };
-            let ready = wait(&[listen, handoff], timeout)?;
+            let ready = wait(&[listen, handoff, Some(self.stop.as_fd())], timeout)?;
+            if ready[2] {
+                continue;
+            }
             if ready[1] {
                 let idle = Session::new(self.config.clone(), self.taps.clone());
                 if self.hand_off_state(None, &idle)? {
-                    return Ok(None);
+                    return Ok(Reached::HandedOff);
                 }
             }
             if ready[0] {
@@ -603,7 +696,7 @@ impl Daemon {
                 match accepted {
                     Some(Ok((s, _))) => {
                         if let Some(conn) = self.admit(s) {
-                            return Ok(Some(conn));
+                            return Ok(Reached::Frontend(conn));
                         }
                     }
                     Some(Err(e)) if is_exhaustion(&e) => {
@@ -615,7 +708,7 @@ impl Daemon {
                         if wait(&[handoff], Some(BACKOFF))?.first() == Some(&true) {
                             let idle = Session::new(self.config.clone(), self.taps.clone());
                             if self.hand_off_state(None, &idle)? {
-                                return Ok(None);
+                                return Ok(Reached::HandedOff);
                             }
                         }
                     }
@@ -654,7 +747,15 @@ impl Daemon {
                 return Ok(SessionEnd::Disconnected);
             }
             let handoff = self.handoff.as_ref().map(|l| l.as_fd());
-            let ready = wait(&[Some(conn.as_fd()), handoff], timeout)?;
+            let ready = wait(
+                &[Some(conn.as_fd()), handoff, Some(self.stop.as_fd())],
+                timeout,
+            )?;
+            if ready[2] {
+                if let Some(signal) = self.stop.take() {
+                    return Ok(SessionEnd::Stopped(signal));
+                }
+            }
             if ready[0] {
                 match conn.recv() {
                     Ok(req) => {

@@ -10,16 +10,21 @@
 //! - [`dirty_log`]: the shared dirty log for the frontend's live migration;
 //! - [`session`]: one frontend's state and the device running its ready queue pairs;
 //! - [`handoff`]: a session as handoff state, out and back in;
-//! - [`daemon`]: the serve loop (server or client mode, handoffs).
+//! - [`daemon`]: the serve loop (server or client mode, handoffs);
+//! - [`stop_signal`]: SIGTERM and SIGINT through a signalfd;
+//! - [`tap_setup`]: opening the TAP (sharing refused, kernel errors explained).
 
 pub mod daemon;
 pub mod dirty_log;
 pub mod handoff;
 pub mod memory_table;
 pub mod session;
+pub mod stop_signal;
+pub mod tap_setup;
 pub mod wire;
 
 pub use daemon::{
     serve, take_over_daemon, AccessControl, Endpoint, FrontendPolicy, ServeError, ServeOptions,
 };
 pub use session::{offered_features, offered_protocol_features, Session, SessionConfig};
+pub use tap_setup::{TapSetupError, TapSharing};
