@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tapir_bench::runner::{self, BenchEngine, BenchOptions, Scenario};
 use tapir_bench::vhost_rig::VhostUserBackend;
 
+mod ctl_cmd;
 mod datapath_cmd;
 mod sandbox_args;
 mod serve_cmd;
@@ -41,6 +42,8 @@ enum Command {
     /// vhost-user socket with a multiqueue TAP; hand a live session to a successor.
     #[command(after_help = serve_cmd::SERVE_AFTER_HELP)]
     Serve(serve_cmd::ServeArgs),
+    /// Ask a running `tapir serve --control PATH` for its live counters.
+    Ctl(ctl_cmd::CtlArgs),
     /// Work with handoff state blobs.
     #[command(subcommand)]
     State(StateCommand),
@@ -292,6 +295,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench(args),
         Command::Datapath(args) => datapath_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
+        Command::Ctl(args) => ctl_cmd::run(args),
         Command::State(cmd) => state(cmd),
     };
     match result {

@@ -60,13 +60,17 @@ pub struct ServeArgs {
     /// per queue pair, each one this process may run on). Default: not pinned.
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
+    /// A control socket (mode 0600) for live counters: `tapir ctl PATH stats` (JSON) or
+    /// `tapir ctl PATH status` (a summary). Not with --takeover yet.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// Listen here for a successor (`tapir serve --takeover PATH`).
     #[arg(long)]
     handoff_socket: Option<PathBuf>,
     /// Take over the running `tapir serve` listening on this handoff socket: its frontend
     /// connection, TAP queues and running device, at the same ring positions. The successor
     /// then listens on the same handoff socket.
-    #[arg(long, conflicts_with_all = ["socket", "tap", "client", "handoff_socket"])]
+    #[arg(long, conflicts_with_all = ["socket", "tap", "client", "handoff_socket", "control"])]
     takeover: Option<PathBuf>,
     /// Blackout step timeout of a handoff, in milliseconds.
     #[arg(long, default_value_t = 2000)]
@@ -172,6 +176,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         access.allow_uids = vec![ids.uid];
     }
     if let Some(path) = &args.takeover {
+        // SIGTERM and SIGINT blocked before any thread starts; the signalfd made before the
+        // sandbox, whose allow-list has no signalfd4.
+        let stop = tapir_vhost_user::stop_signal::StopSignals::block()
+            .context("blocking SIGTERM and SIGINT")?;
         // A successor opens nothing privileged: everything comes over the handoff socket.
         lockdown.enter().context("entering the sandbox")?;
         let mut opts = SuccessorOptions::new(args.engine);
@@ -182,7 +190,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             access,
             timeout: frontend_timeout,
         };
-        return tapir_vhost_user::take_over_daemon(path, &opts, &frontend)
+        return tapir_vhost_user::take_over_daemon(path, &opts, &frontend, stop)
             .with_context(|| format!("taking over the tapir serve at {}", path.display()));
     }
     let (Some(socket), Some(tap)) = (args.socket, args.tap) else {
@@ -210,6 +218,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             cpu_affinity,
         },
         handoff: args.handoff_socket,
+        control: args.control,
         timeouts,
         frontend_timeout,
         access,

@@ -63,6 +63,15 @@ pub fn one_pair_guest() -> SimGuest {
 /// The guest asks the host for its MAC (ARP through TX) and gets the answer (through RX).
 pub fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
     let (mut rx, mut tx) = guest.take_pair(0);
+    arp_round_trip_on(&mut rx, &mut tx, ctx);
+}
+
+/// [`arp_round_trip`] on a pair the caller took.
+pub fn arp_round_trip_on(
+    rx: &mut tapir_simguest::RxDriver,
+    tx: &mut tapir_simguest::TxDriver,
+    ctx: &str,
+) {
     let mut buf = vec![0u8; 64];
     let n = frames::build_arp(
         &mut buf,
@@ -75,9 +84,9 @@ pub fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        tx_send(&mut tx, &VirtioNetHdr::default(), &buf[..n], ctx);
-        tx_drain(&mut tx, ctx);
-        if let Some(p) = rx_recv(&mut rx, Duration::from_millis(500), ctx) {
+        tx_send(tx, &VirtioNetHdr::default(), &buf[..n], ctx);
+        tx_drain(tx, ctx);
+        if let Some(p) = rx_recv(rx, Duration::from_millis(500), ctx) {
             if let Some(a) = frames::parse_arp(&p.data) {
                 if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
                     return;

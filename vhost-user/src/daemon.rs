@@ -23,6 +23,7 @@ use tapir_migrate::{
 };
 use tapir_state::DeviceSnapshot;
 
+use crate::control::{ControlSocket, Peer};
 use crate::handoff::{self, EndpointState, FdList};
 use crate::session::{Running, Session, SessionConfig};
 use crate::stop_signal::{StopSignal, StopSignals};
@@ -62,6 +63,8 @@ pub struct ServeOptions {
     pub session: SessionConfig,
     /// Listen here for a successor.
     pub handoff: Option<PathBuf>,
+    /// The control socket (`tapir ctl PATH stats`), mode 0600.
+    pub control: Option<PathBuf>,
     /// Handoff step timeouts.
     pub timeouts: Timeouts,
     /// How long a frontend may take to finish a message or take a reply.
@@ -180,6 +183,30 @@ struct Daemon {
     access: AccessControl,
     counters: DaemonCounters,
     stop: StopSignals,
+    control: Option<ControlSocket>,
+    /// The connected frontend's credentials.
+    peer: Option<Peer>,
+    handoffs: HandoffLog,
+}
+
+/// What the report says about handoffs.
+#[derive(Debug, Default)]
+struct HandoffLog {
+    /// Handoffs the session went through (its generation when this process took it over).
+    taken_over: u64,
+    /// Downtimes (quiesce to running) of the takeovers this process made or saw committed.
+    downtimes_ns: std::collections::VecDeque<u64>,
+    /// Handoffs offered and rolled back.
+    rolled_back: u64,
+}
+
+impl HandoffLog {
+    fn record(&mut self, downtime_ns: u64) {
+        if self.downtimes_ns.len() == crate::control::DOWNTIMES_KEPT {
+            self.downtimes_ns.pop_front();
+        }
+        self.downtimes_ns.push_back(downtime_ns);
+    }
 }
 
 enum SessionEnd {
@@ -306,6 +333,22 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         }
         Endpoint::Client(_) => None,
     };
+    let control =
+        match &opts.control {
+            Some(path) => {
+                remove_stale_socket(path)?;
+                let private = AccessControl {
+                    socket_mode: 0o600,
+                    socket_group: None,
+                    allow_uids: Vec::new(),
+                };
+                let l = bind_private(path, &private, opts.lockdown.ids())?;
+                Some(ControlSocket::new(l, path).map_err(|e| {
+                    ServeError::Socket(format!("control socket {}", path.display()), e)
+                })?)
+            }
+            None => None,
+        };
     opts.lockdown.drop_privileges()?;
     let handoff = opts.handoff.as_deref().map(Listener::bind).transpose()?;
     opts.lockdown.confine()?;
@@ -320,6 +363,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         access: opts.access,
         counters: DaemonCounters::default(),
         stop,
+        control,
+        peer: None,
+        handoffs: HandoffLog::default(),
     };
     event(
         serde_json::json!({
@@ -348,13 +394,14 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
 ///
 /// `frontend` is this process's own policy for the frontend (allowed uids, timeout): the
 /// handoff blob does not carry the predecessor's, and the socket file keeps its mode.
+/// `stop` must be made ([`StopSignals::block`]) before any thread starts and before the
+/// sandbox is entered (the allow-list has no `signalfd4`).
 pub fn take_over_daemon(
     path: &Path,
     opts: &SuccessorOptions,
     frontend: &FrontendPolicy,
+    stop: StopSignals,
 ) -> Result<(), ServeError> {
-    // Before the taken-over device's workers start (see `serve`).
-    let stop = StopSignals::block().map_err(ServeError::Signals)?;
     let ch = Channel::connect(path)?;
     // The session blob is checked before this side commits to anything.
     let check = |ext: &Extension| {
@@ -376,6 +423,10 @@ pub fn take_over_daemon(
                 stop,
             )?;
             running_event(&current, generation, quiesce_ns, running_ns, false);
+            let mut daemon = daemon;
+            daemon
+                .handoffs
+                .record(running_ns.saturating_sub(quiesce_ns));
             daemon.run(current)
         }
         Taken::StateOnly(ext) => match restore(ext, opts, frontend, None, 0, stop) {
@@ -519,6 +570,12 @@ fn restore(
         access: frontend.access.clone(),
         counters: DaemonCounters::default(),
         stop,
+        control: None,
+        peer: None,
+        handoffs: HandoffLog {
+            taken_over: generation,
+            ..HandoffLog::default()
+        },
     };
     Ok((daemon, current))
 }
@@ -593,6 +650,7 @@ impl Daemon {
                     ));
                     drop(session);
                     drop(conn);
+                    self.peer = None;
                 }
             }
         }
@@ -628,6 +686,39 @@ impl Daemon {
         );
     }
 
+    /// Answers the control socket's clients with the report.
+    fn answer_control(&self, session: Option<&Session>) {
+        if let Some(control) = &self.control {
+            control.serve(&|| self.report(session));
+        }
+    }
+
+    /// The control socket's `stats` report.
+    fn report(&self, session: Option<&Session>) -> serde_json::Value {
+        let counters = session.map_or_else(
+            || vec![tapir_datapath::Counters::default(); usize::from(self.config.queue_pairs)],
+            Session::pair_counters,
+        );
+        let running = session.map(Session::running_pairs).unwrap_or_default();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "engine": self.config.engine.to_string(),
+            "queues": self.config.queue_pairs,
+            "queue_pairs": crate::control::queue_pairs(&counters, &running),
+            "session": session.map(|s| crate::control::session(s, self.peer)),
+            "handoffs": {
+                "count": self.handoffs.taken_over.max(session.map_or(0, |s| s.generation)),
+                "rolled_back": self.handoffs.rolled_back,
+                "last_downtimes_ns": self.handoffs.downtimes_ns,
+            },
+            "daemon": {
+                "memory_broken_sessions": self.counters.memory_broken,
+                "peers_refused": self.counters.peers_refused,
+                "accept_backoffs": self.counters.accept_backoffs,
+            },
+        })
+    }
+
     /// After a committed handoff: the successor listens on the handoff socket now, so its
     /// file must stay.
     fn forget_handoff_socket(&mut self) {
@@ -641,6 +732,12 @@ impl Daemon {
     fn admit(&mut self, stream: UnixStream) -> Option<Connection> {
         match peer_uid(&stream) {
             Ok(uid) if self.access.allow_uids.contains(&uid) => {
+                let pid = nix::sys::socket::getsockopt(
+                    &stream,
+                    nix::sys::socket::sockopt::PeerCredentials,
+                )
+                .map_or(0, |c| c.pid());
+                self.peer = Some(Peer { pid, uid });
                 Some(Connection::with_timeout(stream, self.frontend_timeout))
             }
             Ok(uid) => {
@@ -681,8 +778,15 @@ impl Daemon {
                 Endpoint::Client(_) => Some(Duration::from_millis(100)),
                 Endpoint::Server(_) => None,
             };
-            let ready = wait(&[listen, handoff, Some(self.stop.as_fd())], timeout)?;
-            if ready[2] {
+            let control = self.control.as_ref().map(|c| c.listener().as_fd());
+            let ready = wait(
+                &[listen, handoff, Some(self.stop.as_fd()), control],
+                timeout,
+            )?;
+            if ready[3] {
+                self.answer_control(None);
+            }
+            if ready[2] || ready[3] {
                 continue;
             }
             if ready[1] {
@@ -747,10 +851,19 @@ impl Daemon {
                 return Ok(SessionEnd::Disconnected);
             }
             let handoff = self.handoff.as_ref().map(|l| l.as_fd());
+            let control = self.control.as_ref().map(|c| c.listener().as_fd());
             let ready = wait(
-                &[Some(conn.as_fd()), handoff, Some(self.stop.as_fd())],
+                &[
+                    Some(conn.as_fd()),
+                    handoff,
+                    Some(self.stop.as_fd()),
+                    control,
+                ],
                 timeout,
             )?;
+            if ready[3] {
+                self.answer_control(Some(session));
+            }
             if ready[2] {
                 if let Some(signal) = self.stop.take() {
                     return Ok(SessionEnd::Stopped(signal));
@@ -827,6 +940,7 @@ impl Daemon {
                 Ok(true)
             }
             Ok(Outcome::RolledBack(e)) => {
+                self.handoffs.rolled_back += 1;
                 event(format!(
                     "{{\"event\":\"handoff_rolled_back\",\"reason\":{:?}}}",
                     e.to_string()

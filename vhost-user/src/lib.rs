@@ -10,10 +10,12 @@
 //! - [`dirty_log`]: the shared dirty log for the frontend's live migration;
 //! - [`session`]: one frontend's state and the device running its ready queue pairs;
 //! - [`handoff`]: a session as handoff state, out and back in;
+//! - [`control`]: the control socket's counters report;
 //! - [`daemon`]: the serve loop (server or client mode, handoffs);
 //! - [`stop_signal`]: SIGTERM and SIGINT through a signalfd;
 //! - [`tap_setup`]: opening the TAP (sharing refused, kernel errors explained).
 
+pub mod control;
 pub mod daemon;
 pub mod dirty_log;
 pub mod handoff;
