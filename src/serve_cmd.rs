@@ -64,13 +64,17 @@ pub struct ServeArgs {
     /// `tapir ctl PATH status` (a summary). Not with --takeover yet.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve the same counters at http://ADDR/metrics in the Prometheus text format
+    /// (a loopback address only, e.g. 127.0.0.1:9464). Not with --takeover yet.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// Listen here for a successor (`tapir serve --takeover PATH`).
     #[arg(long)]
     handoff_socket: Option<PathBuf>,
     /// Take over the running `tapir serve` listening on this handoff socket: its frontend
     /// connection, TAP queues and running device, at the same ring positions. The successor
     /// then listens on the same handoff socket.
-    #[arg(long, conflicts_with_all = ["socket", "tap", "client", "handoff_socket", "control"])]
+    #[arg(long, conflicts_with_all = ["socket", "tap", "client", "handoff_socket", "control", "metrics"])]
     takeover: Option<PathBuf>,
     /// Blackout step timeout of a handoff, in milliseconds.
     #[arg(long, default_value_t = 2000)]
@@ -219,6 +223,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         handoff: args.handoff_socket,
         control: args.control,
+        metrics: args.metrics,
         timeouts,
         frontend_timeout,
         access,

@@ -65,6 +65,8 @@ pub struct ServeOptions {
     pub handoff: Option<PathBuf>,
     /// The control socket (`tapir ctl PATH stats`), mode 0600.
     pub control: Option<PathBuf>,
+    /// The Prometheus endpoint (loopback `HOST:PORT`).
+    pub metrics: Option<std::net::SocketAddr>,
     /// Handoff step timeouts.
     pub timeouts: Timeouts,
     /// How long a frontend may take to finish a message or take a reply.
@@ -143,6 +145,9 @@ pub enum ServeError {
     /// Opening the TAP.
     #[error(transparent)]
     TapSetup(#[from] TapSetupError),
+    /// The metrics endpoint.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// Blocking SIGTERM and SIGINT for the stop signalfd.
     #[error("blocking SIGTERM and SIGINT")]
     Signals(#[source] std::io::Error),
@@ -184,6 +189,7 @@ struct Daemon {
     counters: DaemonCounters,
     stop: StopSignals,
     control: Option<ControlSocket>,
+    metrics: Option<crate::metrics::MetricsEndpoint>,
     /// The connected frontend's credentials.
     peer: Option<Peer>,
     handoffs: HandoffLog,
@@ -323,6 +329,11 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         queues = opts.session.queue_pairs,
         "TAP open"
     );
+    // Before any socket file exists: a refused address leaves none behind.
+    let metrics = opts
+        .metrics
+        .map(crate::metrics::MetricsEndpoint::bind)
+        .transpose()?;
     // The vhost-user socket is bound while the daemon may still chown it (to `--socket-group`,
     // and to the `--user` the sandbox switches to); the handoff socket after the switch, so
     // that a successor of the same user sees its own uid in the listener's credentials.
@@ -364,6 +375,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         counters: DaemonCounters::default(),
         stop,
         control,
+        metrics,
         peer: None,
         handoffs: HandoffLog::default(),
     };
@@ -571,6 +583,7 @@ fn restore(
         counters: DaemonCounters::default(),
         stop,
         control: None,
+        metrics: None,
         peer: None,
         handoffs: HandoffLog {
             taken_over: generation,
@@ -691,6 +704,9 @@ impl Daemon {
         if let Some(control) = &self.control {
             control.serve(&|| self.report(session));
         }
+        if let Some(metrics) = &self.metrics {
+            metrics.serve(&|| self.report(session));
+        }
     }
 
     /// The control socket's `stats` report.
@@ -779,14 +795,15 @@ impl Daemon {
                 Endpoint::Server(_) => None,
             };
             let control = self.control.as_ref().map(|c| c.listener().as_fd());
+            let metrics = self.metrics.as_ref().map(|m| m.listener().as_fd());
             let ready = wait(
-                &[listen, handoff, Some(self.stop.as_fd()), control],
+                &[listen, handoff, Some(self.stop.as_fd()), control, metrics],
                 timeout,
             )?;
-            if ready[3] {
+            if ready[3] || ready[4] {
                 self.answer_control(None);
             }
-            if ready[2] || ready[3] {
+            if ready[2] || ready[3] || ready[4] {
                 continue;
             }
             if ready[1] {
@@ -852,16 +869,18 @@ impl Daemon {
             }
             let handoff = self.handoff.as_ref().map(|l| l.as_fd());
             let control = self.control.as_ref().map(|c| c.listener().as_fd());
+            let metrics = self.metrics.as_ref().map(|m| m.listener().as_fd());
             let ready = wait(
                 &[
                     Some(conn.as_fd()),
                     handoff,
                     Some(self.stop.as_fd()),
                     control,
+                    metrics,
                 ],
                 timeout,
             )?;
-            if ready[3] {
+            if ready[3] || ready[4] {
                 self.answer_control(Some(session));
             }
             if ready[2] {

@@ -11,6 +11,7 @@
 //! - [`session`]: one frontend's state and the device running its ready queue pairs;
 //! - [`handoff`]: a session as handoff state, out and back in;
 //! - [`control`]: the control socket's counters report;
+//! - [`metrics`]: the report as Prometheus text over loopback HTTP;
 //! - [`daemon`]: the serve loop (server or client mode, handoffs);
 //! - [`stop_signal`]: SIGTERM and SIGINT through a signalfd;
 //! - [`tap_setup`]: opening the TAP (sharing refused, kernel errors explained).
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod dirty_log;
 pub mod handoff;
 pub mod memory_table;
+pub mod metrics;
 pub mod session;
 pub mod stop_signal;
 pub mod tap_setup;
