@@ -127,7 +127,13 @@ impl Daemon {
             {
                 Ok(l) if l.contains(what) => return serde_json::from_str(&l).unwrap(),
                 Ok(_) => continue,
-                Err(_) => panic!("tapir serve never said {what:?}"),
+                Err(_) => {
+                    let log: Vec<String> = self.errors.try_iter().collect();
+                    panic!(
+                        "tapir serve never said {what:?}; its log:\n{}",
+                        log.join("\n")
+                    )
+                }
             }
         }
     }

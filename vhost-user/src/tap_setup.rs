@@ -158,6 +158,23 @@ fn attached_queues(name: &str) -> Option<usize> {
     Some(tx.max(1))
 }
 
+/// How long a TAP's queues may take to detach after their process died: the kernel releases
+/// the files of a dead process's io_urings from a workqueue, after the exit.
+const TEARDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The queues attached to `name`, waiting up to [`TEARDOWN_GRACE`] for them to go (a backend
+/// restarted right after a crash finds the dead one's queues still attached for a moment).
+fn attached_after_teardown(name: &str) -> usize {
+    let deadline = std::time::Instant::now() + TEARDOWN_GRACE;
+    loop {
+        let n = attached_queues(name).unwrap_or(0);
+        if n == 0 || std::time::Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// `CAP_NET_ADMIN`'s bit in `/proc/self/status`'s `CapEff`.
 const CAP_NET_ADMIN: u32 = 12;
 
@@ -192,7 +209,7 @@ pub fn open_tap(name: &str, queues: usize, sharing: TapSharing) -> Result<Tap, T
     let attached = match found {
         Existing::None => 0,
         Existing::Other => return Err(TapSetupError::NotATap { name: name.into() }),
-        Existing::Tap => attached_queues(name).unwrap_or(0),
+        Existing::Tap => attached_after_teardown(name),
         Existing::Unseen => {
             tracing::warn!(
                 tap = name,
