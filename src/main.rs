@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tapir_bench::runner::{self, BenchEngine, BenchOptions, Scenario};
 use tapir_bench::vhost_rig::VhostUserBackend;
 
+mod ctl_cmd;
 mod datapath_cmd;
 mod sandbox_args;
 mod serve_cmd;
@@ -39,7 +40,10 @@ enum Command {
     Datapath(datapath_cmd::DatapathArgs),
     /// A vhost-user-net backend: serve a frontend (QEMU, Cloud Hypervisor, DPDK) over a
     /// vhost-user socket with a multiqueue TAP; hand a live session to a successor.
+    #[command(after_help = serve_cmd::SERVE_AFTER_HELP)]
     Serve(serve_cmd::ServeArgs),
+    /// Ask a running `tapir serve --control PATH` for its live counters.
+    Ctl(ctl_cmd::CtlArgs),
     /// Work with handoff state blobs.
     #[command(subcommand)]
     State(StateCommand),
@@ -252,18 +256,53 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// An error and its causes on one line, each cause once: a library error whose message
+/// already ends with its source's (`TUNSETIFF failed: Operation not permitted`) does not get
+/// it repeated.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if line.ends_with(&msg) || line.contains(&format!("{msg}: ")) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&msg);
+    }
+    line
+}
+
+fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal;
+    let cli = Cli::parse();
+    // A daemon's log says what it does (device started, stopped); the other commands only
+    // warn. RUST_LOG overrides both.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let result = match cli.command {
         Command::Bench(args) => bench(args),
         Command::Datapath(args) => datapath_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
+        Command::Ctl(args) => ctl_cmd::run(args),
         Command::State(cmd) => state(cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_line(&e));
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -8,7 +8,26 @@ use clap::Args;
 use tapir_datapath::engine::EngineConfig;
 use tapir_datapath::EngineKind;
 use tapir_migrate::{SuccessorOptions, Timeouts};
-use tapir_vhost_user::{DirtyAtStop, Endpoint, ServeOptions, SessionConfig};
+use tapir_vhost_user::tap_setup::MAX_TAP_QUEUES;
+use tapir_vhost_user::{DirtyAtStop, Endpoint, ServeOptions, SessionConfig, TapSharing};
+
+/// `tapir serve --help`'s closing text.
+pub const SERVE_AFTER_HELP: &str = "\
+Output: stdout is a JSON event stream, one object per line (listening, connected, pairs,
+disconnected, stopped, handoff_committed, ...); logs go to stderr, their level set with
+RUST_LOG (default: info; e.g. RUST_LOG=debug). SIGTERM or SIGINT stops the daemon cleanly
+(rings stopped, socket file removed, exit 0).
+
+Examples:
+  # A backend for QEMU with 2 queue pairs (root, or a TAP made for this user beforehand):
+  tapir serve --socket /run/tapir/vm0.sock --tap tap-vm0 --queues 2
+  # QEMU listens (-chardev socket,...,server=on), tapir connects and reconnects:
+  tapir serve --client --socket /run/tapir/vm0.sock --tap tap-vm0
+  # Without root: the TAP made beforehand for user U, tapir started as U:
+  ip tuntap add tap-vm0 mode tap multi_queue vnet_hdr user U
+  # An upgrade in place: the new binary takes the live session over:
+  tapir serve --socket S --tap T --handoff-socket /run/tapir/vm0.handoff
+  tapir serve --takeover /run/tapir/vm0.handoff";
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -19,14 +38,19 @@ pub struct ServeArgs {
     /// Connect to --socket instead of listening on it (retrying until it is there).
     #[arg(long)]
     client: bool,
-    /// The TAP interface (a multiqueue TAP with this name is created if it does not exist).
+    /// The TAP interface (a multiqueue TAP with this name is created if it does not exist;
+    /// an existing one must be `multi_queue vnet_hdr`).
     #[arg(long, required_unless_present = "takeover")]
     tap: Option<String>,
-    /// Queue pairs offered to the frontend (one TAP queue and one worker each).
+    /// Use the TAP even if another process has queues attached to it (by default that is
+    /// refused: the TAP would spread host-to-guest traffic over both).
+    #[arg(long)]
+    share_tap: bool,
+    /// Queue pairs offered to the frontend (one TAP queue and one worker each; 1 to 256).
     #[arg(long, default_value_t = 1)]
     queues: u16,
     /// MAC address kept with the device (the guest-visible MAC is the frontend's, e.g. QEMU
-    /// `-device virtio-net-pci,mac=...`).
+    /// `-device virtio-net-pci,mac=...`). Default: 52:54:00:12:34:56.
     #[arg(long, value_parser = parse_mac)]
     mac: Option<[u8; 6]>,
     /// The TAP's MTU, set at start (default: leave it as it is, 1500 for a new TAP). A
@@ -43,16 +67,25 @@ pub struct ServeArgs {
     /// Engine: uring or classic.
     #[arg(long, default_value = "uring")]
     engine: EngineKind,
-    /// Pin queue pair i's worker to the i-th CPU of this list.
+    /// Pin queue pair i's worker to the i-th CPU of this list (e.g. --cpus 2,3; at most one
+    /// per queue pair, each one this process may run on). Default: not pinned.
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
+    /// A control socket (mode 0600) for live counters: `tapir ctl PATH stats` (JSON) or
+    /// `tapir ctl PATH status` (a summary). Not with --takeover yet.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Serve the same counters at http://ADDR/metrics in the Prometheus text format
+    /// (a loopback address only, e.g. 127.0.0.1:9464). Not with --takeover yet.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// Listen here for a successor (`tapir serve --takeover PATH`).
     #[arg(long)]
     handoff_socket: Option<PathBuf>,
     /// Take over the running `tapir serve` listening on this handoff socket: its frontend
     /// connection, TAP queues and running device, at the same ring positions. The successor
     /// then listens on the same handoff socket.
-    #[arg(long, conflicts_with_all = ["socket", "tap", "client", "handoff_socket"])]
+    #[arg(long, conflicts_with_all = ["socket", "tap", "client", "handoff_socket", "control", "metrics"])]
     takeover: Option<PathBuf>,
     /// Blackout step timeout of a handoff, in milliseconds.
     #[arg(long, default_value_t = 2000)]
@@ -114,10 +147,33 @@ fn parse_group(s: &str) -> Result<u32, String> {
     }
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    if args.queues == 0 {
-        bail!("--queues must be at least 1");
+/// Checks `--cpus` against the queue pairs and the CPUs this process may run on.
+fn check_cpus(cpus: &[usize], queues: u16) -> Result<()> {
+    if cpus.len() > usize::from(queues) {
+        bail!(
+            "--cpus lists {} CPUs for {queues} queue pairs (one per pair, in pair order)",
+            cpus.len()
+        );
     }
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .context("reading this process's CPU affinity")?;
+    let usable: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    if let Some(bad) = cpus.iter().find(|c| !usable.contains(c)) {
+        bail!("--cpus {bad}: CPU {bad} is not available (this process may run on CPUs {usable:?})");
+    }
+    Ok(())
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.queues == 0 || usize::from(args.queues) > MAX_TAP_QUEUES {
+        bail!(
+            "--queues {}: between 1 and {MAX_TAP_QUEUES} queue pairs (a TAP has at most {MAX_TAP_QUEUES} queues)",
+            args.queues
+        );
+    }
+    check_cpus(&args.cpus, args.queues)?;
     let timeouts = Timeouts {
         switch: Duration::from_millis(args.switch_timeout_ms),
         ..Timeouts::default()
@@ -145,6 +201,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         access.allow_uids = vec![ids.uid];
     }
     if let Some(path) = &args.takeover {
+        // SIGTERM and SIGINT blocked before any thread starts; the signalfd made before the
+        // sandbox, whose allow-list has no signalfd4.
+        let stop = tapir_vhost_user::stop_signal::StopSignals::block()
+            .context("blocking SIGTERM and SIGINT")?;
         // A successor opens nothing privileged: everything comes over the handoff socket.
         lockdown.enter().context("entering the sandbox")?;
         let mut opts = SuccessorOptions::new(args.engine);
@@ -156,7 +216,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             timeout: frontend_timeout,
             dirty_at_stop,
         };
-        return tapir_vhost_user::take_over_daemon(path, &opts, &frontend)
+        return tapir_vhost_user::take_over_daemon(path, &opts, &frontend, stop)
             .with_context(|| format!("taking over the tapir serve at {}", path.display()));
     }
     let (Some(socket), Some(tap)) = (args.socket, args.tap) else {
@@ -170,6 +230,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let opts = ServeOptions {
         endpoint,
         tap,
+        tap_sharing: if args.share_tap {
+            TapSharing::Shared
+        } else {
+            TapSharing::Exclusive
+        },
+        version: env!("CARGO_PKG_VERSION").to_owned(),
         session: SessionConfig {
             queue_pairs: args.queues,
             engine: args.engine,
@@ -179,6 +245,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
             dirty_at_stop,
         },
         handoff: args.handoff_socket,
+        control: args.control,
+        metrics: args.metrics,
         timeouts,
         frontend_timeout,
         access,

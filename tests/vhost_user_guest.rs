@@ -7,8 +7,9 @@
 //! - the guest pings every 10 ms while the backend is handed to a successor 10 times; every
 //!   lost reply must fall inside a handoff window (the total and the longest gap are printed).
 //!
-//! `.ci/run` installs QEMU, the kernel and busybox; elsewhere the test says loudly what is
-//! missing and passes without booting (never in CI).
+//! `.ci/run` installs QEMU and cpio; the guest kernel and busybox are fetched as packages into
+//! `target/guest-cache/` (tests/guest/fetch-guest.sh, nothing installed on the host). Without
+//! QEMU the test says loudly what is missing and passes without booting (never in CI).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,7 +35,7 @@ const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 fn missing_tools() -> Vec<&'static str> {
-    ["qemu-system-x86_64", "busybox", "cpio", "ip"]
+    ["qemu-system-x86_64", "cpio", "ip"]
         .into_iter()
         .filter(|t| {
             !Command::new("sh")
@@ -59,7 +60,7 @@ fn guest_image() -> Option<&'static (String, String)> {
                 );
                 eprintln!(
                     "SKIPPED: {missing:?} not installed (apt-get install qemu-system-x86 \
-                     linux-image-amd64 busybox-static cpio iproute2)"
+                     cpio iproute2)"
                 );
                 return None;
             }
@@ -71,6 +72,7 @@ fn guest_image() -> Option<&'static (String, String)> {
             );
             let out = Command::new(script)
                 .arg(&dir)
+                .arg(guest_cache())
                 .output()
                 .expect("build-initramfs.sh");
             assert!(
@@ -86,6 +88,19 @@ fn guest_image() -> Option<&'static (String, String)> {
             ))
         })
         .as_ref()
+}
+
+/// Where tests/guest/fetch-guest.sh unpacks the guest kernel and busybox (kept across runs).
+fn guest_cache() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("the target directory")
+        .join("guest-cache")
+}
+
+/// The busybox of the guest cache (its `ping` serves the host side too).
+fn busybox() -> PathBuf {
+    guest_cache().join("root/bin/busybox")
 }
 
 fn sh(args: &[&str]) {
@@ -444,7 +459,7 @@ fn ping_and_transfer(engine: &str, queues: u16, mode: Mode) {
         let h2g = TcpListener::bind((HOST_IP, 5002)).unwrap();
         let mut side = HostSide::default();
         let c = accept(&sync, Duration::from_secs(120));
-        side.host_pinged_guest = Command::new("busybox")
+        side.host_pinged_guest = Command::new(busybox())
             .args(["ping", "-c", "3", "-W", "5", GUEST_IP])
             .stdout(Stdio::null())
             .status()

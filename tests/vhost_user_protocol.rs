@@ -19,13 +19,11 @@ use common::raw::{
     Answer, Raw, GET_PROTOCOL_FEATURES, NET_SET_MTU, PROTOCOL, PROTOCOL_F_NET_MTU, PROTOCOL_F_RARP,
     SEND_RARP,
 };
+use common::vhost::attach;
 use common::{netns, GUEST_IP, HOST_IP, TAP_NAME};
-use tapir_simguest::SimGuest;
-use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::Frontend;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
@@ -126,46 +124,6 @@ impl Drop for Serve {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
     }
-}
-
-/// Negotiates and attaches the simulated guest: memory table (user address = guest address),
-/// every vring, enabled. Returns the acked features.
-fn attach(fe: &mut Frontend, guest: &SimGuest, extra_features: u64) -> u64 {
-    let offered = fe.get_features().unwrap();
-    assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
-    let acked = (guest.features() & offered)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-        | extra_features;
-    fe.set_features(acked).unwrap();
-    let proto = fe.get_protocol_features().unwrap();
-    let want = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::LOG_SHMFD
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-    assert!(proto.contains(want), "protocol features {proto:?}");
-    fe.set_protocol_features(want).unwrap();
-    // Ask for an ack of every request (REPLY_ACK), so refusals come back as errors.
-    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    assert_eq!(
-        fe.get_queue_num().unwrap(),
-        2 * u64::from(guest.queue_pairs())
-    );
-    fe.set_owner().unwrap();
-    let regions: Vec<VhostUserMemoryRegionInfo> = guest
-        .regions()
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo {
-            guest_phys_addr: r.guest_addr,
-            memory_size: r.size,
-            userspace_addr: r.guest_addr,
-            mmap_offset: r.file_offset,
-            mmap_handle: r.fd,
-        })
-        .collect();
-    fe.set_mem_table(&regions)
-        .unwrap_or_else(|e| panic!("SET_MEM_TABLE {:?}: {e}", guest.regions()));
-    crate::common::vhost::set_up_vrings(fe, guest);
-    acked
 }
 
 #[test]

@@ -8,6 +8,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod daemon;
 pub mod peer;
 pub mod raw;
 pub mod vhost;

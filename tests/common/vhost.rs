@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use tapir_simguest::{GuestConfig, SimGuest, VirtioNetHdr};
 
 use super::{frames, rx_recv, tx_drain, tx_send, GUEST_IP, GUEST_MAC, HOST_IP};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A duplicate of one of the simulated guest's eventfds, owned by the caller.
@@ -60,6 +63,15 @@ pub fn one_pair_guest() -> SimGuest {
 /// The guest asks the host for its MAC (ARP through TX) and gets the answer (through RX).
 pub fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
     let (mut rx, mut tx) = guest.take_pair(0);
+    arp_round_trip_on(&mut rx, &mut tx, ctx);
+}
+
+/// [`arp_round_trip`] on a pair the caller took.
+pub fn arp_round_trip_on(
+    rx: &mut tapir_simguest::RxDriver,
+    tx: &mut tapir_simguest::TxDriver,
+    ctx: &str,
+) {
     let mut buf = vec![0u8; 64];
     let n = frames::build_arp(
         &mut buf,
@@ -72,9 +84,9 @@ pub fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        tx_send(&mut tx, &VirtioNetHdr::default(), &buf[..n], ctx);
-        tx_drain(&mut tx, ctx);
-        if let Some(p) = rx_recv(&mut rx, Duration::from_millis(500), ctx) {
+        tx_send(tx, &VirtioNetHdr::default(), &buf[..n], ctx);
+        tx_drain(tx, ctx);
+        if let Some(p) = rx_recv(rx, Duration::from_millis(500), ctx) {
             if let Some(a) = frames::parse_arp(&p.data) {
                 if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
                     return;
@@ -86,4 +98,44 @@ pub fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
             "{ctx}: no ARP reply through tapir serve"
         );
     }
+}
+
+/// Negotiates and attaches the simulated guest: memory table (user address = guest address),
+/// every vring, enabled. Returns the acked features.
+pub fn attach(fe: &mut Frontend, guest: &SimGuest, extra_features: u64) -> u64 {
+    let offered = fe.get_features().unwrap();
+    assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
+    let acked = (guest.features() & offered)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | extra_features;
+    fe.set_features(acked).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    let want = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    assert!(proto.contains(want), "protocol features {proto:?}");
+    fe.set_protocol_features(want).unwrap();
+    // Ask for an ack of every request (REPLY_ACK), so refusals come back as errors.
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert_eq!(
+        fe.get_queue_num().unwrap(),
+        2 * u64::from(guest.queue_pairs())
+    );
+    fe.set_owner().unwrap();
+    let regions: Vec<VhostUserMemoryRegionInfo> = guest
+        .regions()
+        .iter()
+        .map(|r| VhostUserMemoryRegionInfo {
+            guest_phys_addr: r.guest_addr,
+            memory_size: r.size,
+            userspace_addr: r.guest_addr,
+            mmap_offset: r.file_offset,
+            mmap_handle: r.fd,
+        })
+        .collect();
+    fe.set_mem_table(&regions)
+        .unwrap_or_else(|e| panic!("SET_MEM_TABLE {:?}: {e}", guest.regions()));
+    set_up_vrings(fe, guest);
+    acked
 }

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Builds the test guest's initramfs: busybox plus the guest kernel's virtio-net modules, from
-# Debian's linux-image-amd64 and busybox-static (installed by .ci/run). Prints the kernel and
+# Debian's linux-image-amd64 and busybox-static as fetch-guest.sh unpacks them into CACHE_DIR
+# (default: target/guest-cache; nothing is installed on the host). Prints the kernel and
 # initramfs paths. The guest's /init runs the script passed on the kernel command line as
 # tapir.script=... (base64), or just reports its network interfaces and powers off.
 #
-#   tests/guest/build-initramfs.sh OUT_DIR
+#   tests/guest/build-initramfs.sh OUT_DIR [CACHE_DIR]
 set -euo pipefail
-out=${1:?usage: build-initramfs.sh OUT_DIR}
-kver=$(ls /lib/modules | sort -V | tail -n 1)
-kernel=/boot/vmlinuz-$kver
-[ -r "$kernel" ] || { echo "no kernel at $kernel (apt-get install linux-image-amd64)" >&2; exit 1; }
-command -v busybox >/dev/null || { echo "busybox missing (apt-get install busybox-static)" >&2; exit 1; }
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:?usage: build-initramfs.sh OUT_DIR [CACHE_DIR]}
+cache=${2:-$here/../../target/guest-cache}
+fetched=$("$here/fetch-guest.sh" "$cache")
+kernel=$(sed -n 1p <<<"$fetched")
+moddir=$(sed -n 2p <<<"$fetched")
+busybox=$(sed -n 3p <<<"$fetched")
 
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,lib/modules}
-cp "$(command -v busybox)" "$root/bin/busybox"
+cp "$busybox" "$root/bin/busybox"
 for tool in sh mount umount ip ping cat echo ls sleep poweroff insmod base64 sha256sum nc dd \
     ifconfig route grep awk seq wc date uname head tail true false timeout; do
     ln -sf busybox "$root/bin/$tool"
@@ -23,8 +26,8 @@ done
 # The virtio-net stack, in dependency order.
 mods="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net"
 for m in $mods; do
-    f=$(find "/lib/modules/$kver" -name "$m.ko*" | head -n 1)
-    [ -n "$f" ] || { echo "module $m not found for $kver" >&2; exit 1; }
+    f=$(find "$moddir" -name "$m.ko*" | head -n 1)
+    [ -n "$f" ] || { echo "module $m not found in $moddir" >&2; exit 1; }
     case "$f" in
         *.xz) xz -dc "$f" >"$root/lib/modules/$m.ko" ;;
         *.zst) zstd -qdc "$f" >"$root/lib/modules/$m.ko" ;;

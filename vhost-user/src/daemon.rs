@@ -4,7 +4,9 @@
 //! over, connection included: the frontend's requests wait in the socket meanwhile.
 //!
 //! Events go to stdout as JSON lines (`listening`, `connected`, `disconnected`,
-//! `handoff_committed`, `handoff_rolled_back`, `running`) for supervisors and tests.
+//! `handoff_committed`, `handoff_rolled_back`, `running`, `stopped`) for supervisors and
+//! tests. SIGTERM and SIGINT stop the daemon between requests ([`crate::stop_signal`]): the
+//! device is quiesced, the socket files are removed, and `serve` returns `Ok`.
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -14,15 +16,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use tapir_datapath::{Tap, TapQueue};
+use tapir_datapath::TapQueue;
 use tapir_migrate::{
     accept_state, hand_off, hand_off_state, refuse_state, take_over_checked, Channel, DeviceSource,
     Extension, HandoffSource, Listener, MigrateError, Outcome, SuccessorOptions, Taken, Timeouts,
 };
 use tapir_state::DeviceSnapshot;
 
+use crate::control::{ControlSocket, Peer};
 use crate::handoff::{self, EndpointState, FdList};
 use crate::session::{Running, Session, SessionConfig};
+use crate::stop_signal::{StopSignal, StopSignals};
+use crate::tap_setup::{open_tap, TapSetupError, TapSharing};
 use crate::wire::{Connection, WireError};
 
 /// Where the frontend is.
@@ -50,10 +55,18 @@ pub struct ServeOptions {
     pub endpoint: Endpoint,
     /// The TAP interface (created if missing).
     pub tap: String,
+    /// Whether a TAP other processes have queues on is used anyway.
+    pub tap_sharing: TapSharing,
+    /// The version reported in the `listening` event.
+    pub version: String,
     /// Devices' configuration (queue pairs, engine, ...).
     pub session: SessionConfig,
     /// Listen here for a successor.
     pub handoff: Option<PathBuf>,
+    /// The control socket (`tapir ctl PATH stats`), mode 0600.
+    pub control: Option<PathBuf>,
+    /// The Prometheus endpoint (loopback `HOST:PORT`).
+    pub metrics: Option<std::net::SocketAddr>,
     /// Handoff step timeouts.
     pub timeouts: Timeouts,
     /// How long a frontend may take to finish a message or take a reply.
@@ -135,6 +148,15 @@ pub enum ServeError {
     /// The TAP.
     #[error(transparent)]
     Tap(#[from] tapir_datapath::TapError),
+    /// Opening the TAP.
+    #[error(transparent)]
+    TapSetup(#[from] TapSetupError),
+    /// The metrics endpoint.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// Blocking SIGTERM and SIGINT for the stop signalfd.
+    #[error("blocking SIGTERM and SIGINT")]
+    Signals(#[source] std::io::Error),
     /// A socket.
     #[error("{0}: {1}")]
     Socket(String, #[source] std::io::Error),
@@ -175,11 +197,45 @@ struct Daemon {
     frontend_timeout: Duration,
     access: AccessControl,
     counters: DaemonCounters,
+    stop: StopSignals,
+    control: Option<ControlSocket>,
+    metrics: Option<crate::metrics::MetricsEndpoint>,
+    /// The connected frontend's credentials.
+    peer: Option<Peer>,
+    handoffs: HandoffLog,
+}
+
+/// What the report says about handoffs.
+#[derive(Debug, Default)]
+struct HandoffLog {
+    /// Handoffs the session went through (its generation when this process took it over).
+    taken_over: u64,
+    /// Downtimes (quiesce to running) of the takeovers this process made or saw committed.
+    downtimes_ns: std::collections::VecDeque<u64>,
+    /// Handoffs offered and rolled back.
+    rolled_back: u64,
+}
+
+impl HandoffLog {
+    fn record(&mut self, downtime_ns: u64) {
+        if self.downtimes_ns.len() == crate::control::DOWNTIMES_KEPT {
+            self.downtimes_ns.pop_front();
+        }
+        self.downtimes_ns.push_back(downtime_ns);
+    }
 }
 
 enum SessionEnd {
     Disconnected,
     HandedOff,
+    Stopped(StopSignal),
+}
+
+/// What waiting for a frontend came to.
+enum Reached {
+    Frontend(Connection),
+    HandedOff,
+    Stopped(StopSignal),
 }
 
 /// Removes a socket file a previous daemon left at `path`; refuses to touch anything else,
@@ -271,7 +327,13 @@ fn is_exhaustion(e: &std::io::Error) -> bool {
 
 /// Runs `tapir serve` until it is handed off (returns `Ok`) or fails.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
-    let tap = Tap::open(&opts.tap, usize::from(opts.session.queue_pairs))?;
+    // First, while this is the only thread: every worker started later inherits the mask.
+    let stop = StopSignals::block().map_err(ServeError::Signals)?;
+    let tap = open_tap(
+        &opts.tap,
+        usize::from(opts.session.queue_pairs),
+        opts.tap_sharing,
+    )?;
     if let (Some(mtu), Some(queue)) = (opts.mtu, tap.queues().first()) {
         crate::link::set_mtu(queue, mtu)?;
     }
@@ -280,6 +342,11 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         queues = opts.session.queue_pairs,
         "TAP open"
     );
+    // Before any socket file exists: a refused address leaves none behind.
+    let metrics = opts
+        .metrics
+        .map(crate::metrics::MetricsEndpoint::bind)
+        .transpose()?;
     // The vhost-user socket is bound while the daemon may still chown it (to `--socket-group`,
     // and to the `--user` the sandbox switches to); the handoff socket after the switch, so
     // that a successor of the same user sees its own uid in the listener's credentials.
@@ -290,6 +357,22 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         }
         Endpoint::Client(_) => None,
     };
+    let control =
+        match &opts.control {
+            Some(path) => {
+                remove_stale_socket(path)?;
+                let private = AccessControl {
+                    socket_mode: 0o600,
+                    socket_group: None,
+                    allow_uids: Vec::new(),
+                };
+                let l = bind_private(path, &private, opts.lockdown.ids())?;
+                Some(ControlSocket::new(l, path).map_err(|e| {
+                    ServeError::Socket(format!("control socket {}", path.display()), e)
+                })?)
+            }
+            None => None,
+        };
     opts.lockdown.drop_privileges()?;
     let handoff = opts.handoff.as_deref().map(Listener::bind).transpose()?;
     opts.lockdown.confine()?;
@@ -303,12 +386,31 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         frontend_timeout: opts.frontend_timeout,
         access: opts.access,
         counters: DaemonCounters::default(),
+        stop,
+        control,
+        metrics,
+        peer: None,
+        handoffs: HandoffLog::default(),
     };
-    event(format!(
-        "{{\"event\":\"listening\",\"socket\":{:?},\"tap\":{:?}}}",
-        daemon.endpoint.path().display().to_string(),
-        opts.tap
-    ));
+    event(
+        serde_json::json!({
+            "event": "listening",
+            "version": opts.version,
+            "pid": std::process::id(),
+            "socket": daemon.endpoint.path().display().to_string(),
+            "mode": match daemon.endpoint {
+                Endpoint::Server(_) => "server",
+                Endpoint::Client(_) => "client",
+            },
+            "tap": opts.tap,
+            "queues": daemon.config.queue_pairs,
+            "engine": daemon.config.engine.to_string(),
+            "features": format!("{:#x}", crate::session::offered_features()),
+            "protocol_features": format!("{:#x}", crate::session::offered_protocol_features().bits()),
+            "share_tap": opts.tap_sharing == TapSharing::Shared,
+        })
+        .to_string(),
+    );
     daemon.run(None)
 }
 
@@ -317,10 +419,13 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
 ///
 /// `frontend` is this process's own policy for the frontend (allowed uids, timeout): the
 /// handoff blob does not carry the predecessor's, and the socket file keeps its mode.
+/// `stop` must be made ([`StopSignals::block`]) before any thread starts and before the
+/// sandbox is entered (the allow-list has no `signalfd4`).
 pub fn take_over_daemon(
     path: &Path,
     opts: &SuccessorOptions,
     frontend: &FrontendPolicy,
+    stop: StopSignals,
 ) -> Result<(), ServeError> {
     let ch = Channel::connect(path)?;
     // The session blob is checked before this side commits to anything.
@@ -340,11 +445,16 @@ pub fn take_over_daemon(
                 frontend,
                 Some(took.device),
                 generation,
+                stop,
             )?;
             running_event(&current, generation, quiesce_ns, running_ns, false);
+            let mut daemon = daemon;
+            daemon
+                .handoffs
+                .record(running_ns.saturating_sub(quiesce_ns));
             daemon.run(current)
         }
-        Taken::StateOnly(ext) => match restore(ext, opts, frontend, None, 0) {
+        Taken::StateOnly(ext) => match restore(ext, opts, frontend, None, 0, stop) {
             Ok((daemon, mut current)) => {
                 accept_state(&ch)?;
                 drop(ch);
@@ -393,6 +503,7 @@ fn restore(
     frontend: &FrontendPolicy,
     device: Option<tapir_datapath::Device>,
     generation: u64,
+    stop: StopSignals,
 ) -> Result<(Daemon, Option<(Connection, Session)>), ServeError> {
     let state = handoff::decode(&ext.blob, ext.fds.len())?;
     let mut fds: Vec<Option<OwnedFd>> = ext.fds.into_iter().map(Some).collect();
@@ -484,6 +595,14 @@ fn restore(
         frontend_timeout: frontend.timeout,
         access: frontend.access.clone(),
         counters: DaemonCounters::default(),
+        stop,
+        control: None,
+        metrics: None,
+        peer: None,
+        handoffs: HandoffLog {
+            taken_over: generation,
+            ..HandoffLog::default()
+        },
     };
     Ok((daemon, current))
 }
@@ -527,12 +646,16 @@ impl Daemon {
             let (conn, mut session) = match current.take() {
                 Some(c) => c,
                 None => match self.reach_frontend()? {
-                    Some(conn) => {
+                    Reached::Frontend(conn) => {
                         event("{\"event\":\"connected\"}".into());
                         (conn, Session::new(self.config.clone(), self.taps.clone()))
                     }
-                    None => {
+                    Reached::HandedOff => {
                         self.forget_handoff_socket();
+                        return Ok(());
+                    }
+                    Reached::Stopped(signal) => {
+                        self.stopped(signal, None);
                         return Ok(());
                     }
                 },
@@ -540,6 +663,10 @@ impl Daemon {
             match self.session_loop(&conn, &mut session)? {
                 SessionEnd::HandedOff => {
                     self.forget_handoff_socket();
+                    return Ok(());
+                }
+                SessionEnd::Stopped(signal) => {
+                    self.stopped(signal, Some(&mut session));
                     return Ok(());
                 }
                 SessionEnd::Disconnected => {
@@ -550,9 +677,76 @@ impl Daemon {
                     ));
                     drop(session);
                     drop(conn);
+                    self.peer = None;
                 }
             }
         }
+    }
+
+    /// Stops on a signal: the device quiesced (rings stopped at known positions), the
+    /// vhost-user socket file removed (the handoff socket's goes with its listener).
+    fn stopped(&mut self, signal: StopSignal, session: Option<&mut Session>) {
+        let pairs = session
+            .as_ref()
+            .map(|s| s.running_pairs())
+            .unwrap_or_default();
+        if let Some(session) = session {
+            session.stop_device();
+        }
+        if let (Endpoint::Server(path), Some(_)) = (&self.endpoint, &self.vhost_listener) {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove the vhost-user socket");
+            }
+        }
+        tracing::info!(
+            signal = signal.name(),
+            stopped_pairs = ?pairs,
+            "stopping: rings stopped, socket removed"
+        );
+        event(
+            serde_json::json!({
+                "event": "stopped",
+                "signal": signal.name(),
+                "pairs": pairs,
+            })
+            .to_string(),
+        );
+    }
+
+    /// Answers the control socket's clients with the report.
+    fn answer_control(&self, session: Option<&Session>) {
+        if let Some(control) = &self.control {
+            control.serve(&|| self.report(session));
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.serve(&|| self.report(session));
+        }
+    }
+
+    /// The control socket's `stats` report.
+    fn report(&self, session: Option<&Session>) -> serde_json::Value {
+        let counters = session.map_or_else(
+            || vec![tapir_datapath::Counters::default(); usize::from(self.config.queue_pairs)],
+            Session::pair_counters,
+        );
+        let running = session.map(Session::running_pairs).unwrap_or_default();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "engine": self.config.engine.to_string(),
+            "queues": self.config.queue_pairs,
+            "queue_pairs": crate::control::queue_pairs(&counters, &running),
+            "session": session.map(|s| crate::control::session(s, self.peer)),
+            "handoffs": {
+                "count": self.handoffs.taken_over.max(session.map_or(0, |s| s.generation)),
+                "rolled_back": self.handoffs.rolled_back,
+                "last_downtimes_ns": self.handoffs.downtimes_ns,
+            },
+            "daemon": {
+                "memory_broken_sessions": self.counters.memory_broken,
+                "peers_refused": self.counters.peers_refused,
+                "accept_backoffs": self.counters.accept_backoffs,
+            },
+        })
     }
 
     /// After a committed handoff: the successor listens on the handoff socket now, so its
@@ -568,6 +762,12 @@ impl Daemon {
     fn admit(&mut self, stream: UnixStream) -> Option<Connection> {
         match peer_uid(&stream) {
             Ok(uid) if self.access.allow_uids.contains(&uid) => {
+                let pid = nix::sys::socket::getsockopt(
+                    &stream,
+                    nix::sys::socket::sockopt::PeerCredentials,
+                )
+                .map_or(0, |c| c.pid());
+                self.peer = Some(Peer { pid, uid });
                 Some(Connection::with_timeout(stream, self.frontend_timeout))
             }
             Ok(uid) => {
@@ -587,13 +787,16 @@ impl Daemon {
         }
     }
 
-    /// Waits for a frontend (Some), or hands the idle daemon to a successor (None).
-    fn reach_frontend(&mut self) -> Result<Option<Connection>, ServeError> {
+    /// Waits for a frontend, hands the idle daemon to a successor, or stops on a signal.
+    fn reach_frontend(&mut self) -> Result<Reached, ServeError> {
         loop {
+            if let Some(signal) = self.stop.take() {
+                return Ok(Reached::Stopped(signal));
+            }
             if let Endpoint::Client(path) = &self.endpoint {
                 match connect_without_blocking(path) {
                     Ok(s) => match self.admit(s) {
-                        Some(conn) => return Ok(Some(conn)),
+                        Some(conn) => return Ok(Reached::Frontend(conn)),
                         None => std::thread::sleep(BACKOFF),
                     },
                     Err(e) => tracing::debug!(error = %e, "frontend not listening yet"),
@@ -605,11 +808,22 @@ impl Daemon {
                 Endpoint::Client(_) => Some(Duration::from_millis(100)),
                 Endpoint::Server(_) => None,
             };
-            let ready = wait(&[listen, handoff], timeout)?;
+            let control = self.control.as_ref().map(|c| c.listener().as_fd());
+            let metrics = self.metrics.as_ref().map(|m| m.listener().as_fd());
+            let ready = wait(
+                &[listen, handoff, Some(self.stop.as_fd()), control, metrics],
+                timeout,
+            )?;
+            if ready[3] || ready[4] {
+                self.answer_control(None);
+            }
+            if ready[2] || ready[3] || ready[4] {
+                continue;
+            }
             if ready[1] {
                 let idle = Session::new(self.config.clone(), self.taps.clone());
                 if self.hand_off_state(None, &idle)? {
-                    return Ok(None);
+                    return Ok(Reached::HandedOff);
                 }
             }
             if ready[0] {
@@ -617,7 +831,7 @@ impl Daemon {
                 match accepted {
                     Some(Ok((s, _))) => {
                         if let Some(conn) = self.admit(s) {
-                            return Ok(Some(conn));
+                            return Ok(Reached::Frontend(conn));
                         }
                     }
                     Some(Err(e)) if is_exhaustion(&e) => {
@@ -629,7 +843,7 @@ impl Daemon {
                         if wait(&[handoff], Some(BACKOFF))?.first() == Some(&true) {
                             let idle = Session::new(self.config.clone(), self.taps.clone());
                             if self.hand_off_state(None, &idle)? {
-                                return Ok(None);
+                                return Ok(Reached::HandedOff);
                             }
                         }
                     }
@@ -668,7 +882,26 @@ impl Daemon {
                 return Ok(SessionEnd::Disconnected);
             }
             let handoff = self.handoff.as_ref().map(|l| l.as_fd());
-            let ready = wait(&[Some(conn.as_fd()), handoff], timeout)?;
+            let control = self.control.as_ref().map(|c| c.listener().as_fd());
+            let metrics = self.metrics.as_ref().map(|m| m.listener().as_fd());
+            let ready = wait(
+                &[
+                    Some(conn.as_fd()),
+                    handoff,
+                    Some(self.stop.as_fd()),
+                    control,
+                    metrics,
+                ],
+                timeout,
+            )?;
+            if ready[3] || ready[4] {
+                self.answer_control(Some(session));
+            }
+            if ready[2] {
+                if let Some(signal) = self.stop.take() {
+                    return Ok(SessionEnd::Stopped(signal));
+                }
+            }
             if ready[0] {
                 match conn.recv() {
                     Ok(req) => {
@@ -749,6 +982,7 @@ impl Daemon {
                 Ok(true)
             }
             Ok(Outcome::RolledBack(e)) => {
+                self.handoffs.rolled_back += 1;
                 event(format!(
                     "{{\"event\":\"handoff_rolled_back\",\"reason\":{:?}}}",
                     e.to_string()

@@ -11,14 +11,22 @@
 //! - [`link`]: the TAP link a frontend asks about (RARP announcement, MTU);
 //! - [`session`]: one frontend's state and the device running its ready queue pairs;
 //! - [`handoff`]: a session as handoff state, out and back in;
-//! - [`daemon`]: the serve loop (server or client mode, handoffs).
+//! - [`control`]: the control socket's counters report;
+//! - [`metrics`]: the report as Prometheus text over loopback HTTP;
+//! - [`daemon`]: the serve loop (server or client mode, handoffs);
+//! - [`stop_signal`]: SIGTERM and SIGINT through a signalfd;
+//! - [`tap_setup`]: opening the TAP (sharing refused, kernel errors explained).
 
+pub mod control;
 pub mod daemon;
 pub mod dirty_log;
 pub mod handoff;
 pub mod link;
 pub mod memory_table;
+pub mod metrics;
 pub mod session;
+pub mod stop_signal;
+pub mod tap_setup;
 pub mod wire;
 
 pub use daemon::{
@@ -27,3 +35,4 @@ pub use daemon::{
 pub use session::{
     offered_features, offered_protocol_features, DirtyAtStop, Session, SessionConfig,
 };
+pub use tap_setup::{TapSetupError, TapSharing};

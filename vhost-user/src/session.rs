@@ -195,14 +195,16 @@ pub struct Session {
     pub announcements: u64,
     /// The MTU the frontend set with `NET_SET_MTU` (the TAP has it).
     pub mtu: Option<u16>,
+    /// Counters of the devices this session stopped, by queue pair (a device's workers
+    /// count from zero; see [`Session::pair_counters`]).
+    stopped_counters: Vec<tapir_datapath::Counters>,
 }
 
 impl Session {
     /// A fresh session.
     pub fn new(config: SessionConfig, taps: Arc<Vec<TapQueue>>) -> Session {
-        let vrings = (0..2 * usize::from(config.queue_pairs))
-            .map(|_| Vring::default())
-            .collect();
+        let pairs = usize::from(config.queue_pairs);
+        let vrings = (0..2 * pairs).map(|_| Vring::default()).collect();
         Session {
             config,
             taps,
@@ -218,7 +220,22 @@ impl Session {
             requests: 0,
             announcements: 0,
             mtu: None,
+            stopped_counters: vec![tapir_datapath::Counters::default(); pairs],
         }
+    }
+
+    /// Each queue pair's counters over the session: the stopped devices' plus what the
+    /// running one last published (workers publish once per loop; nothing new is counted).
+    pub fn pair_counters(&self) -> Vec<tapir_datapath::Counters> {
+        let mut all = self.stopped_counters.clone();
+        if let Some(r) = &self.running {
+            for (c, &p) in r.device.counters().iter().zip(&r.pairs) {
+                if let Some(total) = all.get_mut(usize::from(p)) {
+                    total.add(c);
+                }
+            }
+        }
+        all
     }
 
     /// The configuration.
@@ -685,8 +702,10 @@ impl Session {
         self.stop_device();
         let config = self.config.clone();
         let generation = self.generation;
+        let counters = std::mem::take(&mut self.stopped_counters);
         *self = Session::new(config, self.taps.clone());
         self.generation = generation;
+        self.stopped_counters = counters;
     }
 
     /// Stops vring `i` (`GET_VRING_BASE`) and returns where the frontend resumes it. The
@@ -765,6 +784,11 @@ impl Session {
         let Some(running) = self.running.take() else {
             return 0;
         };
+        for (c, &p) in running.device.counters().iter().zip(&running.pairs) {
+            if let Some(total) = self.stopped_counters.get_mut(usize::from(p)) {
+                total.add(c);
+            }
+        }
         match running.device.quiesce() {
             Ok(q) => {
                 for (qp, &p) in q.pairs.iter().zip(&running.pairs) {

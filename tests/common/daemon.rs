@@ -1,0 +1,192 @@
+//! `tapir serve` as a test runs it: the real binary in a network namespace of the test's own
+//! (`ip netns exec`, so that /sys is the namespace's), its events on a channel.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::Frontend;
+
+pub const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace and a scratch directory of this test, both gone on drop.
+pub struct Netns {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "tdl{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        sh(&["ip", "netns", "add", &name]);
+        let dir = std::env::temp_dir().join(format!("{name}-dir"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Netns { name, dir }
+    }
+
+    pub fn socket(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{what}.sock"))
+    }
+
+    /// `ip -n NS ARGS`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["ip", "-n", &self.name];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+
+    /// `tapir serve ARGS` in the namespace (as `prefix`, e.g. setpriv), not yet spawned.
+    pub fn serve_cmd(&self, prefix: &[&str], args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .args(prefix)
+            .args([TAPIR, "serve"])
+            .args(args)
+            .env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// Runs `tapir serve ARGS` to its end (for the refusals).
+    pub fn serve_output(&self, prefix: &[&str], args: &[&str]) -> Output {
+        self.serve_cmd(prefix, args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    pub fn spawn(&self, prefix: &[&str], args: &[&str]) -> Daemon {
+        let mut child = self
+            .serve_cmd(prefix, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, events) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (etx, errors) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = etx.send(line);
+            }
+        });
+        Daemon {
+            child: Some(child),
+            events,
+            errors,
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `tapir serve`, killed (by pid) and reaped on drop if the test did not end it.
+pub struct Daemon {
+    child: Option<Child>,
+    events: Receiver<String>,
+    errors: Receiver<String>,
+}
+
+impl Daemon {
+    /// The next event containing `what`, parsed.
+    pub fn event(&self, what: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self
+                .events
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) if l.contains(what) => return serde_json::from_str(&l).unwrap(),
+                Ok(_) => continue,
+                Err(_) => {
+                    let log: Vec<String> = self.errors.try_iter().collect();
+                    panic!(
+                        "tapir serve never said {what:?}; its log:\n{}",
+                        log.join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.as_ref().unwrap().id()).unwrap()
+    }
+
+    /// The pid of the `tapir serve` process itself (`ip netns exec` execs it, so the same).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for the exit (at most 10 s) and returns its status and stderr.
+    pub fn wait_exit(&mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tapir serve did not exit within 10 s of the signal");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut log = String::new();
+        while let Ok(l) = self.errors.recv_timeout(Duration::from_millis(500)) {
+            log.push_str(&l);
+            log.push('\n');
+        }
+        (status, log)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn connect(socket: &Path) -> Frontend {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Frontend::connect(socket, 64) {
+            Ok(f) => return f,
+            Err(e) if Instant::now() > deadline => panic!("connecting to tapir serve: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
