@@ -250,13 +250,70 @@ pub struct QueuePair {
     /// A pop was refused in this pass because the budget was spent: the engine must come
     /// back without waiting for a kick.
     yielded: bool,
+    /// Whether each queue's guest is asked to kick (see [`Notify`]).
+    rx_notify: Notify,
+    tx_notify: Notify,
     /// The worker failed: nothing is serviced any more.
     broken: bool,
 }
 
-/// What [`QueuePair::next_tx`] found.
+/// Whether a queue's guest is asked to kick. A queue starts armed; popping quiets it (no kicks
+/// while the device drains the ring anyway) and running dry re-arms it, with the lost-wakeup
+/// re-check of virtio 1.2 §2.7.10 ([`QueuePair::pop_tx`], [`QueuePair::prepare_rx`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TxNext {
+enum Notify {
+    /// The guest kicks on its next addition.
+    Armed,
+    /// The guest was asked not to kick (a no-op with EVENT_IDX).
+    Quiet,
+}
+
+/// What re-arming a queue found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rearm {
+    /// The guest kicks on its next addition, and nothing arrived meanwhile: wait for it.
+    Armed,
+    /// Buffers arrived while arming, or this pass's budget is spent: carry on without waiting.
+    Again,
+}
+
+/// What [`QueuePair::pop_tx`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxPop {
+    /// A chain, in the `TxWrite`.
+    Chain,
+    /// The ring is empty and the guest's kick is armed (or the queue is broken): wait.
+    Idle,
+    /// This pass popped as many chains as it may (see [`QueuePair::begin_pass`]): come back
+    /// without waiting for a kick.
+    Yield,
+}
+
+/// What [`QueuePair::prepare_rx`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxPrep {
+    /// The read has guest buffers and the spill area: post it.
+    Ready,
+    /// The guest has not posted (enough) buffers and its kick is armed: wait for it.
+    NoBuffers,
+    /// This pass popped as many chains as it may: come back without waiting for a kick.
+    Withheld,
+}
+
+/// What [`QueuePair::retry_deferred`] did with a frame waiting for guest buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxRetry {
+    /// Delivered (or dropped and counted): the read is free again.
+    Done,
+    /// Still waiting, and the guest's kick is armed: wait for it.
+    Waiting,
+    /// Still waiting, and this pass's budget is spent: come back without waiting.
+    Yield,
+}
+
+/// What [`QueuePair::next_tx`] found (one pop, without the notification protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TxNext {
     /// A chain, in the `TxWrite`.
     Chain,
     /// The avail ring is empty (or the queue broken).
@@ -266,9 +323,9 @@ pub enum TxNext {
     Later,
 }
 
-/// What [`QueuePair::prepare_rx`] did.
+/// What [`QueuePair::fill_rx_read`] did (without the notification protocol).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RxPrepare {
+pub(crate) enum RxPrepare {
     /// The read has guest buffers and the spill area: post it.
     Ready,
     /// The guest has not posted (enough) buffers: enable notifications, re-check, wait.
@@ -316,6 +373,8 @@ impl QueuePair {
             rx_budget: rx_queue_size.saturating_mul(2),
             tx_budget: tx_queue_size.saturating_mul(2),
             yielded: false,
+            rx_notify: Notify::Armed,
+            tx_notify: Notify::Armed,
             broken: false,
         }
     }
@@ -439,11 +498,64 @@ impl QueuePair {
             .sort_by_key(|&(h, _)| seq.get(usize::from(h)).copied().unwrap_or(u64::MAX));
     }
 
+    // ---- notifications: the lost-wakeup protocol, written once ---------------------------
+
+    /// Asks the guest not to kick while the device drains the ring (once per drain).
+    fn quiet(&mut self, dir: Direction) {
+        let mem = &self.mem;
+        let (q, notify) = match dir {
+            Direction::Rx => (&mut self.rx, &mut self.rx_notify),
+            Direction::Tx => (&mut self.tx, &mut self.tx_notify),
+        };
+        if *notify == Notify::Armed {
+            q.disable_notification(mem);
+            *notify = Notify::Quiet;
+        }
+    }
+
+    /// The ring ran dry: arm the guest's kick, then look again (virtio 1.2 §2.7.10: buffers
+    /// added between the last pop and the arming raise no kick, so going to sleep without the
+    /// re-check could sleep forever). A spent budget also means "again": more may wait.
+    fn rearm(&mut self, dir: Direction) -> Rearm {
+        if self.yielded {
+            return Rearm::Again;
+        }
+        let (q, notify) = match dir {
+            Direction::Rx => (&mut self.rx, &mut self.rx_notify),
+            Direction::Tx => (&mut self.tx, &mut self.tx_notify),
+        };
+        *notify = Notify::Armed;
+        if q.enable_notification(&self.mem) {
+            Rearm::Again
+        } else {
+            Rearm::Armed
+        }
+    }
+
     // ---- TX ----------------------------------------------------------------------------
+
+    /// Pops the next TX chain into `w`, with the notification protocol: kicks are off while
+    /// chains are popped; when the ring runs dry the guest's kick is armed and the ring
+    /// re-checked ([`TxPop::Idle`] only when it is really empty). Malformed chains are
+    /// completed with length 0 and counted on the way.
+    pub fn pop_tx(&mut self, w: &mut TxWrite) -> TxPop {
+        loop {
+            self.quiet(Direction::Tx);
+            match self.next_tx(w) {
+                TxNext::Chain => return TxPop::Chain,
+                TxNext::Later => return TxPop::Yield,
+                TxNext::Empty => match self.rearm(Direction::Tx) {
+                    Rearm::Armed => return TxPop::Idle,
+                    Rearm::Again if self.yielded => return TxPop::Yield,
+                    Rearm::Again => {}
+                },
+            }
+        }
+    }
 
     /// Pops the next TX chain into `w`. Malformed chains are completed with length 0 and
     /// counted. At most the pass's budget of chains is popped ([`TxNext::Later`]).
-    pub fn next_tx(&mut self, w: &mut TxWrite) -> TxNext {
+    pub(crate) fn next_tx(&mut self, w: &mut TxWrite) -> TxNext {
         loop {
             if self.tx_budget == 0 {
                 self.yielded = true;
@@ -607,13 +719,52 @@ impl QueuePair {
         true
     }
 
+    /// Prepares a read, with the notification protocol (see [`pop_tx`](Self::pop_tx)):
+    /// fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
+    /// predicted frame size, within what one `readv` takes), then the read's spill area.
+    /// `others_posted`: other reads are outstanding (with MRG_RXBUF and GSO a further read
+    /// is only posted while the guest's spare buffers can take a largest frame beyond them).
+    pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrep {
+        loop {
+            self.quiet(Direction::Rx);
+            match self.fill_rx_read(r, others_posted) {
+                RxPrepare::Ready => return RxPrep::Ready,
+                RxPrepare::Later => return RxPrep::Withheld,
+                RxPrepare::NoBuffers => match self.rearm(Direction::Rx) {
+                    Rearm::Armed => return RxPrep::NoBuffers,
+                    Rearm::Again if self.yielded => return RxPrep::Withheld,
+                    Rearm::Again => {}
+                },
+            }
+        }
+    }
+
+    /// Tries again to complete a read whose frame waits for guest buffers; while it still
+    /// waits, arms the guest's kick and re-checks (the lost-wakeup rule, as in
+    /// [`pop_tx`](Self::pop_tx)).
+    pub fn retry_deferred(&mut self, r: &mut RxRead) -> RxRetry {
+        loop {
+            if self.retry_rx(r) == RxCompletion::Done {
+                return RxRetry::Done;
+            }
+            if self.yielded {
+                return RxRetry::Yield;
+            }
+            match self.rearm(Direction::Rx) {
+                Rearm::Armed => return RxRetry::Waiting,
+                Rearm::Again if self.yielded => return RxRetry::Yield,
+                Rearm::Again => {}
+            }
+        }
+    }
+
     /// Fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
     /// predicted frame size, within what one `readv` takes), then the read's spill area.
     /// [`RxPrepare::NoBuffers`] when the guest has posted no buffers, or (with
     /// `others_posted`, MRG_RXBUF and GSO) when the guest's spare buffers could not take a
     /// largest frame beyond what posted reads hold; [`RxPrepare::Later`] when this pass
     /// popped as many chains as the queue holds without finding one.
-    pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrepare {
+    pub(crate) fn fill_rx_read(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrepare {
         r.clear();
         if self.rx.is_broken() {
             return RxPrepare::NoBuffers;
@@ -910,22 +1061,47 @@ impl QueuePair {
         }
     }
 
-    /// For each queue with new used entries whose guest wants an interrupt, calls `signal`
-    /// (once per queue: interrupts are coalesced per batch).
-    pub fn interrupts(&mut self, mut signal: impl FnMut(&Virtqueue)) {
+    /// For each queue with new used entries whose guest wants an interrupt (interrupt
+    /// suppression: EVENT_IDX's `used_event`, or `VRING_AVAIL_F_NO_INTERRUPT`), calls
+    /// `interrupt` with the queue's direction, once per queue: interrupts are coalesced per
+    /// batch. The engine raises it its own way, or with [`signal`](Self::signal).
+    pub fn interrupts(&mut self, mut interrupt: impl FnMut(Direction)) {
+        for dir in self.due_interrupts().into_iter().flatten() {
+            interrupt(dir);
+        }
+    }
+
+    /// [`interrupts`](Self::interrupts), each raised with [`signal`](Self::signal).
+    pub fn raise_interrupts(&mut self) {
+        for dir in self.due_interrupts().into_iter().flatten() {
+            self.signal(dir);
+        }
+    }
+
+    fn due_interrupts(&mut self) -> [Option<Direction>; 2] {
+        let mut due = [None, None];
         if self.rx_used_pending {
             self.rx_used_pending = false;
             if self.rx.needs_notification(&self.mem) {
                 bump(&mut self.counters.rx_interrupts);
-                signal(&self.rx);
+                due[0] = Some(Direction::Rx);
             }
         }
         if self.tx_used_pending {
             self.tx_used_pending = false;
             if self.tx.needs_notification(&self.mem) {
                 bump(&mut self.counters.tx_interrupts);
-                signal(&self.tx);
+                due[1] = Some(Direction::Tx);
             }
+        }
+        due
+    }
+
+    /// Raises a queue's interrupt with a non-blocking `write(2)` on its call eventfd.
+    pub fn signal(&self, dir: Direction) {
+        match dir {
+            Direction::Rx => self.rx.signal(),
+            Direction::Tx => self.tx.signal(),
         }
     }
 }

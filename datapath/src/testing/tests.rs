@@ -12,7 +12,7 @@ use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver, VirtioNetHdr, Vi
 
 use super::*;
 use crate::memory::MemoryRegionSpec;
-use crate::pair::PairPositions;
+use crate::pair::{PairPositions, TxNext};
 
 const WRITE: u16 = tapir_simguest::VIRTQ_DESC_F_WRITE;
 
