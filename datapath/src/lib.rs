@@ -19,6 +19,7 @@ pub mod fd_check;
 pub mod features;
 pub mod memory;
 pub mod pair;
+mod rx_pool;
 pub mod stats;
 pub mod tap;
 #[cfg(any(test, feature = "test-utils"))]

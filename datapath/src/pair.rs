@@ -9,14 +9,14 @@
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::chain::{self, Access, ChainError, Segments, MAX_SEGMENTS};
+use crate::chain::{self, Access, ChainError, Segments};
 use crate::features;
 use crate::memory::GuestMemory;
+use crate::rx_pool::{RxChain, RxPool, MAX_RX_PIECES};
 use crate::stats::{Counters, QueuePairStats};
 use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueError, Virtqueue};
@@ -29,22 +29,8 @@ use crate::vnet_hdr::NUM_BUFFERS_OFFSET;
 /// truncated silently.
 pub const SPILL_LEN: usize = 128 * 1024;
 
-/// Guest buffers one RX read may have: one `readv` takes `MAX_SEGMENTS` (`UIO_MAXIOV`)
-/// iovecs, and the spill area is one of them.
-const MAX_RX_PIECES: usize = MAX_SEGMENTS - 1;
-
 const VNET_HDR_LEN_U32: u32 = 12;
 const _: () = assert!(VNET_HDR_LEN_U32 as usize == VNET_HDR_LEN);
-
-/// A walked RX chain: host address, length and guest address of each piece. Host addresses
-/// are kept as integers so the pair stays `Send`; they point into the guest mapping, which
-/// lives as long as the pair.
-#[derive(Debug, Default)]
-struct WalkedChain {
-    valid: bool,
-    pieces: Vec<(usize, u32, u64)>,
-    len: u32,
-}
 
 /// Outcome of continuing a frame into further chains.
 enum Spill {
@@ -72,8 +58,8 @@ pub enum Direction {
 pub struct RxRead {
     /// Host iovecs of every chain, then the spill area.
     pub seg: Segments,
-    /// (head, capacity) of each chain, in order.
-    chains: Vec<(u16, u32)>,
+    /// The chains, in order.
+    chains: Vec<RxChain>,
     /// Where bytes beyond the posted chains land (pages are only touched when used).
     spill: Box<[u8]>,
     /// Guest bytes the read was posted with (the spill area follows them).
@@ -228,19 +214,8 @@ pub struct QueuePair {
     rx_plain: u32,
     /// Moving average of received frame sizes (header included), in bytes.
     rx_ewma: u32,
-    /// RX chains popped from the avail ring (and walked) but not inside a posted read:
-    /// (head, bytes).
-    spare_rx: VecDeque<(u16, u32)>,
-    /// Bytes of guest buffers in `spare_rx`.
-    spare_bytes: u64,
-    /// Pop order of each RX head (to list held heads in ring order at quiesce time).
-    rx_pop_seq: Vec<u64>,
-    rx_popped: u64,
-    /// Walked RX chains by head, valid from the walk until the chain is used: a chain that
-    /// goes back to `spare_rx` (MRG_RXBUF reads hold more chains than a small frame needs) is
-    /// not walked again.
-    rx_walked: Vec<WalkedChain>,
-    rx_scratch: Segments,
+    /// RX chains popped from the avail ring (and walked) but not inside a posted read.
+    rx_pool: RxPool,
     rx_used_pending: bool,
     tx_used_pending: bool,
     serviced: bool,
@@ -345,7 +320,8 @@ impl QueuePair {
         stats: Arc<QueuePairStats>,
     ) -> QueuePair {
         let capacity = features::rx_frame_capacity(settings.features, settings.mtu);
-        let rx_queue_size = usize::from(rx.table().size);
+        let rx_size = rx.table().size;
+        let rx_queue_size = usize::from(rx_size);
         let tx_queue_size = usize::from(tx.table().size);
         QueuePair {
             index,
@@ -361,12 +337,7 @@ impl QueuePair {
             )
             .unwrap_or(u32::MAX),
             rx_ewma: 0,
-            spare_rx: VecDeque::new(),
-            spare_bytes: 0,
-            rx_pop_seq: vec![0; rx_queue_size],
-            rx_popped: 0,
-            rx_walked: (0..rx_queue_size).map(|_| WalkedChain::default()).collect(),
-            rx_scratch: Segments::with_capacity(4),
+            rx_pool: RxPool::new(rx_size),
             rx_used_pending: false,
             tx_used_pending: false,
             serviced: false,
@@ -441,17 +412,13 @@ impl QueuePair {
                 None => return Err(bad(format!("in-flight head {h} >= queue size {size}"))),
             }
         }
-        self.spare_rx.clear();
-        self.spare_bytes = 0;
+        self.rx_pool.clear();
         for &h in heads {
-            self.rx_popped = self.rx_popped.wrapping_add(1);
-            if let Some(s) = self.rx_pop_seq.get_mut(usize::from(h)) {
-                *s = self.rx_popped;
-            }
+            self.rx_pool.note_popped(h);
             // Checked above: in range and listed once.
             let _ = self.rx.hold(h);
-            match self.walk_rx(h) {
-                Ok(len) => self.give_back(h, len),
+            match self.rx_pool.walk(&self.mem, self.rx.table(), h) {
+                Ok(c) => self.rx_pool.push_back(c),
                 Err(e) => {
                     bump(&mut self.counters.rx_malformed);
                     tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
@@ -486,16 +453,13 @@ impl QueuePair {
 
     /// RX heads held back (popped, in no read), in order: what a handoff re-posts.
     pub fn spare_rx(&self) -> impl Iterator<Item = u16> + '_ {
-        self.spare_rx.iter().map(|&(h, _)| h)
+        self.rx_pool.heads()
     }
 
     /// Puts the held RX heads back in the order they were popped (reads that were cancelled
     /// or refused hand their chains back in completion order). Called once a worker stopped.
     pub fn settle_rx_order(&mut self) {
-        let seq = &self.rx_pop_seq;
-        self.spare_rx
-            .make_contiguous()
-            .sort_by_key(|&(h, _)| seq.get(usize::from(h)).copied().unwrap_or(u64::MAX));
+        self.rx_pool.settle_order();
     }
 
     // ---- notifications: the lost-wakeup protocol, written once ---------------------------
@@ -635,15 +599,9 @@ impl QueuePair {
             self.count_broken(Direction::Rx, &e);
         }
         for &h in heads.get(..n).unwrap_or_default() {
-            self.rx_popped = self.rx_popped.wrapping_add(1);
-            if let Some(s) = self.rx_pop_seq.get_mut(usize::from(h)) {
-                *s = self.rx_popped;
-            }
-            match self.walk_rx(h) {
-                Ok(len) => {
-                    self.spare_rx.push_back((h, len));
-                    self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
-                }
+            self.rx_pool.note_popped(h);
+            match self.rx_pool.walk(&self.mem, self.rx.table(), h) {
+                Ok(c) => self.rx_pool.push_back(c),
                 Err(e) => {
                     bump(&mut self.counters.rx_malformed);
                     tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
@@ -656,11 +614,10 @@ impl QueuePair {
 
     /// The next RX chain: from the spare list, else from the avail ring (bounded by the
     /// pass's budget: a ring full of malformed chains ends the loop).
-    fn next_rx_chain(&mut self) -> Option<(u16, u32)> {
+    fn next_rx_chain(&mut self) -> Option<RxChain> {
         loop {
-            if let Some((h, len)) = self.spare_rx.pop_front() {
-                self.spare_bytes = self.spare_bytes.saturating_sub(u64::from(len));
-                return Some((h, len));
+            if let Some(c) = self.rx_pool.pop_front() {
+                return Some(c);
             }
             if self.fill_spare(64) == 0 {
                 return None;
@@ -681,12 +638,6 @@ impl QueuePair {
         bump(&mut self.counters.queues_broken);
     }
 
-    /// Puts a walked chain back at the front of the spare list.
-    fn give_back(&mut self, head: u16, len: u32) {
-        self.spare_rx.push_front((head, len));
-        self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
-    }
-
     /// How many bytes of guest buffers an MRG_RXBUF read is posted with: twice the recent
     /// average frame, at least a full non-GSO frame, at most the largest frame. Small-frame
     /// traffic then costs one chain per read, and 64 KiB GSO traffic lands zero-copy.
@@ -699,23 +650,19 @@ impl QueuePair {
     /// Appends the next RX chain (from the spare list or the avail ring) to `r`. Returns false
     /// when none is available.
     fn add_rx_chain(&mut self, r: &mut RxRead) -> bool {
-        let Some((head, len)) = self.next_rx_chain() else {
+        let Some(c) = self.next_rx_chain() else {
             return false;
         };
-        // Heads in the spare list were range-checked when popped.
-        let Some(walked) = self.rx_walked.get(usize::from(head)) else {
-            return false;
-        };
-        for &(host, l, gpa) in &walked.pieces {
+        for p in self.rx_pool.pieces(c.head) {
             r.seg.iov.push(libc::iovec {
-                iov_base: host as *mut libc::c_void,
-                iov_len: l as usize,
+                iov_base: p.host as *mut libc::c_void,
+                iov_len: p.len as usize,
             });
-            r.seg.gpa.push((gpa, l));
+            r.seg.gpa.push((p.gpa, p.len));
         }
         // Saturating: a guest's chain lengths may sum past 4 GiB (each chain is below it).
-        r.seg.len = r.seg.len.saturating_add(len);
-        r.chains.push((head, len));
+        r.seg.len = r.seg.len.saturating_add(c.len);
+        r.chains.push(c);
         true
     }
 
@@ -777,7 +724,8 @@ impl QueuePair {
             if others_posted {
                 // Bounded by the pass's budget (fill_spare returns 0 once it is spent).
                 while self.fill_spare(64) > 0 {}
-                if self.spare_bytes < u64::from(self.rx_capacity).saturating_add(u64::from(target))
+                if self.rx_pool.spare_bytes()
+                    < u64::from(self.rx_capacity).saturating_add(u64::from(target))
                 {
                     return self.no_rx_chain();
                 }
@@ -792,12 +740,16 @@ impl QueuePair {
             }
             if r.seg.iov.len() > MAX_RX_PIECES {
                 // Hand the last chain back: it goes first into the next read.
-                if let Some((head, len)) = r.chains.pop() {
-                    let keep = r.seg.iov.len().saturating_sub(self.pieces_of(head));
+                if let Some(c) = r.chains.pop() {
+                    let keep = r
+                        .seg
+                        .iov
+                        .len()
+                        .saturating_sub(self.rx_pool.pieces(c.head).len());
                     r.seg.iov.truncate(keep);
                     r.seg.gpa.truncate(keep);
-                    r.seg.len = r.seg.len.saturating_sub(len);
-                    self.give_back(head, len);
+                    r.seg.len = r.seg.len.saturating_sub(c.len);
+                    self.rx_pool.give_back(c);
                 }
                 break;
             }
@@ -822,63 +774,9 @@ impl QueuePair {
         RxPrepare::NoBuffers
     }
 
-    fn pieces_of(&self, head: u16) -> usize {
-        self.rx_walked
-            .get(usize::from(head))
-            .map_or(0, |w| w.pieces.len())
-    }
-
-    /// Walks an RX chain into the cache (or finds it there); returns its length.
-    fn walk_rx(&mut self, head: u16) -> Result<u32, ChainError> {
-        let slot = usize::from(head);
-        let Some(cached) = self.rx_walked.get(slot) else {
-            return Err(ChainError::IndexOutOfRange {
-                index: head,
-                size: self.rx.table().size,
-            });
-        };
-        if cached.valid {
-            return Ok(cached.len);
-        }
-        self.rx_scratch.clear();
-        chain::walk(
-            &self.mem,
-            self.rx.table(),
-            head,
-            Access::DeviceWrites,
-            &mut self.rx_scratch,
-        )?;
-        if self.rx_scratch.iov.len() > MAX_RX_PIECES {
-            // A read needs one more iovec for its spill area.
-            return Err(ChainError::TooManySegments(MAX_RX_PIECES));
-        }
-        if (self.rx_scratch.len as usize) < VNET_HDR_LEN {
-            // Every RX buffer must hold the header (and so `num_buffers`) of a frame that
-            // starts in it: found by the rx_pair fuzz target (a chain of 8 bytes was used as
-            // the first buffer of a merged frame, its `num_buffers` written into the next).
-            return Err(ChainError::ShorterThanHeader(self.rx_scratch.len));
-        }
-        let Some(walked) = self.rx_walked.get_mut(slot) else {
-            return Err(ChainError::IndexOutOfRange {
-                index: head,
-                size: self.rx.table().size,
-            });
-        };
-        walked.pieces.clear();
-        for (iov, &(gpa, len)) in self.rx_scratch.iov.iter().zip(&self.rx_scratch.gpa) {
-            walked.pieces.push((iov.iov_base as usize, len, gpa));
-        }
-        walked.len = self.rx_scratch.len;
-        walked.valid = true;
-        Ok(walked.len)
-    }
-
     /// Gives the chains of an unposted or cancelled read back (to the front, in order).
     pub fn return_rx(&mut self, r: &mut RxRead) {
-        for &(head, len) in r.chains.iter().rev() {
-            self.spare_rx.push_front((head, len));
-            self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
-        }
+        self.rx_pool.give_back_all(&r.chains);
         r.clear();
     }
 
@@ -943,11 +841,11 @@ impl QueuePair {
         // How many chains the frame occupies.
         let mut left = n;
         let mut used = 0usize;
-        for &(_, cap) in &r.chains {
+        for c in &r.chains {
             if left == 0 {
                 break;
             }
-            left = left.saturating_sub(cap as usize);
+            left = left.saturating_sub(c.len as usize);
             used = used.saturating_add(1);
         }
         // num_buffers: the TAP leaves bytes 10-11 alone (virtio 1.2 §5.1.6.4: 1 without
@@ -966,16 +864,14 @@ impl QueuePair {
         }
         // Used entries, consecutive as MRG_RXBUF requires.
         let mut left = n;
-        for &(head, cap) in r.chains.iter().take(used) {
-            let len = cap.min(u32::try_from(left).unwrap_or(u32::MAX));
+        for c in r.chains.iter().take(used) {
+            let len = c.len.min(u32::try_from(left).unwrap_or(u32::MAX));
             left = left.saturating_sub(len as usize);
-            self.complete_used(Direction::Rx, head, len);
+            self.complete_used(Direction::Rx, c.head, len);
         }
         // Unused chains go back for the next read.
-        for &(head, len) in r.chains.get(used..).unwrap_or_default().iter().rev() {
-            self.spare_rx.push_front((head, len));
-            self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
-        }
+        self.rx_pool
+            .give_back_all(r.chains.get(used..).unwrap_or_default());
         bump(&mut self.counters.rx_packets);
         // `retry_rx` checked n >= VNET_HDR_LEN.
         self.counters.rx_bytes =
@@ -1039,9 +935,7 @@ impl QueuePair {
     fn complete_used(&mut self, dir: Direction, head: u16, len: u32) {
         if dir == Direction::Rx {
             // The guest owns the chain again and may rewrite its descriptors.
-            if let Some(w) = self.rx_walked.get_mut(usize::from(head)) {
-                w.valid = false;
-            }
+            self.rx_pool.forget_walk(head);
         }
         let (q, pending) = match dir {
             Direction::Rx => (&mut self.rx, &mut self.rx_used_pending),
