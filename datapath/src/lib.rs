@@ -9,8 +9,14 @@
 //! Module map (one concern each): [`tap`] (TAP ioctls), [`memory`] (mapping, translation,
 //! dirty log), [`chain`] (descriptor chains to iovecs, both directions), [`vnet_hdr`] (the
 //! header), [`virtqueue`] (ring + eventfds + broken state), [`pair`] (the device logic of a
-//! queue pair, shared by the engines), [`engine`] (uring and classic), [`device`] (workers),
-//! [`stats`] (counters), [`features`] (feature bits and what follows from them).
+//! queue pair, shared by the engines, the notification protocol included), `rx_pool` (the RX
+//! chains a pair holds), [`engine`] (uring and classic, behind [`engine::new_engine`]),
+//! [`device`] (workers), [`stats`] (counters), [`features`] (feature bits and what follows
+//! from them).
+//!
+//! The door is moving to the re-exports below: the modules still public are so for the
+//! crates that import through them today (vhost-user, migrate, bench, tests, fuzz); new code
+//! imports from the crate root.
 
 pub mod chain;
 pub mod device;
@@ -19,6 +25,7 @@ pub mod fd_check;
 pub mod features;
 pub mod memory;
 pub mod pair;
+mod rx_pool;
 pub mod stats;
 pub mod tap;
 #[cfg(any(test, feature = "test-utils"))]
@@ -30,9 +37,12 @@ pub use device::{
     Device, DeviceConfig, DeviceError, PairResources, PausedDevice, QueuePairSpec, QuiescedDevice,
     QuiescedPair, RingAddrs,
 };
-pub use engine::{EngineConfig, EngineKind};
+pub use engine::{new_engine, Engine, EngineConfig, EngineError, EngineKind, WorkerFault};
 pub use memory::{GuestMemory, MemoryError, MemoryRegionSpec};
-pub use pair::PairPositions;
+pub use pair::{
+    Direction, PairPositions, PairSettings, QueuePair, RxCompletion, RxPrep, RxRead, RxRetry,
+    TxPop, TxWrite,
+};
 pub use stats::Counters;
 pub use tap::{Tap, TapError, TapQueue};
-pub use virtqueue::QueueConfig;
+pub use virtqueue::{used_index, QueueConfig, QueueError, Virtqueue};

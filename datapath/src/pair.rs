@@ -9,14 +9,14 @@
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::chain::{self, Access, ChainError, Segments, MAX_SEGMENTS};
+use crate::chain::{self, Access, ChainError, Segments};
 use crate::features;
 use crate::memory::GuestMemory;
+use crate::rx_pool::{RxChain, RxPool, MAX_RX_PIECES};
 use crate::stats::{Counters, QueuePairStats};
 use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueError, Virtqueue};
@@ -29,22 +29,8 @@ use crate::vnet_hdr::NUM_BUFFERS_OFFSET;
 /// truncated silently.
 pub const SPILL_LEN: usize = 128 * 1024;
 
-/// Guest buffers one RX read may have: one `readv` takes `MAX_SEGMENTS` (`UIO_MAXIOV`)
-/// iovecs, and the spill area is one of them.
-const MAX_RX_PIECES: usize = MAX_SEGMENTS - 1;
-
 const VNET_HDR_LEN_U32: u32 = 12;
 const _: () = assert!(VNET_HDR_LEN_U32 as usize == VNET_HDR_LEN);
-
-/// A walked RX chain: host address, length and guest address of each piece. Host addresses
-/// are kept as integers so the pair stays `Send`; they point into the guest mapping, which
-/// lives as long as the pair.
-#[derive(Debug, Default)]
-struct WalkedChain {
-    valid: bool,
-    pieces: Vec<(usize, u32, u64)>,
-    len: u32,
-}
 
 /// Outcome of continuing a frame into further chains.
 enum Spill {
@@ -72,8 +58,8 @@ pub enum Direction {
 pub struct RxRead {
     /// Host iovecs of every chain, then the spill area.
     pub seg: Segments,
-    /// (head, capacity) of each chain, in order.
-    chains: Vec<(u16, u32)>,
+    /// The chains, in order.
+    chains: Vec<RxChain>,
     /// Where bytes beyond the posted chains land (pages are only touched when used).
     spill: Box<[u8]>,
     /// Guest bytes the read was posted with (the spill area follows them).
@@ -228,19 +214,8 @@ pub struct QueuePair {
     rx_plain: u32,
     /// Moving average of received frame sizes (header included), in bytes.
     rx_ewma: u32,
-    /// RX chains popped from the avail ring (and walked) but not inside a posted read:
-    /// (head, bytes).
-    spare_rx: VecDeque<(u16, u32)>,
-    /// Bytes of guest buffers in `spare_rx`.
-    spare_bytes: u64,
-    /// Pop order of each RX head (to list held heads in ring order at quiesce time).
-    rx_pop_seq: Vec<u64>,
-    rx_popped: u64,
-    /// Walked RX chains by head, valid from the walk until the chain is used: a chain that
-    /// goes back to `spare_rx` (MRG_RXBUF reads hold more chains than a small frame needs) is
-    /// not walked again.
-    rx_walked: Vec<WalkedChain>,
-    rx_scratch: Segments,
+    /// RX chains popped from the avail ring (and walked) but not inside a posted read.
+    rx_pool: RxPool,
     rx_used_pending: bool,
     tx_used_pending: bool,
     serviced: bool,
@@ -250,13 +225,70 @@ pub struct QueuePair {
     /// A pop was refused in this pass because the budget was spent: the engine must come
     /// back without waiting for a kick.
     yielded: bool,
+    /// Whether each queue's guest is asked to kick (see [`Notify`]).
+    rx_notify: Notify,
+    tx_notify: Notify,
     /// The worker failed: nothing is serviced any more.
     broken: bool,
 }
 
-/// What [`QueuePair::next_tx`] found.
+/// Whether a queue's guest is asked to kick. A queue starts armed; popping quiets it (no kicks
+/// while the device drains the ring anyway) and running dry re-arms it, with the lost-wakeup
+/// re-check of virtio 1.2 §2.7.10 ([`QueuePair::pop_tx`], [`QueuePair::prepare_rx`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TxNext {
+enum Notify {
+    /// The guest kicks on its next addition.
+    Armed,
+    /// The guest was asked not to kick (a no-op with EVENT_IDX).
+    Quiet,
+}
+
+/// What re-arming a queue found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rearm {
+    /// The guest kicks on its next addition, and nothing arrived meanwhile: wait for it.
+    Armed,
+    /// Buffers arrived while arming, or this pass's budget is spent: carry on without waiting.
+    Again,
+}
+
+/// What [`QueuePair::pop_tx`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxPop {
+    /// A chain, in the `TxWrite`.
+    Chain,
+    /// The ring is empty and the guest's kick is armed (or the queue is broken): wait.
+    Idle,
+    /// This pass popped as many chains as it may (see [`QueuePair::begin_pass`]): come back
+    /// without waiting for a kick.
+    Yield,
+}
+
+/// What [`QueuePair::prepare_rx`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxPrep {
+    /// The read has guest buffers and the spill area: post it.
+    Ready,
+    /// The guest has not posted (enough) buffers and its kick is armed: wait for it.
+    NoBuffers,
+    /// This pass popped as many chains as it may: come back without waiting for a kick.
+    Withheld,
+}
+
+/// What [`QueuePair::retry_deferred`] did with a frame waiting for guest buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxRetry {
+    /// Delivered (or dropped and counted): the read is free again.
+    Done,
+    /// Still waiting, and the guest's kick is armed: wait for it.
+    Waiting,
+    /// Still waiting, and this pass's budget is spent: come back without waiting.
+    Yield,
+}
+
+/// What [`QueuePair::next_tx`] found (one pop, without the notification protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TxNext {
     /// A chain, in the `TxWrite`.
     Chain,
     /// The avail ring is empty (or the queue broken).
@@ -266,9 +298,9 @@ pub enum TxNext {
     Later,
 }
 
-/// What [`QueuePair::prepare_rx`] did.
+/// What [`QueuePair::fill_rx_read`] did (without the notification protocol).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RxPrepare {
+pub(crate) enum RxPrepare {
     /// The read has guest buffers and the spill area: post it.
     Ready,
     /// The guest has not posted (enough) buffers: enable notifications, re-check, wait.
@@ -288,7 +320,8 @@ impl QueuePair {
         stats: Arc<QueuePairStats>,
     ) -> QueuePair {
         let capacity = features::rx_frame_capacity(settings.features, settings.mtu);
-        let rx_queue_size = usize::from(rx.table().size);
+        let rx_size = rx.table().size;
+        let rx_queue_size = usize::from(rx_size);
         let tx_queue_size = usize::from(tx.table().size);
         QueuePair {
             index,
@@ -304,18 +337,15 @@ impl QueuePair {
             )
             .unwrap_or(u32::MAX),
             rx_ewma: 0,
-            spare_rx: VecDeque::new(),
-            spare_bytes: 0,
-            rx_pop_seq: vec![0; rx_queue_size],
-            rx_popped: 0,
-            rx_walked: (0..rx_queue_size).map(|_| WalkedChain::default()).collect(),
-            rx_scratch: Segments::with_capacity(4),
+            rx_pool: RxPool::new(rx_size),
             rx_used_pending: false,
             tx_used_pending: false,
             serviced: false,
             rx_budget: rx_queue_size.saturating_mul(2),
             tx_budget: tx_queue_size.saturating_mul(2),
             yielded: false,
+            rx_notify: Notify::Armed,
+            tx_notify: Notify::Armed,
             broken: false,
         }
     }
@@ -382,17 +412,13 @@ impl QueuePair {
                 None => return Err(bad(format!("in-flight head {h} >= queue size {size}"))),
             }
         }
-        self.spare_rx.clear();
-        self.spare_bytes = 0;
+        self.rx_pool.clear();
         for &h in heads {
-            self.rx_popped = self.rx_popped.wrapping_add(1);
-            if let Some(s) = self.rx_pop_seq.get_mut(usize::from(h)) {
-                *s = self.rx_popped;
-            }
+            self.rx_pool.note_popped(h);
             // Checked above: in range and listed once.
             let _ = self.rx.hold(h);
-            match self.walk_rx(h) {
-                Ok(len) => self.give_back(h, len),
+            match self.rx_pool.walk(&self.mem, self.rx.table(), h) {
+                Ok(c) => self.rx_pool.push_back(c),
                 Err(e) => {
                     bump(&mut self.counters.rx_malformed);
                     tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
@@ -427,23 +453,73 @@ impl QueuePair {
 
     /// RX heads held back (popped, in no read), in order: what a handoff re-posts.
     pub fn spare_rx(&self) -> impl Iterator<Item = u16> + '_ {
-        self.spare_rx.iter().map(|&(h, _)| h)
+        self.rx_pool.heads()
     }
 
     /// Puts the held RX heads back in the order they were popped (reads that were cancelled
     /// or refused hand their chains back in completion order). Called once a worker stopped.
     pub fn settle_rx_order(&mut self) {
-        let seq = &self.rx_pop_seq;
-        self.spare_rx
-            .make_contiguous()
-            .sort_by_key(|&(h, _)| seq.get(usize::from(h)).copied().unwrap_or(u64::MAX));
+        self.rx_pool.settle_order();
+    }
+
+    // ---- notifications: the lost-wakeup protocol, written once ---------------------------
+
+    /// Asks the guest not to kick while the device drains the ring (once per drain).
+    fn quiet(&mut self, dir: Direction) {
+        let mem = &self.mem;
+        let (q, notify) = match dir {
+            Direction::Rx => (&mut self.rx, &mut self.rx_notify),
+            Direction::Tx => (&mut self.tx, &mut self.tx_notify),
+        };
+        if *notify == Notify::Armed {
+            q.disable_notification(mem);
+            *notify = Notify::Quiet;
+        }
+    }
+
+    /// The ring ran dry: arm the guest's kick, then look again (virtio 1.2 §2.7.10: buffers
+    /// added between the last pop and the arming raise no kick, so going to sleep without the
+    /// re-check could sleep forever). A spent budget also means "again": more may wait.
+    fn rearm(&mut self, dir: Direction) -> Rearm {
+        if self.yielded {
+            return Rearm::Again;
+        }
+        let (q, notify) = match dir {
+            Direction::Rx => (&mut self.rx, &mut self.rx_notify),
+            Direction::Tx => (&mut self.tx, &mut self.tx_notify),
+        };
+        *notify = Notify::Armed;
+        if q.enable_notification(&self.mem) {
+            Rearm::Again
+        } else {
+            Rearm::Armed
+        }
     }
 
     // ---- TX ----------------------------------------------------------------------------
 
+    /// Pops the next TX chain into `w`, with the notification protocol: kicks are off while
+    /// chains are popped; when the ring runs dry the guest's kick is armed and the ring
+    /// re-checked ([`TxPop::Idle`] only when it is really empty). Malformed chains are
+    /// completed with length 0 and counted on the way.
+    pub fn pop_tx(&mut self, w: &mut TxWrite) -> TxPop {
+        loop {
+            self.quiet(Direction::Tx);
+            match self.next_tx(w) {
+                TxNext::Chain => return TxPop::Chain,
+                TxNext::Later => return TxPop::Yield,
+                TxNext::Empty => match self.rearm(Direction::Tx) {
+                    Rearm::Armed => return TxPop::Idle,
+                    Rearm::Again if self.yielded => return TxPop::Yield,
+                    Rearm::Again => {}
+                },
+            }
+        }
+    }
+
     /// Pops the next TX chain into `w`. Malformed chains are completed with length 0 and
     /// counted. At most the pass's budget of chains is popped ([`TxNext::Later`]).
-    pub fn next_tx(&mut self, w: &mut TxWrite) -> TxNext {
+    pub(crate) fn next_tx(&mut self, w: &mut TxWrite) -> TxNext {
         loop {
             if self.tx_budget == 0 {
                 self.yielded = true;
@@ -523,15 +599,9 @@ impl QueuePair {
             self.count_broken(Direction::Rx, &e);
         }
         for &h in heads.get(..n).unwrap_or_default() {
-            self.rx_popped = self.rx_popped.wrapping_add(1);
-            if let Some(s) = self.rx_pop_seq.get_mut(usize::from(h)) {
-                *s = self.rx_popped;
-            }
-            match self.walk_rx(h) {
-                Ok(len) => {
-                    self.spare_rx.push_back((h, len));
-                    self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
-                }
+            self.rx_pool.note_popped(h);
+            match self.rx_pool.walk(&self.mem, self.rx.table(), h) {
+                Ok(c) => self.rx_pool.push_back(c),
                 Err(e) => {
                     bump(&mut self.counters.rx_malformed);
                     tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
@@ -544,11 +614,10 @@ impl QueuePair {
 
     /// The next RX chain: from the spare list, else from the avail ring (bounded by the
     /// pass's budget: a ring full of malformed chains ends the loop).
-    fn next_rx_chain(&mut self) -> Option<(u16, u32)> {
+    fn next_rx_chain(&mut self) -> Option<RxChain> {
         loop {
-            if let Some((h, len)) = self.spare_rx.pop_front() {
-                self.spare_bytes = self.spare_bytes.saturating_sub(u64::from(len));
-                return Some((h, len));
+            if let Some(c) = self.rx_pool.pop_front() {
+                return Some(c);
             }
             if self.fill_spare(64) == 0 {
                 return None;
@@ -569,12 +638,6 @@ impl QueuePair {
         bump(&mut self.counters.queues_broken);
     }
 
-    /// Puts a walked chain back at the front of the spare list.
-    fn give_back(&mut self, head: u16, len: u32) {
-        self.spare_rx.push_front((head, len));
-        self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
-    }
-
     /// How many bytes of guest buffers an MRG_RXBUF read is posted with: twice the recent
     /// average frame, at least a full non-GSO frame, at most the largest frame. Small-frame
     /// traffic then costs one chain per read, and 64 KiB GSO traffic lands zero-copy.
@@ -587,24 +650,59 @@ impl QueuePair {
     /// Appends the next RX chain (from the spare list or the avail ring) to `r`. Returns false
     /// when none is available.
     fn add_rx_chain(&mut self, r: &mut RxRead) -> bool {
-        let Some((head, len)) = self.next_rx_chain() else {
+        let Some(c) = self.next_rx_chain() else {
             return false;
         };
-        // Heads in the spare list were range-checked when popped.
-        let Some(walked) = self.rx_walked.get(usize::from(head)) else {
-            return false;
-        };
-        for &(host, l, gpa) in &walked.pieces {
+        for p in self.rx_pool.pieces(c.head) {
             r.seg.iov.push(libc::iovec {
-                iov_base: host as *mut libc::c_void,
-                iov_len: l as usize,
+                iov_base: p.host as *mut libc::c_void,
+                iov_len: p.len as usize,
             });
-            r.seg.gpa.push((gpa, l));
+            r.seg.gpa.push((p.gpa, p.len));
         }
         // Saturating: a guest's chain lengths may sum past 4 GiB (each chain is below it).
-        r.seg.len = r.seg.len.saturating_add(len);
-        r.chains.push((head, len));
+        r.seg.len = r.seg.len.saturating_add(c.len);
+        r.chains.push(c);
         true
+    }
+
+    /// Prepares a read, with the notification protocol (see [`pop_tx`](Self::pop_tx)):
+    /// fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
+    /// predicted frame size, within what one `readv` takes), then the read's spill area.
+    /// `others_posted`: other reads are outstanding (with MRG_RXBUF and GSO a further read
+    /// is only posted while the guest's spare buffers can take a largest frame beyond them).
+    pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrep {
+        loop {
+            self.quiet(Direction::Rx);
+            match self.fill_rx_read(r, others_posted) {
+                RxPrepare::Ready => return RxPrep::Ready,
+                RxPrepare::Later => return RxPrep::Withheld,
+                RxPrepare::NoBuffers => match self.rearm(Direction::Rx) {
+                    Rearm::Armed => return RxPrep::NoBuffers,
+                    Rearm::Again if self.yielded => return RxPrep::Withheld,
+                    Rearm::Again => {}
+                },
+            }
+        }
+    }
+
+    /// Tries again to complete a read whose frame waits for guest buffers; while it still
+    /// waits, arms the guest's kick and re-checks (the lost-wakeup rule, as in
+    /// [`pop_tx`](Self::pop_tx)).
+    pub fn retry_deferred(&mut self, r: &mut RxRead) -> RxRetry {
+        loop {
+            if self.retry_rx(r) == RxCompletion::Done {
+                return RxRetry::Done;
+            }
+            if self.yielded {
+                return RxRetry::Yield;
+            }
+            match self.rearm(Direction::Rx) {
+                Rearm::Armed => return RxRetry::Waiting,
+                Rearm::Again if self.yielded => return RxRetry::Yield,
+                Rearm::Again => {}
+            }
+        }
     }
 
     /// Fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
@@ -613,7 +711,7 @@ impl QueuePair {
     /// `others_posted`, MRG_RXBUF and GSO) when the guest's spare buffers could not take a
     /// largest frame beyond what posted reads hold; [`RxPrepare::Later`] when this pass
     /// popped as many chains as the queue holds without finding one.
-    pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrepare {
+    pub(crate) fn fill_rx_read(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrepare {
         r.clear();
         if self.rx.is_broken() {
             return RxPrepare::NoBuffers;
@@ -626,7 +724,8 @@ impl QueuePair {
             if others_posted {
                 // Bounded by the pass's budget (fill_spare returns 0 once it is spent).
                 while self.fill_spare(64) > 0 {}
-                if self.spare_bytes < u64::from(self.rx_capacity).saturating_add(u64::from(target))
+                if self.rx_pool.spare_bytes()
+                    < u64::from(self.rx_capacity).saturating_add(u64::from(target))
                 {
                     return self.no_rx_chain();
                 }
@@ -641,12 +740,16 @@ impl QueuePair {
             }
             if r.seg.iov.len() > MAX_RX_PIECES {
                 // Hand the last chain back: it goes first into the next read.
-                if let Some((head, len)) = r.chains.pop() {
-                    let keep = r.seg.iov.len().saturating_sub(self.pieces_of(head));
+                if let Some(c) = r.chains.pop() {
+                    let keep = r
+                        .seg
+                        .iov
+                        .len()
+                        .saturating_sub(self.rx_pool.pieces(c.head).len());
                     r.seg.iov.truncate(keep);
                     r.seg.gpa.truncate(keep);
-                    r.seg.len = r.seg.len.saturating_sub(len);
-                    self.give_back(head, len);
+                    r.seg.len = r.seg.len.saturating_sub(c.len);
+                    self.rx_pool.give_back(c);
                 }
                 break;
             }
@@ -671,63 +774,9 @@ impl QueuePair {
         RxPrepare::NoBuffers
     }
 
-    fn pieces_of(&self, head: u16) -> usize {
-        self.rx_walked
-            .get(usize::from(head))
-            .map_or(0, |w| w.pieces.len())
-    }
-
-    /// Walks an RX chain into the cache (or finds it there); returns its length.
-    fn walk_rx(&mut self, head: u16) -> Result<u32, ChainError> {
-        let slot = usize::from(head);
-        let Some(cached) = self.rx_walked.get(slot) else {
-            return Err(ChainError::IndexOutOfRange {
-                index: head,
-                size: self.rx.table().size,
-            });
-        };
-        if cached.valid {
-            return Ok(cached.len);
-        }
-        self.rx_scratch.clear();
-        chain::walk(
-            &self.mem,
-            self.rx.table(),
-            head,
-            Access::DeviceWrites,
-            &mut self.rx_scratch,
-        )?;
-        if self.rx_scratch.iov.len() > MAX_RX_PIECES {
-            // A read needs one more iovec for its spill area.
-            return Err(ChainError::TooManySegments(MAX_RX_PIECES));
-        }
-        if (self.rx_scratch.len as usize) < VNET_HDR_LEN {
-            // Every RX buffer must hold the header (and so `num_buffers`) of a frame that
-            // starts in it: found by the rx_pair fuzz target (a chain of 8 bytes was used as
-            // the first buffer of a merged frame, its `num_buffers` written into the next).
-            return Err(ChainError::ShorterThanHeader(self.rx_scratch.len));
-        }
-        let Some(walked) = self.rx_walked.get_mut(slot) else {
-            return Err(ChainError::IndexOutOfRange {
-                index: head,
-                size: self.rx.table().size,
-            });
-        };
-        walked.pieces.clear();
-        for (iov, &(gpa, len)) in self.rx_scratch.iov.iter().zip(&self.rx_scratch.gpa) {
-            walked.pieces.push((iov.iov_base as usize, len, gpa));
-        }
-        walked.len = self.rx_scratch.len;
-        walked.valid = true;
-        Ok(walked.len)
-    }
-
     /// Gives the chains of an unposted or cancelled read back (to the front, in order).
     pub fn return_rx(&mut self, r: &mut RxRead) {
-        for &(head, len) in r.chains.iter().rev() {
-            self.spare_rx.push_front((head, len));
-            self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
-        }
+        self.rx_pool.give_back_all(&r.chains);
         r.clear();
     }
 
@@ -792,11 +841,11 @@ impl QueuePair {
         // How many chains the frame occupies.
         let mut left = n;
         let mut used = 0usize;
-        for &(_, cap) in &r.chains {
+        for c in &r.chains {
             if left == 0 {
                 break;
             }
-            left = left.saturating_sub(cap as usize);
+            left = left.saturating_sub(c.len as usize);
             used = used.saturating_add(1);
         }
         // num_buffers: the TAP leaves bytes 10-11 alone (virtio 1.2 §5.1.6.4: 1 without
@@ -815,16 +864,14 @@ impl QueuePair {
         }
         // Used entries, consecutive as MRG_RXBUF requires.
         let mut left = n;
-        for &(head, cap) in r.chains.iter().take(used) {
-            let len = cap.min(u32::try_from(left).unwrap_or(u32::MAX));
+        for c in r.chains.iter().take(used) {
+            let len = c.len.min(u32::try_from(left).unwrap_or(u32::MAX));
             left = left.saturating_sub(len as usize);
-            self.complete_used(Direction::Rx, head, len);
+            self.complete_used(Direction::Rx, c.head, len);
         }
         // Unused chains go back for the next read.
-        for &(head, len) in r.chains.get(used..).unwrap_or_default().iter().rev() {
-            self.spare_rx.push_front((head, len));
-            self.spare_bytes = self.spare_bytes.saturating_add(u64::from(len));
-        }
+        self.rx_pool
+            .give_back_all(r.chains.get(used..).unwrap_or_default());
         bump(&mut self.counters.rx_packets);
         // `retry_rx` checked n >= VNET_HDR_LEN.
         self.counters.rx_bytes =
@@ -888,9 +935,7 @@ impl QueuePair {
     fn complete_used(&mut self, dir: Direction, head: u16, len: u32) {
         if dir == Direction::Rx {
             // The guest owns the chain again and may rewrite its descriptors.
-            if let Some(w) = self.rx_walked.get_mut(usize::from(head)) {
-                w.valid = false;
-            }
+            self.rx_pool.forget_walk(head);
         }
         let (q, pending) = match dir {
             Direction::Rx => (&mut self.rx, &mut self.rx_used_pending),
@@ -910,22 +955,47 @@ impl QueuePair {
         }
     }
 
-    /// For each queue with new used entries whose guest wants an interrupt, calls `signal`
-    /// (once per queue: interrupts are coalesced per batch).
-    pub fn interrupts(&mut self, mut signal: impl FnMut(&Virtqueue)) {
+    /// For each queue with new used entries whose guest wants an interrupt (interrupt
+    /// suppression: EVENT_IDX's `used_event`, or `VRING_AVAIL_F_NO_INTERRUPT`), calls
+    /// `interrupt` with the queue's direction, once per queue: interrupts are coalesced per
+    /// batch. The engine raises it its own way, or with [`signal`](Self::signal).
+    pub fn interrupts(&mut self, mut interrupt: impl FnMut(Direction)) {
+        for dir in self.due_interrupts().into_iter().flatten() {
+            interrupt(dir);
+        }
+    }
+
+    /// [`interrupts`](Self::interrupts), each raised with [`signal`](Self::signal).
+    pub fn raise_interrupts(&mut self) {
+        for dir in self.due_interrupts().into_iter().flatten() {
+            self.signal(dir);
+        }
+    }
+
+    fn due_interrupts(&mut self) -> [Option<Direction>; 2] {
+        let mut due = [None, None];
         if self.rx_used_pending {
             self.rx_used_pending = false;
             if self.rx.needs_notification(&self.mem) {
                 bump(&mut self.counters.rx_interrupts);
-                signal(&self.rx);
+                due[0] = Some(Direction::Rx);
             }
         }
         if self.tx_used_pending {
             self.tx_used_pending = false;
             if self.tx.needs_notification(&self.mem) {
                 bump(&mut self.counters.tx_interrupts);
-                signal(&self.tx);
+                due[1] = Some(Direction::Tx);
             }
+        }
+        due
+    }
+
+    /// Raises a queue's interrupt with a non-blocking `write(2)` on its call eventfd.
+    pub fn signal(&self, dir: Direction) {
+        match dir {
+            Direction::Rx => self.rx.signal(),
+            Direction::Tx => self.tx.signal(),
         }
     }
 }

@@ -32,7 +32,9 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::chain::{self, Access};
 use crate::features;
 use crate::memory::GuestMemory;
-use crate::pair::{PairSettings, QueuePair, RxCompletion, RxPrepare, RxRead, TxNext, TxWrite};
+use crate::pair::{
+    Direction, PairSettings, QueuePair, RxCompletion, RxPrep, RxRead, TxPop, TxWrite,
+};
 use crate::stats::{Counters, QueuePairStats};
 #[cfg(test)]
 use crate::tap::VNET_HDR_LEN;
@@ -284,7 +286,7 @@ impl PairHarness {
         };
         let (w, busy) = self.tx.get_mut(slot)?;
         self.pair.begin_pass();
-        let popped = self.pair.next_tx(w) == TxNext::Chain;
+        let popped = self.pair.pop_tx(w) == TxPop::Chain;
         *busy = popped;
         self.capture();
         popped.then_some(TxSlot(slot))
@@ -357,7 +359,7 @@ impl PairHarness {
         };
         let state = self.rx.get_mut(slot)?;
         self.pair.begin_pass();
-        let prepared = self.pair.prepare_rx(&mut state.read, others) == RxPrepare::Ready;
+        let prepared = self.pair.prepare_rx(&mut state.read, others) == RxPrep::Ready;
         state.in_use = prepared;
         state.written = 0;
         state.frame.clear();
@@ -511,14 +513,16 @@ impl PairHarness {
     /// Raises the interrupts the device owes the guest (signalling the call eventfds).
     pub fn interrupts(&mut self) -> Interrupts {
         let mut irq = Interrupts::default();
-        self.pair.interrupts(|q| {
-            if q.index.is_multiple_of(2) {
-                irq.rx = true;
-            } else {
-                irq.tx = true;
-            }
-            q.signal();
+        self.pair.interrupts(|dir| match dir {
+            Direction::Rx => irq.rx = true,
+            Direction::Tx => irq.tx = true,
         });
+        if irq.rx {
+            self.pair.signal(Direction::Rx);
+        }
+        if irq.tx {
+            self.pair.signal(Direction::Tx);
+        }
         irq
     }
 

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers, WorkerFault};
-use crate::pair::{Direction, QueuePair, RxCompletion, RxPrepare, RxRead, TxNext, TxWrite};
+use crate::pair::{Direction, QueuePair, RxCompletion, RxPrep, RxRead, RxRetry, TxPop, TxWrite};
 use crate::tap::TapQueue;
 use crate::virtqueue::Kick;
 
@@ -43,26 +43,14 @@ fn errno() -> i32 {
         .unwrap_or(libc::EIO)
 }
 
-/// Writes every available TX chain to the TAP, one `writev` each.
+/// Writes every available TX chain to the TAP, one `writev` each. True when work is left
+/// (the burst limit or the pass's budget): come back without waiting for a kick.
 fn process_tx(pair: &mut QueuePair, tap: &TapQueue, w: &mut TxWrite, burst: usize) -> bool {
-    pair.tx.disable_notification(&pair.mem);
-    let mut n = 0;
-    loop {
-        if n == burst {
-            // Let RX and interrupts in; come back without waiting for a kick.
-            return true;
-        }
-        match pair.next_tx(w) {
-            TxNext::Chain => {}
-            // The pass's budget is spent: come back without waiting.
-            TxNext::Later => return true,
-            TxNext::Empty => {
-                if pair.tx.enable_notification(&pair.mem) {
-                    pair.tx.disable_notification(&pair.mem);
-                    continue;
-                }
-                return false;
-            }
+    for _ in 0..burst {
+        match pair.pop_tx(w) {
+            TxPop::Chain => {}
+            TxPop::Yield => return true,
+            TxPop::Idle => return false,
         }
         let iovcnt = libc::c_int::try_from(w.seg.iov.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: the iovecs point into mapped guest memory and are valid for the call.
@@ -70,8 +58,9 @@ fn process_tx(pair: &mut QueuePair, tap: &TapQueue, w: &mut TxWrite, burst: usiz
         pair.counters.io_syscalls += 1;
         let result = usize::try_from(rc).map_err(|_| errno());
         pair.complete_tx(w, result);
-        n += 1;
     }
+    // Let RX and interrupts in; come back without waiting for a kick.
+    true
 }
 
 /// What RX found.
@@ -84,42 +73,48 @@ enum RxOutcome {
     Burst,
 }
 
-/// Reads frames from the TAP into guest buffers, one `readv` each.
-fn process_rx(
-    pair: &mut QueuePair,
-    tap: &TapQueue,
-    r: &mut RxRead,
-    waiting: &mut bool,
-    burst: usize,
-) -> RxOutcome {
-    if *waiting {
-        // The last frame waits for guest buffers; nothing else is read before it is in.
-        // Each failed try re-arms the guest's kick and re-checks (virtio's lost-wakeup rule:
-        // going to sleep armed at a stale position would never be woken).
-        while pair.retry_rx(r) == RxCompletion::Deferred {
-            if pair.yielded() {
-                return RxOutcome::Burst;
+/// The RX side of the loop: one read, and whether its frame waits for guest buffers (then
+/// nothing else is read before it is in, to keep frames in order).
+struct ClassicRx {
+    read: RxRead,
+    waiting: RxWait,
+}
+
+/// Whether the read's frame waits for guest buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RxWait {
+    Free,
+    Deferred,
+}
+
+impl ClassicRx {
+    /// Tries the waiting frame again. None once it is in.
+    fn retry(&mut self, pair: &mut QueuePair) -> Option<RxOutcome> {
+        match pair.retry_deferred(&mut self.read) {
+            RxRetry::Done => {
+                self.waiting = RxWait::Free;
+                None
             }
-            if !pair.rx.enable_notification(&pair.mem) {
-                return RxOutcome::NoBuffers;
-            }
+            RxRetry::Waiting => Some(RxOutcome::NoBuffers),
+            RxRetry::Yield => Some(RxOutcome::Burst),
         }
-        *waiting = false;
     }
-    pair.rx.disable_notification(&pair.mem);
-    for _ in 0..burst {
-        loop {
-            match pair.prepare_rx(r, false) {
-                RxPrepare::Ready => break,
-                // The pass's budget is spent: come back without waiting.
-                RxPrepare::Later => return RxOutcome::Burst,
-                RxPrepare::NoBuffers => {
-                    if !pair.rx.enable_notification(&pair.mem) {
-                        return RxOutcome::NoBuffers;
-                    }
-                }
-            }
+}
+
+/// Reads frames from the TAP into guest buffers, one `readv` each.
+fn process_rx(pair: &mut QueuePair, tap: &TapQueue, rx: &mut ClassicRx, burst: usize) -> RxOutcome {
+    if rx.waiting == RxWait::Deferred {
+        if let Some(outcome) = rx.retry(pair) {
+            return outcome;
         }
+    }
+    for _ in 0..burst {
+        match pair.prepare_rx(&mut rx.read, false) {
+            RxPrep::Ready => {}
+            RxPrep::Withheld => return RxOutcome::Burst,
+            RxPrep::NoBuffers => return RxOutcome::NoBuffers,
+        }
+        let r = &mut rx.read;
         let iovcnt = libc::c_int::try_from(r.seg.iov.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: the iovecs point into mapped guest memory and the read's spill area, both
         // valid for the call.
@@ -128,17 +123,10 @@ fn process_rx(
         match usize::try_from(rc) {
             Ok(n) if n > 0 => {
                 if pair.complete_rx(r, n) == RxCompletion::Deferred {
-                    // Wait for buffers, re-arming and re-checking as above.
-                    *waiting = true;
-                    while pair.retry_rx(r) == RxCompletion::Deferred {
-                        if pair.yielded() {
-                            return RxOutcome::Burst;
-                        }
-                        if !pair.rx.enable_notification(&pair.mem) {
-                            return RxOutcome::NoBuffers;
-                        }
+                    rx.waiting = RxWait::Deferred;
+                    if let Some(outcome) = rx.retry(pair) {
+                        return outcome;
                     }
-                    *waiting = false;
                 }
             }
             _ => {
@@ -205,13 +193,15 @@ impl Engine for ClassicEngine {
         }
         let mut tap_armed = true;
         let mut w = TxWrite::new();
-        let mut r = RxRead::new(4);
+        let mut rx = ClassicRx {
+            read: RxRead::new(4),
+            waiting: RxWait::Free,
+        };
         let burst = self.cfg.tx_depth.max(1);
         let rx_burst = self.cfg.rx_depth.max(1);
         let mut events = [EpollEvent::empty(); 8];
         let mut tx_more = true;
         let mut rx_more = true;
-        let mut rx_waiting = false;
         loop {
             let timeout = if tx_more || rx_more {
                 EpollTimeout::ZERO
@@ -263,8 +253,10 @@ impl Engine for ClassicEngine {
             if stopping {
                 // Nothing is in flight between syscalls: quiescing is just stopping here,
                 // but a frame waiting for guest buffers cannot be carried over.
-                if rx_waiting && pair.retry_rx(&mut r) == RxCompletion::Deferred {
-                    pair.drop_deferred(&mut r);
+                if rx.waiting == RxWait::Deferred
+                    && pair.retry_rx(&mut rx.read) == RxCompletion::Deferred
+                {
+                    pair.drop_deferred(&mut rx.read);
                 }
                 break;
             }
@@ -272,7 +264,7 @@ impl Engine for ClassicEngine {
                 tx_more = process_tx(pair, tap, &mut w, burst);
             }
             if rx_more {
-                let outcome = process_rx(pair, tap, &mut r, &mut rx_waiting, rx_burst);
+                let outcome = process_rx(pair, tap, &mut rx, rx_burst);
                 rx_more = matches!(outcome, RxOutcome::Burst);
                 // Without guest buffers, stop listening to the TAP (it would wake us for
                 // nothing); the RX kick re-arms it.
@@ -289,11 +281,11 @@ impl Engine for ClassicEngine {
                     tap_armed = want_tap;
                 }
             }
-            pair.interrupts(|q| q.signal());
+            pair.raise_interrupts();
             pair.publish();
         }
-        pair.interrupts(|q| q.signal());
+        pair.raise_interrupts();
         pair.publish();
-        Ok(Leftovers(Some(Box::new((epoll, w, r)))))
+        Ok(Leftovers(Some(Box::new((epoll, w, rx.read)))))
     }
 }

@@ -2,16 +2,16 @@
 //! on one thread and share all device logic ([`crate::pair`]); they differ only in how they
 //! talk to the kernel:
 //!
-//! - [`uring`]: one io_uring per worker; TX chains become `Writev` SQEs submitted as a batch,
+//! - `uring`: one io_uring per worker; TX chains become `Writev` SQEs submitted as a batch,
 //!   RX chains are posted as `Readv`s that the kernel completes when frames arrive, kicks are
 //!   pending reads on the kick eventfds and interrupts are `Write`s on the call eventfds that
 //!   ride along with the next submit.
-//! - [`classic`]: epoll plus one `readv`/`writev` syscall per chain, the design of QEMU,
+//! - `classic`: epoll plus one `readv`/`writev` syscall per chain, the design of QEMU,
 //!   Firecracker and Cloud Hypervisor; the fallback where io_uring is disabled and the baseline
 //!   of every benchmark.
 
-pub mod classic;
-pub mod uring;
+mod classic;
+mod uring;
 
 use std::fmt;
 use std::io;

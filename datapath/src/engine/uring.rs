@@ -6,9 +6,8 @@ use io_uring::types::{CancelBuilder, Fixed};
 use io_uring::{opcode, squeue, IoUring};
 
 use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers, WorkerFault};
-use crate::pair::{Direction, QueuePair, RxCompletion, RxPrepare, RxRead, TxNext, TxWrite};
+use crate::pair::{Direction, QueuePair, RxPrep, RxRead, RxRetry, TxPop, TxWrite};
 use crate::tap::TapQueue;
-use crate::virtqueue::Virtqueue;
 
 // Registered file slots.
 const FILE_TAP: u32 = 0;
@@ -18,15 +17,76 @@ const FILE_STOP: u32 = 3;
 const FILE_RX_CALL: u32 = 4;
 const FILE_TX_CALL: u32 = 5;
 
-// user_data: operation in the high 32 bits, slot in the low 32.
+/// What an SQE was for, carried in its user data: the operation in the high 32 bits, a slot
+/// (TAP reads and writes) or a direction in the low 32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// A TAP write of TX slot `n`.
+    Tx(usize),
+    /// A TAP read into RX slot `n`.
+    Rx(usize),
+    /// The read pending on a queue's kick eventfd.
+    Kick(Direction),
+    /// The read pending on the stop eventfd.
+    Stop,
+    /// A write to a queue's call eventfd (an interrupt).
+    Call(Direction),
+    /// The cancel of everything pending, at quiesce.
+    Cancel,
+    /// The poll (or timeout) that lets RX post reads again.
+    RxRetry,
+}
+
 const OP_TX: u64 = 1;
 const OP_RX: u64 = 2;
-const OP_TX_KICK: u64 = 3;
-const OP_RX_KICK: u64 = 4;
-const OP_STOP: u64 = 5;
-const OP_CALL: u64 = 6;
-const OP_CANCEL: u64 = 7;
-const OP_RX_RETRY: u64 = 8;
+const OP_KICK: u64 = 3;
+const OP_STOP: u64 = 4;
+const OP_CALL: u64 = 5;
+const OP_CANCEL: u64 = 6;
+const OP_RX_RETRY: u64 = 7;
+
+fn dir_code(dir: Direction) -> u64 {
+    match dir {
+        Direction::Rx => 0,
+        Direction::Tx => 1,
+    }
+}
+
+impl Op {
+    fn user_data(self) -> u64 {
+        let (op, low) = match self {
+            Op::Tx(slot) => (OP_TX, slot as u64),
+            Op::Rx(slot) => (OP_RX, slot as u64),
+            Op::Kick(dir) => (OP_KICK, dir_code(dir)),
+            Op::Stop => (OP_STOP, 0),
+            Op::Call(dir) => (OP_CALL, dir_code(dir)),
+            Op::Cancel => (OP_CANCEL, 0),
+            Op::RxRetry => (OP_RX_RETRY, 0),
+        };
+        (op << 32) | (low & 0xffff_ffff)
+    }
+
+    /// The operation a completion belongs to; None for user data this engine never sets.
+    fn from_user_data(data: u64) -> Option<Op> {
+        let low = data & 0xffff_ffff;
+        let dir = match low {
+            0 => Some(Direction::Rx),
+            1 => Some(Direction::Tx),
+            _ => None,
+        };
+        let slot = usize::try_from(low).ok();
+        match data >> 32 {
+            OP_TX => slot.map(Op::Tx),
+            OP_RX => slot.map(Op::Rx),
+            OP_KICK => dir.map(Op::Kick),
+            OP_STOP => Some(Op::Stop),
+            OP_CALL => dir.map(Op::Call),
+            OP_CANCEL => Some(Op::Cancel),
+            OP_RX_RETRY => Some(Op::RxRetry),
+            _ => None,
+        }
+    }
+}
 
 /// The value written to a call eventfd. A static, so the buffer outlives every SQE.
 static ONE: u64 = 1;
@@ -37,10 +97,6 @@ static RX_RETRY: io_uring::types::Timespec = io_uring::types::Timespec::new().ns
 /// this never saturates.
 fn iov_count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-fn ud(op: u64, slot: usize) -> u64 {
-    (op << 32) | slot as u64
 }
 
 /// The io_uring engine.
@@ -120,6 +176,46 @@ fn build_ring(entries: u32, files: &[std::os::fd::RawFd]) -> std::io::Result<IoU
 #[cfg(test)]
 mod ring_tests;
 
+/// Where the worker's loop is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Servicing the rings.
+    Running,
+    /// The stop was seen: nothing new is popped; TX writes in flight finish.
+    Stopping,
+    /// TX is done and the cancel of every pending read is sent: the loop ends once nothing
+    /// is outstanding.
+    Cancelled,
+}
+
+/// Whether RX posts reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RxGate {
+    /// Reads are posted as guest buffers allow.
+    Open,
+    /// A read found the TAP empty or failing: none are posted until the TAP poll (or the
+    /// retry timeout) completes.
+    Paused,
+}
+
+/// One of the three eventfd reads the loop keeps pending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventRead {
+    Kick(Direction),
+    Stop,
+}
+
+impl EventRead {
+    /// Its word in `Loop::event_buf`, its registered file and its completion.
+    fn parts(self) -> (usize, u32, Op) {
+        match self {
+            EventRead::Kick(Direction::Tx) => (0, FILE_TX_KICK, Op::Kick(Direction::Tx)),
+            EventRead::Kick(Direction::Rx) => (1, FILE_RX_KICK, Op::Kick(Direction::Rx)),
+            EventRead::Stop => (2, FILE_STOP, Op::Stop),
+        }
+    }
+}
+
 /// Everything the loop tracks besides the queue pair.
 struct Loop {
     ring: IoUring,
@@ -128,13 +224,14 @@ struct Loop {
     rx: Vec<RxRead>,
     rx_free: Vec<usize>,
     /// Buffers of the pending eventfd reads: tx kick, rx kick, stop.
-    kick_buf: Box<[u64; 3]>,
+    event_buf: Box<[u64; 3]>,
     outstanding: usize,
     tx_inflight: usize,
     rx_posted: usize,
+    /// TX (RX) may have work: pop (post) on the next pass.
     tx_pending: bool,
     rx_pending: bool,
-    rx_paused: bool,
+    rx_gate: RxGate,
     /// Reads posted per burst: grows by one per read that found a frame, halves on a read
     /// that found none (RX reads are RWF_NOWAIT: they complete inline, with a frame or
     /// EAGAIN, and never wait in the kernel or in io-wq, so frames land in ring order).
@@ -144,8 +241,7 @@ struct Loop {
     rx_batch: Vec<usize>,
     /// Completed reads whose frames wait for guest buffers, in completion order.
     rx_waiting: std::collections::VecDeque<usize>,
-    stopping: bool,
-    cancel_sent: bool,
+    phase: Phase,
     /// Work is known to be waiting (a pass ran out of budget, buffers arrived while a frame
     /// waited): the next `io_uring_enter` must not wait for a completion.
     again: bool,
@@ -162,7 +258,7 @@ impl Loop {
     /// # Safety
     /// Every buffer the entry points to must stay valid and unmoved until its completion is
     /// reaped (guest memory stays mapped for the worker's life; slot iovecs are not touched
-    /// while their operation is in flight; `kick_buf` lives as long as the ring).
+    /// while their operation is in flight; `event_buf` lives as long as the ring).
     unsafe fn push(&mut self, entry: squeue::Entry) -> Result<(), EngineError> {
         // The ring requires IOSQE_FIXED_FILE on every SQE (see `ring_restrictions`), also on
         // those without a file (timeout, cancel), where the kernel ignores it.
@@ -181,23 +277,18 @@ impl Loop {
         }
     }
 
-    fn post_eventfd_read(&mut self, which: usize) -> Result<(), EngineError> {
-        let (file, op) = match which {
-            0 => (FILE_TX_KICK, OP_TX_KICK),
-            1 => (FILE_RX_KICK, OP_RX_KICK),
-            _ => (FILE_STOP, OP_STOP),
-        };
-        let buf = std::ptr::from_mut(&mut self.kick_buf[which]).cast::<u8>();
+    fn post_event_read(&mut self, which: EventRead) -> Result<(), EngineError> {
+        let (word, file, op) = which.parts();
+        let buf = std::ptr::from_mut(&mut self.event_buf[word]).cast::<u8>();
         let entry = opcode::Read::new(Fixed(file), buf, 8)
             .build()
-            .user_data(ud(op, which));
-        // SAFETY: `kick_buf` is boxed and lives in `self` as long as the ring; each of its
+            .user_data(op.user_data());
+        // SAFETY: `event_buf` is boxed and lives in `self` as long as the ring; each of its
         // three words has at most one read in flight.
         unsafe { self.push(entry) }
     }
 
     fn fill_tx(&mut self, pair: &mut QueuePair) -> Result<(), EngineError> {
-        pair.tx.disable_notification(&pair.mem);
         loop {
             let Some(slot) = self.tx_free.pop() else {
                 // Out of slots: more work may wait; completions will free slots.
@@ -207,21 +298,17 @@ impl Loop {
             let Some(w) = self.tx.get_mut(slot) else {
                 return Ok(());
             };
-            match pair.next_tx(w) {
-                TxNext::Chain => {}
-                TxNext::Later => {
+            match pair.pop_tx(w) {
+                TxPop::Chain => {}
+                TxPop::Yield => {
                     // The pass's budget is spent: come back without waiting for a kick.
                     self.tx_free.push(slot);
                     self.tx_pending = true;
                     self.again = true;
                     return Ok(());
                 }
-                TxNext::Empty => {
+                TxPop::Idle => {
                     self.tx_free.push(slot);
-                    if pair.tx.enable_notification(&pair.mem) {
-                        pair.tx.disable_notification(&pair.mem);
-                        continue;
-                    }
                     self.tx_pending = false;
                     return Ok(());
                 }
@@ -234,7 +321,7 @@ impl Loop {
                 iov_count(w.seg.iov.len()),
             )
             .build()
-            .user_data(ud(OP_TX, slot));
+            .user_data(Op::Tx(slot).user_data());
             // SAFETY: the iovecs point into guest memory, mapped for the worker's life, and the
             // slot's iovec array is left alone until the write's completion frees the slot.
             unsafe { self.push(entry)? };
@@ -242,34 +329,33 @@ impl Loop {
         }
     }
 
-    /// Completes waiting frames in order while the guest has buffers for them.
+    /// Completes waiting frames in order while the guest has buffers for them; when one still
+    /// waits, the guest's RX kick is armed (and re-checked) for it.
     fn drain_rx_waiting(&mut self, pair: &mut QueuePair) {
         while let Some(&slot) = self.rx_waiting.front() {
-            if pair.retry_rx(&mut self.rx[slot]) == RxCompletion::Deferred {
-                return;
+            match pair.retry_deferred(&mut self.rx[slot]) {
+                RxRetry::Done => {
+                    self.rx_waiting.pop_front();
+                    self.rx_free.push(slot);
+                }
+                RxRetry::Waiting => return,
+                RxRetry::Yield => {
+                    // Buffers may be there (no kick will come for them): try again at once.
+                    self.rx_pending = true;
+                    self.again = true;
+                    return;
+                }
             }
-            self.rx_waiting.pop_front();
-            self.rx_free.push(slot);
         }
     }
 
     fn fill_rx(&mut self, pair: &mut QueuePair) -> Result<(), EngineError> {
         self.rx_pending = false;
         self.drain_rx_waiting(pair);
-        if !self.rx_waiting.is_empty() {
-            // A frame waits for guest buffers: read nothing more (frames wait in the TAP),
-            // and have the guest kick when it refills.
-            if pair.yielded() || pair.rx.enable_notification(&pair.mem) {
-                // Buffers are there (no kick will come for them): try again at once.
-                self.rx_pending = true;
-                self.again = true;
-            }
+        if !self.rx_waiting.is_empty() || self.rx_gate == RxGate::Paused {
+            // A frame waits for guest buffers: read nothing more (frames wait in the TAP).
             return Ok(());
         }
-        if self.rx_paused {
-            return Ok(());
-        }
-        pair.rx.disable_notification(&pair.mem);
         // Prepare the burst, then post it. (Linking the reads so that the first EAGAIN
         // cancels the rest was measured 15x slower: a linked read runs from task work after
         // its predecessor completes, i.e. one read per io_uring_enter under DEFER_TASKRUN.)
@@ -283,20 +369,16 @@ impl Loop {
                 break;
             };
             match pair.prepare_rx(r, others) {
-                RxPrepare::Ready => {}
-                RxPrepare::Later => {
+                RxPrep::Ready => {}
+                RxPrep::Withheld => {
                     // The pass's budget is spent: come back without waiting for a kick.
                     self.rx_free.push(slot);
                     self.rx_pending = true;
                     self.again = true;
                     break;
                 }
-                RxPrepare::NoBuffers => {
+                RxPrep::NoBuffers => {
                     self.rx_free.push(slot);
-                    if pair.rx.enable_notification(&pair.mem) {
-                        pair.rx.disable_notification(&pair.mem);
-                        continue;
-                    }
                     break;
                 }
             }
@@ -314,7 +396,7 @@ impl Loop {
             )
             .rw_flags(libc::RWF_NOWAIT)
             .build()
-            .user_data(ud(OP_RX, slot));
+            .user_data(Op::Rx(slot).user_data());
             // SAFETY: the iovecs point into guest memory (mapped for the worker's life) and
             // into the slot's spill area (owned by the slot, which outlives the loop); the
             // slot is untouched until the read's completion.
@@ -329,12 +411,12 @@ impl Loop {
     /// for 10 ms (other errors: a detached queue, a link that went away), so a failing TAP
     /// never makes the loop spin.
     fn pause_rx(&mut self, pair: &QueuePair, res: i32) -> Result<(), EngineError> {
-        self.rx_paused = true;
+        self.rx_gate = RxGate::Paused;
         let entry = if res == -libc::EAGAIN {
             // POLLIN fits in u32 (it is 1).
             opcode::PollAdd::new(Fixed(FILE_TAP), libc::POLLIN.unsigned_abs().into())
                 .build()
-                .user_data(ud(OP_RX_RETRY, 0))
+                .user_data(Op::RxRetry.user_data())
         } else {
             tracing::warn!(
                 pair = pair.index,
@@ -343,45 +425,44 @@ impl Loop {
             );
             opcode::Timeout::new(&RX_RETRY)
                 .build()
-                .user_data(ud(OP_RX_RETRY, 0))
+                .user_data(Op::RxRetry.user_data())
         };
         // SAFETY: a poll carries no buffer; `RX_RETRY` is a static.
         unsafe { self.push(entry) }
     }
 
-    fn signal(&mut self, file: u32) -> Result<(), EngineError> {
+    fn signal(&mut self, dir: Direction) -> Result<(), EngineError> {
+        let file = match dir {
+            Direction::Rx => FILE_RX_CALL,
+            Direction::Tx => FILE_TX_CALL,
+        };
         // RWF_NOWAIT: a call eventfd at its maximum fails the write at once (EAGAIN) instead
         // of keeping it pending until someone reads the counter (measured on 6.18: with
         // O_NONBLOCK alone io_uring still arms a poll and retries).
         let entry = opcode::Write::new(Fixed(file), std::ptr::from_ref(&ONE).cast::<u8>(), 8)
             .rw_flags(libc::RWF_NOWAIT)
             .build()
-            .user_data(ud(OP_CALL, file as usize));
+            .user_data(Op::Call(dir).user_data());
         // SAFETY: `ONE` is a static.
         unsafe { self.push(entry) }
     }
 
     fn interrupts(&mut self, pair: &mut QueuePair) -> Result<(), EngineError> {
-        let mut files = [0u32; 2];
+        if !self.call_nowait {
+            // Plain non-blocking write(2)s (the fds are O_NONBLOCK).
+            pair.raise_interrupts();
+            return Ok(());
+        }
+        let mut due = [None, None];
         let mut n = 0usize;
-        let nowait = self.call_nowait;
-        pair.interrupts(|q: &Virtqueue| {
-            if !nowait {
-                // A plain non-blocking write(2) (the fd is O_NONBLOCK).
-                q.signal();
-                return;
-            }
-            if let Some(f) = files.get_mut(n) {
-                *f = if q.index.is_multiple_of(2) {
-                    FILE_RX_CALL
-                } else {
-                    FILE_TX_CALL
-                };
+        pair.interrupts(|dir| {
+            if let Some(d) = due.get_mut(n) {
+                *d = Some(dir);
                 n += 1;
             }
         });
-        for &f in files.iter().take(n) {
-            self.signal(f)?;
+        for dir in due.into_iter().flatten() {
+            self.signal(dir)?;
         }
         Ok(())
     }
@@ -400,23 +481,24 @@ impl Loop {
             }
             self.outstanding -= n;
             for &(data, res) in &done[..n] {
-                self.complete(pair, data, res)?;
+                match Op::from_user_data(data) {
+                    Some(op) => self.complete(pair, op, res)?,
+                    None => tracing::error!(data, res, "io_uring completion of unknown user data"),
+                }
             }
         }
     }
 
-    fn complete(&mut self, pair: &mut QueuePair, data: u64, res: i32) -> Result<(), EngineError> {
-        let op = data >> 32;
-        let slot = (data & 0xffff_ffff) as usize;
+    fn complete(&mut self, pair: &mut QueuePair, op: Op, res: i32) -> Result<(), EngineError> {
         match op {
-            OP_TX => {
+            Op::Tx(slot) => {
                 let result = usize::try_from(res).map_err(|_| -res);
                 pair.complete_tx(&self.tx[slot], result);
                 self.tx_free.push(slot);
                 self.tx_inflight -= 1;
                 self.tx_pending = true;
             }
-            OP_RX => {
+            Op::Rx(slot) => {
                 self.rx_posted -= 1;
                 match usize::try_from(res) {
                     Ok(n) if n > 0 => {
@@ -434,7 +516,10 @@ impl Loop {
                             self.rx_burst = (self.rx_burst / 2).max(1);
                         }
                         pair.return_rx(&mut self.rx[slot]);
-                        if res != -libc::ECANCELED && !self.stopping && !self.rx_paused {
+                        if res != -libc::ECANCELED
+                            && self.phase == Phase::Running
+                            && self.rx_gate == RxGate::Open
+                        {
                             self.pause_rx(pair, res)?;
                         }
                     }
@@ -442,60 +527,53 @@ impl Loop {
                 self.rx_free.push(slot);
                 self.rx_pending = true;
             }
-            OP_TX_KICK | OP_RX_KICK => {
-                let dir = if op == OP_TX_KICK {
-                    Direction::Tx
-                } else {
-                    Direction::Rx
-                };
+            Op::Kick(dir) => {
                 // End of file, a short read or an error other than EAGAIN: the fd is not an
                 // eventfd and will never kick; re-posting the read would spin.
                 let dead = (0..8).contains(&res)
                     || (res < 0 && ![-libc::EAGAIN, -libc::EINTR, -libc::ECANCELED].contains(&res));
-                if dead && !self.stopping {
+                let running = self.phase == Phase::Running;
+                if dead && running {
                     pair.kick_failed(dir);
                     return Ok(());
                 }
                 if res == 8 {
-                    if op == OP_TX_KICK {
-                        pair.counters.tx_kicks += 1;
-                        self.tx_pending = true;
-                    } else {
-                        pair.counters.rx_kicks += 1;
-                        self.rx_pending = true;
+                    match dir {
+                        Direction::Tx => {
+                            pair.counters.tx_kicks += 1;
+                            self.tx_pending = true;
+                        }
+                        Direction::Rx => {
+                            pair.counters.rx_kicks += 1;
+                            self.rx_pending = true;
+                        }
                     }
                 }
-                if !self.stopping && res != -libc::ECANCELED {
-                    self.post_eventfd_read(slot)?;
+                if running && res != -libc::ECANCELED {
+                    self.post_event_read(EventRead::Kick(dir))?;
                 }
             }
-            OP_STOP => {
+            Op::Stop => {
                 if res == 8 {
-                    if let Some(fault) = WorkerFault::from_stop_value(self.kick_buf[2]) {
+                    if let Some(fault) = WorkerFault::from_stop_value(self.event_buf[2]) {
                         return inject(fault);
                     }
                 }
-                if res != -libc::ECANCELED {
-                    self.stopping = true;
+                if res != -libc::ECANCELED && self.phase == Phase::Running {
+                    self.phase = Phase::Stopping;
                 }
             }
-            OP_CALL if res == -libc::EOPNOTSUPP || res == -libc::EINVAL => {
+            Op::Call(dir) if res == -libc::EOPNOTSUPP || res == -libc::EINVAL => {
                 // This kernel's eventfd takes no RWF_NOWAIT: plain non-blocking writes from
                 // now on, and this interrupt again.
                 self.call_nowait = false;
-                let q = if slot == FILE_RX_CALL as usize {
-                    &pair.rx
-                } else {
-                    &pair.tx
-                };
-                q.signal();
+                pair.signal(dir);
             }
-            OP_RX_RETRY => {
-                self.rx_paused = false;
+            Op::RxRetry => {
+                self.rx_gate = RxGate::Open;
                 self.rx_pending = true;
             }
-            OP_CALL | OP_CANCEL => {}
-            _ => tracing::error!(data, res, "unknown io_uring completion"),
+            Op::Call(_) | Op::Cancel => {}
         }
         Ok(())
     }
@@ -547,27 +625,30 @@ impl Engine for UringEngine {
             tx_free: (0..tx_depth).rev().collect(),
             rx: (0..rx_depth).map(|_| RxRead::new(4)).collect(),
             rx_free: (0..rx_depth).rev().collect(),
-            kick_buf: Box::new([0; 3]),
+            event_buf: Box::new([0; 3]),
             outstanding: 0,
             tx_inflight: 0,
             rx_posted: 0,
             tx_pending: true,
             rx_pending: true,
-            rx_paused: false,
+            rx_gate: RxGate::Open,
             rx_burst: 4.min(rx_depth),
             rx_depth,
             rx_batch: Vec::with_capacity(rx_depth),
             rx_waiting: std::collections::VecDeque::with_capacity(rx_depth),
-            stopping: false,
-            cancel_sent: false,
+            phase: Phase::Running,
             again: false,
             call_nowait: true,
         };
         if !ready(pair) {
             return Ok(Leftovers(Some(Box::new(lp))));
         }
-        for which in 0..3 {
-            lp.post_eventfd_read(which)?;
+        for which in [
+            EventRead::Kick(Direction::Tx),
+            EventRead::Kick(Direction::Rx),
+            EventRead::Stop,
+        ] {
+            lp.post_event_read(which)?;
         }
         // A panic must not unwind through `lp` while the kernel may still write into its
         // buffers: it is caught here and handled like an error.
@@ -587,13 +668,13 @@ impl Engine for UringEngine {
                 ring,
                 tx,
                 rx,
-                kick_buf,
+                event_buf,
                 ..
             } = lp;
             drop(ring);
             std::mem::forget(tx);
             std::mem::forget(rx);
-            std::mem::forget(kick_buf);
+            std::mem::forget(event_buf);
             pair.publish();
             return result.map(|()| Leftovers(None));
         }
@@ -606,32 +687,32 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
     loop {
         pair.begin_pass();
         lp.again = false;
-        if !lp.stopping {
+        if lp.phase == Phase::Running {
             if lp.tx_pending {
                 lp.fill_tx(pair)?;
             }
             if lp.rx_pending {
                 lp.fill_rx(pair)?;
             }
-        } else if lp.tx_inflight == 0 && !lp.cancel_sent {
+        } else if lp.phase == Phase::Stopping && lp.tx_inflight == 0 {
             // Quiesce: TX writes are done (never repeated, never lost); now cancel the posted
             // reads (and the kick reads). A read that already completed is still delivered.
             let entry = opcode::AsyncCancel2::new(CancelBuilder::any())
                 .build()
-                .user_data(ud(OP_CANCEL, 0));
+                .user_data(Op::Cancel.user_data());
             // SAFETY: a cancel request carries no buffer.
             unsafe { lp.push(entry)? };
-            lp.cancel_sent = true;
+            lp.phase = Phase::Cancelled;
         }
         lp.interrupts(pair)?;
-        if lp.stopping && lp.outstanding == 0 {
+        if lp.phase == Phase::Cancelled && lp.outstanding == 0 {
             break;
         }
         // Publish before blocking: what this iteration counted (malformed chains completed
         // while popping, a queue found broken, interrupts) must not wait for the next event.
         pair.publish();
         // Known work left (see `again`): enter the kernel without waiting.
-        let want = usize::from(!lp.again || lp.stopping);
+        let want = usize::from(!lp.again || lp.phase != Phase::Running);
         match lp.ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -656,6 +737,6 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
         lp.rx_free.push(slot);
     }
     // Interrupts for the last completions.
-    pair.interrupts(|q| q.signal());
+    pair.raise_interrupts();
     Ok(())
 }

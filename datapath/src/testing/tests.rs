@@ -12,7 +12,7 @@ use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver, VirtioNetHdr, Vi
 
 use super::*;
 use crate::memory::MemoryRegionSpec;
-use crate::pair::PairPositions;
+use crate::pair::{PairPositions, TxNext};
 
 const WRITE: u16 = tapir_simguest::VIRTQ_DESC_F_WRITE;
 
@@ -586,5 +586,52 @@ fn a_pass_pops_at_most_twice_the_queue_size() {
     pair.begin_pass();
     assert_eq!(pair.next_tx(&mut w), TxNext::Empty);
     assert_eq!(fx.h.counters().delta(&before).tx_malformed, 64);
+    fx.h.check().expect("invariants");
+}
+
+#[test]
+fn popping_quiets_kicks_and_running_dry_rearms_them() {
+    use tapir_simguest::VIRTQ_USED_F_NO_NOTIFY as NO_NOTIFY;
+    // Without EVENT_IDX: VRING_USED_F_NO_NOTIFY while chains are popped, cleared (the kick
+    // armed) once the ring runs dry.
+    let mut fx = fixture(config(f::VIRTIO_NET_F_CSUM, 64));
+    for _ in 0..2 {
+        assert!(fx.tx.push(&VirtioNetHdr::default(), &[1u8; 60]).unwrap());
+    }
+    fx.tx.flush();
+    let before = fx.h.counters();
+    let slot = fx.h.tx_next().expect("a TX chain");
+    assert_eq!(
+        fx.tx.raw().used_flags() & NO_NOTIFY,
+        NO_NOTIFY,
+        "kicks off while the device drains the ring"
+    );
+    fx.h.tx_complete(slot, Ok(72));
+    assert!(fx.h.tx_send().is_some());
+    assert_eq!(fx.h.tx_send(), None);
+    assert_eq!(
+        fx.tx.raw().used_flags() & NO_NOTIFY,
+        0,
+        "kick re-armed when the ring ran dry"
+    );
+    let d = fx.h.counters().delta(&before);
+    assert_eq!((d.tx_packets, d.tx_malformed), (2, 0));
+    // With EVENT_IDX: avail_event follows the ring to where it ran dry.
+    let mut fx = fixture(config(
+        f::VIRTIO_NET_F_CSUM | f::VIRTIO_RING_F_EVENT_IDX,
+        64,
+    ));
+    for _ in 0..3 {
+        assert!(fx.tx.push(&VirtioNetHdr::default(), &[2u8; 60]).unwrap());
+    }
+    fx.tx.flush();
+    let before = fx.h.counters();
+    while fx.h.tx_send().is_some() {}
+    assert_eq!(
+        fx.tx.raw().avail_event(),
+        3,
+        "the guest kicks for its next chain"
+    );
+    assert_eq!(fx.h.counters().delta(&before).tx_packets, 3);
     fx.h.check().expect("invariants");
 }
