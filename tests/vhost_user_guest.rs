@@ -358,6 +358,12 @@ fn boot_on(
         String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
     };
     let mq = if queues > 1 { ",mq=on" } else { "" };
+    // TAPIR_GUEST_MIB sizes the guest (default 512 MiB; the migration comparison in
+    // docs/BENCHMARKS.md uses 2048).
+    let guest_mib: u32 = std::env::var("TAPIR_GUEST_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
     // vectors=0 (INTx): QEMU 7.2 under TCG crashes in msix_set_vector_notifiers when a
     // vhost-user net device starts with MSI-X (before the backend sees a ring); see
     // docs/QEMU.md.
@@ -366,14 +372,14 @@ fn boot_on(
             "-machine",
             "q35,accel=tcg",
             "-m",
-            "512",
+            &guest_mib.to_string(),
             "-smp",
             &queues.to_string(),
         ])
         .args(["-nographic", "-no-reboot"])
         .args([
             "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
+            &format!("memory-backend-memfd,id=mem,size={guest_mib}M,share=on"),
             "-numa",
             "node,memdev=mem",
         ])
@@ -1156,6 +1162,10 @@ fn guest_live_migrates_between_backends_mid_stream() {
         .find(|l| l.starts_with("downtime:"))
         .unwrap_or("downtime: ?")
         .to_owned();
+    eprintln!(
+        "live-migration: completed in {:.1} s, QEMU {downtime}",
+        migrated_in.as_secs_f64()
+    );
     // Both guests are paused now (A for good, B until `cont`) and neither tapir runs a ring:
     // their memories must be the same. A page that differs is a write QEMU never learnt of.
     let loaded = Instant::now();
