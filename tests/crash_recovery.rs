@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::daemon::{connect, Netns};
-use common::vhost::{arp_round_trip_on, attach, one_pair_guest};
-use common::{frames, VirtioNetHdr, GUEST_IP, GUEST_MAC, HOST_IP};
+use common::vhost::{arp_request, arp_round_trip_on, attach, one_pair_guest};
+use common::{VirtioNetHdr, HOST_IP};
 
 fn serve_args<'a>(socket: &'a str, tap: &'a str, engine: &'a str) -> Vec<&'a str> {
     vec!["--socket", socket, "--tap", tap, "--engine", engine]
@@ -65,18 +65,9 @@ fn frames_queued_while_the_backend_was_dead_go_out_after_a_restart_without_a_kic
         drop(first);
         drop(fe);
         // Meanwhile the guest queues frames; their kick is gone with the dead backend.
-        let mut buf = vec![0u8; 64];
-        let n = frames::build_arp(
-            &mut buf,
-            frames::ArpOp::Request,
-            GUEST_MAC,
-            GUEST_IP,
-            [0; 6],
-            HOST_IP,
-        )
-        .unwrap();
+        let request = arp_request();
         for _ in 0..4 {
-            assert!(tx.push(&VirtioNetHdr::default(), &buf[..n]).unwrap());
+            assert!(tx.push(&VirtioNetHdr::default(), &request).unwrap());
         }
         tx.flush();
         drain_eventfd(kick_tx);

@@ -855,10 +855,7 @@ fn a_running_through_a_dupd_fd_after_the_fence_does_not_take_serve_state() {
 mod serve_session {
     //! A frontend session against `tapir serve`, as `tests/vhost_user_protocol.rs` drives it.
 
-    use std::time::{Duration, Instant};
-
-    use super::common::{frames, rx_recv, tx_drain, tx_send, GUEST_IP, GUEST_MAC, HOST_IP};
-    use tapir_simguest::{RxDriver, SimGuest, TxDriver, VirtioNetHdr};
+    use tapir_simguest::SimGuest;
     use vhost::vhost_user::message::{
         VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
     };
@@ -894,31 +891,7 @@ mod serve_session {
     }
 
     /// The guest asks the host for its MAC (ARP through TX) and gets the answer (RX).
-    pub fn arp_round_trip(rx: &mut RxDriver, tx: &mut TxDriver, ctx: &str) {
-        let mut buf = vec![0u8; 64];
-        let n = frames::build_arp(
-            &mut buf,
-            frames::ArpOp::Request,
-            GUEST_MAC,
-            GUEST_IP,
-            [0; 6],
-            HOST_IP,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            tx_send(tx, &VirtioNetHdr::default(), &buf[..n], ctx);
-            tx_drain(tx, ctx);
-            if let Some(p) = rx_recv(rx, Duration::from_millis(500), ctx) {
-                if let Some(a) = frames::parse_arp(&p.data) {
-                    if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
-                        return;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "{ctx}: no ARP reply");
-        }
-    }
+    pub use crate::common::vhost::arp_round_trip_on as arp_round_trip;
 }
 
 #[test]

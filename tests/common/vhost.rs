@@ -60,6 +60,22 @@ pub fn one_pair_guest() -> SimGuest {
     .unwrap()
 }
 
+/// The guest's ARP request for the host's MAC (an Ethernet frame).
+pub fn arp_request() -> Vec<u8> {
+    let mut buf = vec![0u8; 64];
+    let n = frames::build_arp(
+        &mut buf,
+        frames::ArpOp::Request,
+        GUEST_MAC,
+        GUEST_IP,
+        [0; 6],
+        HOST_IP,
+    )
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
 /// The guest asks the host for its MAC (ARP through TX) and gets the answer (through RX).
 pub fn arp_round_trip(guest: &mut SimGuest, ctx: &str) {
     let (mut rx, mut tx) = guest.take_pair(0);
@@ -72,19 +88,10 @@ pub fn arp_round_trip_on(
     tx: &mut tapir_simguest::TxDriver,
     ctx: &str,
 ) {
-    let mut buf = vec![0u8; 64];
-    let n = frames::build_arp(
-        &mut buf,
-        frames::ArpOp::Request,
-        GUEST_MAC,
-        GUEST_IP,
-        [0; 6],
-        HOST_IP,
-    )
-    .unwrap();
+    let request = arp_request();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        tx_send(tx, &VirtioNetHdr::default(), &buf[..n], ctx);
+        tx_send(tx, &VirtioNetHdr::default(), &request, ctx);
         tx_drain(tx, ctx);
         if let Some(p) = rx_recv(rx, Duration::from_millis(500), ctx) {
             if let Some(a) = frames::parse_arp(&p.data) {
