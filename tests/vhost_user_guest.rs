@@ -11,6 +11,8 @@
 //! `target/guest-cache/` (tests/guest/fetch-guest.sh, nothing installed on the host). Without
 //! QEMU the test says loudly what is missing and passes without booting (never in CI).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -586,57 +588,13 @@ fn monotonic_ns() -> u64 {
     u64::try_from(t.tv_sec()).unwrap() * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap()
 }
 
-/// A packet socket on `tap` for its frames of `ethertype` (`ETH_P_ALL`: every frame), each
-/// read waiting at most 100 ms.
-fn packet_socket(tap: &str, ethertype: u16) -> std::fs::File {
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    let fd = socket(
-        AddressFamily::Packet,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    let index = nix::net::if_::if_nametoindex(tap).unwrap();
-    let ll = libc::sockaddr_ll {
-        sll_family: u16::try_from(libc::AF_PACKET).unwrap(),
-        sll_protocol: ethertype.to_be(),
-        sll_ifindex: i32::try_from(index).unwrap(),
-        sll_hatype: 0,
-        sll_pkttype: 0,
-        sll_halen: 0,
-        sll_addr: [0; 8],
-    };
-    // SAFETY: binding a packet socket we own to a sockaddr_ll of the right size.
-    let rc = unsafe {
-        libc::bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            (&ll as *const libc::sockaddr_ll).cast(),
-            u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
-        )
-    };
-    assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
-    let sock = std::fs::File::from(fd);
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    // SAFETY: setting a receive timeout on our socket with a valid timeval.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            u32::try_from(std::mem::size_of::<libc::timeval>()).unwrap(),
-        )
-    };
-    sock
-}
-
 /// Records ICMP echo traffic on `tap` until `stop`.
 fn capture_echo(tap: &str, stop: Arc<AtomicBool>) -> EchoLog {
-    let mut sock = packet_socket(tap, u16::try_from(libc::ETH_P_ALL).unwrap());
+    let mut sock = common::packet_socket(
+        tap,
+        u16::try_from(libc::ETH_P_ALL).unwrap(),
+        Duration::from_millis(100),
+    );
     let mut log = EchoLog::default();
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
@@ -1064,7 +1022,11 @@ fn guest_live_migrates_between_backends_mid_stream() {
         ns.run(move || {
             // Every frame, filtered here: a protocol-specific packet socket on a bridge port
             // sees nothing (the bridge consumes the frame before protocol handlers run).
-            let mut sock = packet_socket(&tap, u16::try_from(libc::ETH_P_ALL).unwrap());
+            let mut sock = common::packet_socket(
+                &tap,
+                u16::try_from(libc::ETH_P_ALL).unwrap(),
+                Duration::from_millis(100),
+            );
             let mut seen = 0u32;
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
