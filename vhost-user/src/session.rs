@@ -718,29 +718,21 @@ impl Session {
         let flushed_before = self.stop_device();
         let base = self.give_back_held(i);
         let flushed = flushed_before + self.flush_log();
-        if self.logging() {
-            let guest_pages: u64 = self
-                .memory
-                .as_ref()
-                .map(|m| m.regions().iter().map(|r| r.size.div_ceil(4096)).sum())
-                .unwrap_or(0);
+        if let (true, Some(log), Some(mem)) = (self.logging(), &self.log, &self.memory) {
+            let guest_pages: u64 = mem.regions().iter().map(|r| r.size.div_ceil(4096)).sum();
             let all_pages = self.config.dirty_at_stop == DirtyAtStop::AllPages;
+            let dirty_pages = if all_pages {
+                // `--all-dirty-at-ring-stop`: QEMU's final pass then sends the guest whole,
+                // which also covers pages QEMU itself lost track of (docs/QEMU.md, "Live
+                // migration"), at the price of a stop-and-copy phase that grows with guest
+                // memory.
+                log.mark_all(mem)
+            } else {
+                flushed as u64
+            };
             crate::daemon::event(format!(
-                "{{\"event\":\"ring_stopped_logging\",\"vring\":{i},\"dirty_pages\":{},\"guest_pages\":{guest_pages},\"all_pages\":{all_pages}}}",
-                if all_pages { guest_pages } else { flushed as u64 }
+                "{{\"event\":\"ring_stopped_logging\",\"vring\":{i},\"dirty_pages\":{dirty_pages},\"guest_pages\":{guest_pages},\"all_pages\":{all_pages}}}"
             ));
-        }
-        if self.logging() && self.config.dirty_at_stop == DirtyAtStop::AllPages {
-            // `--all-dirty-at-ring-stop`: QEMU's final pass then sends the guest whole, which
-            // also covers pages QEMU itself lost track of (docs/QEMU.md, "Live migration"), at
-            // the price of a stop-and-copy phase that grows with guest memory.
-            if let (Some(log), Some(mem)) = (&self.log, &self.memory) {
-                let pages = log.mark_all(mem);
-                tracing::info!(
-                    pages,
-                    "ring stopped while logging: all guest pages reported dirty"
-                );
-            }
         }
         let v = self.vring_mut(i)?;
         v.started = false;
