@@ -171,7 +171,7 @@ fn kernel_errors_and_bad_cpus_say_what_to_do() {
     let ns = Netns::new();
     let socket = ns.socket("vu");
     let s = socket.to_str().unwrap();
-    let nobody = [
+    let setpriv = [
         "setpriv",
         "--reuid=65534",
         "--regid=65534",
@@ -179,6 +179,9 @@ fn kernel_errors_and_bad_cpus_say_what_to_do() {
         "--inh-caps=-all",
         "--bounding-set=-all",
     ];
+    // As nobody, with a /dev/net/tun everyone may open (as distributions make it).
+    let tun = ns.tun_of_mode(0o666);
+    let nobody: Vec<&str> = tun.iter().map(String::as_str).chain(setpriv).collect();
     // Too many queues.
     let line =
         error_line(&ns.serve_output(&[], &["--socket", s, "--tap", "tq0", "--queues", "300"]));
@@ -200,6 +203,17 @@ fn kernel_errors_and_bad_cpus_say_what_to_do() {
     assert!(
         line.contains("needs CAP_NET_ADMIN")
             && line.contains("ip tuntap add tnew mode tap multi_queue vnet_hdr user 65534"),
+        "{line}"
+    );
+    // A /dev/net/tun only root may open (the kernel's mode without udev): EACCES, which
+    // no module loading fixes.
+    let closed = ns.tun_of_mode(0o600);
+    let closed: Vec<&str> = closed.iter().map(String::as_str).chain(setpriv).collect();
+    let line = error_line(&ns.serve_output(&closed, &["--socket", s, "--tap", "tnew"]));
+    assert!(
+        line.contains("/dev/net/tun is mode 0600")
+            && line.contains("uid 65534")
+            && line.contains("chmod 0666 /dev/net/tun"),
         "{line}"
     );
     // A TAP of another user (EPERM).
@@ -250,15 +264,21 @@ fn without_root_as_nobody_with_a_tap_made_for_it_frames_cross() {
         ns.ip(&["link", "set", &tap, "up"]);
         std::os::unix::fs::chown(&ns.dir, Some(65534), Some(65534)).unwrap();
         let socket = ns.socket("vu");
-        let d = ns.spawn(
-            &[
+        let tun = ns.tun_of_mode(0o666);
+        let prefix: Vec<&str> = tun
+            .iter()
+            .map(String::as_str)
+            .chain([
                 "setpriv",
                 "--reuid=65534",
                 "--regid=65534",
                 "--clear-groups",
                 "--inh-caps=-all",
                 "--bounding-set=-all",
-            ],
+            ])
+            .collect();
+        let d = ns.spawn(
+            &prefix,
             &[
                 "--socket",
                 socket.to_str().unwrap(),

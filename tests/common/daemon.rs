@@ -45,6 +45,33 @@ impl Netns {
         self.dir.join(format!("{what}.sock"))
     }
 
+    /// A prefix for [`Netns::spawn`] and [`Netns::serve_output`] (before `setpriv`) that gives
+    /// the daemon a `/dev/net/tun` of `mode`: a device node made in the test's directory and
+    /// bind-mounted over `/dev/net/tun` in the mount namespace `ip netns exec` makes for the
+    /// command, so the host's node is untouched. Distributions make it 0666 (udev); a machine
+    /// without udev has the kernel's 0600, which no unprivileged daemon can open.
+    pub fn tun_of_mode(&self, mode: u32) -> Vec<String> {
+        use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+        let node = self.dir.join(format!("tun-{mode:o}"));
+        if !node.exists() {
+            mknod(
+                &node,
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(mode),
+                makedev(10, 200),
+            )
+            .unwrap();
+        }
+        std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .unwrap();
+        vec![
+            "sh".into(),
+            "-c".into(),
+            "mount --bind \"$0\" /dev/net/tun && exec \"$@\"".into(),
+            node.display().to_string(),
+        ]
+    }
+
     /// `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) {
         let mut all = vec!["ip", "-n", &self.name];

@@ -94,6 +94,21 @@ pub enum TapSetupError {
         /// tapir's gid.
         gid: u32,
     },
+    /// `/dev/net/tun` exists, but this uid may not open it.
+    #[error(
+        "cannot open /dev/net/tun: /dev/net/tun is mode {mode:04o} (owner uid {owner}) and tapir \
+         runs as uid {uid}; distributions make it 0666 (udev), which this machine does not: \
+         `chmod 0666 /dev/net/tun` (the TAP's owner still decides who may attach), or run \
+         tapir as uid {owner}"
+    )]
+    TunNotPermitted {
+        /// The node's permission bits.
+        mode: u32,
+        /// The node's owner.
+        owner: u32,
+        /// tapir's uid.
+        uid: u32,
+    },
     /// `/dev/net/tun` is missing or not accessible.
     #[error("cannot open /dev/net/tun ({0}): load the tun module (`modprobe tun`) or, in a container, pass the device in")]
     NoTunDevice(String),
@@ -234,7 +249,19 @@ pub fn open_tap(name: &str, queues: usize, sharing: TapSharing) -> Result<Tap, T
 fn explain(e: TapError, name: &str, queues: usize, exists: bool) -> TapSetupError {
     let errno = match &e {
         TapError::SetIff { source, .. } => source.raw_os_error(),
-        TapError::OpenTun(source) => return TapSetupError::NoTunDevice(source.to_string()),
+        TapError::OpenTun(source) => {
+            use std::os::unix::fs::MetadataExt;
+            return match std::fs::metadata("/dev/net/tun") {
+                Ok(m) if source.raw_os_error() == Some(libc::EACCES) => {
+                    TapSetupError::TunNotPermitted {
+                        mode: m.mode() & 0o7777,
+                        owner: m.uid(),
+                        uid: nix::unistd::geteuid().as_raw(),
+                    }
+                }
+                _ => TapSetupError::NoTunDevice(source.to_string()),
+            };
+        }
         _ => None,
     };
     let uid = nix::unistd::geteuid().as_raw();
