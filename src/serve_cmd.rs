@@ -72,11 +72,11 @@ pub struct ServeArgs {
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
     /// A control socket (mode 0600) for live counters: `tapir ctl PATH stats` (JSON) or
-    /// `tapir ctl PATH status` (a summary). Not with --takeover yet.
+    /// `tapir ctl PATH status` (a summary). A successor (--takeover) serves it on.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Serve the same counters at http://ADDR/metrics in the Prometheus text format
-    /// (a loopback address only, e.g. 127.0.0.1:9464). Not with --takeover yet.
+    /// (a loopback address only, e.g. 127.0.0.1:9464). A successor (--takeover) serves it on.
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<std::net::SocketAddr>,
     /// Listen here for a successor (`tapir serve --takeover PATH`).
@@ -84,7 +84,8 @@ pub struct ServeArgs {
     handoff_socket: Option<PathBuf>,
     /// Take over the running `tapir serve` listening on this handoff socket: its frontend
     /// connection, TAP queues and running device, at the same ring positions. The successor
-    /// then listens on the same handoff socket.
+    /// then listens on the same handoff socket, and serves the predecessor's --control and
+    /// --metrics endpoints (the same listening sockets: no gap, no new port).
     #[arg(long, conflicts_with_all = ["socket", "tap", "client", "handoff_socket", "control", "metrics"])]
     takeover: Option<PathBuf>,
     /// Blackout step timeout of a handoff, in milliseconds.

@@ -196,3 +196,241 @@ fn metrics_on_a_non_loopback_address_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("only a loopback address"), "{err}");
 }
+
+/// A client of the control socket or the metrics endpoint that connects and then sends one
+/// byte every 200 ms, never a whole request, until `stop` is set or the daemon closes the
+/// connection; returns whether the daemon closed it.
+fn trickle(
+    ns: &Netns,
+    connect: impl FnOnce() -> Box<dyn ReadWrite> + Send + 'static,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<bool> {
+    use std::io::{ErrorKind, Read, Write};
+    use std::os::fd::AsFd;
+    use std::sync::atomic::Ordering;
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut s = connect();
+        let mut byte = [0u8; 1];
+        while !stop.load(Ordering::Relaxed) {
+            if s.write_all(b"G").is_err() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            match s.read(&mut byte) {
+                Ok(0) => return true,
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
+                Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+        false
+    })
+}
+
+trait ReadWrite: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> ReadWrite for T {}
+
+/// Issue 12 (found in review): control and metrics clients were served in the vhost-user
+/// loop itself, each read with a 1 s timeout, so a local client that trickles a byte now and
+/// then (a loopback TCP connection needs no privilege) stalled every vhost-user request, ring
+/// stop and dirty-log flush for as long as it liked. Now they are served beside the loop: with
+/// slow clients on both endpoints, a frontend still sets up a session and frames cross, a
+/// fresh `tapir ctl stats` is answered, and the slow clients are cut off.
+#[test]
+fn slow_control_and_metrics_clients_do_not_stall_the_frontend() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    for engine in ["uring", "classic"] {
+        let ns = Netns::new();
+        let tap = format!("{}t", ns.name);
+        let socket = ns.socket("vu");
+        let control = ns.socket("control");
+        let d = ns.spawn(
+            &[],
+            &[
+                "--socket",
+                socket.to_str().unwrap(),
+                "--tap",
+                &tap,
+                "--engine",
+                engine,
+                "--control",
+                control.to_str().unwrap(),
+                "--metrics",
+                "127.0.0.1:9465",
+            ],
+        );
+        d.event("listening");
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap]);
+        ns.ip(&["link", "set", &tap, "up"]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut slow = Vec::new();
+        for _ in 0..3 {
+            slow.push(trickle(
+                &ns,
+                || {
+                    let s = std::net::TcpStream::connect(("127.0.0.1", 9465)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+                    Box::new(s)
+                },
+                stop.clone(),
+            ));
+            let path = control.clone();
+            slow.push(trickle(
+                &ns,
+                move || {
+                    let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+                    Box::new(s)
+                },
+                stop.clone(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // The frontend's work on a thread of its own: a stalled daemon shows as a timeout
+        // here, not as a test that hangs.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (sock, ctx) = (socket.clone(), engine.to_owned());
+        let frontend = std::thread::spawn(move || {
+            let mut guest = one_pair_guest();
+            let (mut rx, mut txq) = guest.take_pair(0);
+            let mut fe = connect(&sock);
+            attach(&mut fe, &guest, 0);
+            arp_round_trip_on(&mut rx, &mut txq, &ctx);
+            let _ = done_tx.send(());
+            // Kept until the test is done with the daemon.
+            (fe, guest, rx, txq)
+        });
+        let answered = done_rx.recv_timeout(Duration::from_secs(20));
+        assert!(
+            answered.is_ok(),
+            "{engine}: with slow control/metrics clients connected, the frontend's session \
+             did not come up within 20 s (the vhost-user loop is stalled)"
+        );
+        let v = stats(&control);
+        assert!(count(&v, "tx") >= 1, "{engine}: {v}");
+        // Each slow client is cut off by the daemon (within its per-client deadline), not
+        // by the test.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline && !slow.iter().all(|t| t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let closed: Vec<bool> = slow.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(
+            closed.iter().all(|&c| c),
+            "{engine}: the daemon left slow clients connected: {closed:?}"
+        );
+        let _kept = frontend.join().unwrap();
+        let text = scrape(&ns, 9465);
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        let cut_off = stats(&control)["daemon"]["report_clients_cut_off"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            cut_off >= 6,
+            "{engine}: {cut_off} clients counted as cut off"
+        );
+        // More clients at once than the server takes: the rest are closed at accept, counted.
+        let port_ns = format!("/run/netns/{}", ns.name);
+        let idle = std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let f = std::fs::File::open(&port_ns).unwrap();
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            (0..32)
+                .map(|_| std::net::TcpStream::connect(("127.0.0.1", 9465)).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(idle);
+        let refused = stats(&control)["daemon"]["report_clients_refused"]
+            .as_u64()
+            .unwrap();
+        assert!(refused >= 1, "{engine}: 32 clients at once, none refused");
+        drop(d);
+    }
+}
+
+/// A successor (`tapir serve --takeover`) serves its predecessor's control socket and metrics
+/// endpoint: the same listening sockets (no gap, no new port), the report now its own (pid,
+/// the handoff counted), and it removes the control socket when it stops.
+#[test]
+fn the_control_socket_and_metrics_endpoint_follow_a_takeover() {
+    for engine in ["uring", "classic"] {
+        let ns = Netns::new();
+        let tap = format!("{}t", ns.name);
+        let socket = ns.socket("vu");
+        let control = ns.socket("control");
+        let handoff = ns.socket("handoff");
+        let mut first = ns.spawn(
+            &[],
+            &[
+                "--socket",
+                socket.to_str().unwrap(),
+                "--tap",
+                &tap,
+                "--engine",
+                engine,
+                "--handoff-socket",
+                handoff.to_str().unwrap(),
+                "--control",
+                control.to_str().unwrap(),
+                "--metrics",
+                "127.0.0.1:9466",
+            ],
+        );
+        first.event("listening");
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap]);
+        ns.ip(&["link", "set", &tap, "up"]);
+        let mut guest = one_pair_guest();
+        let (mut rx, mut txq) = guest.take_pair(0);
+        let mut fe = connect(&socket);
+        attach(&mut fe, &guest, 0);
+        first.event("\"running\":[0]");
+        arp_round_trip_on(&mut rx, &mut txq, engine);
+        let before = stats(&control);
+        assert_eq!(before["pid"], first.pid(), "{before}");
+        let mut second = ns.spawn(
+            &[],
+            &["--takeover", handoff.to_str().unwrap(), "--engine", engine],
+        );
+        second.event("\"running\"");
+        first.event("handoff_committed");
+        let (st, log) = first.wait_exit();
+        assert_eq!(st.code(), Some(0), "{engine}: predecessor: {log}");
+        assert!(
+            control.exists(),
+            "{engine}: the predecessor removed the control socket"
+        );
+        for _ in 0..3 {
+            arp_round_trip_on(&mut rx, &mut txq, engine);
+        }
+        let after = stats(&control);
+        assert_eq!(after["pid"], second.pid(), "{engine}: {after}");
+        assert_eq!(after["handoffs"]["count"], 1, "{engine}: {after}");
+        assert_eq!(
+            after["queue_pairs"][0]["running"], true,
+            "{engine}: {after}"
+        );
+        assert!(!after["session"].is_null(), "{engine}: {after}");
+        let text = scrape(&ns, 9466);
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{engine}: {text}");
+        assert_eq!(sample(&text, "tapir_frontend_connected"), 1, "{text}");
+        drop(fe);
+        second.signal(nix::sys::signal::Signal::SIGTERM);
+        let (st, log) = second.wait_exit();
+        assert_eq!(st.code(), Some(0), "{engine}: successor: {log}");
+        assert!(
+            !control.exists(),
+            "{engine}: the successor left the control socket"
+        );
+    }
+}

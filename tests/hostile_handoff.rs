@@ -28,7 +28,9 @@ use tapir_migrate::{
 };
 use tapir_simguest::{GuestConfig, TxDriver, VirtioNetHdr};
 use tapir_state::DeviceSnapshot;
-use tapir_vhost_user::handoff::{self as session_blob, EndpointState, SessionState, VringState};
+use tapir_vhost_user::handoff::{
+    self as session_blob, EndpointState, ReportState, SessionState, VringState,
+};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapir");
 
@@ -597,6 +599,7 @@ fn a_lying_serve_predecessor_is_refused() {
                 handoff: None,
             },
             requests: 0,
+            report: ReportState::default(),
         };
         let tap_fd = tap.queues()[0].as_fd();
         type Case<'a> = (&'a str, SessionState, Vec<BorrowedFd<'a>>, &'a str);
@@ -649,6 +652,35 @@ fn a_lying_serve_predecessor_is_refused() {
             s,
             vec![tap_fd, elsewhere.as_fd()],
             "bound at",
+        ));
+        // 5. The control socket's listener, bound elsewhere than the blob says (the successor
+        //    removes the control socket's path when it stops).
+        let mut s = base.clone();
+        s.endpoint.listener = None;
+        s.report.control = Some((precious.display().to_string(), 1));
+        cases.push((
+            "control path",
+            s,
+            vec![tap_fd, elsewhere.as_fd()],
+            "bound at",
+        ));
+        // 6. A metrics listener off loopback (this namespace's own, reachable by nobody), and
+        //    one that is not a listening socket.
+        let wide = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+        let mut s = base.clone();
+        s.endpoint.listener = None;
+        s.report.metrics = Some(1);
+        cases.push((
+            "metrics off loopback",
+            s.clone(),
+            vec![tap_fd, wide.as_fd()],
+            "loopback",
+        ));
+        cases.push((
+            "metrics not listening",
+            s,
+            vec![tap_fd, not_listening.as_fd()],
+            "a listening socket",
         ));
         let listener = Listener::bind(&handoff).unwrap();
         for (name, state, fds, expect) in cases {

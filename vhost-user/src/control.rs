@@ -1,32 +1,37 @@
 //! The control socket (`tapir serve --control PATH`): a Unix socket, mode 0600, on which the
 //! daemon answers `stats` with one JSON object (queue pairs, session, handoffs) and closes.
-//! It is served from the daemon's own loop between vhost-user requests: no thread, and the
-//! workers pay nothing new (the counters are those they already publish once per loop).
+//! Its clients are served by the report server's thread ([`crate::report_server`]), beside
+//! the vhost-user loop, from the report board ([`crate::report`]): a slow client delays
+//! nobody, and the workers pay nothing new (the counters are those they already publish once
+//! per loop).
 //!
 //! The reply's layout ([`stats`]): `queue_pairs[i].rx|tx` with packets, bytes, drops by cause,
 //! malformed, kicks, interrupts; per pair `batches`, `broken`; `session` (frontend pid and uid,
 //! features, rings) or null; `handoffs` (count, last downtimes in ns); `daemon` counters.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
 
 use serde_json::{json, Value};
 use tapir_datapath::Counters;
 
 use crate::session::Session;
 
-/// How long a control client may take to send its request or take the reply.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Takeover downtimes kept for the report.
 pub const DOWNTIMES_KEPT: usize = 16;
+/// The longest request line (a request is one short word).
+pub const MAX_REQUEST: usize = 256;
 
-/// The bound control socket; its file goes when it is dropped.
+/// The bound control socket; its file goes when it is dropped, unless it was handed on
+/// ([`ControlSocket::keep_file`]).
 #[derive(Debug)]
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// The file removed on drop: none once a successor took the socket over.
+    remove_on_drop: Mutex<Option<PathBuf>>,
 }
 
 impl ControlSocket {
@@ -36,54 +41,57 @@ impl ControlSocket {
         Ok(ControlSocket {
             listener,
             path: path.to_owned(),
+            remove_on_drop: Mutex::new(Some(path.to_owned())),
         })
     }
 
-    /// The listener (for polling).
+    /// The listener.
     pub fn listener(&self) -> &UnixListener {
         &self.listener
     }
 
-    /// Accepts the waiting clients and answers each (errors are logged: a client cannot hurt
-    /// the daemon).
-    pub fn serve(&self, report: &dyn Fn() -> Value) {
-        while let Ok((stream, _)) = self.listener.accept() {
-            if let Err(e) = answer(stream, report) {
-                tracing::debug!(error = %e, "control client");
-            }
-        }
+    /// Its fd (for a successor).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Where it is bound.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A successor serves the socket now: its file stays when this one is dropped.
+    pub fn keep_file(&self) {
+        *self
+            .remove_on_drop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let path = self
+            .remove_on_drop
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(path) = path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
-fn answer(stream: UnixStream, report: &dyn Fn() -> Value) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take_limited()).read_line(&mut line)?;
-    let mut out = &stream;
-    let reply = match line.trim() {
+/// The reply to one request line: `stats` gets the report, anything else an error object.
+pub fn reply(request: &str, report: impl FnOnce() -> Value) -> Vec<u8> {
+    let reply = match request.trim() {
         "stats" => report(),
         other => json!({ "error": format!("unknown request {other:?} (stats)") }),
     };
-    writeln!(out, "{reply}")?;
-    out.flush()
+    let mut out = reply.to_string().into_bytes();
+    out.push(b'\n');
+    out
 }
-
-/// A reader of at most 256 bytes (a request is one short line).
-trait TakeLimited: std::io::Read + Sized {
-    fn take_limited(self) -> std::io::Take<Self> {
-        self.take(256)
-    }
-}
-
-impl<R: std::io::Read> TakeLimited for R {}
 
 /// One direction's counters.
 fn direction(c: &Counters, rx: bool) -> Value {

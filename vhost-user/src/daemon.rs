@@ -25,6 +25,8 @@ use tapir_state::DeviceSnapshot;
 
 use crate::control::{ControlSocket, Peer};
 use crate::handoff::{self, EndpointState, FdList};
+use crate::report::{Board, Snapshot};
+use crate::report_server::ReportServer;
 use crate::session::{Running, Session, SessionConfig};
 use crate::stop_signal::{StopSignal, StopSignals};
 use crate::tap_setup::{open_tap, TapSetupError, TapSharing};
@@ -198,8 +200,10 @@ struct Daemon {
     access: AccessControl,
     counters: DaemonCounters,
     stop: StopSignals,
-    control: Option<ControlSocket>,
-    metrics: Option<crate::metrics::MetricsEndpoint>,
+    /// Serves the control socket and the metrics endpoint from `board`, on its own thread.
+    report: Option<ReportServer>,
+    /// What the report says; published by this loop after every wake-up.
+    board: Board,
     /// The connected frontend's credentials.
     peer: Option<Peer>,
     handoffs: HandoffLog,
@@ -376,6 +380,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     opts.lockdown.drop_privileges()?;
     let handoff = opts.handoff.as_deref().map(Listener::bind).transpose()?;
     opts.lockdown.confine()?;
+    let board = Board::default();
+    let report = ReportServer::start(control, metrics, board.clone())
+        .map_err(|e| ServeError::Socket("starting the report server".into(), e))?;
     let daemon = Daemon {
         endpoint: opts.endpoint,
         vhost_listener,
@@ -387,8 +394,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         access: opts.access,
         counters: DaemonCounters::default(),
         stop,
-        control,
-        metrics,
+        report,
+        board,
         peer: None,
         handoffs: HandoffLog::default(),
     };
@@ -585,6 +592,28 @@ fn restore(
         )),
         None => None,
     };
+    let control = match &state.report.control {
+        Some((p, i)) => Some(
+            ControlSocket::new(
+                UnixListener::from(handoff::take(&mut fds, *i)?),
+                Path::new(p),
+            )
+            .map_err(|e| ServeError::Socket(format!("control socket {p}"), e))?,
+        ),
+        None => None,
+    };
+    let metrics = match state.report.metrics {
+        Some(i) => Some(
+            crate::metrics::MetricsEndpoint::from_listener(std::net::TcpListener::from(
+                handoff::take(&mut fds, i)?,
+            ))
+            .map_err(|e| ServeError::Socket("metrics endpoint".into(), e))?,
+        ),
+        None => None,
+    };
+    let board = Board::default();
+    let report = ReportServer::start(control, metrics, board.clone())
+        .map_err(|e| ServeError::Socket("starting the report server".into(), e))?;
     let daemon = Daemon {
         endpoint,
         vhost_listener,
@@ -596,8 +625,8 @@ fn restore(
         access: frontend.access.clone(),
         counters: DaemonCounters::default(),
         stop,
-        control: None,
-        metrics: None,
+        report,
+        board,
         peer: None,
         handoffs: HandoffLog {
             taken_over: generation,
@@ -651,7 +680,7 @@ impl Daemon {
                         (conn, Session::new(self.config.clone(), self.taps.clone()))
                     }
                     Reached::HandedOff => {
-                        self.forget_handoff_socket();
+                        self.handed_on();
                         return Ok(());
                     }
                     Reached::Stopped(signal) => {
@@ -662,7 +691,7 @@ impl Daemon {
             };
             match self.session_loop(&conn, &mut session)? {
                 SessionEnd::HandedOff => {
-                    self.forget_handoff_socket();
+                    self.handed_on();
                     return Ok(());
                 }
                 SessionEnd::Stopped(signal) => {
@@ -713,28 +742,31 @@ impl Daemon {
         );
     }
 
-    /// Answers the control socket's clients with the report.
-    fn answer_control(&self, session: Option<&Session>) {
-        if let Some(control) = &self.control {
-            control.serve(&|| self.report(session));
-        }
-        if let Some(metrics) = &self.metrics {
-            metrics.serve(&|| self.report(session));
-        }
+    /// Publishes the report's current state to the board (the report server reads it).
+    fn publish(&self, session: Option<&Session>) {
+        let counters = session.map_or_else(
+            || crate::report::CounterSources {
+                stopped: vec![
+                    tapir_datapath::Counters::default();
+                    usize::from(self.config.queue_pairs)
+                ],
+                live: Vec::new(),
+            },
+            Session::counter_sources,
+        );
+        self.board.publish(Snapshot {
+            base: self.report(session),
+            counters,
+            running: session.map(Session::running_pairs).unwrap_or_default(),
+        });
     }
 
-    /// The control socket's `stats` report.
+    /// The report without its queue pairs ([`crate::report`] adds them live).
     fn report(&self, session: Option<&Session>) -> serde_json::Value {
-        let counters = session.map_or_else(
-            || vec![tapir_datapath::Counters::default(); usize::from(self.config.queue_pairs)],
-            Session::pair_counters,
-        );
-        let running = session.map(Session::running_pairs).unwrap_or_default();
         serde_json::json!({
             "pid": std::process::id(),
             "engine": self.config.engine.to_string(),
             "queues": self.config.queue_pairs,
-            "queue_pairs": crate::control::queue_pairs(&counters, &running),
             "session": session.map(|s| crate::control::session(s, self.peer)),
             "handoffs": {
                 "count": self.handoffs.taken_over.max(session.map_or(0, |s| s.generation)),
@@ -749,11 +781,14 @@ impl Daemon {
         })
     }
 
-    /// After a committed handoff: the successor listens on the handoff socket now, so its
-    /// file must stay.
-    fn forget_handoff_socket(&mut self) {
+    /// After a committed handoff: the successor listens on the handoff and control sockets
+    /// and serves the metrics now, so their files must stay and this process answers no more.
+    fn handed_on(&mut self) {
         if let Some(l) = self.handoff.take() {
             let _ = l.into_fd();
+        }
+        if let Some(r) = self.report.take() {
+            r.hand_over();
         }
     }
 
@@ -808,16 +843,9 @@ impl Daemon {
                 Endpoint::Client(_) => Some(Duration::from_millis(100)),
                 Endpoint::Server(_) => None,
             };
-            let control = self.control.as_ref().map(|c| c.listener().as_fd());
-            let metrics = self.metrics.as_ref().map(|m| m.listener().as_fd());
-            let ready = wait(
-                &[listen, handoff, Some(self.stop.as_fd()), control, metrics],
-                timeout,
-            )?;
-            if ready[3] || ready[4] {
-                self.answer_control(None);
-            }
-            if ready[2] || ready[3] || ready[4] {
+            self.publish(None);
+            let ready = wait(&[listen, handoff, Some(self.stop.as_fd())], timeout)?;
+            if ready[2] {
                 continue;
             }
             if ready[1] {
@@ -882,21 +910,11 @@ impl Daemon {
                 return Ok(SessionEnd::Disconnected);
             }
             let handoff = self.handoff.as_ref().map(|l| l.as_fd());
-            let control = self.control.as_ref().map(|c| c.listener().as_fd());
-            let metrics = self.metrics.as_ref().map(|m| m.listener().as_fd());
+            self.publish(Some(session));
             let ready = wait(
-                &[
-                    Some(conn.as_fd()),
-                    handoff,
-                    Some(self.stop.as_fd()),
-                    control,
-                    metrics,
-                ],
+                &[Some(conn.as_fd()), handoff, Some(self.stop.as_fd())],
                 timeout,
             )?;
-            if ready[3] || ready[4] {
-                self.answer_control(Some(session));
-            }
             if ready[2] {
                 if let Some(signal) = self.stop.take() {
                     return Ok(SessionEnd::Stopped(signal));
@@ -1061,7 +1079,7 @@ impl Daemon {
         let vhost_listener = self.vhost_listener.as_ref();
         let handoff_listener = self.handoff.as_ref();
         let endpoint = &self.endpoint;
-        handoff::export(
+        let mut state = handoff::export(
             session,
             running_pairs,
             conn.map(|c| c.as_fd()),
@@ -1073,7 +1091,16 @@ impl Daemon {
                     .map(|l| (l.path().display().to_string(), fds.push(l.as_fd()))),
             },
             list,
-        )
+        );
+        if let Some(r) = &self.report {
+            state.report = handoff::ReportState {
+                control: r
+                    .control()
+                    .map(|c| (c.path().display().to_string(), list.push(c.fd()))),
+                metrics: r.metrics().map(|m| list.push(m.fd())),
+            };
+        }
+        state
     }
 
     fn take_back(&self, session: &mut Session, source: DeviceSource, pairs: Vec<u16>) {

@@ -13,8 +13,13 @@ use crate::session::{Session, Vring, VringAddrs};
 
 /// The frame's magic (tapir-state's header layout).
 const MAGIC: [u8; 8] = *b"TAPIRVUS";
-/// The format version [`encode`] writes: 2, the payload of version 1 in tapir-state's frame.
+/// The format version [`encode`] writes when the daemon serves no report endpoints: 2, the
+/// payload of version 1 in tapir-state's frame.
 const VERSION: u16 = 2;
+/// The format version with the report endpoints ([`ReportState`]) after the session: written
+/// only when there are some, so that a successor of an earlier build still takes over a
+/// daemon without them.
+const VERSION_WITH_REPORT: u16 = 3;
 /// Version 1's own header (no length, no checksum), still read: a successor of this build
 /// takes over from a `tapir serve` that wrote it.
 const LEGACY_MAGIC: &[u8; 4] = b"TVUS";
@@ -85,6 +90,15 @@ pub struct EndpointState {
     pub handoff: Option<(String, u16)>,
 }
 
+/// The report endpoints (`--control`, `--metrics`) the successor serves on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportState {
+    /// The control socket's path and listening fd index.
+    pub control: Option<(String, u16)>,
+    /// The metrics endpoint's listening fd index (a loopback TCP socket).
+    pub metrics: Option<u16>,
+}
+
 /// A serve session as handed on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionState {
@@ -114,13 +128,18 @@ pub struct SessionState {
     pub endpoint: EndpointState,
     /// Requests handled so far.
     pub requests: u64,
+    /// The report endpoints (format version 3, after the rest).
+    #[serde(skip)]
+    pub report: ReportState,
 }
 
 /// Errors of decoding a session blob.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionStateError {
     /// Not a session blob (neither framed nor of the legacy version 1).
-    #[error("not a tapir vhost-user session blob (versions {LEGACY_VERSION} to {VERSION})")]
+    #[error(
+        "not a tapir vhost-user session blob (versions {LEGACY_VERSION} to {VERSION_WITH_REPORT})"
+    )]
     Header,
     /// The frame: magic, version, length or checksum.
     #[error("session blob: {0}")]
@@ -212,31 +231,46 @@ pub fn export<'a>(
         taps,
         endpoint,
         requests: session.requests,
+        report: ReportState::default(),
     }
 }
 
 /// Encodes a session state: postcard, framed by tapir-state's codec.
 pub fn encode(state: &SessionState) -> Result<Vec<u8>, SessionStateError> {
-    let payload = postcard::to_allocvec(state).map_err(SessionStateError::Encode)?;
-    Ok(tapir_state::seal(MAGIC, VERSION, &payload))
+    let mut payload = postcard::to_allocvec(state).map_err(SessionStateError::Encode)?;
+    if state.report == ReportState::default() {
+        return Ok(tapir_state::seal(MAGIC, VERSION, &payload));
+    }
+    payload.extend(postcard::to_allocvec(&state.report).map_err(SessionStateError::Encode)?);
+    Ok(tapir_state::seal(MAGIC, VERSION_WITH_REPORT, &payload))
 }
 
-/// The payload of a blob: checked by tapir-state's frame (version 2), or behind version 1's
-/// header (no checksum).
-fn payload_of(blob: &[u8]) -> Result<&[u8], SessionStateError> {
+/// The format version and payload of a blob: checked by tapir-state's frame (versions 2 and
+/// 3), or behind version 1's header (no checksum).
+fn payload_of(blob: &[u8]) -> Result<(u16, &[u8]), SessionStateError> {
     if let Some(rest) = blob.strip_prefix(LEGACY_MAGIC.as_slice()) {
         return match rest.split_first_chunk::<2>() {
-            Some((v, payload)) if u16::from_le_bytes(*v) == LEGACY_VERSION => Ok(payload),
+            Some((v, payload)) if u16::from_le_bytes(*v) == LEGACY_VERSION => {
+                Ok((LEGACY_VERSION, payload))
+            }
             _ => Err(SessionStateError::Header),
         };
     }
-    let (_version, payload) = tapir_state::unseal(MAGIC, VERSION, VERSION, blob)?;
-    Ok(payload)
+    Ok(tapir_state::unseal(
+        MAGIC,
+        VERSION,
+        VERSION_WITH_REPORT,
+        blob,
+    )?)
 }
 
 /// Decodes and checks a session state against the number of fds that came with it.
 pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionStateError> {
-    let state: SessionState = postcard::from_bytes(payload_of(blob)?)?;
+    let (version, payload) = payload_of(blob)?;
+    let (mut state, rest): (SessionState, _) = postcard::take_from_bytes(payload)?;
+    if version == VERSION_WITH_REPORT {
+        state.report = postcard::from_bytes(rest)?;
+    }
     let bad = |s: String| Err(SessionStateError::Invalid(s));
     let pairs = usize::from(state.queue_pairs);
     if pairs == 0 || state.vrings.len() != 2 * pairs || state.vrings.len() > MAX_VRINGS {
@@ -311,6 +345,12 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
     if let Some((_, l)) = &state.endpoint.handoff {
         claim(*l)?;
     }
+    if let Some((_, l)) = &state.report.control {
+        claim(*l)?;
+    }
+    if let Some(l) = state.report.metrics {
+        claim(l)?;
+    }
     Ok(state)
 }
 
@@ -356,6 +396,16 @@ pub fn check_fds(state: &SessionState, fds: &[OwnedFd]) -> Result<(), SessionSta
         fd_check::expect_listening_socket(fd(*l)?, &what).map_err(bad)?;
         expect_bound_at(fd(*l)?, path, &what)?;
     }
+    if let Some((path, l)) = &state.report.control {
+        let what = format!("control socket listener (fd {l})");
+        fd_check::expect_listening_socket(fd(*l)?, &what).map_err(bad)?;
+        expect_bound_at(fd(*l)?, path, &what)?;
+    }
+    if let Some(l) = state.report.metrics {
+        let what = format!("metrics listener (fd {l})");
+        fd_check::expect_listening_socket(fd(l)?, &what).map_err(bad)?;
+        expect_loopback_tcp(fd(l)?, &what)?;
+    }
     for (i, r) in state.regions.iter().enumerate() {
         let what = format!("memory region {i} (fd {})", r.fd);
         fd_check::expect_file_range(fd(r.fd)?, r.mmap_offset, r.size, &what).map_err(bad)?;
@@ -387,6 +437,25 @@ fn expect_bound_at(fd: BorrowedFd<'_>, path: &str, what: &str) -> Result<(), Ses
     Err(SessionStateError::Invalid(format!(
         "{what}: the blob says it is bound at {path}, it is bound at {bound:?}"
     )))
+}
+
+/// Checks that the socket `fd` is bound to a loopback IP address (the metrics endpoint is
+/// served on loopback only).
+fn expect_loopback_tcp(fd: BorrowedFd<'_>, what: &str) -> Result<(), SessionStateError> {
+    use std::os::fd::AsRawFd;
+    let addr =
+        nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd()).ok();
+    let ip: Option<std::net::IpAddr> = addr.as_ref().and_then(|a| {
+        a.as_sockaddr_in()
+            .map(|v4| std::net::IpAddr::V4(v4.ip()))
+            .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+    });
+    match ip {
+        Some(ip) if ip.is_loopback() => Ok(()),
+        _ => Err(SessionStateError::Invalid(format!(
+            "{what}: expected a TCP socket bound to a loopback address, got {addr:?}"
+        ))),
+    }
 }
 
 /// Takes fd `i` out of the received list.
@@ -465,6 +534,7 @@ mod tests {
                 handoff: Some(("/run/tapir.handoff".into(), 6)),
             },
             requests: 42,
+            report: ReportState::default(),
         }
     }
 
@@ -544,5 +614,103 @@ mod tests {
         let mut s = state();
         s.queue_pairs = 2;
         assert!(decode(&encode(&s), 7).is_err());
+    }
+
+    #[test]
+    fn report_endpoints_ride_in_version_3_and_only_then() {
+        let plain = encode(&state());
+        assert_eq!(
+            plain[8..10],
+            VERSION.to_le_bytes(),
+            "no endpoints: version 2"
+        );
+        let mut s = state();
+        s.report = ReportState {
+            control: Some(("/run/tapir.control".into(), 7)),
+            metrics: Some(8),
+        };
+        let blob = encode(&s);
+        assert_eq!(blob[8..10], VERSION_WITH_REPORT.to_le_bytes());
+        assert_eq!(decode(&blob, 9).unwrap(), s);
+        // Their fds are claimed like the others: missing or shared ones are refused.
+        assert!(decode(&blob, 8).is_err());
+        let mut shared = s.clone();
+        shared.report.metrics = Some(5);
+        assert!(decode(&encode(&shared), 9).is_err());
+    }
+
+    #[test]
+    fn report_listeners_that_are_not_what_the_blob_says_are_refused() {
+        use std::os::fd::OwnedFd;
+        let dir = std::env::temp_dir().join(format!("tapir-handoff-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let bare = |s: &mut SessionState| {
+            s.connection = None;
+            s.running_pairs.clear();
+            s.taps.clear();
+            s.regions.clear();
+            s.vrings.iter_mut().for_each(|v| {
+                v.kick = None;
+                v.call = None;
+            });
+            s.endpoint.listener = None;
+            s.endpoint.handoff = None;
+        };
+        let check = |report: ReportState, fds: Vec<OwnedFd>| {
+            let mut s = state();
+            bare(&mut s);
+            s.report = report;
+            check_fds(&s, &fds)
+        };
+        let path_s = path.display().to_string();
+        let ok = check(
+            ReportState {
+                control: Some((path_s.clone(), 0)),
+                metrics: Some(1),
+            },
+            vec![
+                listener.try_clone().unwrap().into(),
+                tcp.try_clone().unwrap().into(),
+            ],
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        // Bound elsewhere than the blob says: the successor would delete that path.
+        let elsewhere = check(
+            ReportState {
+                control: Some(("/etc/passwd".into(), 0)),
+                metrics: None,
+            },
+            vec![listener.try_clone().unwrap().into()],
+        );
+        assert!(elsewhere.is_err());
+        // A metrics "listener" that is a Unix socket, or a TCP socket off loopback.
+        let unix = check(
+            ReportState {
+                control: None,
+                metrics: Some(0),
+            },
+            vec![listener.try_clone().unwrap().into()],
+        );
+        assert!(unix.is_err());
+        // Bound to every address, in a network namespace of its own (nothing can reach it).
+        let wide = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap()
+        })
+        .join()
+        .unwrap();
+        let off_loopback = check(
+            ReportState {
+                control: None,
+                metrics: Some(0),
+            },
+            vec![wide.into()],
+        );
+        let e = off_loopback.unwrap_err().to_string();
+        assert!(e.contains("loopback"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

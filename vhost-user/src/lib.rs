@@ -13,6 +13,8 @@
 //! - [`handoff`]: a session as handoff state, out and back in;
 //! - [`control`]: the control socket's counters report;
 //! - [`metrics`]: the report as Prometheus text over loopback HTTP;
+//! - [`report`]: the live report, published by the serve loop, read beside it;
+//! - [`report_server`]: the thread that answers control and metrics clients;
 //! - [`daemon`]: the serve loop (server or client mode, handoffs);
 //! - [`stop_signal`]: SIGTERM and SIGINT through a signalfd;
 //! - [`tap_setup`]: opening the TAP (sharing refused, kernel errors explained).
@@ -24,6 +26,8 @@ pub mod handoff;
 pub mod link;
 pub mod memory_table;
 pub mod metrics;
+pub mod report;
+pub mod report_server;
 pub mod session;
 pub mod stop_signal;
 pub mod tap_setup;

@@ -1,12 +1,12 @@
 //! `tapir serve --metrics 127.0.0.1:PORT`: the control report ([`crate::control`]) as
-//! Prometheus text at `GET /metrics`, encoded by prometheus-client, served by a minimal HTTP
-//! responder in the daemon's own loop (loopback only; one request per connection; a client
-//! gets 1 s to send its request line). The registry is built per scrape from the counters the
-//! workers already publish: nothing new on the hot path.
+//! Prometheus text at `GET /metrics`, encoded by prometheus-client, answered by a minimal HTTP
+//! responder on the report server's thread ([`crate::report_server`]; loopback only; one
+//! request per connection; a client gets 1 s for its request line and the reply). The
+//! registry is built per scrape from the counters the workers already publish: nothing new on
+//! the hot path.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -15,7 +15,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest request line taken.
+pub const MAX_REQUEST: usize = 4096;
 
 /// Errors of binding the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -43,34 +44,30 @@ impl MetricsEndpoint {
             return Err(MetricsError::NotLoopback(addr));
         }
         let listener = TcpListener::bind(addr).map_err(|e| MetricsError::Bind(addr, e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| MetricsError::Bind(addr, e))?;
+        MetricsEndpoint::from_listener(listener).map_err(|e| MetricsError::Bind(addr, e))
+    }
+
+    /// Wraps a bound listener (one a predecessor handed on).
+    pub fn from_listener(listener: TcpListener) -> std::io::Result<MetricsEndpoint> {
+        listener.set_nonblocking(true)?;
         Ok(MetricsEndpoint { listener })
     }
 
-    /// The listener (for polling).
+    /// The listener.
     pub fn listener(&self) -> &TcpListener {
         &self.listener
     }
 
-    /// Answers the waiting scrapes.
-    pub fn serve(&self, report: &dyn Fn() -> Value) {
-        while let Ok((stream, _)) = self.listener.accept() {
-            if let Err(e) = answer(stream, report) {
-                tracing::debug!(error = %e, "metrics client");
-            }
-        }
+    /// Its fd (for a successor).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
     }
 }
 
-fn answer(stream: TcpStream, report: &dyn Fn() -> Value) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(4096)).read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
+/// The HTTP reply to one request line (`GET /metrics` gets the report as Prometheus text,
+/// anything else a 404).
+pub fn reply(request_line: &str, report: impl FnOnce() -> Value) -> Vec<u8> {
+    let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, kind, body) =
         if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
@@ -86,13 +83,11 @@ fn answer(stream: TcpStream, report: &dyn Fn() -> Value) -> std::io::Result<()> 
                 "only GET /metrics\n".to_owned(),
             )
         };
-    let mut out = &stream;
-    write!(
-        out,
+    format!(
         "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    out.flush()
+    )
+    .into_bytes()
 }
 
 fn num(v: &Value, path: &[&str]) -> u64 {

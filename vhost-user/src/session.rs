@@ -227,15 +227,26 @@ impl Session {
     /// Each queue pair's counters over the session: the stopped devices' plus what the
     /// running one last published (workers publish once per loop; nothing new is counted).
     pub fn pair_counters(&self) -> Vec<tapir_datapath::Counters> {
-        let mut all = self.stopped_counters.clone();
-        if let Some(r) = &self.running {
-            for (c, &p) in r.device.counters().iter().zip(&r.pairs) {
-                if let Some(total) = all.get_mut(usize::from(p)) {
-                    total.add(c);
-                }
-            }
+        self.counter_sources().read()
+    }
+
+    /// Where the session's counters are, for a reader on another thread
+    /// ([`crate::report::Board`]): the stopped devices' totals and the running workers' stats.
+    pub fn counter_sources(&self) -> crate::report::CounterSources {
+        crate::report::CounterSources {
+            stopped: self.stopped_counters.clone(),
+            live: self
+                .running
+                .as_ref()
+                .map(|r| {
+                    r.pairs
+                        .iter()
+                        .copied()
+                        .zip(r.device.worker_stats())
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
-        all
     }
 
     /// The configuration.
