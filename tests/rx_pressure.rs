@@ -106,3 +106,101 @@ fn tso_flood_into_a_small_ring_keeps_flowing() {
         .unwrap();
     }
 }
+
+/// RX chains are used in the order the guest made them available, with traffic that mixes
+/// 64 KiB TSO frames and small ones (so that reads sized for a large frame get a small one and
+/// keep chains over). QEMU relies on it: when a vhost-user backend dies, it resumes the avail
+/// ring at the used index, so a chain used before an earlier one was would be handed to the
+/// restarted backend again while the guest has it back (seen with a real guest: its RX queue
+/// then broke, issue 12's crash recovery). Found by the real-guest crash test: the uring
+/// engine, with several reads posted, gave a read's spare chains back to the pool while a
+/// later read used later chains.
+fn rx_chains_in_ring_order(engine: EngineKind) {
+    run_in_new_netns(move || {
+        let mut cfg = RigConfig::new(engine, 1);
+        cfg.guest.features = tapir_bench::runner::bench_features();
+        cfg.guest.rx_buffer_size = 2048;
+        let mut rig = Rig::start(&cfg).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut rx, _tx) = rig.take(0);
+        let guest = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut packets = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    rx.refill();
+                    let n = rx.poll_with(|_, _| {}).unwrap();
+                    packets += n;
+                    if n == 0 {
+                        rx.wait(Duration::from_millis(5)).unwrap();
+                    }
+                }
+                (packets, rx.stats())
+            })
+        };
+        let templates = [65535usize, 200, 200, 1500, 65535, 120]
+            .into_iter()
+            .enumerate()
+            .map(|(i, len)| {
+                let spec = FlowSpec {
+                    src_mac: rig.host_mac,
+                    dst_mac: GUEST_MAC,
+                    src_ip: HOST_IP,
+                    dst_ip: GUEST_IP,
+                    src_port: 10_000 + u16::try_from(i).unwrap(),
+                    dst_port: 9000,
+                };
+                let mut buf = vec![0u8; 65535];
+                let f = build_tcp_tso(&mut buf, &spec, len, 1448, 1, 0, 0).unwrap();
+                buf.truncate(f.len);
+                Template {
+                    vnet: f.vnet,
+                    frame: buf,
+                }
+            })
+            .collect();
+        let mut g = GeneratorConfig::new(
+            TAP_NAME,
+            templates,
+            RunControl::new(Arc::new(AtomicBool::new(false))),
+        );
+        g.vnet_hdr = true;
+        g.seq_mode = SeqMode::Off;
+        let generator = PacketGenerator::new(g).unwrap().spawn().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        generator.stop_and_join().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        let (packets, st) = guest.join().unwrap();
+        let c = rig.device().counters()[0];
+        rig.shutdown().unwrap();
+        assert!(
+            packets > 100,
+            "{engine}: only {packets} frames arrived: {c:?}"
+        );
+        assert_eq!(st.device_errors, 0, "{engine}: {st:?}");
+        assert_eq!(
+            st.used_out_of_order, 0,
+            "{engine}: {} of {} RX chains used out of the order the guest made them \
+                 available ({packets} frames; {c:?})",
+            st.used_out_of_order, st.completed
+        );
+    })
+    .unwrap();
+}
+
+#[test]
+fn rx_chains_are_used_in_the_order_they_were_made_available_classic() {
+    rx_chains_in_ring_order(EngineKind::Classic);
+}
+
+/// The uring engine moves a frame into older chains when an earlier read kept chains over
+/// (`rx_reordered`), and posts no read with such chains while later ones are out; what is
+/// left: a frame that spills past its read while later reads are posted takes chains younger
+/// than theirs (about 1 chain in 1500 in this flood). Run with `--ignored`; see
+/// docs/ARCHITECTURE.md ("RX ring order").
+#[test]
+#[ignore = "uring: a spill past a read while later reads are posted still skips their chains"]
+fn rx_chains_are_used_in_the_order_they_were_made_available_uring() {
+    rx_chains_in_ring_order(EngineKind::Uring);
+}

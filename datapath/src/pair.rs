@@ -214,6 +214,10 @@ pub struct QueuePair {
     rx_plain: u32,
     /// Moving average of received frame sizes (header included), in bytes.
     rx_ewma: u32,
+    /// Scratch for a frame moved into older chains ([`QueuePair::keep_ring_order`]).
+    rx_reorder: Vec<u8>,
+    /// Ring-order place of the youngest chain handed to a read.
+    rx_youngest_posted: u64,
     /// RX chains popped from the avail ring (and walked) but not inside a posted read.
     rx_pool: RxPool,
     rx_used_pending: bool,
@@ -337,6 +341,8 @@ impl QueuePair {
             )
             .unwrap_or(u32::MAX),
             rx_ewma: 0,
+            rx_reorder: Vec::new(),
+            rx_youngest_posted: 0,
             rx_pool: RxPool::new(rx_size),
             rx_used_pending: false,
             tx_used_pending: false,
@@ -662,6 +668,7 @@ impl QueuePair {
         }
         // Saturating: a guest's chain lengths may sum past 4 GiB (each chain is below it).
         r.seg.len = r.seg.len.saturating_add(c.len);
+        self.rx_youngest_posted = self.rx_youngest_posted.max(self.rx_pool.seq_of(c.head));
         r.chains.push(c);
         true
     }
@@ -715,6 +722,12 @@ impl QueuePair {
         r.clear();
         if self.rx.is_broken() {
             return RxPrepare::NoBuffers;
+        }
+        // Chains are used in ring order (see `keep_ring_order`): spare chains older than
+        // those of posted reads (kept over by a read that got a shorter frame, or handed back
+        // by one that found nothing) wait until those reads complete, then go first.
+        if others_posted && self.rx_pool.has_older_than_seq(self.rx_youngest_posted) {
+            return RxPrepare::Later;
         }
         let target = if self.mrg_rxbuf { self.rx_target() } else { 0 };
         if self.mrg_rxbuf && self.rx_capacity > self.rx_plain {
@@ -831,7 +844,54 @@ impl QueuePair {
         self.return_rx(r);
     }
 
+    /// Keeps RX chains used in ring order (the order the guest made them available): a read
+    /// whose first chain is younger than a spare chain (an earlier read kept chains over, or
+    /// found nothing), or whose spill took older chains, has its frame moved into the oldest
+    /// chains. A copy, only then; the order is what QEMU relies on when a backend dies and it
+    /// resumes the avail ring at the used index (issue 12's crash recovery).
+    fn keep_ring_order(&mut self, r: &mut RxRead, n: usize) {
+        let Some(first) = r.chains.first() else {
+            return;
+        };
+        let in_order = r.chains.windows(2).all(
+            |w| matches!(w, [a, b] if self.rx_pool.seq_of(a.head) < self.rx_pool.seq_of(b.head)),
+        );
+        if in_order && !self.rx_pool.has_older_than(first.head) {
+            return;
+        }
+        bump(&mut self.counters.rx_reordered);
+        let mut frame = std::mem::take(&mut self.rx_reorder);
+        frame.clear();
+        frame.resize(n, 0);
+        let mut at = 0usize;
+        for &(gpa, len) in &r.seg.gpa {
+            let Some(dst) = frame.get_mut(at..) else {
+                break;
+            };
+            let take = (len as usize).min(dst.len());
+            let _ = self
+                .mem
+                .mmap()
+                .read_slice(dst.get_mut(..take).unwrap_or_default(), GuestAddress(gpa));
+            at = at.saturating_add(take);
+        }
+        self.rx_pool.give_back_all(&r.chains);
+        let frame_len = r.frame;
+        r.clear();
+        r.frame = frame_len;
+        // The chains just given back hold the frame: the oldest ones do too.
+        while (r.seg.len as usize) < n {
+            if !self.add_rx_chain(r) {
+                break;
+            }
+        }
+        r.posted = r.seg.len;
+        self.write_at(&r.seg.gpa, 0, &frame);
+        self.rx_reorder = frame;
+    }
+
     fn finish_rx(&mut self, r: &mut RxRead, n: usize) {
+        self.keep_ring_order(r, n);
         // Moving average of frame sizes (1/8 weight), for sizing the next reads.
         let n32 = u32::try_from(n).unwrap_or(u32::MAX);
         self.rx_ewma = self

@@ -112,11 +112,41 @@ impl RxPool {
         self.spare_bytes = self.spare_bytes.saturating_add(u64::from(c.len));
     }
 
-    /// Puts a read's chains back at the front, in their order.
+    /// Puts a read's chains back, keeping the spare list in ring order: at the front when
+    /// they were popped before every spare chain (the usual case), else merged in.
     pub fn give_back_all(&mut self, chains: &[RxChain]) {
         for &c in chains.iter().rev() {
             self.give_back(c);
         }
+        let next = self.spare.get(chains.len()).map(|c| self.seq_of(c.head));
+        let last = chains.last().map(|c| self.seq_of(c.head));
+        let sorted = chains
+            .windows(2)
+            .all(|w| matches!(w, [a, b] if self.seq_of(a.head) < self.seq_of(b.head)));
+        if !sorted || matches!((last, next), (Some(l), Some(n)) if l > n) {
+            self.settle_order();
+        }
+    }
+
+    /// Where `head` was popped in ring order (larger: later).
+    pub fn seq_of(&self, head: u16) -> u64 {
+        self.pop_seq
+            .get(usize::from(head))
+            .copied()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// True when some spare chain was popped before `head` (a read's first chain): a frame
+    /// in that read would be used before an older chain.
+    pub fn has_older_than(&self, head: u16) -> bool {
+        self.has_older_than_seq(self.seq_of(head))
+    }
+
+    /// True when some spare chain was popped before ring-order place `seq`.
+    pub fn has_older_than_seq(&self, seq: u64) -> bool {
+        self.spare
+            .front()
+            .is_some_and(|c| self.seq_of(c.head) < seq)
     }
 
     /// Takes the first spare chain.

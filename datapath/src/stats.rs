@@ -58,6 +58,9 @@ counters! {
     rx_bytes,
     /// Frames larger than the posted RX buffers, dropped (never truncated).
     rx_dropped_oversize,
+    /// Frames moved into older RX chains, so that chains are used in ring order (a read that
+    /// got a frame while an earlier one kept chains over: one copy).
+    rx_reordered,
     /// Frames that overran the posted buffers of an MRG_RXBUF read and were copied into further
     /// chains (a misprediction of the frame size; the frame is delivered).
     rx_spilled,

@@ -201,6 +201,7 @@ impl Virtqueue {
         if self.broken {
             return Ok(0);
         }
+        let first = self.queue.next_avail();
         let iter = match self.queue.iter(mem.mmap()) {
             Ok(it) => it,
             Err(e) => return Err(self.mark_broken(format!("reading the avail ring: {e}"))),
@@ -229,7 +230,8 @@ impl Virtqueue {
             }
         }
         if let Some((head, reason)) = bad {
-            let _ = self.mark_broken(format!("avail entry names head {head}: {reason}"));
+            let at = first.wrapping_add(u16::try_from(n).unwrap_or(u16::MAX));
+            let _ = self.mark_broken(format!("avail entry {at} names head {head}: {reason}"));
             return Err(QueueError::BadHead {
                 index: self.index,
                 head,

@@ -49,6 +49,8 @@ pub struct RxDriver {
     /// Chains not posted to the device (a stack).
     free: Vec<u16>,
     posted: Vec<bool>,
+    /// Posted chains in the order they were made available (for `used_out_of_order`).
+    posted_order: std::collections::VecDeque<u16>,
     n_posted: u16,
     last_used: u16,
     /// Used entries the next packet needs (> 1 while a merged packet is
@@ -70,6 +72,7 @@ impl RxDriver {
             mrg,
             free: (0..geo.chains).rev().collect(),
             posted: vec![false; usize::from(geo.chains)],
+            posted_order: std::collections::VecDeque::with_capacity(usize::from(geo.chains)),
             n_posted: 0,
             last_used: 0,
             need: 1,
@@ -99,6 +102,7 @@ impl RxDriver {
                     .write_desc(head + i, gpa, self.geo.piece_len(i), flags, next);
             }
             self.posted[usize::from(c)] = true;
+            self.posted_order.push_back(c);
             self.n_posted += 1;
             self.raw.push_avail(head);
             n += 1;
@@ -134,6 +138,16 @@ impl RxDriver {
 
     /// Returns posted chain `c` to the free list.
     fn release(&mut self, c: u16) {
+        match self.posted_order.iter().position(|&p| p == c) {
+            Some(0) => {
+                self.posted_order.pop_front();
+            }
+            Some(i) => {
+                self.raw.stats.used_out_of_order += 1;
+                self.posted_order.remove(i);
+            }
+            None => {}
+        }
         self.posted[usize::from(c)] = false;
         self.n_posted -= 1;
         self.free.push(c);

@@ -24,4 +24,10 @@ pub struct DriverStats {
     pub foreign_used: u64,
     /// Device bugs detected (bogus ids, lengths, indices).
     pub device_errors: u64,
+    /// Used entries (RX) for a chain other than the oldest one posted: the device used
+    /// buffers out of the order they were made available. virtio allows it, but a backend
+    /// that does it cannot be restarted from the used index alone (as QEMU does when a
+    /// vhost-user backend reconnects after a crash: it resumes the avail ring at the used
+    /// index), so tapir never should.
+    pub used_out_of_order: u64,
 }

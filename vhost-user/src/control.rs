@@ -106,6 +106,7 @@ fn direction(c: &Counters, rx: bool) -> Value {
             "no_buffers_waits": c.rx_no_buffers,
             "deferred": c.rx_deferred,
             "spilled": c.rx_spilled,
+            "reordered": c.rx_reordered,
             "malformed": c.rx_malformed,
             "kicks": c.rx_kicks,
             "interrupts": c.rx_interrupts,
