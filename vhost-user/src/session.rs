@@ -552,6 +552,7 @@ impl Session {
                 let i = self.vring_index(s.index)?;
                 let base = u16::try_from(s.num)
                     .map_err(|_| invalid(format!("vring base {}", { s.num })))?;
+                tracing::debug!(vring = i, base, used = ?self.used_idx(i), "vring base set");
                 self.touch(i);
                 let v = self.vring_mut(i)?;
                 v.base = base;
@@ -869,6 +870,13 @@ impl Session {
             .ok_or_else(|| invalid(format!("vring {i} used ring unreadable")))?;
         let mut next_avail = v.base;
         let mut held = v.held.clone();
+        tracing::debug!(
+            vring = i,
+            base = next_avail,
+            used,
+            held = held.len(),
+            "vring start"
+        );
         if next_avail.wrapping_sub(used) != u16::try_from(held.len()).unwrap_or(u16::MAX) {
             // The frontend's base is ahead of the used ring with nothing held here: chains an
             // earlier backend popped and never used. Pop them again.
