@@ -6,9 +6,9 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use tapir_datapath::chain::{self, Access, DescTable, Segments};
-use tapir_datapath::memory::{GuestMemory, MemoryRegionSpec};
-use tapir_datapath::virtqueue::{QueueConfig, Virtqueue};
+use tapir_datapath::testing::chain::{self, Access, DescTable, Segments};
+use tapir_datapath::{GuestMemory, MemoryRegionSpec};
+use tapir_datapath::{QueueConfig, Virtqueue};
 use vm_memory::{Bytes, GuestAddress};
 
 const SIZE: u16 = 256;

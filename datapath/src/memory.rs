@@ -80,7 +80,7 @@ pub enum MemoryError {
     /// A region's fd is not a file at least as long as the region.
     #[error(transparent)]
     Fd(#[from] FdCheckError),
-    /// Every slot of the SIGBUS guard is taken (see [`fault`]).
+    /// Every slot of the SIGBUS guard is taken (see [`guard_mapping`](crate::guard_mapping)).
     #[error("too many guest memory mappings alive at once ({})", fault::SLOTS)]
     TooManyMappings,
     /// A guest address range is not (entirely) backed by guest memory.
@@ -119,7 +119,7 @@ impl GuestMemory {
     /// are sorted by guest address). Every fd is checked first: a regular file that holds
     /// `file_offset + size` bytes (a mapping past the end of its file faults on first touch),
     /// and the sizes must add up to at most [`MAX_GUEST_MEMORY`]. Every mapping is registered
-    /// with the SIGBUS guard ([`fault`]): a file that shrinks later breaks the memory
+    /// with the SIGBUS guard ([`guard_mapping`](crate::guard_mapping)): a file that shrinks later breaks the memory
     /// ([`GuestMemory::is_broken`]) instead of killing the process.
     pub fn from_regions(mut regions: Vec<MemoryRegionSpec>) -> Result<GuestMemory, MemoryError> {
         let total = regions
@@ -175,7 +175,7 @@ impl GuestMemory {
     }
 
     /// True once a region's file shrank under its mapping and an access faulted there: the
-    /// region now reads as zeroes (see [`fault`]); whoever owns the memory should stop using
+    /// region now reads as zeroes (see [`guard_mapping`](crate::guard_mapping)); whoever owns the memory should stop using
     /// it (a vhost-user session ends).
     pub fn is_broken(&self) -> bool {
         self.inner.guards.iter().any(|g| g.is_broken())

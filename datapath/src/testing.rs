@@ -29,7 +29,7 @@ use std::sync::Arc;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::chain::{self, Access};
+use crate::chain::Access;
 use crate::features;
 use crate::memory::GuestMemory;
 use crate::pair::{
@@ -41,6 +41,13 @@ use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueConfig, QueueError, Virtqueue};
 
 use check::{Delivered, UsedChain, UsedWatch};
+
+/// The descriptor-chain walker on its own (one walker for both directions), for fuzz targets
+/// and benchmarks of it: a chain's buffers as host iovecs, every rule a guest can break a
+/// [`ChainError`](chain::ChainError).
+pub mod chain {
+    pub use crate::chain::{walk, Access, ChainError, DescTable, Segments, MAX_SEGMENTS};
+}
 
 /// A ring configuration at these addresses, starting at index 0, with fresh non-blocking
 /// kick and call eventfds.
