@@ -90,17 +90,17 @@ fn used_ring_publish(c: &mut Criterion) {
     c.bench_function("used ring: add one + notification check", |b| {
         b.iter(|| {
             head = (head + 1) % SIZE;
-            q.add_used(&mem, black_box(head), 0).expect("add_used");
-            black_box(q.needs_notification(&mem))
+            q.add_used(black_box(head), 0).expect("add_used");
+            black_box(q.needs_notification())
         })
     });
     c.bench_function("used ring: add 32 + one notification check", |b| {
         b.iter(|| {
             for _ in 0..32 {
                 head = (head + 1) % SIZE;
-                q.add_used(&mem, black_box(head), 0).expect("add_used");
+                q.add_used(black_box(head), 0).expect("add_used");
             }
-            black_box(q.needs_notification(&mem))
+            black_box(q.needs_notification())
         })
     });
 }

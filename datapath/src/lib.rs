@@ -10,7 +10,8 @@
 //!
 //! Everything public is re-exported here; the modules behind it are private, one concern
 //! each: `tap` (TAP ioctls), `memory` (mapping, translation, dirty log, the SIGBUS guard),
-//! `chain` (descriptor chains to iovecs, both directions), `vnet_hdr`
+//! `ring_view` (a queue's rings translated once at start into a checked host view: the one
+//! place that dereferences guest memory by hand), `chain` (descriptor chains to iovecs, both directions), `vnet_hdr`
 //! (the header), `virtqueue` (ring protocol + eventfds + broken state), `pair` (the device
 //! logic of a queue pair, shared by the engines, the notification protocol included),
 //! `rx_pool` (the RX chains a pair holds), `engine` (uring and classic), `device` (workers),
@@ -27,6 +28,7 @@ mod fd_check;
 pub mod features;
 mod memory;
 mod pair;
+mod ring_view;
 mod rx_pool;
 mod stats;
 mod tap;

@@ -417,7 +417,7 @@ impl QueuePair {
             self.rx_pool.note_popped(h);
             // Checked above: in range and listed once.
             let _ = self.rx.hold(h);
-            match self.rx_pool.walk(&self.mem, self.rx.table(), h) {
+            match self.rx_pool.walk(&self.mem, self.rx.view(), h) {
                 Ok(c) => self.rx_pool.push_back(c),
                 Err(e) => {
                     bump(&mut self.counters.rx_malformed);
@@ -466,13 +466,12 @@ impl QueuePair {
 
     /// Asks the guest not to kick while the device drains the ring (once per drain).
     fn quiet(&mut self, dir: Direction) {
-        let mem = &self.mem;
         let (q, notify) = match dir {
             Direction::Rx => (&mut self.rx, &mut self.rx_notify),
             Direction::Tx => (&mut self.tx, &mut self.tx_notify),
         };
         if *notify == Notify::Armed {
-            q.disable_notification(mem);
+            q.disable_notification();
             *notify = Notify::Quiet;
         }
     }
@@ -489,7 +488,7 @@ impl QueuePair {
             Direction::Tx => (&mut self.tx, &mut self.tx_notify),
         };
         *notify = Notify::Armed;
-        if q.enable_notification(&self.mem) {
+        if q.enable_notification() {
             Rearm::Again
         } else {
             Rearm::Armed
@@ -527,7 +526,7 @@ impl QueuePair {
             }
             self.tx_budget = self.tx_budget.saturating_sub(1);
             let mut head = None;
-            if let Err(e) = self.tx.pop(&self.mem, 1, |h| head = Some(h)) {
+            if let Err(e) = self.tx.pop(1, |h| head = Some(h)) {
                 self.count_broken(Direction::Tx, &e);
                 return TxNext::Empty;
             }
@@ -536,9 +535,9 @@ impl QueuePair {
             };
             w.head = head;
             w.seg.clear();
-            let walked = chain::walk(
+            let walked = chain::walk_ring(
                 &self.mem,
-                self.tx.table(),
+                self.tx.view(),
                 head,
                 Access::DeviceReads,
                 &mut w.seg,
@@ -588,7 +587,7 @@ impl QueuePair {
             self.yielded = true;
             return 0;
         }
-        let popped = self.rx.pop(&self.mem, max, |h| {
+        let popped = self.rx.pop(max, |h| {
             if let Some(slot) = heads.get_mut(n) {
                 *slot = h;
                 n = n.saturating_add(1);
@@ -600,7 +599,7 @@ impl QueuePair {
         }
         for &h in heads.get(..n).unwrap_or_default() {
             self.rx_pool.note_popped(h);
-            match self.rx_pool.walk(&self.mem, self.rx.table(), h) {
+            match self.rx_pool.walk(&self.mem, self.rx.view(), h) {
                 Ok(c) => self.rx_pool.push_back(c),
                 Err(e) => {
                     bump(&mut self.counters.rx_malformed);
@@ -945,7 +944,7 @@ impl QueuePair {
             // Counted when it broke; a broken ring is written no more.
             return;
         }
-        if q.add_used(&self.mem, head, len).is_err() {
+        if q.add_used(head, len).is_err() {
             bump(&mut self.counters.queues_broken);
         }
         *pending = true;
@@ -953,6 +952,14 @@ impl QueuePair {
             self.serviced = true;
             self.stats.mark_first_service();
         }
+    }
+
+    /// Shows the guest the used entries of both queues (the used index, published once per
+    /// batch; [`interrupts`](Self::interrupts) does it first, so an engine only calls this
+    /// where it completes chains without deciding interrupts).
+    pub fn publish_used(&mut self) {
+        self.rx.publish_used();
+        self.tx.publish_used();
     }
 
     /// For each queue with new used entries whose guest wants an interrupt (interrupt
@@ -976,14 +983,14 @@ impl QueuePair {
         let mut due = [None, None];
         if self.rx_used_pending {
             self.rx_used_pending = false;
-            if self.rx.needs_notification(&self.mem) {
+            if self.rx.needs_notification() {
                 bump(&mut self.counters.rx_interrupts);
                 due[0] = Some(Direction::Rx);
             }
         }
         if self.tx_used_pending {
             self.tx_used_pending = false;
-            if self.tx.needs_notification(&self.mem) {
+            if self.tx.needs_notification() {
                 bump(&mut self.counters.tx_interrupts);
                 due[1] = Some(Direction::Tx);
             }

@@ -10,8 +10,9 @@
 
 use std::collections::VecDeque;
 
-use crate::chain::{self, Access, ChainError, DescTable, Segments, MAX_SEGMENTS};
+use crate::chain::{self, Access, ChainError, Segments, MAX_SEGMENTS};
 use crate::memory::GuestMemory;
+use crate::ring_view::RingView;
 use crate::tap::VNET_HDR_LEN;
 
 /// Guest buffers one RX read may have: one `readv` takes `MAX_SEGMENTS` (`UIO_MAXIOV`)
@@ -154,13 +155,13 @@ impl RxPool {
     pub fn walk(
         &mut self,
         mem: &GuestMemory,
-        table: DescTable,
+        ring: &RingView,
         head: u16,
     ) -> Result<RxChain, ChainError> {
         let slot = usize::from(head);
         let out_of_range = ChainError::IndexOutOfRange {
             index: head,
-            size: table.size,
+            size: ring.size(),
         };
         let Some(cached) = self.walked.get(slot) else {
             return Err(out_of_range);
@@ -172,7 +173,7 @@ impl RxPool {
             });
         }
         self.scratch.clear();
-        chain::walk(mem, table, head, Access::DeviceWrites, &mut self.scratch)?;
+        chain::walk_ring(mem, ring, head, Access::DeviceWrites, &mut self.scratch)?;
         if self.scratch.iov.len() > MAX_RX_PIECES {
             // A read needs one more iovec for its spill area.
             return Err(ChainError::TooManySegments(MAX_RX_PIECES));
