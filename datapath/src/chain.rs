@@ -271,26 +271,7 @@ fn walk_inner(
         let len = desc.len();
         if len > 0 {
             total = total.checked_add(len).ok_or(ChainError::LengthOverflow)?;
-            let addr = desc.addr().0;
-            let before = out.iov.len();
-            let pushed = mem.translate(addr, len, |ptr, l| {
-                out.iov.push(libc::iovec {
-                    iov_base: ptr.cast(),
-                    iov_len: l,
-                });
-            });
-            if pushed.is_err() {
-                return Err(ChainError::OutOfMemory { index, addr, len });
-            }
-            // Record the guest address of each piece (a buffer spanning two regions gives two).
-            let mut piece_addr = addr;
-            for iov in out.iov.get(before..).unwrap_or_default() {
-                // Each piece is at most `len` (a u32) long.
-                let piece_len = u32::try_from(iov.iov_len).unwrap_or(len);
-                out.gpa.push((piece_addr, piece_len));
-                // Inside guest memory (translate succeeded): cannot wrap.
-                piece_addr = piece_addr.wrapping_add(iov.iov_len as u64);
-            }
+            push_buffer(mem, index, desc.addr().0, len, out)?;
             if out.iov.len().saturating_sub(start_segments) > MAX_SEGMENTS {
                 return Err(ChainError::TooManySegments(MAX_SEGMENTS));
             }
@@ -307,6 +288,45 @@ fn walk_inner(
         .len
         .checked_add(total)
         .ok_or(ChainError::LengthOverflow)?;
+    Ok(())
+}
+
+/// Appends the host pieces of descriptor `index`'s buffer `[addr, addr + len)` to `out`.
+fn push_buffer(
+    mem: &GuestMemory,
+    index: u16,
+    addr: u64,
+    len: u32,
+    out: &mut Segments,
+) -> Result<(), ChainError> {
+    if let Some(ptr) = mem.host_range(addr, len) {
+        // The common case: the buffer lies in one region.
+        out.iov.push(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len as usize,
+        });
+        out.gpa.push((addr, len));
+        return Ok(());
+    }
+    let before = out.iov.len();
+    let pushed = mem.translate(addr, len, |ptr, l| {
+        out.iov.push(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: l,
+        });
+    });
+    if pushed.is_err() {
+        return Err(ChainError::OutOfMemory { index, addr, len });
+    }
+    // Record the guest address of each piece (a buffer spanning two regions gives two).
+    let mut piece_addr = addr;
+    for iov in out.iov.get(before..).unwrap_or_default() {
+        // Each piece is at most `len` (a u32) long.
+        let piece_len = u32::try_from(iov.iov_len).unwrap_or(len);
+        out.gpa.push((piece_addr, piece_len));
+        // Inside guest memory (translate succeeded): cannot wrap.
+        piece_addr = piece_addr.wrapping_add(iov.iov_len as u64);
+    }
     Ok(())
 }
 

@@ -11,8 +11,6 @@
 
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress};
-
 use crate::chain::{self, Access, ChainError, Segments};
 use crate::features;
 use crate::memory::GuestMemory;
@@ -920,10 +918,7 @@ impl QueuePair {
             let (now, rest) = bytes.split_at(take);
             // The range was validated when the chain was walked (gpa + len is inside guest
             // memory, so gpa + offset cannot wrap).
-            let _ = self
-                .mem
-                .mmap()
-                .write_slice(now, GuestAddress(gpa.wrapping_add(offset as u64)));
+            let _ = self.mem.write_bytes(gpa.wrapping_add(offset as u64), now);
             bytes = rest;
             offset = 0;
         }
