@@ -93,6 +93,16 @@ pub enum MemoryError {
     },
 }
 
+/// Who marks the bytes of a [`GuestMemory::write_bytes`] dirty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyLogging {
+    /// The write does.
+    Here,
+    /// The caller does, for a larger range the bytes are part of (an RX frame: marked once
+    /// when it completes).
+    ByCaller,
+}
+
 /// A cheaply clonable handle to the mapped guest memory.
 #[derive(Clone, Debug)]
 pub struct GuestMemory {
@@ -234,11 +244,17 @@ impl GuestMemory {
         region.get_host_address(MemoryRegionAddress(offset)).ok()
     }
 
-    /// Writes `bytes` at `addr`, dirty-logged: with one region lookup when they lie in one
-    /// region (the datapath's small writes: `num_buffers`, spill copies into a chain's
-    /// piece), through the general path otherwise. Fails if a byte is outside guest memory.
+    /// Writes `bytes` at `addr`: with one region lookup when they lie in one region (the
+    /// datapath's small writes: `num_buffers`, spill copies into a chain's piece), through the
+    /// general path otherwise. Fails if a byte is outside guest memory. `log` says who marks
+    /// the bytes dirty: here, or the caller, which logs a whole frame's range once.
     #[inline]
-    pub fn write_bytes(&self, addr: u64, bytes: &[u8]) -> Result<(), MemoryError> {
+    pub fn write_bytes(
+        &self,
+        addr: u64,
+        bytes: &[u8],
+        log: DirtyLogging,
+    ) -> Result<(), MemoryError> {
         let out = || MemoryError::OutOfRange {
             addr,
             len: bytes.len() as u64,
@@ -256,7 +272,9 @@ impl GuestMemory {
                     // mapping (it is reached through raw pointers, atomics and vm-memory's
                     // volatile accesses), so the ranges cannot overlap.
                     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), host, bytes.len()) };
-                    region.bitmap().mark_dirty(off, bytes.len());
+                    if log == DirtyLogging::Here {
+                        region.bitmap().mark_dirty(off, bytes.len());
+                    }
                     return Ok(());
                 }
             }
@@ -467,13 +485,17 @@ mod tests {
         ])
         .unwrap();
         let _ = mem.take_dirty_log();
-        mem.write_bytes(0x10, &[1, 2]).unwrap();
-        mem.write_bytes(0x1fff, &[3, 4]).unwrap();
+        let here = DirtyLogging::Here;
+        mem.write_bytes(0x10, &[1, 2], here).unwrap();
+        mem.write_bytes(0x1fff, &[3, 4], here).unwrap();
         let got: [u8; 2] = mem.mmap().read_obj(GuestAddress(0x1fff)).unwrap();
         assert_eq!(got, [3, 4]);
         assert_eq!(mem.take_dirty_log(), vec![0, 0x1000, 0x2000]);
-        assert!(mem.write_bytes(0x3fff, &[5, 6]).is_err());
-        assert!(mem.write_bytes(u64::MAX, &[5]).is_err());
+        mem.write_bytes(0x3000, &[7], DirtyLogging::ByCaller)
+            .unwrap();
+        assert!(mem.take_dirty_log().is_empty(), "left to the caller");
+        assert!(mem.write_bytes(0x3fff, &[5, 6], here).is_err());
+        assert!(mem.write_bytes(u64::MAX, &[5], here).is_err());
     }
 
     #[test]

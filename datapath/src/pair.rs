@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::chain::{self, Access, ChainError, Segments};
 use crate::features;
-use crate::memory::GuestMemory;
+use crate::memory::{DirtyLogging, GuestMemory};
 use crate::rx_pool::{RxChain, RxPool, MAX_RX_PIECES};
 use crate::stats::{Counters, QueuePairStats};
 use crate::tap::VNET_HDR_LEN;
@@ -903,6 +903,8 @@ impl QueuePair {
         Spill::Done
     }
 
+    /// Writes `bytes` at `offset` of the frame laid out over `gpas` (not dirty-logged: the
+    /// callers write inside a frame `finish_rx` logs as a whole).
     fn write_at(&self, gpas: &[(u64, u32)], mut offset: usize, bytes: &[u8]) {
         let mut bytes = bytes;
         for &(gpa, len) in gpas {
@@ -918,7 +920,10 @@ impl QueuePair {
             let (now, rest) = bytes.split_at(take);
             // The range was validated when the chain was walked (gpa + len is inside guest
             // memory, so gpa + offset cannot wrap).
-            let _ = self.mem.write_bytes(gpa.wrapping_add(offset as u64), now);
+            // Inside the frame's first `n` bytes, which `finish_rx` dirty-logs once.
+            let _ =
+                self.mem
+                    .write_bytes(gpa.wrapping_add(offset as u64), now, DirtyLogging::ByCaller);
             bytes = rest;
             offset = 0;
         }
