@@ -168,7 +168,9 @@ impl Table<'_> {
 
 /// Walks the chain starting at `head` of the table at `table` (read through the memory
 /// map), appending its buffers to `out` (which is not cleared, so several chains can be
-/// gathered into one read). Zero-length descriptors are skipped.
+/// gathered into one read). Zero-length descriptors are skipped. (The datapath walks a
+/// queue's own table through its view; this is for tests and fuzz targets.)
+#[cfg(any(test, feature = "test-utils"))]
 pub fn walk(
     mem: &GuestMemory,
     table: DescTable,

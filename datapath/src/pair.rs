@@ -270,6 +270,16 @@ impl QueuePair {
         bump(&mut self.counters.queues_broken);
     }
 
+    /// True when the guest made chains available on a queue whose kick is armed (the device
+    /// ran it dry and waits for the guest): what a busy-polling worker looks at instead of
+    /// waiting for the kick. A queue the device is not waiting on (RX with spare chains,
+    /// waiting for the TAP; TX with every write slot in flight) is not looked at, so chains
+    /// the device leaves in the ring on purpose never keep a poller from sleeping.
+    pub fn guest_posted(&self) -> bool {
+        let posted = |q: &Virtqueue, notify: Notify| notify == Notify::Armed && q.avail_moved();
+        posted(&self.tx, self.tx_notify) || posted(&self.rx, self.rx_notify)
+    }
+
     // ---- used ring and interrupts ----------------------------------------------------------
 
     fn complete_used(&mut self, dir: Direction, head: u16, len: u32) {

@@ -311,6 +311,12 @@ impl Virtqueue {
         self.view.flush_dirty();
     }
 
+    /// True when the guest's avail index is past the device's position (a fresh read; a
+    /// broken queue never has work).
+    pub fn avail_moved(&self) -> bool {
+        !self.broken && self.view.avail_idx(Ordering::Acquire) != self.next_avail
+    }
+
     /// Asks the guest not to kick (no-op with EVENT_IDX, where kicks stop by themselves).
     pub fn disable_notification(&mut self) {
         if !self.broken && !self.event_idx {

@@ -35,15 +35,19 @@ fn ring_restrictions() -> Vec<io_uring::register::Restriction> {
 /// not of the process sandbox: `--no-sandbox` leaves them on.
 pub(super) fn build_ring(entries: u32, files: &[std::os::fd::RawFd]) -> std::io::Result<IoUring> {
     // DEFER_TASKRUN runs completions only when we enter the kernel to wait, on this thread:
-    // no IPIs, no task-work interrupting the loop. Older kernels fall back.
+    // no IPIs, no task-work interrupting the loop. Older kernels fall back. TASKRUN_FLAG
+    // (as old as COOP_TASKRUN, older than DEFER_TASKRUN) has the kernel say in the SQ flags
+    // when task work waits, so a busy-polling loop enters the kernel only then.
     let ring = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
+        .setup_taskrun_flag()
         .setup_r_disabled()
         .build(entries)
         .or_else(|_| {
             IoUring::builder()
                 .setup_coop_taskrun()
+                .setup_taskrun_flag()
                 .setup_r_disabled()
                 .build(entries)
         })
