@@ -68,11 +68,20 @@ impl RxPool {
     pub fn new(size: u16) -> RxPool {
         let size = usize::from(size);
         RxPool {
-            spare: VecDeque::new(),
+            // At most one entry per head (a held head is never popped again): sized once, so
+            // the list never allocates while the worker runs.
+            spare: VecDeque::with_capacity(size),
             spare_bytes: 0,
             pop_seq: vec![0; size],
             popped: 0,
-            walked: (0..size).map(|_| Walked::default()).collect(),
+            // Room for a chain of a few buffers per head up front (a longer chain grows its
+            // entry once).
+            walked: (0..size)
+                .map(|_| Walked {
+                    pieces: Vec::with_capacity(4),
+                    ..Walked::default()
+                })
+                .collect(),
             scratch: Segments::with_capacity(4),
         }
     }

@@ -367,7 +367,9 @@ impl Loop {
     /// to `budget` for completions (running the kernel's deferred task work whenever the SQ
     /// flags say some waits: a frame on the TAP, a kick) and for chains on a ring the device
     /// waits on. Queued SQEs (interrupts above all) are submitted first. The guest's kicks
-    /// stay armed meanwhile.
+    /// stay armed meanwhile. Never inlined: instruction counts keep it apart from the loop's
+    /// work (`bench/examples/per_packet.rs`).
+    #[inline(never)]
     fn poll_busily(
         &mut self,
         pair: &mut QueuePair,
