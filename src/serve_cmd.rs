@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tapir_datapath::engine::EngineConfig;
+use tapir_datapath::EngineConfig;
 use tapir_datapath::EngineKind;
 use tapir_migrate::{SuccessorOptions, Timeouts};
 use tapir_vhost_user::tap_setup::MAX_TAP_QUEUES;

@@ -146,7 +146,7 @@ fn rx_duplicate_head_is_a_violation_that_breaks_only_rx() {
 
 #[test]
 fn failed_worker_breaks_only_its_pair() {
-    use tapir_datapath::engine::WorkerFault;
+    use tapir_datapath::WorkerFault;
     let faults = [("panic", WorkerFault::Panic), ("error", WorkerFault::Error)];
     for_each_engine_and(&faults, |engine, name, fault| {
         let ctx = format!("{engine} {name}");
@@ -345,10 +345,10 @@ fn kick_and_call_fds_that_are_not_eventfds_are_refused_at_start() {
 #[test]
 fn kick_fd_at_eof_breaks_its_queue_instead_of_spinning() {
     use std::sync::Arc;
-    use tapir_datapath::engine::new_engine;
-    use tapir_datapath::pair::{PairSettings, QueuePair};
-    use tapir_datapath::stats::QueuePairStats;
-    use tapir_datapath::virtqueue::Virtqueue;
+    use tapir_datapath::new_engine;
+    use tapir_datapath::QueuePairStats;
+    use tapir_datapath::Virtqueue;
+    use tapir_datapath::{PairSettings, QueuePair};
     for_each_engine(|engine| {
         let ctx = format!("{engine}");
         let (mut guest, mem, mut spec) = parts(guest(1, CSUM | EVIDX));

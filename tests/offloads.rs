@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tapir_datapath::tap::offload;
+use tapir_datapath::offload;
 use tapir_datapath::Tap;
 
 /// Byte position of the first difference, for readable failures on 64 KiB frames.

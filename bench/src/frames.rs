@@ -124,7 +124,7 @@ pub enum PayloadError {
 
 /// The 12-byte `virtio_net_hdr_v1` preceding every frame on a TAP queue fd (the datapath's
 /// typed view).
-pub use tapir_datapath::vnet_hdr::VirtioNetHdr as VnetHdr;
+pub use tapir_datapath::VirtioNetHdr as VnetHdr;
 
 /// Writes `h` into the first 12 bytes of `buf`.
 ///

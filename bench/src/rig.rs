@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
-use tapir_datapath::engine::EngineConfig;
+use tapir_datapath::EngineConfig;
 use tapir_datapath::{
     Device, DeviceConfig, EngineKind, GuestMemory, MemoryRegionSpec, QueueConfig, QueuePairSpec,
     QuiescedPair, Tap,

@@ -1,8 +1,10 @@
 //! Descriptor chains to host iovecs, once for both directions (virtio 1.2 §2.7.5).
 //!
 //! A guest can write anything into its descriptor table. The walker never panics and never
-//! produces an iovec outside guest memory: every descriptor is read with a checked load, every
-//! buffer is translated through the memory map, and each rule below is a [`ChainError`].
+//! produces an iovec outside guest memory: every descriptor is read with a checked load
+//! (through the queue's [`RingView`] for its own table, through the memory map for an
+//! indirect one), every buffer is translated through the memory map, and each rule below is
+//! a [`ChainError`].
 //! Guest values never index, slice or overflow unchecked here (the lints below insist).
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
@@ -11,6 +13,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMemory;
+use crate::ring_view::RingView;
 
 /// Size of one split-ring descriptor.
 const DESC_SIZE: u64 = 16;
@@ -118,11 +121,80 @@ pub struct DescTable {
     pub size: u16,
 }
 
-/// Walks the chain starting at `head`, appending its buffers to `out` (which is not cleared,
-/// so several chains can be gathered into one read). Zero-length descriptors are skipped.
+/// Where descriptors are read from: a queue's own table through its host view, or a table
+/// (an indirect one, or any, for tests and fuzzing) through the memory map.
+#[derive(Clone, Copy)]
+enum Table<'a> {
+    Ring(&'a RingView),
+    Guest(DescTable),
+}
+
+impl Table<'_> {
+    fn size(&self) -> u16 {
+        match self {
+            Table::Ring(v) => v.size(),
+            Table::Guest(t) => t.size,
+        }
+    }
+
+    /// Descriptor `index` (below `size()`: checked by the caller).
+    fn read(&self, mem: &GuestMemory, index: u16) -> Result<Descriptor, ChainError> {
+        match self {
+            Table::Ring(v) => v.descriptor(index).ok_or(ChainError::IndexOutOfRange {
+                index,
+                size: v.size(),
+            }),
+            Table::Guest(t) => {
+                // A table address is the guest's (an indirect one) or the frontend's: checked.
+                let desc_addr = u64::from(index)
+                    .checked_mul(DESC_SIZE)
+                    .and_then(|off| t.addr.checked_add(off))
+                    .ok_or(ChainError::OutOfMemory {
+                        index,
+                        addr: t.addr,
+                        len: DESC_SIZE_U32,
+                    })?;
+                mem.mmap()
+                    .read_obj(GuestAddress(desc_addr))
+                    .map_err(|_| ChainError::OutOfMemory {
+                        index,
+                        addr: desc_addr,
+                        len: DESC_SIZE_U32,
+                    })
+            }
+        }
+    }
+}
+
+/// Walks the chain starting at `head` of the table at `table` (read through the memory
+/// map), appending its buffers to `out` (which is not cleared, so several chains can be
+/// gathered into one read). Zero-length descriptors are skipped. (The datapath walks a
+/// queue's own table through its view; this is for tests and fuzz targets.)
+#[cfg(any(test, feature = "test-utils"))]
 pub fn walk(
     mem: &GuestMemory,
     table: DescTable,
+    head: u16,
+    access: Access,
+    out: &mut Segments,
+) -> Result<(), ChainError> {
+    walk_from(mem, Table::Guest(table), head, access, out)
+}
+
+/// [`walk`], reading the queue's own descriptor table through its host view.
+pub(crate) fn walk_ring(
+    mem: &GuestMemory,
+    ring: &RingView,
+    head: u16,
+    access: Access,
+    out: &mut Segments,
+) -> Result<(), ChainError> {
+    walk_from(mem, Table::Ring(ring), head, access, out)
+}
+
+fn walk_from(
+    mem: &GuestMemory,
+    table: Table<'_>,
     head: u16,
     access: Access,
     out: &mut Segments,
@@ -139,45 +211,29 @@ pub fn walk(
 
 fn walk_inner(
     mem: &GuestMemory,
-    table: DescTable,
+    table: Table<'_>,
     head: u16,
     access: Access,
     out: &mut Segments,
 ) -> Result<(), ChainError> {
     let mut table = table;
     let mut index = head;
-    let mut budget = u32::from(table.size);
+    let mut budget = u32::from(table.size());
     let mut indirect = false;
     let mut total = 0u32;
     let start_segments = out.iov.len();
     loop {
-        if index >= table.size {
+        if index >= table.size() {
             return Err(ChainError::IndexOutOfRange {
                 index,
-                size: table.size,
+                size: table.size(),
             });
         }
         if budget == 0 {
             return Err(ChainError::Loop);
         }
         budget = budget.saturating_sub(1);
-        // A table address is the guest's (an indirect one) or the frontend's: checked.
-        let desc_addr = u64::from(index)
-            .checked_mul(DESC_SIZE)
-            .and_then(|off| table.addr.checked_add(off))
-            .ok_or(ChainError::OutOfMemory {
-                index,
-                addr: table.addr,
-                len: DESC_SIZE_U32,
-            })?;
-        let desc: Descriptor =
-            mem.mmap()
-                .read_obj(GuestAddress(desc_addr))
-                .map_err(|_| ChainError::OutOfMemory {
-                    index,
-                    addr: desc_addr,
-                    len: DESC_SIZE_U32,
-                })?;
+        let desc = table.read(mem, index)?;
         if desc.refers_to_indirect_table() {
             if indirect {
                 return Err(ChainError::Indirect("nested indirect table"));
@@ -202,10 +258,10 @@ fn walk_inner(
             indirect = true;
             let entries = u16::try_from(u64::from(len) / DESC_SIZE)
                 .map_err(|_| ChainError::Indirect("table longer than 65535 entries"))?;
-            table = DescTable {
+            table = Table::Guest(DescTable {
                 addr: table_addr,
                 size: entries,
-            };
+            });
             budget = u32::from(entries);
             index = 0;
             continue;
@@ -217,26 +273,7 @@ fn walk_inner(
         let len = desc.len();
         if len > 0 {
             total = total.checked_add(len).ok_or(ChainError::LengthOverflow)?;
-            let addr = desc.addr().0;
-            let before = out.iov.len();
-            let pushed = mem.translate(addr, len, |ptr, l| {
-                out.iov.push(libc::iovec {
-                    iov_base: ptr.cast(),
-                    iov_len: l,
-                });
-            });
-            if pushed.is_err() {
-                return Err(ChainError::OutOfMemory { index, addr, len });
-            }
-            // Record the guest address of each piece (a buffer spanning two regions gives two).
-            let mut piece_addr = addr;
-            for iov in out.iov.get(before..).unwrap_or_default() {
-                // Each piece is at most `len` (a u32) long.
-                let piece_len = u32::try_from(iov.iov_len).unwrap_or(len);
-                out.gpa.push((piece_addr, piece_len));
-                // Inside guest memory (translate succeeded): cannot wrap.
-                piece_addr = piece_addr.wrapping_add(iov.iov_len as u64);
-            }
+            push_buffer(mem, index, desc.addr().0, len, out)?;
             if out.iov.len().saturating_sub(start_segments) > MAX_SEGMENTS {
                 return Err(ChainError::TooManySegments(MAX_SEGMENTS));
             }
@@ -253,6 +290,45 @@ fn walk_inner(
         .len
         .checked_add(total)
         .ok_or(ChainError::LengthOverflow)?;
+    Ok(())
+}
+
+/// Appends the host pieces of descriptor `index`'s buffer `[addr, addr + len)` to `out`.
+fn push_buffer(
+    mem: &GuestMemory,
+    index: u16,
+    addr: u64,
+    len: u32,
+    out: &mut Segments,
+) -> Result<(), ChainError> {
+    if let Some(ptr) = mem.host_range(addr, len) {
+        // The common case: the buffer lies in one region.
+        out.iov.push(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len as usize,
+        });
+        out.gpa.push((addr, len));
+        return Ok(());
+    }
+    let before = out.iov.len();
+    let pushed = mem.translate(addr, len, |ptr, l| {
+        out.iov.push(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: l,
+        });
+    });
+    if pushed.is_err() {
+        return Err(ChainError::OutOfMemory { index, addr, len });
+    }
+    // Record the guest address of each piece (a buffer spanning two regions gives two).
+    let mut piece_addr = addr;
+    for iov in out.iov.get(before..).unwrap_or_default() {
+        // Each piece is at most `len` (a u32) long.
+        let piece_len = u32::try_from(iov.iov_len).unwrap_or(len);
+        out.gpa.push((piece_addr, piece_len));
+        // Inside guest memory (translate succeeded): cannot wrap.
+        piece_addr = piece_addr.wrapping_add(iov.iov_len as u64);
+    }
     Ok(())
 }
 

@@ -1,174 +1,29 @@
 //! A running virtio-net device: one worker thread per queue pair, the embedding API a VMM uses.
+//! This file is the lifecycle (start, pause, quiesce, resume, stop); `config` is what a VMM
+//! describes the device with, `gate` is where paused workers wait.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::engine::{self, EngineConfig, EngineError, EngineKind, Leftovers};
+use crate::engine::{self, EngineError, EngineKind, Leftovers};
 use crate::fd_check;
 use crate::features;
 use crate::memory::GuestMemory;
 use crate::pair::{PairPositions, PairSettings, QueuePair};
 
 use crate::stats::{Counters, QueuePairStats};
-use crate::tap::{TapError, TapQueue};
-use crate::virtqueue::{QueueConfig, QueueError, Virtqueue};
+use crate::tap::TapQueue;
+use crate::virtqueue::Virtqueue;
 
-/// How to run the device.
-#[derive(Clone, Debug)]
-pub struct DeviceConfig {
-    /// The negotiated (driver-acked) virtio features.
-    pub features: u64,
-    /// Link MTU.
-    pub mtu: u16,
-    /// The device's MAC address (carried through handoffs; the datapath does not filter).
-    pub mac: [u8; 6],
-    /// Which engine the workers run.
-    pub engine: EngineKind,
-    /// Engine tunables.
-    pub engine_config: EngineConfig,
-    /// CPU to pin each queue pair's worker to (by queue pair index); none: not pinned.
-    pub cpu_affinity: Vec<Option<usize>>,
-}
+mod config;
+mod gate;
 
-impl DeviceConfig {
-    /// A configuration for these features and engine, MTU 1500, default tunables, no pinning.
-    pub fn new(features: u64, engine: EngineKind) -> DeviceConfig {
-        DeviceConfig {
-            features,
-            mtu: 1500,
-            mac: [0; 6],
-            engine,
-            engine_config: EngineConfig::default(),
-            cpu_affinity: Vec::new(),
-        }
-    }
-}
-
-/// Where a virtqueue's rings are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingAddrs {
-    /// Number of descriptors.
-    pub size: u16,
-    /// Descriptor table.
-    pub desc_table: u64,
-    /// Available ring.
-    pub avail_ring: u64,
-    /// Used ring.
-    pub used_ring: u64,
-}
-
-impl RingAddrs {
-    fn of(q: &QueueConfig) -> RingAddrs {
-        RingAddrs {
-            size: q.size,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
-}
-
-/// What a successor needs of a queue pair besides its ring positions: ring addresses and
-/// duplicates of its fds (taken at start, so they can be sent while the workers run).
-#[derive(Debug)]
-pub struct PairResources {
-    /// RX rings.
-    pub rx: RingAddrs,
-    /// TX rings.
-    pub tx: RingAddrs,
-    /// The TAP queue.
-    pub tap: OwnedFd,
-    /// RX kick eventfd.
-    pub rx_kick: OwnedFd,
-    /// RX call eventfd.
-    pub rx_call: OwnedFd,
-    /// TX kick eventfd.
-    pub tx_kick: OwnedFd,
-    /// TX call eventfd.
-    pub tx_call: OwnedFd,
-}
-
-fn dup_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, DeviceError> {
-    fd.try_clone_to_owned().map_err(|source| DeviceError::Os {
-        what: "dup",
-        source,
-    })
-}
-
-impl PairResources {
-    fn of(spec: &QueuePairSpec) -> Result<PairResources, DeviceError> {
-        Ok(PairResources {
-            rx: RingAddrs::of(&spec.rx),
-            tx: RingAddrs::of(&spec.tx),
-            tap: dup_fd(spec.tap.as_fd())?,
-            rx_kick: dup_fd(spec.rx.kick.as_fd())?,
-            rx_call: dup_fd(spec.rx.call.as_fd())?,
-            tx_kick: dup_fd(spec.tx.kick.as_fd())?,
-            tx_call: dup_fd(spec.tx.call.as_fd())?,
-        })
-    }
-}
-
-/// One queue pair as the VMM hands it over.
-#[derive(Debug)]
-pub struct QueuePairSpec {
-    /// RX virtqueue (2n).
-    pub rx: QueueConfig,
-    /// TX virtqueue (2n + 1).
-    pub tx: QueueConfig,
-    /// The TAP queue serving this pair.
-    pub tap: TapQueue,
-    /// RX heads a predecessor popped and did not use, in ring order (empty for a fresh
-    /// device): they are posted first, before anything new is popped.
-    pub rx_in_flight: Vec<u16>,
-}
-
-/// Errors of starting and stopping a device.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// Features tapir does not implement, or VERSION_1 missing.
-    #[error("unsupported features {0:#x} (tapir needs VERSION_1 and supports {sup:#x})", sup = features::SUPPORTED)]
-    UnsupportedFeatures(u64),
-    /// No queue pairs.
-    #[error("a device needs at least one queue pair")]
-    NoQueuePairs,
-    /// A virtqueue's configuration.
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-    /// The TAP.
-    #[error(transparent)]
-    Tap(#[from] TapError),
-    /// An eventfd or thread could not be created.
-    #[error("{what}: {source}")]
-    Os {
-        /// What failed.
-        what: &'static str,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A kick or call fd is not an eventfd.
-    #[error(transparent)]
-    Fd(#[from] crate::fd_check::FdCheckError),
-    /// A worker's engine failed.
-    #[error("queue pair {pair}: {source}")]
-    Engine {
-        /// Queue pair index.
-        pair: u16,
-        /// The cause.
-        #[source]
-        source: EngineError,
-    },
-    /// A worker panicked (a bug in tapir).
-    #[error("queue pair {0}: worker thread panicked")]
-    WorkerPanicked(u16),
-}
+pub use config::{DeviceConfig, DeviceError, PairResources, QueuePairSpec, RingAddrs};
+use gate::{Decision, Gate};
 
 /// A queue pair and the TAP queue its worker moves its frames through.
 type PairWithTap = (QueuePair, TapQueue);
@@ -195,64 +50,6 @@ impl std::fmt::Debug for Device {
             .field("engine", &self.config.engine)
             .field("queue_pairs", &self.workers.len())
             .finish()
-    }
-}
-
-/// What paused workers wait for.
-#[derive(Clone, Debug)]
-enum Decision {
-    Go(Option<Arc<Vec<PairPositions>>>),
-    Abort,
-}
-
-#[derive(Debug, Default)]
-struct Gate {
-    decision: Mutex<Option<Decision>>,
-    cond: Condvar,
-    /// Set by [`PausedDevice::arm`]: the decision is imminent; wait spinning, not sleeping.
-    armed: AtomicBool,
-    /// Realtime workers wake fast and must not spin (they would starve the thread that is
-    /// about to decide).
-    no_spin: bool,
-    decided: AtomicBool,
-}
-
-/// How long armed workers spin for the decision before they sleep again.
-const ARMED_SPIN: Duration = Duration::from_millis(2);
-
-impl Gate {
-    fn wait(&self) -> Decision {
-        let mut spun = false;
-        loop {
-            let d = self.decision.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(decision) = &*d {
-                return decision.clone();
-            }
-            if self.armed.load(Ordering::Acquire) && !spun && !self.no_spin {
-                drop(d);
-                spun = true;
-                let until = Instant::now() + ARMED_SPIN;
-                // Yielding, not pure spinning: on a small machine the thread that will send
-                // the decision may need this CPU.
-                while !self.decided.load(Ordering::Acquire) && Instant::now() < until {
-                    std::thread::yield_now();
-                }
-                continue;
-            }
-            let _d = self.cond.wait(d).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    fn arm(&self) {
-        let _d = self.decision.lock().unwrap_or_else(|e| e.into_inner());
-        self.armed.store(true, Ordering::Release);
-        self.cond.notify_all();
-    }
-
-    fn decide(&self, decision: Decision) {
-        *self.decision.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
-        self.decided.store(true, Ordering::Release);
-        self.cond.notify_all();
     }
 }
 
@@ -427,10 +224,7 @@ impl Device {
         memory: GuestMemory,
         pairs: Vec<QueuePairSpec>,
     ) -> Result<PausedDevice, DeviceError> {
-        let gate = Arc::new(Gate {
-            no_spin: cfg.engine_config.realtime_priority.is_some(),
-            ..Gate::default()
-        });
+        let gate = Arc::new(Gate::new(cfg.engine_config.realtime_priority.is_some()));
         let (pairs, resources) = Device::build_pairs(&cfg, &memory, pairs)?;
         let device = Device::spawn(cfg, memory, pairs, Arc::new(resources), Some(gate.clone()))?;
         Ok(PausedDevice { device, gate })

@@ -83,7 +83,7 @@ fn fstat(fd: BorrowedFd<'_>, what: &str) -> Result<libc::stat, FdCheckError> {
 /// Checks that `[offset, offset + len)` of the file behind `fd` exists: the fd is a regular
 /// file (memfd, tmpfs, hugetlbfs) at least `offset + len` bytes long. A mapping past the end
 /// of its file raises SIGBUS on first touch, so this is checked before anything is mapped.
-/// (A file that can still shrink afterwards is another matter: see [`crate::memory`].)
+/// (A file that can still shrink afterwards is another matter: see [`GuestMemory::from_regions`](crate::GuestMemory::from_regions).)
 pub fn expect_file_range(
     fd: BorrowedFd<'_>,
     offset: u64,

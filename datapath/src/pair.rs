@@ -2,6 +2,10 @@
 //! building the iovecs of TAP reads and writes, and completing them into the used rings
 //! (`num_buffers`, dirty logging, counters). The engines only move bytes.
 //!
+//! One file per concern: this one holds the pair itself, the notification protocol and the
+//! used ring and interrupts; `tx` pops and completes TAP writes, `rx` prepares and completes
+//! TAP reads (spill, defer, `num_buffers`), `positions` is where a pair resumes.
+//!
 //! Everything here is driven by guest-written values (heads, lengths, ring indices): nothing
 //! indexes or slices unchecked (`clippy::indexing_slicing` is denied), and every loop that
 //! pops from an avail ring is bounded by the queue size (a guest that keeps posting cannot
@@ -9,35 +13,27 @@
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
+mod positions;
+mod rx;
+mod tx;
+
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress};
-
-use crate::chain::{self, Access, ChainError, Segments};
 use crate::features;
 use crate::memory::GuestMemory;
-use crate::rx_pool::{RxChain, RxPool, MAX_RX_PIECES};
+use crate::rx_pool::RxPool;
 use crate::stats::{Counters, QueuePairStats};
 use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueError, Virtqueue};
-use crate::vnet_hdr::NUM_BUFFERS_OFFSET;
 
-/// Size of the spill area behind every RX read. With MRG_RXBUF a read is posted with guest
-/// buffers for the frame size recent traffic predicts; a larger frame spills here and is copied
-/// into further chains on completion. A frame that does not fit guest buffers plus spill, or
-/// that would need more chains than the guest has posted, is dropped and counted: never
-/// truncated silently.
-pub const SPILL_LEN: usize = 128 * 1024;
+pub use positions::PairPositions;
+pub use rx::{RxCompletion, RxPrep, RxRead, RxRetry};
+#[cfg(test)]
+pub(crate) use tx::TxNext;
+pub use tx::{TxPop, TxWrite};
 
 const VNET_HDR_LEN_U32: u32 = 12;
 const _: () = assert!(VNET_HDR_LEN_U32 as usize == VNET_HDR_LEN);
-
-/// Outcome of continuing a frame into further chains.
-enum Spill {
-    Done,
-    Wait,
-    Drop,
-}
 
 /// Counts one event (counters are u64: wrapping is a formality).
 fn bump(counter: &mut u64) {
@@ -51,134 +47,6 @@ pub enum Direction {
     Rx,
     /// Guest to device.
     Tx,
-}
-
-/// The guest buffers behind one posted TAP read: one chain, or several with MRG_RXBUF.
-#[derive(Debug)]
-pub struct RxRead {
-    /// Host iovecs of every chain, then the spill area.
-    pub seg: Segments,
-    /// The chains, in order.
-    chains: Vec<RxChain>,
-    /// Where bytes beyond the posted chains land (pages are only touched when used).
-    spill: Box<[u8]>,
-    /// Guest bytes the read was posted with (the spill area follows them).
-    posted: u32,
-    /// Length of the frame the read returned (header included), once it completed.
-    frame: usize,
-    /// The frame is waiting for guest buffers.
-    deferred: bool,
-}
-
-/// What became of a completed read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RxCompletion {
-    /// Delivered to the guest, or dropped and counted: the read is free again.
-    Done,
-    /// The frame overran the posted buffers and the guest has not posted enough further ones
-    /// yet: it waits in the read's spill area ([`QueuePair::retry_rx`] when the guest
-    /// refills). Frames after it must wait too, to stay in order.
-    Deferred,
-}
-
-impl RxRead {
-    /// An empty read with room for `chains` chains.
-    pub fn new(chains: usize) -> RxRead {
-        RxRead {
-            seg: Segments::with_capacity(chains.saturating_mul(2).saturating_add(1)),
-            chains: Vec::with_capacity(chains),
-            spill: vec![0u8; SPILL_LEN].into_boxed_slice(),
-            posted: 0,
-            frame: 0,
-            deferred: false,
-        }
-    }
-
-    /// Records the length of the frame the read returned (see [`QueuePair::retry_rx`]).
-    pub fn set_frame(&mut self, n: usize) {
-        self.frame = n;
-    }
-
-    /// Bytes of guest buffers the read was posted with (the spill area follows them).
-    pub fn posted_len(&self) -> u32 {
-        self.posted
-    }
-
-    /// The spill area (what a read writes beyond the guest buffers).
-    #[cfg(any(test, feature = "test-utils"))]
-    pub(crate) fn spill_mut(&mut self) -> &mut [u8] {
-        &mut self.spill
-    }
-
-    fn clear(&mut self) {
-        self.seg.clear();
-        self.chains.clear();
-        self.posted = 0;
-        self.frame = 0;
-        self.deferred = false;
-    }
-}
-
-/// The guest buffers behind one TAP write.
-#[derive(Debug)]
-pub struct TxWrite {
-    /// The chain's head.
-    pub head: u16,
-    /// Host iovecs of the chain.
-    pub seg: Segments,
-}
-
-impl TxWrite {
-    /// An empty write.
-    pub fn new() -> TxWrite {
-        TxWrite {
-            head: 0,
-            seg: Segments::with_capacity(4),
-        }
-    }
-}
-
-impl Default for TxWrite {
-    fn default() -> Self {
-        TxWrite::new()
-    }
-}
-
-/// Where a queue pair resumes: each queue's (next_avail, next_used) and the RX heads a
-/// predecessor held, in ring order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PairPositions {
-    /// RX (next_avail, next_used).
-    pub rx: (u16, u16),
-    /// TX (next_avail, next_used).
-    pub tx: (u16, u16),
-    /// RX heads popped and not used, in ring order.
-    pub rx_in_flight: Vec<u16>,
-}
-
-impl PairPositions {
-    /// Checks positions against a queue size: as many RX heads held as the ring positions
-    /// say are outstanding, each below the size and listed once, no TX chain outstanding.
-    pub fn check(&self, size_rx: u16, size_tx: u16) -> Result<(), String> {
-        let outstanding = usize::from(self.rx.0.wrapping_sub(self.rx.1));
-        if outstanding > usize::from(size_rx) || self.rx_in_flight.len() != outstanding {
-            return Err(format!(
-                "{} RX heads held, ring positions say {outstanding}",
-                self.rx_in_flight.len()
-            ));
-        }
-        if self.tx.0 != self.tx.1 || size_tx == 0 {
-            return Err("TX chains outstanding at a switch".into());
-        }
-        let mut seen = vec![false; usize::from(size_rx)];
-        for &h in &self.rx_in_flight {
-            match seen.get_mut(usize::from(h)) {
-                Some(s) if !*s => *s = true,
-                _ => return Err(format!("RX head {h} out of range or listed twice")),
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Settings of a queue pair's datapath.
@@ -256,63 +124,6 @@ enum Rearm {
     Again,
 }
 
-/// What [`QueuePair::pop_tx`] found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TxPop {
-    /// A chain, in the `TxWrite`.
-    Chain,
-    /// The ring is empty and the guest's kick is armed (or the queue is broken): wait.
-    Idle,
-    /// This pass popped as many chains as it may (see [`QueuePair::begin_pass`]): come back
-    /// without waiting for a kick.
-    Yield,
-}
-
-/// What [`QueuePair::prepare_rx`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RxPrep {
-    /// The read has guest buffers and the spill area: post it.
-    Ready,
-    /// The guest has not posted (enough) buffers and its kick is armed: wait for it.
-    NoBuffers,
-    /// This pass popped as many chains as it may: come back without waiting for a kick.
-    Withheld,
-}
-
-/// What [`QueuePair::retry_deferred`] did with a frame waiting for guest buffers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RxRetry {
-    /// Delivered (or dropped and counted): the read is free again.
-    Done,
-    /// Still waiting, and the guest's kick is armed: wait for it.
-    Waiting,
-    /// Still waiting, and this pass's budget is spent: come back without waiting.
-    Yield,
-}
-
-/// What [`QueuePair::next_tx`] found (one pop, without the notification protocol).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TxNext {
-    /// A chain, in the `TxWrite`.
-    Chain,
-    /// The avail ring is empty (or the queue broken).
-    Empty,
-    /// This pass popped as many chains as the queue holds (malformed ones, a guest that
-    /// keeps posting): come back without waiting for a kick.
-    Later,
-}
-
-/// What [`QueuePair::fill_rx_read`] did (without the notification protocol).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RxPrepare {
-    /// The read has guest buffers and the spill area: post it.
-    Ready,
-    /// The guest has not posted (enough) buffers: enable notifications, re-check, wait.
-    NoBuffers,
-    /// This pass popped as many chains as the queue holds: come back without waiting.
-    Later,
-}
-
 impl QueuePair {
     /// Assembles a queue pair.
     pub fn new(
@@ -386,55 +197,6 @@ impl QueuePair {
         self.publish();
     }
 
-    /// Moves the pair to where a predecessor stopped (before its worker services anything).
-    pub fn reposition(&mut self, p: &PairPositions) -> Result<(), QueueError> {
-        self.rx.set_positions(p.rx.0, p.rx.1);
-        self.tx.set_positions(p.tx.0, p.tx.1);
-        self.restore_rx_in_flight(&p.rx_in_flight)
-    }
-
-    /// Takes over RX heads a predecessor popped and did not use (in ring order). Each must be
-    /// below the queue size and listed once, and there must be exactly as many as the ring
-    /// positions say are outstanding (`next_avail - next_used`).
-    pub fn restore_rx_in_flight(&mut self, heads: &[u16]) -> Result<(), QueueError> {
-        let (next_avail, next_used) = self.rx.positions();
-        let outstanding = usize::from(next_avail.wrapping_sub(next_used));
-        let size = usize::from(self.rx.table().size);
-        let mut seen = vec![false; size];
-        let bad = |reason: String| QueueError::InvalidConfig {
-            index: self.rx.index,
-            reason,
-        };
-        if heads.len() != outstanding {
-            return Err(bad(format!(
-                "{} in-flight heads, but the ring positions say {outstanding}",
-                heads.len()
-            )));
-        }
-        for &h in heads {
-            match seen.get_mut(usize::from(h)) {
-                Some(s) if !*s => *s = true,
-                Some(_) => return Err(bad(format!("in-flight head {h} listed twice"))),
-                None => return Err(bad(format!("in-flight head {h} >= queue size {size}"))),
-            }
-        }
-        self.rx_pool.clear();
-        for &h in heads {
-            self.rx_pool.note_popped(h);
-            // Checked above: in range and listed once.
-            let _ = self.rx.hold(h);
-            match self.rx_pool.walk(&self.mem, self.rx.table(), h) {
-                Ok(c) => self.rx_pool.push_back(c),
-                Err(e) => {
-                    bump(&mut self.counters.rx_malformed);
-                    tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
-                    self.complete_used(Direction::Rx, h, 0);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// True once the pair's worker failed: its queues are serviced no more.
     pub fn is_broken(&self) -> bool {
         self.broken
@@ -472,13 +234,12 @@ impl QueuePair {
 
     /// Asks the guest not to kick while the device drains the ring (once per drain).
     fn quiet(&mut self, dir: Direction) {
-        let mem = &self.mem;
         let (q, notify) = match dir {
             Direction::Rx => (&mut self.rx, &mut self.rx_notify),
             Direction::Tx => (&mut self.tx, &mut self.tx_notify),
         };
         if *notify == Notify::Armed {
-            q.disable_notification(mem);
+            q.disable_notification();
             *notify = Notify::Quiet;
         }
     }
@@ -495,139 +256,10 @@ impl QueuePair {
             Direction::Tx => (&mut self.tx, &mut self.tx_notify),
         };
         *notify = Notify::Armed;
-        if q.enable_notification(&self.mem) {
+        if q.enable_notification() {
             Rearm::Again
         } else {
             Rearm::Armed
-        }
-    }
-
-    // ---- TX ----------------------------------------------------------------------------
-
-    /// Pops the next TX chain into `w`, with the notification protocol: kicks are off while
-    /// chains are popped; when the ring runs dry the guest's kick is armed and the ring
-    /// re-checked ([`TxPop::Idle`] only when it is really empty). Malformed chains are
-    /// completed with length 0 and counted on the way.
-    pub fn pop_tx(&mut self, w: &mut TxWrite) -> TxPop {
-        loop {
-            self.quiet(Direction::Tx);
-            match self.next_tx(w) {
-                TxNext::Chain => return TxPop::Chain,
-                TxNext::Later => return TxPop::Yield,
-                TxNext::Empty => match self.rearm(Direction::Tx) {
-                    Rearm::Armed => return TxPop::Idle,
-                    Rearm::Again if self.yielded => return TxPop::Yield,
-                    Rearm::Again => {}
-                },
-            }
-        }
-    }
-
-    /// Pops the next TX chain into `w`. Malformed chains are completed with length 0 and
-    /// counted. At most the pass's budget of chains is popped ([`TxNext::Later`]).
-    pub(crate) fn next_tx(&mut self, w: &mut TxWrite) -> TxNext {
-        loop {
-            if self.tx_budget == 0 {
-                self.yielded = true;
-                return TxNext::Later;
-            }
-            self.tx_budget = self.tx_budget.saturating_sub(1);
-            let mut head = None;
-            if let Err(e) = self.tx.pop(&self.mem, 1, |h| head = Some(h)) {
-                self.count_broken(Direction::Tx, &e);
-                return TxNext::Empty;
-            }
-            let Some(head) = head else {
-                return TxNext::Empty;
-            };
-            w.head = head;
-            w.seg.clear();
-            let walked = chain::walk(
-                &self.mem,
-                self.tx.table(),
-                head,
-                Access::DeviceReads,
-                &mut w.seg,
-            );
-            let checked = walked.and(if (w.seg.len as usize) < VNET_HDR_LEN {
-                Err(ChainError::ShorterThanHeader(w.seg.len))
-            } else {
-                Ok(())
-            });
-            match checked {
-                Ok(()) => return TxNext::Chain,
-                Err(e) => {
-                    bump(&mut self.counters.tx_malformed);
-                    tracing::warn!(queue = self.tx.index, head, error = %e, "dropping malformed TX chain");
-                    self.complete_used(Direction::Tx, head, 0);
-                }
-            }
-        }
-    }
-
-    /// Completes a TX write with the kernel's result.
-    pub fn complete_tx(&mut self, w: &TxWrite, result: Result<usize, i32>) {
-        match result {
-            Ok(_) => {
-                bump(&mut self.counters.tx_packets);
-                // The chain was checked to hold at least the header.
-                self.counters.tx_bytes = (self.counters.tx_bytes)
-                    .wrapping_add(u64::from(w.seg.len.saturating_sub(VNET_HDR_LEN_U32)));
-            }
-            Err(errno) => {
-                bump(&mut self.counters.tx_errors);
-                tracing::debug!(head = w.head, errno, "TAP refused a TX frame");
-            }
-        }
-        self.complete_used(Direction::Tx, w.head, 0);
-    }
-
-    // ---- RX ----------------------------------------------------------------------------
-
-    /// Pops up to `max` chains from the avail ring into the spare list, walking each (a
-    /// malformed one is completed with length 0 and counted). Returns how many were popped.
-    fn fill_spare(&mut self, max: usize) -> usize {
-        let mut heads = [0u16; 64];
-        let mut n = 0usize;
-        let max = max.min(heads.len()).min(self.rx_budget);
-        if max == 0 {
-            self.yielded = true;
-            return 0;
-        }
-        let popped = self.rx.pop(&self.mem, max, |h| {
-            if let Some(slot) = heads.get_mut(n) {
-                *slot = h;
-                n = n.saturating_add(1);
-            }
-        });
-        self.rx_budget = self.rx_budget.saturating_sub(n);
-        if let Err(e) = popped {
-            self.count_broken(Direction::Rx, &e);
-        }
-        for &h in heads.get(..n).unwrap_or_default() {
-            self.rx_pool.note_popped(h);
-            match self.rx_pool.walk(&self.mem, self.rx.table(), h) {
-                Ok(c) => self.rx_pool.push_back(c),
-                Err(e) => {
-                    bump(&mut self.counters.rx_malformed);
-                    tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
-                    self.complete_used(Direction::Rx, h, 0);
-                }
-            }
-        }
-        n
-    }
-
-    /// The next RX chain: from the spare list, else from the avail ring (bounded by the
-    /// pass's budget: a ring full of malformed chains ends the loop).
-    fn next_rx_chain(&mut self) -> Option<RxChain> {
-        loop {
-            if let Some(c) = self.rx_pool.pop_front() {
-                return Some(c);
-            }
-            if self.fill_spare(64) == 0 {
-                return None;
-            }
         }
     }
 
@@ -644,350 +276,14 @@ impl QueuePair {
         bump(&mut self.counters.queues_broken);
     }
 
-    /// How many bytes of guest buffers an MRG_RXBUF read is posted with: twice the recent
-    /// average frame, at least a full non-GSO frame, at most the largest frame. Small-frame
-    /// traffic then costs one chain per read, and 64 KiB GSO traffic lands zero-copy.
-    fn rx_target(&self) -> u32 {
-        self.rx_ewma
-            .saturating_mul(2)
-            .clamp(self.rx_plain.min(self.rx_capacity), self.rx_capacity)
-    }
-
-    /// Appends the next RX chain (from the spare list or the avail ring) to `r`. Returns false
-    /// when none is available.
-    fn add_rx_chain(&mut self, r: &mut RxRead) -> bool {
-        let Some(c) = self.next_rx_chain() else {
-            return false;
-        };
-        for p in self.rx_pool.pieces(c.head) {
-            r.seg.iov.push(libc::iovec {
-                iov_base: p.host as *mut libc::c_void,
-                iov_len: p.len as usize,
-            });
-            r.seg.gpa.push((p.gpa, p.len));
-        }
-        // Saturating: a guest's chain lengths may sum past 4 GiB (each chain is below it).
-        r.seg.len = r.seg.len.saturating_add(c.len);
-        self.rx_youngest_posted = self.rx_youngest_posted.max(self.rx_pool.seq_of(c.head));
-        r.chains.push(c);
-        true
-    }
-
-    /// Prepares a read, with the notification protocol (see [`pop_tx`](Self::pop_tx)):
-    /// fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
-    /// predicted frame size, within what one `readv` takes), then the read's spill area.
-    /// `others_posted`: other reads are outstanding (with MRG_RXBUF and GSO a further read
-    /// is only posted while the guest's spare buffers can take a largest frame beyond them).
-    pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrep {
-        loop {
-            self.quiet(Direction::Rx);
-            match self.fill_rx_read(r, others_posted) {
-                RxPrepare::Ready => return RxPrep::Ready,
-                RxPrepare::Later => return RxPrep::Withheld,
-                RxPrepare::NoBuffers => match self.rearm(Direction::Rx) {
-                    Rearm::Armed => return RxPrep::NoBuffers,
-                    Rearm::Again if self.yielded => return RxPrep::Withheld,
-                    Rearm::Again => {}
-                },
-            }
-        }
-    }
-
-    /// Tries again to complete a read whose frame waits for guest buffers; while it still
-    /// waits, arms the guest's kick and re-checks (the lost-wakeup rule, as in
-    /// [`pop_tx`](Self::pop_tx)).
-    pub fn retry_deferred(&mut self, r: &mut RxRead) -> RxRetry {
-        loop {
-            if self.retry_rx(r) == RxCompletion::Done {
-                return RxRetry::Done;
-            }
-            if self.yielded {
-                return RxRetry::Yield;
-            }
-            match self.rearm(Direction::Rx) {
-                Rearm::Armed => return RxRetry::Waiting,
-                Rearm::Again if self.yielded => return RxRetry::Yield,
-                Rearm::Again => {}
-            }
-        }
-    }
-
-    /// Fills `r` with guest buffers (one chain without MRG_RXBUF; with it, chains for the
-    /// predicted frame size, within what one `readv` takes), then the read's spill area.
-    /// [`RxPrepare::NoBuffers`] when the guest has posted no buffers, or (with
-    /// `others_posted`, MRG_RXBUF and GSO) when the guest's spare buffers could not take a
-    /// largest frame beyond what posted reads hold; [`RxPrepare::Later`] when this pass
-    /// popped as many chains as the queue holds without finding one.
-    pub(crate) fn fill_rx_read(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrepare {
-        r.clear();
-        if self.rx.is_broken() {
-            return RxPrepare::NoBuffers;
-        }
-        // Chains are used in ring order (see `keep_ring_order`): spare chains older than
-        // those of posted reads (kept over by a read that got a shorter frame, or handed back
-        // by one that found nothing) wait until those reads complete, then go first.
-        if others_posted && self.rx_pool.has_older_than_seq(self.rx_youngest_posted) {
-            return RxPrepare::Later;
-        }
-        let target = if self.mrg_rxbuf { self.rx_target() } else { 0 };
-        if self.mrg_rxbuf && self.rx_capacity > self.rx_plain {
-            // Pop what the guest has made available; a further read is posted only while the
-            // guest's spare buffers can still take a largest frame spilling out of one, so
-            // that a spill rarely has to wait for the guest (it is never dropped for it).
-            if others_posted {
-                // Bounded by the pass's budget (fill_spare returns 0 once it is spent).
-                while self.fill_spare(64) > 0 {}
-                if self.rx_pool.spare_bytes()
-                    < u64::from(self.rx_capacity).saturating_add(u64::from(target))
-                {
-                    return self.no_rx_chain();
-                }
-            }
-        }
-        // One readv takes at most UIO_MAXIOV iovecs, the spill area's included: a guest
-        // posting chains of tiny buffers gets reads of fewer bytes (the rest spills and is
-        // copied). One chain always fits (`walk_rx` refuses longer ones).
-        while r.chains.is_empty() || r.seg.len < target {
-            if !self.add_rx_chain(r) {
-                break;
-            }
-            if r.seg.iov.len() > MAX_RX_PIECES {
-                // Hand the last chain back: it goes first into the next read.
-                if let Some(c) = r.chains.pop() {
-                    let keep = r
-                        .seg
-                        .iov
-                        .len()
-                        .saturating_sub(self.rx_pool.pieces(c.head).len());
-                    r.seg.iov.truncate(keep);
-                    r.seg.gpa.truncate(keep);
-                    r.seg.len = r.seg.len.saturating_sub(c.len);
-                    self.rx_pool.give_back(c);
-                }
-                break;
-            }
-        }
-        if r.chains.is_empty() {
-            return self.no_rx_chain();
-        }
-        r.posted = r.seg.len;
-        r.seg.iov.push(libc::iovec {
-            iov_base: r.spill.as_mut_ptr().cast(),
-            iov_len: r.spill.len(),
-        });
-        RxPrepare::Ready
-    }
-
-    /// Why no chain could be had: the budget ran out, or the guest has none.
-    fn no_rx_chain(&mut self) -> RxPrepare {
-        if self.yielded {
-            return RxPrepare::Later;
-        }
-        bump(&mut self.counters.rx_no_buffers);
-        RxPrepare::NoBuffers
-    }
-
-    /// Gives the chains of an unposted or cancelled read back (to the front, in order).
-    pub fn return_rx(&mut self, r: &mut RxRead) {
-        self.rx_pool.give_back_all(&r.chains);
-        r.clear();
-    }
-
-    /// Completes a read that returned `n` bytes (header included).
-    pub fn complete_rx(&mut self, r: &mut RxRead, n: usize) -> RxCompletion {
-        r.frame = n;
-        self.retry_rx(r)
-    }
-
-    /// Completes (or tries again to complete) a read whose frame length is recorded.
-    pub fn retry_rx(&mut self, r: &mut RxRead) -> RxCompletion {
-        let n = r.frame;
-        if self.rx.is_broken() {
-            // Nothing is written to a broken queue: the frame is lost with it.
-            self.return_rx(r);
-            return RxCompletion::Done;
-        }
-        if n < VNET_HDR_LEN {
-            bump(&mut self.counters.rx_dropped_oversize);
-            self.return_rx(r);
-            return RxCompletion::Done;
-        }
-        if n > r.posted as usize {
-            match self.spill_into_chains(r, n) {
-                Spill::Done => {}
-                Spill::Wait => {
-                    if !r.deferred {
-                        r.deferred = true;
-                        bump(&mut self.counters.rx_deferred);
-                    }
-                    return RxCompletion::Deferred;
-                }
-                Spill::Drop => {
-                    self.return_rx(r);
-                    return RxCompletion::Done;
-                }
-            }
-        }
-        self.finish_rx(r, n);
-        RxCompletion::Done
-    }
-
-    /// Gives up on a deferred frame (the worker is stopping and the guest never posted the
-    /// buffers it needs): dropped and counted.
-    pub fn drop_deferred(&mut self, r: &mut RxRead) {
-        bump(&mut self.counters.rx_dropped_no_buffers);
-        tracing::warn!(
-            pair = self.index,
-            bytes = r.frame,
-            "dropping a frame that waited for RX buffers at stop"
-        );
-        self.return_rx(r);
-    }
-
-    /// Keeps RX chains used in ring order (the order the guest made them available): a read
-    /// whose first chain is younger than a spare chain (an earlier read kept chains over, or
-    /// found nothing), or whose spill took older chains, has its frame moved into the oldest
-    /// chains. A copy, only then; the order is what QEMU relies on when a backend dies and it
-    /// resumes the avail ring at the used index (issue 12's crash recovery).
-    fn keep_ring_order(&mut self, r: &mut RxRead, n: usize) {
-        let Some(first) = r.chains.first() else {
-            return;
-        };
-        let in_order = r.chains.windows(2).all(
-            |w| matches!(w, [a, b] if self.rx_pool.seq_of(a.head) < self.rx_pool.seq_of(b.head)),
-        );
-        if in_order && !self.rx_pool.has_older_than(first.head) {
-            return;
-        }
-        bump(&mut self.counters.rx_reordered);
-        let mut frame = std::mem::take(&mut self.rx_reorder);
-        frame.clear();
-        frame.resize(n, 0);
-        let mut at = 0usize;
-        for &(gpa, len) in &r.seg.gpa {
-            let Some(dst) = frame.get_mut(at..) else {
-                break;
-            };
-            let take = (len as usize).min(dst.len());
-            let _ = self
-                .mem
-                .mmap()
-                .read_slice(dst.get_mut(..take).unwrap_or_default(), GuestAddress(gpa));
-            at = at.saturating_add(take);
-        }
-        self.rx_pool.give_back_all(&r.chains);
-        let frame_len = r.frame;
-        r.clear();
-        r.frame = frame_len;
-        // The chains just given back hold the frame: the oldest ones do too.
-        while (r.seg.len as usize) < n {
-            if !self.add_rx_chain(r) {
-                break;
-            }
-        }
-        r.posted = r.seg.len;
-        self.write_at(&r.seg.gpa, 0, &frame);
-        self.rx_reorder = frame;
-    }
-
-    fn finish_rx(&mut self, r: &mut RxRead, n: usize) {
-        self.keep_ring_order(r, n);
-        // Moving average of frame sizes (1/8 weight), for sizing the next reads.
-        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
-        self.rx_ewma = self
-            .rx_ewma
-            .saturating_sub(self.rx_ewma / 8)
-            .saturating_add(n32 / 8);
-        // How many chains the frame occupies.
-        let mut left = n;
-        let mut used = 0usize;
-        for c in &r.chains {
-            if left == 0 {
-                break;
-            }
-            left = left.saturating_sub(c.len as usize);
-            used = used.saturating_add(1);
-        }
-        // num_buffers: the TAP leaves bytes 10-11 alone (virtio 1.2 §5.1.6.4: 1 without
-        // MRG_RXBUF, the number of used buffers with it).
-        let num_buffers = u16::try_from(used).unwrap_or(u16::MAX);
-        self.write_at(&r.seg.gpa, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
-        // Dirty-log the written bytes.
-        let mut left = n;
-        for &(gpa, len) in &r.seg.gpa {
-            if left == 0 {
-                break;
-            }
-            let l = (len as usize).min(left);
-            self.mem.mark_dirty(gpa, l);
-            left = left.saturating_sub(l);
-        }
-        // Used entries, consecutive as MRG_RXBUF requires.
-        let mut left = n;
-        for c in r.chains.iter().take(used) {
-            let len = c.len.min(u32::try_from(left).unwrap_or(u32::MAX));
-            left = left.saturating_sub(len as usize);
-            self.complete_used(Direction::Rx, c.head, len);
-        }
-        // Unused chains go back for the next read.
-        self.rx_pool
-            .give_back_all(r.chains.get(used..).unwrap_or_default());
-        bump(&mut self.counters.rx_packets);
-        // `retry_rx` checked n >= VNET_HDR_LEN.
-        self.counters.rx_bytes =
-            (self.counters.rx_bytes).wrapping_add(n.saturating_sub(VNET_HDR_LEN) as u64);
-        r.clear();
-    }
-
-    /// A frame of `n` bytes overran the posted chains into the spill area: add chains until it
-    /// fits and copy the spilled bytes into them. False (frame dropped, counted) when the
-    /// frame is larger than the TAP may produce or the guest has not posted enough buffers.
-    fn spill_into_chains(&mut self, r: &mut RxRead, n: usize) -> Spill {
-        let posted = r.posted as usize;
-        // The caller checked n > posted.
-        let spilled = n.saturating_sub(posted);
-        if !self.mrg_rxbuf || n > self.rx_capacity as usize || spilled >= r.spill.len() {
-            // Without MRG_RXBUF a frame must fit one chain (virtio 1.2 §5.1.6.3.1); and no
-            // frame may exceed what the negotiated features allow.
-            bump(&mut self.counters.rx_dropped_oversize);
-            return Spill::Drop;
-        }
-        while (r.seg.len as usize) < n {
-            if !self.add_rx_chain(r) {
-                return Spill::Wait;
-            }
-        }
-        self.write_at(
-            &r.seg.gpa,
-            posted,
-            r.spill.get(..spilled).unwrap_or_default(),
-        );
-        bump(&mut self.counters.rx_spilled);
-        Spill::Done
-    }
-
-    fn write_at(&self, gpas: &[(u64, u32)], mut offset: usize, bytes: &[u8]) {
-        let mut bytes = bytes;
-        for &(gpa, len) in gpas {
-            if bytes.is_empty() {
-                return;
-            }
-            let len = len as usize;
-            if offset >= len {
-                offset = offset.saturating_sub(len);
-                continue;
-            }
-            let take = len.saturating_sub(offset).min(bytes.len());
-            let (now, rest) = bytes.split_at(take);
-            // The range was validated when the chain was walked (gpa + len is inside guest
-            // memory, so gpa + offset cannot wrap).
-            let _ = self
-                .mem
-                .mmap()
-                .write_slice(now, GuestAddress(gpa.wrapping_add(offset as u64)));
-            bytes = rest;
-            offset = 0;
-        }
+    /// True when the guest made chains available on a queue whose kick is armed (the device
+    /// ran it dry and waits for the guest): what a busy-polling worker looks at instead of
+    /// waiting for the kick. A queue the device is not waiting on (RX with spare chains,
+    /// waiting for the TAP; TX with every write slot in flight) is not looked at, so chains
+    /// the device leaves in the ring on purpose never keep a poller from sleeping.
+    pub fn guest_posted(&self) -> bool {
+        let posted = |q: &Virtqueue, notify: Notify| notify == Notify::Armed && q.avail_moved();
+        posted(&self.tx, self.tx_notify) || posted(&self.rx, self.rx_notify)
     }
 
     // ---- used ring and interrupts ----------------------------------------------------------
@@ -1005,7 +301,7 @@ impl QueuePair {
             // Counted when it broke; a broken ring is written no more.
             return;
         }
-        if q.add_used(&self.mem, head, len).is_err() {
+        if q.add_used(head, len).is_err() {
             bump(&mut self.counters.queues_broken);
         }
         *pending = true;
@@ -1013,6 +309,14 @@ impl QueuePair {
             self.serviced = true;
             self.stats.mark_first_service();
         }
+    }
+
+    /// Shows the guest the used entries of both queues (the used index, published once per
+    /// batch; [`interrupts`](Self::interrupts) does it first, so an engine only calls this
+    /// where it completes chains without deciding interrupts).
+    pub fn publish_used(&mut self) {
+        self.rx.publish_used();
+        self.tx.publish_used();
     }
 
     /// For each queue with new used entries whose guest wants an interrupt (interrupt
@@ -1036,14 +340,14 @@ impl QueuePair {
         let mut due = [None, None];
         if self.rx_used_pending {
             self.rx_used_pending = false;
-            if self.rx.needs_notification(&self.mem) {
+            if self.rx.needs_notification() {
                 bump(&mut self.counters.rx_interrupts);
                 due[0] = Some(Direction::Rx);
             }
         }
         if self.tx_used_pending {
             self.tx_used_pending = false;
-            if self.tx.needs_notification(&self.mem) {
+            if self.tx.needs_notification() {
                 bump(&mut self.counters.tx_interrupts);
                 due[1] = Some(Direction::Tx);
             }

@@ -10,8 +10,9 @@
 
 use std::collections::VecDeque;
 
-use crate::chain::{self, Access, ChainError, DescTable, Segments, MAX_SEGMENTS};
+use crate::chain::{self, Access, ChainError, Segments, MAX_SEGMENTS};
 use crate::memory::GuestMemory;
+use crate::ring_view::RingView;
 use crate::tap::VNET_HDR_LEN;
 
 /// Guest buffers one RX read may have: one `readv` takes `MAX_SEGMENTS` (`UIO_MAXIOV`)
@@ -67,11 +68,20 @@ impl RxPool {
     pub fn new(size: u16) -> RxPool {
         let size = usize::from(size);
         RxPool {
-            spare: VecDeque::new(),
+            // At most one entry per head (a held head is never popped again): sized once, so
+            // the list never allocates while the worker runs.
+            spare: VecDeque::with_capacity(size),
             spare_bytes: 0,
             pop_seq: vec![0; size],
             popped: 0,
-            walked: (0..size).map(|_| Walked::default()).collect(),
+            // Room for a chain of a few buffers per head up front (a longer chain grows its
+            // entry once).
+            walked: (0..size)
+                .map(|_| Walked {
+                    pieces: Vec::with_capacity(4),
+                    ..Walked::default()
+                })
+                .collect(),
             scratch: Segments::with_capacity(4),
         }
     }
@@ -184,13 +194,13 @@ impl RxPool {
     pub fn walk(
         &mut self,
         mem: &GuestMemory,
-        table: DescTable,
+        ring: &RingView,
         head: u16,
     ) -> Result<RxChain, ChainError> {
         let slot = usize::from(head);
         let out_of_range = ChainError::IndexOutOfRange {
             index: head,
-            size: table.size,
+            size: ring.size(),
         };
         let Some(cached) = self.walked.get(slot) else {
             return Err(out_of_range);
@@ -202,7 +212,7 @@ impl RxPool {
             });
         }
         self.scratch.clear();
-        chain::walk(mem, table, head, Access::DeviceWrites, &mut self.scratch)?;
+        chain::walk_ring(mem, ring, head, Access::DeviceWrites, &mut self.scratch)?;
         if self.scratch.iov.len() > MAX_RX_PIECES {
             // A read needs one more iovec for its spill area.
             return Err(ChainError::TooManySegments(MAX_RX_PIECES));

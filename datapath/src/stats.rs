@@ -93,6 +93,12 @@ counters! {
     batches,
     /// Syscalls that moved packets (one per readv/writev in classic, one per submit in uring).
     io_syscalls,
+    /// Rounds an idle worker polled its rings and the TAP instead of sleeping
+    /// (`EngineConfig::busy_poll`).
+    busy_poll_rounds,
+    /// Busy-poll spells that found work before their budget ran out (the worker did not
+    /// sleep).
+    busy_poll_found,
     /// Queues marked broken (a ring the guest corrupted; serviced no more until reset).
     queues_broken,
     /// The queue pair was marked broken because its worker failed (an engine error, or a

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::chain::{self, Access};
+use crate::chain::Access;
 use crate::features;
 use crate::memory::GuestMemory;
 use crate::pair::{
@@ -41,6 +41,13 @@ use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueConfig, QueueError, Virtqueue};
 
 use check::{Delivered, UsedChain, UsedWatch};
+
+/// The descriptor-chain walker on its own (one walker for both directions), for fuzz targets
+/// and benchmarks of it: a chain's buffers as host iovecs, every rule a guest can break a
+/// [`ChainError`](chain::ChainError).
+pub mod chain {
+    pub use crate::chain::{walk, Access, ChainError, DescTable, Segments, MAX_SEGMENTS};
+}
 
 /// A ring configuration at these addresses, starting at index 0, with fresh non-blocking
 /// kick and call eventfds.
@@ -288,7 +295,7 @@ impl PairHarness {
         self.pair.begin_pass();
         let popped = self.pair.pop_tx(w) == TxPop::Chain;
         *busy = popped;
-        self.capture();
+        self.end_batch();
         popped.then_some(TxSlot(slot))
     }
 
@@ -316,6 +323,7 @@ impl PairHarness {
             self.pair.complete_tx(w, result);
             *busy = false;
         }
+        self.pair.publish_used();
     }
 
     /// Pops the next TX chain, gathers its frame and completes it as written: the frame the
@@ -377,7 +385,7 @@ impl PairHarness {
                 state.read.seg.iov.clear();
             }
         }
-        self.capture();
+        self.end_batch();
         prepared.then_some(RxSlot(slot))
     }
 
@@ -456,6 +464,7 @@ impl PairHarness {
             };
             let before = self.pair.counters.rx_packets;
             if self.pair.retry_rx(&mut state.read) == RxCompletion::Deferred {
+                self.pair.publish_used();
                 return RxCompletion::Deferred;
             }
             if self.pair.counters.rx_packets > before {
@@ -470,7 +479,7 @@ impl PairHarness {
             // Read what the device wrote before anything else can land on it.
             self.capture();
         }
-        self.capture();
+        self.end_batch();
         RxCompletion::Done
     }
 
@@ -484,6 +493,7 @@ impl PairHarness {
             self.pair.return_rx(&mut state.read);
             state.in_use = false;
         }
+        self.pair.publish_used();
     }
 
     /// Drops the frames waiting for guest buffers (counted), as a stopping engine does.
@@ -494,6 +504,7 @@ impl PairHarness {
                 state.in_use = false;
             }
         }
+        self.pair.publish_used();
     }
 
     /// Prepares a read, writes `frame` into it and completes it.
@@ -509,6 +520,13 @@ impl PairHarness {
     }
 
     // ---- interrupts and invariants ---------------------------------------------------------
+
+    /// What an engine does after each batch: the used entries are published (the guest sees
+    /// them), then the harness reads what the device wrote.
+    fn end_batch(&mut self) {
+        self.pair.publish_used();
+        self.capture();
+    }
 
     /// Raises the interrupts the device owes the guest (signalling the call eventfds).
     pub fn interrupts(&mut self) -> Interrupts {

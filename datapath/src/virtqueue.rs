@@ -1,5 +1,9 @@
-//! One split virtqueue as the device sees it: `virtio-queue`'s ring logic plus the kick and
-//! call eventfds, the set of heads the device holds, and a broken flag. A ring the guest
+//! One split virtqueue as the device sees it: the ring protocol (virtio 1.2 §2.7: popping
+//! heads, used entries, notification suppression, EVENT_IDX) over the rings' checked host view
+//! ([`RingView`], translated once at start), plus the kick and call eventfds, the set of heads
+//! the device holds, and a broken flag. Used entries are written as they complete; the used
+//! index is published, and the used ring's pages dirty-logged, once per batch
+//! ([`Virtqueue::publish_used`], done before every interrupt decision). A ring the guest
 //! corrupts (an avail index that jumps past the queue size, rings outside memory, an avail
 //! entry naming a head past the queue size or one the device already holds) marks the queue
 //! broken instead of panicking; a broken queue is neither popped nor written any more.
@@ -8,16 +12,18 @@
 
 use std::os::fd::OwnedFd;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`.
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `VRING_USED_F_NO_NOTIFY`.
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
 use crate::chain::DescTable;
 use crate::memory::GuestMemory;
+use crate::ring_view::RingView;
 
 /// Where a virtqueue lives and where to resume it (from the VMM or a snapshot).
 #[derive(Debug)]
@@ -101,8 +107,21 @@ pub enum Kick {
 pub struct Virtqueue {
     /// virtio queue number (rx = 2n, tx = 2n + 1).
     pub index: u16,
-    queue: Queue,
+    view: RingView,
     table: DescTable,
+    used_ring: u64,
+    event_idx: bool,
+    /// Next avail position to pop.
+    next_avail: u16,
+    /// The avail index as last read (entries up to it were checked to be at most the queue
+    /// size ahead): popping reads the guest's index again only once these are taken.
+    avail_seen: u16,
+    /// Next used position to fill.
+    next_used: u16,
+    /// The used index the guest has been shown.
+    published: u16,
+    /// Used entries added since the last interrupt decision (EVENT_IDX's window).
+    num_added: u16,
     /// Kick eventfd.
     pub kick: OwnedFd,
     /// Call eventfd.
@@ -114,44 +133,44 @@ pub struct Virtqueue {
 }
 
 impl Virtqueue {
-    /// Validates `cfg` against guest memory and builds the queue.
+    /// Validates `cfg` against guest memory and builds the queue: its rings are translated
+    /// once into a checked host view (each must lie inside one memory region, aligned as
+    /// virtio requires).
     pub fn new(
         index: u16,
         cfg: QueueConfig,
         event_idx: bool,
         mem: &GuestMemory,
     ) -> Result<Virtqueue, QueueError> {
-        let invalid = |reason: String| QueueError::InvalidConfig { index, reason };
-        let mut queue =
-            Queue::new(cfg.size).map_err(|e| invalid(format!("size {}: {e}", cfg.size)))?;
-        queue
-            .try_set_desc_table_address(vm_memory::GuestAddress(cfg.desc_table))
-            .map_err(|e| invalid(format!("descriptor table {:#x}: {e}", cfg.desc_table)))?;
-        queue
-            .try_set_avail_ring_address(vm_memory::GuestAddress(cfg.avail_ring))
-            .map_err(|e| invalid(format!("avail ring {:#x}: {e}", cfg.avail_ring)))?;
-        queue
-            .try_set_used_ring_address(vm_memory::GuestAddress(cfg.used_ring))
-            .map_err(|e| invalid(format!("used ring {:#x}: {e}", cfg.used_ring)))?;
-        queue.set_event_idx(event_idx);
-        queue.set_next_avail(cfg.next_avail);
-        queue.set_next_used(cfg.next_used);
-        queue.set_ready(true);
-        if !queue.is_valid(mem.mmap()) {
-            return Err(invalid("rings are not inside guest memory".into()));
-        }
+        let view = RingView::new(mem, cfg.size, cfg.desc_table, cfg.avail_ring, cfg.used_ring)
+            .map_err(|e| QueueError::InvalidConfig {
+                index,
+                reason: e.to_string(),
+            })?;
         Ok(Virtqueue {
             index,
-            queue,
+            view,
             table: DescTable {
                 addr: cfg.desc_table,
                 size: cfg.size,
             },
+            used_ring: cfg.used_ring,
+            event_idx,
+            next_avail: cfg.next_avail,
+            avail_seen: cfg.next_avail,
+            next_used: cfg.next_used,
+            published: cfg.next_used,
+            num_added: 0,
             kick: cfg.kick,
             call: cfg.call,
             broken: false,
             held: vec![false; usize::from(cfg.size)],
         })
+    }
+
+    /// The rings' host view, for walking chains through it.
+    pub(crate) fn view(&self) -> &RingView {
+        &self.view
     }
 
     /// The descriptor table, for walking chains.
@@ -161,7 +180,7 @@ impl Virtqueue {
 
     /// Guest-physical address of the used ring.
     pub fn used_ring(&self) -> u64 {
-        self.queue.used_ring()
+        self.used_ring
     }
 
     /// True once the guest corrupted the ring.
@@ -179,6 +198,8 @@ impl Virtqueue {
 
     fn mark_broken(&mut self, reason: String) -> QueueError {
         if !self.broken {
+            // What was used before stays used: the guest is shown it.
+            self.publish_used();
             tracing::error!(queue = self.index, %reason, "guest corrupted the virtqueue; marking it broken");
         }
         self.broken = true;
@@ -190,47 +211,46 @@ impl Virtqueue {
 
     /// Pops up to `max` available heads into `out` (each below the queue size and not held;
     /// it is held from here until [`add_used`](Self::add_used)). Returns how many. A head
-    /// out of range or already held breaks the queue ([`QueueError::BadHead`]); the heads
-    /// popped before it were handed to `out`.
-    pub fn pop(
-        &mut self,
-        mem: &GuestMemory,
-        max: usize,
-        mut out: impl FnMut(u16),
-    ) -> Result<usize, QueueError> {
+    /// out of range or already held, or an avail index more than the queue size ahead,
+    /// breaks the queue ([`QueueError::BadHead`], [`QueueError::Broken`]); the heads popped
+    /// before it were handed to `out`.
+    pub fn pop(&mut self, max: usize, mut out: impl FnMut(u16)) -> Result<usize, QueueError> {
         if self.broken {
             return Ok(0);
         }
-        let first = self.queue.next_avail();
-        let iter = match self.queue.iter(mem.mmap()) {
-            Ok(it) => it,
-            Err(e) => return Err(self.mark_broken(format!("reading the avail ring: {e}"))),
-        };
+        let size = self.view.size();
         let mut n = 0usize;
-        let mut bad = None;
-        // `take(max)` bounds the loop; `iter` itself stops at the avail index, which
-        // virtio-queue has checked to be at most the queue size ahead.
-        for chain in iter.take(max) {
-            let head = chain.head_index();
-            // virtio-queue's iterator does not check heads: this is where they are checked.
-            match self.held.get_mut(usize::from(head)) {
+        while n < max {
+            if self.next_avail == self.avail_seen {
+                // Acquire: the entries up to the index were written before it (see
+                // `RingView::avail_idx`).
+                let idx = self.view.avail_idx(Ordering::Acquire);
+                let ahead = idx.wrapping_sub(self.next_avail);
+                if ahead > size {
+                    return Err(self.mark_broken(format!(
+                        "avail index {idx} is {ahead} entries ahead of {} (queue size {size})",
+                        self.next_avail
+                    )));
+                }
+                if ahead == 0 {
+                    break;
+                }
+                self.avail_seen = idx;
+            }
+            let at = self.next_avail;
+            let head = self.view.avail_entry(at);
+            self.next_avail = at.wrapping_add(1);
+            // The guest wrote `head`: checked here.
+            let reason = match self.held.get_mut(usize::from(head)) {
                 Some(held) if !*held => {
                     *held = true;
                     out(head);
                     n = n.saturating_add(1);
+                    continue;
                 }
-                Some(_) => {
-                    bad = Some((head, "the device holds it (made available twice)"));
-                    break;
-                }
-                None => {
-                    bad = Some((head, "past the queue size"));
-                    break;
-                }
-            }
-        }
-        if let Some((head, reason)) = bad {
-            let at = first.wrapping_add(u16::try_from(n).unwrap_or(u16::MAX));
+                Some(_) => "the device holds it (made available twice)",
+                None => "past the queue size",
+            };
             let _ = self.mark_broken(format!("avail entry {at} names head {head}: {reason}"));
             return Err(QueueError::BadHead {
                 index: self.index,
@@ -258,63 +278,96 @@ impl Virtqueue {
         self.held.get(usize::from(head)).copied().unwrap_or(false)
     }
 
-    /// Puts `head` in the used ring with `len` bytes written (it is no longer held). A broken
-    /// queue is not written.
-    pub fn add_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<(), QueueError> {
+    /// Puts `head` in the used ring with `len` bytes written (it is no longer held). The
+    /// guest sees it once the used index is published ([`publish_used`](Self::publish_used),
+    /// once per batch). A broken queue is not written.
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
         if self.broken {
             return Err(QueueError::Broken {
                 index: self.index,
                 reason: "the queue is broken".into(),
             });
         }
-        if let Some(h) = self.held.get_mut(usize::from(head)) {
-            *h = false;
+        match self.held.get_mut(usize::from(head)) {
+            Some(h) => *h = false,
+            None => {
+                return Err(self.mark_broken(format!(
+                    "adding {head} to the used ring: past the queue size"
+                )))
+            }
         }
-        if let Err(e) = self.queue.add_used(mem.mmap(), head, len) {
-            return Err(self.mark_broken(format!("adding {head} to the used ring: {e}")));
-        }
+        self.view.write_used(self.next_used, head, len);
+        self.next_used = self.next_used.wrapping_add(1);
+        self.num_added = self.num_added.wrapping_add(1);
         Ok(())
     }
 
+    /// Shows the guest every used entry added so far: publishes the used index (one release
+    /// store for the batch) and dirty-logs the used ring's written bytes (once per batch).
+    pub fn publish_used(&mut self) {
+        if self.next_used != self.published {
+            self.view.publish_used(self.next_used);
+            self.published = self.next_used;
+        }
+        self.view.flush_dirty();
+    }
+
+    /// True when the guest's avail index is past the device's position (a fresh read; a
+    /// broken queue never has work).
+    pub fn avail_moved(&self) -> bool {
+        !self.broken && self.view.avail_idx(Ordering::Acquire) != self.next_avail
+    }
+
     /// Asks the guest not to kick (no-op with EVENT_IDX, where kicks stop by themselves).
-    pub fn disable_notification(&mut self, mem: &GuestMemory) {
-        if !self.broken && self.queue.disable_notification(mem.mmap()).is_err() {
-            let _ = self.mark_broken("writing used flags".into());
+    pub fn disable_notification(&mut self) {
+        if !self.broken && !self.event_idx {
+            self.view.set_used_flags(VRING_USED_F_NO_NOTIFY);
         }
     }
 
     /// Asks the guest to kick on its next addition; returns true if buffers arrived meanwhile
     /// (the virtio lost-wakeup re-check, virtio 1.2 §2.7.10: the caller must then keep going).
-    pub fn enable_notification(&mut self, mem: &GuestMemory) -> bool {
+    pub fn enable_notification(&mut self) -> bool {
         if self.broken {
             return false;
         }
-        match self.queue.enable_notification(mem.mmap()) {
-            Ok(more) => more,
-            Err(e) => {
-                let _ = self.mark_broken(format!("enabling notifications: {e}"));
-                false
-            }
+        if self.event_idx {
+            // avail_event = where popping stopped (not the avail index read last: buffers
+            // added since must kick).
+            self.view.set_avail_event(self.next_avail);
+        } else {
+            self.view.set_used_flags(0);
         }
+        // The re-check's load must not be ordered before the store that arms the kick (a
+        // store-load pair: only a full fence keeps it), or a buffer added in between would
+        // neither kick nor be seen.
+        fence(Ordering::SeqCst);
+        self.view.avail_idx(Ordering::Relaxed) != self.next_avail
     }
 
-    /// True when the guest wants an interrupt for what was added since the last call
-    /// (EVENT_IDX's `used_event`, virtio 1.2 §2.7.10).
-    pub fn needs_notification(&mut self, mem: &GuestMemory) -> bool {
+    /// Publishes the used entries ([`publish_used`](Self::publish_used)), then tells
+    /// whether the guest wants an interrupt for what was added since the last call
+    /// (EVENT_IDX's `used_event`, virtio 1.2 §2.7.10; without it the driver's
+    /// `VRING_AVAIL_F_NO_INTERRUPT`, §2.7.7.2).
+    pub fn needs_notification(&mut self) -> bool {
         if self.broken {
             return false;
         }
-        if !self.queue.event_idx_enabled() {
-            // Without EVENT_IDX the driver suppresses interrupts with VRING_AVAIL_F_NO_INTERRUPT
-            // (virtio 1.2 §2.7.7.2: the device SHOULD NOT notify while it is set). The used
-            // ring writes must be visible before the flag is read, as with used_event.
-            std::sync::atomic::fence(Ordering::SeqCst);
-            let flags: Result<u16, _> = mem
-                .mmap()
-                .load(GuestAddress(self.queue.avail_ring()), Ordering::Relaxed);
-            return flags.map_or(true, |f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT == 0);
+        self.publish_used();
+        // The used index store must be visible before the driver's suppression field is
+        // read (a store-load pair again: the driver does the mirror image, virtio 1.2
+        // §2.7.10).
+        fence(Ordering::SeqCst);
+        if !self.event_idx {
+            return self.view.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0;
         }
-        self.queue.needs_notification(mem.mmap()).unwrap_or(true)
+        // Interrupt when used_event lies in [old, new): the window of entries added since
+        // the last decision, as Linux's vring_need_event (wrapping arithmetic).
+        let new = self.next_used;
+        let old = new.wrapping_sub(self.num_added);
+        self.num_added = 0;
+        let used_event = self.view.used_event();
+        new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
     }
 
     /// Signals the call eventfd with a `write(2)`, which never blocks: `Device::start` made
@@ -341,30 +394,22 @@ impl Virtqueue {
     /// Moves the queue to these ring positions (a successor resuming a predecessor's rings).
     /// Nothing is held afterwards (see [`hold`](Self::hold)).
     pub fn set_positions(&mut self, next_avail: u16, next_used: u16) {
-        self.queue.set_next_avail(next_avail);
-        self.queue.set_next_used(next_used);
+        self.next_avail = next_avail;
+        self.avail_seen = next_avail;
+        self.next_used = next_used;
+        self.published = next_used;
+        self.num_added = 0;
         self.held.iter_mut().for_each(|h| *h = false);
     }
 
     /// Next available index (ring position) and next used index.
     pub fn positions(&self) -> (u16, u16) {
-        (self.queue.next_avail(), self.queue.next_used())
+        (self.next_avail, self.next_used)
     }
 
     /// The head the guest put at avail-ring position `pos` (a free-running index).
-    pub fn avail_head(&self, mem: &GuestMemory, pos: u16) -> Option<u16> {
-        let slot = u64::from(pos.checked_rem(self.table.size)?);
-        // avail ring: flags (2), idx (2), then one u16 per slot; `is_valid` checked that the
-        // ring lies inside guest memory.
-        let addr = self
-            .queue
-            .avail_ring()
-            .checked_add(4)?
-            .checked_add(slot.checked_mul(2)?)?;
-        mem.mmap()
-            .read_obj::<u16>(GuestAddress(addr))
-            .ok()
-            .map(u16::from_le)
+    pub fn avail_head(&self, pos: u16) -> u16 {
+        self.view.avail_entry(pos)
     }
 
     /// Gives chains the device holds (popped, not used; `held` in pop order) back to the
@@ -376,7 +421,11 @@ impl Virtqueue {
     /// ring with length 0 (an empty buffer, which a driver drops and reposts). Rewinding over
     /// a used chain would make the next owner fill a buffer the guest already took back, so
     /// it is never done. Signals the guest if anything was used.
+    ///
+    /// `mem` is the memory the queue was built with (its rings are reached through the view
+    /// made then).
     pub fn give_back(&mut self, mem: &GuestMemory, held: &[u16]) -> GiveBack {
+        let _ = mem;
         let (mut base, _) = self.positions();
         // Which heads are still to be given back, by head (a head listed twice, or out of
         // range, counts once or not at all): linear in the queue size, whatever the guest
@@ -394,9 +443,8 @@ impl Virtqueue {
         let mut rewound = 0usize;
         while n_left > 0 {
             let q = base.wrapping_sub(1);
-            let slot = self
-                .avail_head(mem, q)
-                .and_then(|head| left.get_mut(usize::from(head)).map(|l| (head, l)));
+            let head = self.avail_head(q);
+            let slot = left.get_mut(usize::from(head)).map(|l| (head, l));
             let Some((head, l)) = slot.filter(|(_, l)| **l) else {
                 break;
             };
@@ -413,10 +461,12 @@ impl Virtqueue {
         for &h in held {
             if let Some(l) = left.get_mut(usize::from(h)).filter(|l| **l) {
                 *l = false;
-                let _ = self.add_used(mem, h, 0);
+                let _ = self.add_used(h, 0);
             }
         }
-        self.queue.set_next_avail(base);
+        self.next_avail = base;
+        self.avail_seen = base;
+        self.publish_used();
         if emptied > 0 {
             self.signal();
         }
@@ -427,6 +477,9 @@ impl Virtqueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 /// What [`Virtqueue::give_back`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,23 +18,6 @@ mod field {
 /// Offset of `num_buffers` in the header (the TAP skips these two bytes; tapir writes them).
 pub const NUM_BUFFERS_OFFSET: usize = field::NUM_BUFFERS.start;
 
-/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
-pub const F_NEEDS_CSUM: u8 = 1;
-/// `VIRTIO_NET_HDR_F_DATA_VALID`.
-pub const F_DATA_VALID: u8 = 2;
-/// `VIRTIO_NET_HDR_GSO_NONE`.
-pub const GSO_NONE: u8 = 0;
-/// `VIRTIO_NET_HDR_GSO_TCPV4`.
-pub const GSO_TCPV4: u8 = 1;
-/// `VIRTIO_NET_HDR_GSO_UDP`.
-pub const GSO_UDP: u8 = 3;
-/// `VIRTIO_NET_HDR_GSO_TCPV6`.
-pub const GSO_TCPV6: u8 = 4;
-/// `VIRTIO_NET_HDR_GSO_UDP_L4`.
-pub const GSO_UDP_L4: u8 = 5;
-/// `VIRTIO_NET_HDR_GSO_ECN`.
-pub const GSO_ECN: u8 = 0x80;
-
 /// A decoded `virtio_net_hdr_v1`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VirtioNetHdr {
@@ -52,6 +35,25 @@ pub struct VirtioNetHdr {
     pub csum_offset: u16,
     /// Number of merged RX buffers.
     pub num_buffers: u16,
+}
+
+impl VirtioNetHdr {
+    /// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
+    pub const F_NEEDS_CSUM: u8 = 1;
+    /// `VIRTIO_NET_HDR_F_DATA_VALID`.
+    pub const F_DATA_VALID: u8 = 2;
+    /// `VIRTIO_NET_HDR_GSO_NONE`.
+    pub const GSO_NONE: u8 = 0;
+    /// `VIRTIO_NET_HDR_GSO_TCPV4`.
+    pub const GSO_TCPV4: u8 = 1;
+    /// `VIRTIO_NET_HDR_GSO_UDP`.
+    pub const GSO_UDP: u8 = 3;
+    /// `VIRTIO_NET_HDR_GSO_TCPV6`.
+    pub const GSO_TCPV6: u8 = 4;
+    /// `VIRTIO_NET_HDR_GSO_UDP_L4`.
+    pub const GSO_UDP_L4: u8 = 5;
+    /// `VIRTIO_NET_HDR_GSO_ECN`.
+    pub const GSO_ECN: u8 = 0x80;
 }
 
 fn le16(b: &[u8; VNET_HDR_LEN], r: std::ops::Range<usize>) -> u16 {
@@ -93,7 +95,7 @@ impl VirtioNetHdr {
 
     /// The GSO type without the ECN bit.
     pub fn gso_kind(&self) -> u8 {
-        self.gso_type & !GSO_ECN
+        self.gso_type & !Self::GSO_ECN
     }
 }
 
@@ -104,8 +106,8 @@ mod tests {
     #[test]
     fn round_trip() {
         let h = VirtioNetHdr {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_TCPV4 | GSO_ECN,
+            flags: VirtioNetHdr::F_NEEDS_CSUM,
+            gso_type: VirtioNetHdr::GSO_TCPV4 | VirtioNetHdr::GSO_ECN,
             hdr_len: 54,
             gso_size: 1448,
             csum_start: 34,
@@ -115,6 +117,6 @@ mod tests {
         let b = h.to_bytes();
         assert_eq!(&b[10..12], &3u16.to_le_bytes());
         assert_eq!(VirtioNetHdr::from_bytes(&b), h);
-        assert_eq!(h.gso_kind(), GSO_TCPV4);
+        assert_eq!(h.gso_kind(), VirtioNetHdr::GSO_TCPV4);
     }
 }

@@ -5,8 +5,8 @@
 use std::fs::File;
 
 use proptest::prelude::*;
-use tapir_datapath::chain::{self, Access, DescTable, Segments};
-use tapir_datapath::memory::{GuestMemory, MemoryRegionSpec};
+use tapir_datapath::testing::chain::{self, Access, DescTable, Segments};
+use tapir_datapath::{GuestMemory, MemoryRegionSpec};
 use vm_memory::{Bytes, GuestAddress};
 
 const REGION0: (u64, u64) = (0, 0x10000);

@@ -1,4 +1,4 @@
-//! The descriptor-chain walker (`tapir_datapath::chain::walk`) over a guest-written memory
+//! The descriptor-chain walker (`tapir_datapath::testing::chain::walk`) over a guest-written memory
 //! image, direct and indirect tables: it never panics, every iovec lies inside guest memory
 //! (both as a guest range and as a host range of the mapping), lengths add up, and a refused
 //! chain leaves the caller's segments exactly as they were.
@@ -13,7 +13,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use tapir_datapath::chain::{self, Access, DescTable, Segments};
+use tapir_datapath::testing::chain::{self, Access, DescTable, Segments};
 use tapir_datapath::GuestMemory;
 use tapir_fuzz::{guest_memory, inside_mapping, inside_regions, write_clipped, Input, REGIONS};
 

@@ -13,7 +13,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use tapir_datapath::virtqueue::{used_index, Virtqueue};
+use tapir_datapath::{used_index, Virtqueue};
 use tapir_datapath::{GuestMemory, QueueConfig};
 use tapir_fuzz::{eventfd, guest_memory, write_clipped, zero, Input};
 use vm_memory::{Bytes, GuestAddress};

@@ -22,7 +22,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use tapir_datapath::engine::EngineConfig;
+use tapir_datapath::EngineConfig;
 use tapir_datapath::{EngineKind, TapQueue};
 use tapir_fuzz::{eventfd, fd_count, memfd, private_tap, Input};
 use tapir_vhost_user::wire::{Connection, Header, Request};

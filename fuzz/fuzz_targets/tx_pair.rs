@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use tapir_datapath::features as f;
-use tapir_datapath::pair::PairSettings;
+use tapir_datapath::PairSettings;
 use tapir_datapath::testing::{queue_config, PairHarness, TxSlot};
 use tapir_datapath::GuestMemory;
 use tapir_fuzz::{guest_memory, patch_guest, snapshot_into, zero, Input, Writable};

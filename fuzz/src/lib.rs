@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use tapir_datapath::memory::MemoryRegionSpec;
+use tapir_datapath::MemoryRegionSpec;
 use tapir_datapath::GuestMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -309,8 +309,8 @@ impl Writable {
     }
 
     /// Allows every buffer of every chain a device-writes walk accepts from the table.
-    pub fn allow_chains(&mut self, mem: &GuestMemory, table: tapir_datapath::chain::DescTable) {
-        use tapir_datapath::chain::{walk, Access, Segments};
+    pub fn allow_chains(&mut self, mem: &GuestMemory, table: tapir_datapath::testing::chain::DescTable) {
+        use tapir_datapath::testing::chain::{walk, Access, Segments};
         let mut seg = Segments::default();
         for head in 0..table.size {
             seg.clear();

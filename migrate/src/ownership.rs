@@ -164,7 +164,7 @@ impl OwnershipWord {
             ));
         }
         let len = u64::try_from(LEN).unwrap_or(u64::MAX);
-        tapir_datapath::fd_check::expect_file_range(fd.as_fd(), 0, len, "the ownership word")
+        tapir_datapath::expect_file_range(fd.as_fd(), 0, len, "the ownership word")
             .map_err(|e| MigrateError::Ownership(e.to_string()))?;
         OwnershipWord::map(fd)
     }

@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use tapir_datapath::features::{tap_offload_flags, F_EVENT_IDX};
-use tapir_datapath::tap::VNET_HDR_LEN;
+use tapir_datapath::VNET_HDR_LEN;
 use tapir_datapath::{DeviceConfig, GuestMemory, PairResources, QuiescedPair, RingAddrs};
 use tapir_state::{
     DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction, MemoryRegionState, QueuePairState,
@@ -169,7 +169,7 @@ pub fn describe<'a>(
         source: SourceInfo {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            time_ns: tapir_datapath::stats::monotonic_ns(),
+            time_ns: tapir_datapath::monotonic_ns(),
             generation,
         },
     };

@@ -174,9 +174,9 @@ fn switch_v2(
     t: Timeouts,
 ) -> Result<Outcome, MigrateError> {
     // Switch: the blackout starts here.
-    let quiesce_ns = tapir_datapath::stats::monotonic_ns();
+    let quiesce_ns = tapir_datapath::monotonic_ns();
     let snapshot = source.quiesce()?;
-    let quiesced_ns = tapir_datapath::stats::monotonic_ns();
+    let quiesced_ns = tapir_datapath::monotonic_ns();
     let mut payload = quiesce_ns.to_le_bytes().to_vec();
     payload.extend_from_slice(&tapir_state::encode(&snapshot));
     let ready = ch
@@ -192,7 +192,7 @@ fn switch_v2(
         source.resume()?;
         return Ok(Outcome::RolledBack(e));
     }
-    let ready_ns = tapir_datapath::stats::monotonic_ns();
+    let ready_ns = tapir_datapath::monotonic_ns();
     ch.send(protocol::GO, &[], &[]).ok();
     // Ownership is decided here, once: a RUNNING within the switch timeout commits (and
     // nothing fences the successor afterwards); anything else fires the fence, and from then
@@ -201,7 +201,7 @@ fn switch_v2(
         Ok(()) => Ok(Outcome::Committed(HandoffReport {
             successor_pid: fence.pid(),
             quiesce_ns,
-            running_ns: tapir_datapath::stats::monotonic_ns(),
+            running_ns: tapir_datapath::monotonic_ns(),
             switch_sent_ns: quiesced_ns,
             ready_ns,
             version: 2,
@@ -259,7 +259,7 @@ pub fn hand_off_state(
             )));
         }
         ch.send(protocol::STATE_ONLY, blob, fds)?;
-        Ok((fence, version, tapir_datapath::stats::monotonic_ns()))
+        Ok((fence, version, tapir_datapath::monotonic_ns()))
     })();
     let (fence, version, sent_ns) = match offered {
         Ok(v) => v,
@@ -277,7 +277,7 @@ pub fn hand_off_state(
         Ok(()) => Ok(Outcome::Committed(HandoffReport {
             successor_pid: fence.pid(),
             quiesce_ns: sent_ns,
-            running_ns: tapir_datapath::stats::monotonic_ns(),
+            running_ns: tapir_datapath::monotonic_ns(),
             switch_sent_ns: sent_ns,
             ready_ns: sent_ns,
             version,

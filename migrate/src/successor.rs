@@ -4,10 +4,10 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
-use tapir_datapath::fd_check;
+use tapir_datapath::{expect_eventfd, expect_file_range};
 
-use tapir_datapath::engine::EngineConfig;
-use tapir_datapath::memory::MemoryRegionSpec;
+use tapir_datapath::EngineConfig;
+use tapir_datapath::MemoryRegionSpec;
 use tapir_datapath::{
     Device, DeviceConfig, EngineKind, GuestMemory, PairPositions, PausedDevice, QueueConfig,
     QueuePairSpec, TapQueue,
@@ -254,7 +254,7 @@ fn switch_v2(
             return Err(e);
         }
     };
-    let ready_ns = tapir_datapath::stats::monotonic_ns();
+    let ready_ns = tapir_datapath::monotonic_ns();
     paused.arm();
     let go = ch
         .send(protocol::READY, &[], &[])
@@ -265,11 +265,11 @@ fn switch_v2(
         let _ = paused.abort();
         return Err(e);
     }
-    let go_ns = tapir_datapath::stats::monotonic_ns();
+    let go_ns = tapir_datapath::monotonic_ns();
     fail_here(opts, FailPoint::BeforeRunning);
     // RUNNING goes out before any ring is touched: if this process dies in between, the
     // source knows it never ran (see hand_off).
-    let running_ns = tapir_datapath::stats::monotonic_ns();
+    let running_ns = tapir_datapath::monotonic_ns();
     if let Err(e) = ch.send(protocol::RUNNING, &[], &[]) {
         let _ = paused.abort();
         return Err(e.into());
@@ -398,7 +398,7 @@ pub(crate) fn final_positions(
     opts: &SuccessorOptions,
     layout: &DeviceSnapshot,
 ) -> Result<(u64, Switch), MigrateError> {
-    let switch_ns = tapir_datapath::stats::monotonic_ns();
+    let switch_ns = tapir_datapath::monotonic_ns();
     expect(msg, protocol::SWITCH, "SWITCH")?;
     let quiesce_ns = msg
         .payload
@@ -507,7 +507,7 @@ fn adopt(layout: DeviceSnapshot, fds: Vec<OwnedFd>) -> Result<Prepared, MigrateE
         let fd = take_fd(&mut fds, r.fd).ok_or_else(|| missing("memory", r.fd))?;
         // Before anything is mapped: a mapping past the end of its file raises SIGBUS on
         // first touch (the pre-fault below, or a worker after RUNNING).
-        fd_check::expect_file_range(
+        expect_file_range(
             fd.as_fd(),
             r.file_offset,
             r.size,
@@ -535,7 +535,7 @@ fn adopt(layout: DeviceSnapshot, fds: Vec<OwnedFd>) -> Result<Prepared, MigrateE
         // write or report end-of-file forever.
         let mut eventfd = |what: &str, i: u16| -> Result<OwnedFd, MigrateError> {
             let fd = take_fd(&mut fds, i).ok_or_else(|| missing(what, i))?;
-            fd_check::expect_eventfd(fd.as_fd(), &format!("{what} fd {i}"))
+            expect_eventfd(fd.as_fd(), &format!("{what} fd {i}"))
                 .map_err(|e| MigrateError::Fds(e.to_string()))?;
             Ok(fd)
         };

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use tapir_datapath::stats::monotonic_ns;
+use tapir_datapath::monotonic_ns;
 use tapir_datapath::PausedDevice;
 use tapir_state::DeviceSnapshot;
 

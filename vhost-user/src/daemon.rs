@@ -465,7 +465,7 @@ pub fn take_over_daemon(
             Ok((daemon, mut current)) => {
                 accept_state(&ch)?;
                 drop(ch);
-                let now = tapir_datapath::stats::monotonic_ns();
+                let now = tapir_datapath::monotonic_ns();
                 if let Some((_, session)) = &mut current {
                     session.generation += 1;
                     if let Err(e) = session.reconcile() {
@@ -905,7 +905,7 @@ impl Daemon {
                 event(format!(
                     "{{\"event\":\"memory_broken\",\"sessions\":{},\"faults\":{}}}",
                     self.counters.memory_broken,
-                    tapir_datapath::memory::fault::recovered_faults()
+                    tapir_datapath::recovered_faults()
                 ));
                 return Ok(SessionEnd::Disconnected);
             }

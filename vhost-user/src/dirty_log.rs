@@ -11,9 +11,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tapir_datapath::fd_check::{expect_file_range, FdCheckError};
-use tapir_datapath::memory::fault;
 use tapir_datapath::GuestMemory;
+use tapir_datapath::{expect_file_range, FdCheckError};
+use tapir_datapath::{guard_mapping, MappingGuard};
 
 /// Granularity of the vhost log.
 pub const LOG_PAGE: u64 = 4096;
@@ -33,7 +33,7 @@ pub struct DirtyLog {
     /// Offset the frontend gave.
     pub mmap_offset: u64,
     /// The SIGBUS guard of the mapping (the log fd may shrink too).
-    guard: fault::Registration,
+    guard: MappingGuard,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomic byte operations; the
@@ -85,7 +85,7 @@ impl DirtyLog {
         let Some(base) = NonNull::new(ptr.cast::<u8>()) else {
             return Err(LogError::Size(mmap_size));
         };
-        let Some(guard) = fault::register(base.as_ptr(), len) else {
+        let Some(guard) = guard_mapping(base.as_ptr(), len) else {
             // SAFETY: unmapping the mapping just made, which nothing uses.
             unsafe { libc::munmap(ptr, len) };
             return Err(LogError::Guard);
@@ -101,7 +101,7 @@ impl DirtyLog {
     }
 
     /// True once the log's file shrank under it and a write faulted (see
-    /// [`tapir_datapath::memory::fault`]).
+    /// [`tapir_datapath::guard_mapping`]).
     pub fn is_broken(&self) -> bool {
         self.guard.is_broken()
     }
@@ -207,7 +207,7 @@ impl Drop for DirtyLog {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
-    use tapir_datapath::memory::MemoryRegionSpec;
+    use tapir_datapath::MemoryRegionSpec;
 
     fn memfd(len: u64) -> OwnedFd {
         let fd = nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)

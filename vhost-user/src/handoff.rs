@@ -360,13 +360,16 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
 /// the dirty log lie inside their files, kick/call/err fds are eventfds. A predecessor that
 /// lies is refused while it still owns everything.
 pub fn check_fds(state: &SessionState, fds: &[OwnedFd]) -> Result<(), SessionStateError> {
-    use tapir_datapath::fd_check;
+    use tapir_datapath::{
+        expect_eventfd, expect_file_range, expect_listening_socket, is_listening_socket,
+        link_target, FdCheckError,
+    };
     let fd = |i: u16| {
         fds.get(usize::from(i))
             .map(AsFd::as_fd)
             .ok_or_else(|| SessionStateError::Invalid(format!("fd {i} missing")))
     };
-    let bad = |e: fd_check::FdCheckError| SessionStateError::Invalid(e.to_string());
+    let bad = |e: FdCheckError| SessionStateError::Invalid(e.to_string());
     for (pair, &t) in state.taps.iter().enumerate() {
         let dup = fd(t)?
             .try_clone_to_owned()
@@ -376,8 +379,8 @@ pub fn check_fds(state: &SessionState, fds: &[OwnedFd]) -> Result<(), SessionSta
     }
     if let Some(c) = state.connection {
         let f = fd(c)?;
-        let target = fd_check::link_target(f).unwrap_or_default();
-        if !target.starts_with("socket:") || fd_check::is_listening_socket(f) {
+        let target = link_target(f).unwrap_or_default();
+        if !target.starts_with("socket:") || is_listening_socket(f) {
             return Err(SessionStateError::Invalid(format!(
                 "frontend connection (fd {c}): expected a connected socket, got {target}"
             )));
@@ -388,37 +391,37 @@ pub fn check_fds(state: &SessionState, fds: &[OwnedFd]) -> Result<(), SessionSta
     // the predecessor make it delete any file of the user's.
     if let Some(l) = state.endpoint.listener {
         let what = format!("vhost-user listener (fd {l})");
-        fd_check::expect_listening_socket(fd(l)?, &what).map_err(bad)?;
+        expect_listening_socket(fd(l)?, &what).map_err(bad)?;
         expect_bound_at(fd(l)?, &state.endpoint.path, &what)?;
     }
     if let Some((path, l)) = &state.endpoint.handoff {
         let what = format!("handoff listener (fd {l})");
-        fd_check::expect_listening_socket(fd(*l)?, &what).map_err(bad)?;
+        expect_listening_socket(fd(*l)?, &what).map_err(bad)?;
         expect_bound_at(fd(*l)?, path, &what)?;
     }
     if let Some((path, l)) = &state.report.control {
         let what = format!("control socket listener (fd {l})");
-        fd_check::expect_listening_socket(fd(*l)?, &what).map_err(bad)?;
+        expect_listening_socket(fd(*l)?, &what).map_err(bad)?;
         expect_bound_at(fd(*l)?, path, &what)?;
     }
     if let Some(l) = state.report.metrics {
         let what = format!("metrics listener (fd {l})");
-        fd_check::expect_listening_socket(fd(l)?, &what).map_err(bad)?;
+        expect_listening_socket(fd(l)?, &what).map_err(bad)?;
         expect_loopback_tcp(fd(l)?, &what)?;
     }
     for (i, r) in state.regions.iter().enumerate() {
         let what = format!("memory region {i} (fd {})", r.fd);
-        fd_check::expect_file_range(fd(r.fd)?, r.mmap_offset, r.size, &what).map_err(bad)?;
+        expect_file_range(fd(r.fd)?, r.mmap_offset, r.size, &what).map_err(bad)?;
     }
     if let Some(l) = &state.log {
         let what = format!("dirty log (fd {})", l.fd);
-        fd_check::expect_file_range(fd(l.fd)?, l.mmap_offset, l.mmap_size, &what).map_err(bad)?;
+        expect_file_range(fd(l.fd)?, l.mmap_offset, l.mmap_size, &what).map_err(bad)?;
     }
     for (n, v) in state.vrings.iter().enumerate() {
         for (role, i) in [("kick", v.kick), ("call", v.call), ("err", v.err)] {
             if let Some(i) = i {
                 let what = format!("{role} fd of vring {n} (fd {i})");
-                fd_check::expect_eventfd(fd(i)?, &what).map_err(bad)?;
+                expect_eventfd(fd(i)?, &what).map_err(bad)?;
             }
         }
     }

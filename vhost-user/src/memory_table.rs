@@ -6,8 +6,8 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use tapir_datapath::memory::{MemoryRegionSpec, MAX_GUEST_MEMORY};
 use tapir_datapath::{GuestMemory, MemoryError};
+use tapir_datapath::{MemoryRegionSpec, MAX_GUEST_MEMORY};
 
 /// Most regions tapir accepts (`VHOST_USER_GET_MAX_MEM_SLOTS`).
 pub const MAX_MEM_SLOTS: usize = 32;

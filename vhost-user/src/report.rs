@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::Value;
-use tapir_datapath::stats::QueuePairStats;
 use tapir_datapath::Counters;
+use tapir_datapath::QueuePairStats;
 
 /// Where each queue pair's counters are: totals of devices already stopped plus the running
 /// device's live counters.

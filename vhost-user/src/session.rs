@@ -15,12 +15,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use tapir_datapath::engine::EngineConfig;
-use tapir_datapath::fd_check::{expect_eventfd, FdCheckError};
-use tapir_datapath::virtqueue::{used_index, Virtqueue};
+use tapir_datapath::EngineConfig;
+use tapir_datapath::{expect_eventfd, FdCheckError};
 use tapir_datapath::{
     features, Device, DeviceConfig, EngineKind, GuestMemory, QueueConfig, QueuePairSpec, TapQueue,
 };
+use tapir_datapath::{used_index, Virtqueue};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserLog, VhostUserMemory, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
     VhostUserU64, VhostUserVringAddr, VhostUserVringState,
@@ -367,7 +367,7 @@ impl Session {
 
     /// True when the mapped memory (the session's, the running device's) or the dirty log
     /// lost pages under its mapping: the frontend shrank a file it passed (see
-    /// [`tapir_datapath::memory::fault`]). The session must end.
+    /// [`tapir_datapath::guard_mapping`]). The session must end.
     pub fn memory_broken(&self) -> bool {
         self.memory.as_ref().is_some_and(GuestMemory::is_broken)
             || self

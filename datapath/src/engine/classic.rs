@@ -142,6 +142,49 @@ fn process_rx(pair: &mut QueuePair, tap: &TapQueue, rx: &mut ClassicRx, burst: u
     RxOutcome::Burst
 }
 
+/// What a busy-poll spell found.
+enum Polled {
+    /// Ready fds (in the events array).
+    Events(usize),
+    /// Chains on a ring the device waits on.
+    GuestPosted,
+    /// Nothing within the budget (or no busy polling): sleep in `epoll_wait`.
+    Sleep,
+}
+
+/// Busy polling ([`EngineConfig::busy_poll`]): instead of sleeping at once, look for up to
+/// `budget` for ready fds (a zero-timeout `epoll_wait`: the TAP, kicks, the stop) and for
+/// chains on a ring the device waits on. The guest's kicks stay armed meanwhile.
+fn poll_busily(
+    epoll: &Epoll,
+    events: &mut [EpollEvent],
+    pair: &mut QueuePair,
+    budget: std::time::Duration,
+) -> Result<Polled, EngineError> {
+    let deadline = std::time::Instant::now() + budget;
+    loop {
+        pair.counters.busy_poll_rounds += 1;
+        match epoll.wait(events, EpollTimeout::ZERO) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(n) => {
+                pair.counters.busy_poll_found += 1;
+                return Ok(Polled::Events(n));
+            }
+            Err(e) => return Err(io_err("epoll_wait", e.into())),
+        }
+        if pair.guest_posted() {
+            pair.counters.busy_poll_found += 1;
+            return Ok(Polled::GuestPosted);
+        }
+        if std::time::Instant::now() >= deadline {
+            // What the spell counted is visible while the worker sleeps.
+            pair.publish();
+            return Ok(Polled::Sleep);
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Reads the stop eventfd: a test's injected fault, or a plain stop.
 fn read_fault(stop: &OwnedFd) -> Option<WorkerFault> {
     let mut buf = [0u8; 8];
@@ -208,10 +251,24 @@ impl Engine for ClassicEngine {
             } else {
                 EpollTimeout::NONE
             };
-            let n = match epoll.wait(&mut events, timeout) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EINTR) => 0,
-                Err(e) => return Err(io_err("epoll_wait", e.into())),
+            let polled = match (timeout == EpollTimeout::NONE, self.cfg.busy_poll) {
+                (true, Some(budget)) if !budget.is_zero() => {
+                    poll_busily(&epoll, &mut events, pair, budget)?
+                }
+                _ => Polled::Sleep,
+            };
+            let n = match polled {
+                Polled::Events(n) => n,
+                Polled::GuestPosted => {
+                    tx_more = true;
+                    rx_more = true;
+                    0
+                }
+                Polled::Sleep => match epoll.wait(&mut events, timeout) {
+                    Ok(n) => n,
+                    Err(nix::errno::Errno::EINTR) => 0,
+                    Err(e) => return Err(io_err("epoll_wait", e.into())),
+                },
             };
             pair.counters.batches += 1;
             pair.begin_pass();

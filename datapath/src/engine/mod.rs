@@ -91,6 +91,12 @@ pub struct EngineConfig {
     /// ordinary threads at once, which bounds wake-up latency (a handoff's resume, bursts
     /// after idle) on a busy machine. None: ordinary scheduling.
     pub realtime_priority: Option<u8>,
+    /// Busy polling (opt-in, the userspace twin of vhost-net's
+    /// `VHOST_SET_VRING_BUSYLOOP_TIMEOUT`): after its last work, a worker polls its rings
+    /// and the TAP for up to this long before it sleeps, so that the next packet finds it
+    /// awake (no wake-up latency) at the price of a CPU spinning meanwhile. Counted in
+    /// `busy_poll_rounds` and `busy_poll_found`. None: sleep at once.
+    pub busy_poll: Option<std::time::Duration>,
 }
 
 impl Default for EngineConfig {
@@ -99,6 +105,7 @@ impl Default for EngineConfig {
             tx_depth: 256,
             rx_depth: 64,
             realtime_priority: None,
+            busy_poll: None,
         }
     }
 }

@@ -1,13 +1,23 @@
-//! The io_uring engine: one ring per queue pair, batched submissions, zero copy.
+//! The io_uring engine: one ring per queue pair, batched submissions, zero copy. This file
+//! is the worker's loop; `op` is what an SQE's user data says, `setup` builds a worker's
+//! restricted ring.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use io_uring::types::{CancelBuilder, Fixed};
 use io_uring::{opcode, squeue, IoUring};
 
-use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers, WorkerFault};
+use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers};
 use crate::pair::{Direction, QueuePair, RxPrep, RxRead, RxRetry, TxPop, TxWrite};
 use crate::tap::TapQueue;
+
+mod complete;
+mod op;
+mod setup;
+
+use op::Op;
+use setup::build_ring;
 
 // Registered file slots.
 const FILE_TAP: u32 = 0;
@@ -16,77 +26,6 @@ const FILE_RX_KICK: u32 = 2;
 const FILE_STOP: u32 = 3;
 const FILE_RX_CALL: u32 = 4;
 const FILE_TX_CALL: u32 = 5;
-
-/// What an SQE was for, carried in its user data: the operation in the high 32 bits, a slot
-/// (TAP reads and writes) or a direction in the low 32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    /// A TAP write of TX slot `n`.
-    Tx(usize),
-    /// A TAP read into RX slot `n`.
-    Rx(usize),
-    /// The read pending on a queue's kick eventfd.
-    Kick(Direction),
-    /// The read pending on the stop eventfd.
-    Stop,
-    /// A write to a queue's call eventfd (an interrupt).
-    Call(Direction),
-    /// The cancel of everything pending, at quiesce.
-    Cancel,
-    /// The poll (or timeout) that lets RX post reads again.
-    RxRetry,
-}
-
-const OP_TX: u64 = 1;
-const OP_RX: u64 = 2;
-const OP_KICK: u64 = 3;
-const OP_STOP: u64 = 4;
-const OP_CALL: u64 = 5;
-const OP_CANCEL: u64 = 6;
-const OP_RX_RETRY: u64 = 7;
-
-fn dir_code(dir: Direction) -> u64 {
-    match dir {
-        Direction::Rx => 0,
-        Direction::Tx => 1,
-    }
-}
-
-impl Op {
-    fn user_data(self) -> u64 {
-        let (op, low) = match self {
-            Op::Tx(slot) => (OP_TX, slot as u64),
-            Op::Rx(slot) => (OP_RX, slot as u64),
-            Op::Kick(dir) => (OP_KICK, dir_code(dir)),
-            Op::Stop => (OP_STOP, 0),
-            Op::Call(dir) => (OP_CALL, dir_code(dir)),
-            Op::Cancel => (OP_CANCEL, 0),
-            Op::RxRetry => (OP_RX_RETRY, 0),
-        };
-        (op << 32) | (low & 0xffff_ffff)
-    }
-
-    /// The operation a completion belongs to; None for user data this engine never sets.
-    fn from_user_data(data: u64) -> Option<Op> {
-        let low = data & 0xffff_ffff;
-        let dir = match low {
-            0 => Some(Direction::Rx),
-            1 => Some(Direction::Tx),
-            _ => None,
-        };
-        let slot = usize::try_from(low).ok();
-        match data >> 32 {
-            OP_TX => slot.map(Op::Tx),
-            OP_RX => slot.map(Op::Rx),
-            OP_KICK => dir.map(Op::Kick),
-            OP_STOP => Some(Op::Stop),
-            OP_CALL => dir.map(Op::Call),
-            OP_CANCEL => Some(Op::Cancel),
-            OP_RX_RETRY => Some(Op::RxRetry),
-            _ => None,
-        }
-    }
-}
 
 /// The value written to a call eventfd. A static, so the buffer outlives every SQE.
 static ONE: u64 = 1;
@@ -117,60 +56,6 @@ fn setup_err(source: std::io::Error) -> EngineError {
         engine: EngineKind::Uring,
         source,
     }
-}
-
-/// The opcodes the engine submits: TAP reads and writes (Readv/Writev), eventfd reads and
-/// writes (Read/Write), a poll on the TAP, the RX retry timeout, and the cancel at quiesce.
-const RING_OPCODES: [u8; 7] = [
-    opcode::Readv::CODE,
-    opcode::Writev::CODE,
-    opcode::Read::CODE,
-    opcode::Write::CODE,
-    opcode::PollAdd::CODE,
-    opcode::Timeout::CODE,
-    opcode::AsyncCancel::CODE,
-];
-
-/// What an SQE on a worker's ring may do, since seccomp cannot see SQEs: only
-/// `RING_OPCODES`, only on registered files (IOSQE_FIXED_FILE required, no other flag), and
-/// no io_uring_register operation once the ring runs.
-fn ring_restrictions() -> Vec<io_uring::register::Restriction> {
-    use io_uring::register::Restriction;
-    let mut r: Vec<Restriction> = RING_OPCODES
-        .iter()
-        .map(|&op| Restriction::sqe_op(op))
-        .collect();
-    r.push(Restriction::sqe_flags_required(
-        squeue::Flags::FIXED_FILE.bits(),
-    ));
-    r
-}
-
-/// A ring for one worker, with `files` registered (slot i: `files[i]`), created disabled,
-/// restricted (`ring_restrictions`), then enabled. The restrictions are part of the engine,
-/// not of the process sandbox: `--no-sandbox` leaves them on.
-fn build_ring(entries: u32, files: &[std::os::fd::RawFd]) -> std::io::Result<IoUring> {
-    // DEFER_TASKRUN runs completions only when we enter the kernel to wait, on this thread:
-    // no IPIs, no task-work interrupting the loop. Older kernels fall back.
-    let ring = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_r_disabled()
-        .build(entries)
-        .or_else(|_| {
-            IoUring::builder()
-                .setup_coop_taskrun()
-                .setup_r_disabled()
-                .build(entries)
-        })
-        .or_else(|_| IoUring::builder().setup_r_disabled().build(entries))?;
-    // The kernel takes registrations and the (single) restriction set only while the ring
-    // is disabled; the restrictions bind from IORING_REGISTER_ENABLE_RINGS on.
-    let submitter = ring.submitter();
-    submitter.register_files(files)?;
-    submitter.register_restrictions(&mut ring_restrictions())?;
-    submitter.register_enable_rings()?;
-    Ok(ring)
 }
 
 #[cfg(test)]
@@ -250,6 +135,17 @@ struct Loop {
     /// counter is read, and a quiesce would wait for it). Cleared if the kernel's eventfd
     /// does not support it (`EOPNOTSUPP`): then calls are plain non-blocking `write(2)`s.
     call_nowait: bool,
+    /// Busy polling before sleeping ([`EngineConfig::busy_poll`]).
+    busy_poll: Option<Duration>,
+}
+
+/// What a busy-poll spell found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Polled {
+    /// Completions, or chains on a ring the device waits on: go on without sleeping.
+    Work,
+    /// Nothing within the budget: sleep.
+    Nothing,
 }
 
 impl Loop {
@@ -467,6 +363,64 @@ impl Loop {
         Ok(())
     }
 
+    /// Busy polling ([`EngineConfig::busy_poll`]): instead of sleeping at once, look for up
+    /// to `budget` for completions (running the kernel's deferred task work whenever the SQ
+    /// flags say some waits: a frame on the TAP, a kick) and for chains on a ring the device
+    /// waits on. Queued SQEs (interrupts above all) are submitted first. The guest's kicks
+    /// stay armed meanwhile. Never inlined: instruction counts keep it apart from the loop's
+    /// work (`bench/examples/per_packet.rs`).
+    #[inline(never)]
+    fn poll_busily(
+        &mut self,
+        pair: &mut QueuePair,
+        budget: Duration,
+    ) -> Result<Polled, EngineError> {
+        let submit_err = |source| EngineError::Io {
+            engine: EngineKind::Uring,
+            what: "io_uring_enter (busy poll)",
+            source,
+        };
+        let ignorable = |e: &std::io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+            )
+        };
+        match self.ring.submit() {
+            Ok(_) => {}
+            Err(e) if ignorable(&e) => {}
+            Err(e) => return Err(submit_err(e)),
+        }
+        let deadline = Instant::now() + budget;
+        loop {
+            pair.counters.busy_poll_rounds += 1;
+            if self.ring.submission().taskrun() {
+                // An enter with GETEVENTS runs the task work (`submit` adds it for this flag).
+                match self.ring.submit() {
+                    Ok(_) => {}
+                    Err(e) if ignorable(&e) => {}
+                    Err(e) => return Err(submit_err(e)),
+                }
+            }
+            if !self.ring.completion().is_empty() {
+                pair.counters.busy_poll_found += 1;
+                return Ok(Polled::Work);
+            }
+            if pair.guest_posted() {
+                pair.counters.busy_poll_found += 1;
+                self.tx_pending = true;
+                self.rx_pending = true;
+                return Ok(Polled::Work);
+            }
+            if Instant::now() >= deadline {
+                // What the spell counted is visible while the worker sleeps.
+                pair.publish();
+                return Ok(Polled::Nothing);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     fn reap(&mut self, pair: &mut QueuePair) -> Result<(), EngineError> {
         // Copy completions out first: handling them pushes new SQEs.
         let mut done: [(u64, i32); 64] = [(0, 0); 64];
@@ -487,107 +441,6 @@ impl Loop {
                 }
             }
         }
-    }
-
-    fn complete(&mut self, pair: &mut QueuePair, op: Op, res: i32) -> Result<(), EngineError> {
-        match op {
-            Op::Tx(slot) => {
-                let result = usize::try_from(res).map_err(|_| -res);
-                pair.complete_tx(&self.tx[slot], result);
-                self.tx_free.push(slot);
-                self.tx_inflight -= 1;
-                self.tx_pending = true;
-            }
-            Op::Rx(slot) => {
-                self.rx_posted -= 1;
-                match usize::try_from(res) {
-                    Ok(n) if n > 0 => {
-                        // Frames complete in order: behind a frame waiting for guest buffers,
-                        // the next ones wait too.
-                        self.rx[slot].set_frame(n);
-                        self.rx_waiting.push_back(slot);
-                        self.drain_rx_waiting(pair);
-                        self.rx_burst = (self.rx_burst + 1).min(self.rx_depth);
-                        self.rx_pending = true;
-                        return Ok(());
-                    }
-                    _ => {
-                        if res == -libc::EAGAIN {
-                            self.rx_burst = (self.rx_burst / 2).max(1);
-                        }
-                        pair.return_rx(&mut self.rx[slot]);
-                        if res != -libc::ECANCELED
-                            && self.phase == Phase::Running
-                            && self.rx_gate == RxGate::Open
-                        {
-                            self.pause_rx(pair, res)?;
-                        }
-                    }
-                }
-                self.rx_free.push(slot);
-                self.rx_pending = true;
-            }
-            Op::Kick(dir) => {
-                // End of file, a short read or an error other than EAGAIN: the fd is not an
-                // eventfd and will never kick; re-posting the read would spin.
-                let dead = (0..8).contains(&res)
-                    || (res < 0 && ![-libc::EAGAIN, -libc::EINTR, -libc::ECANCELED].contains(&res));
-                let running = self.phase == Phase::Running;
-                if dead && running {
-                    pair.kick_failed(dir);
-                    return Ok(());
-                }
-                if res == 8 {
-                    match dir {
-                        Direction::Tx => {
-                            pair.counters.tx_kicks += 1;
-                            self.tx_pending = true;
-                        }
-                        Direction::Rx => {
-                            pair.counters.rx_kicks += 1;
-                            self.rx_pending = true;
-                        }
-                    }
-                }
-                if running && res != -libc::ECANCELED {
-                    self.post_event_read(EventRead::Kick(dir))?;
-                }
-            }
-            Op::Stop => {
-                if res == 8 {
-                    if let Some(fault) = WorkerFault::from_stop_value(self.event_buf[2]) {
-                        return inject(fault);
-                    }
-                }
-                if res != -libc::ECANCELED && self.phase == Phase::Running {
-                    self.phase = Phase::Stopping;
-                }
-            }
-            Op::Call(dir) if res == -libc::EOPNOTSUPP || res == -libc::EINVAL => {
-                // This kernel's eventfd takes no RWF_NOWAIT: plain non-blocking writes from
-                // now on, and this interrupt again.
-                self.call_nowait = false;
-                pair.signal(dir);
-            }
-            Op::RxRetry => {
-                self.rx_gate = RxGate::Open;
-                self.rx_pending = true;
-            }
-            Op::Call(_) | Op::Cancel => {}
-        }
-        Ok(())
-    }
-}
-
-/// Fails as a test asked ([`crate::Device::inject_fault`]).
-fn inject(fault: WorkerFault) -> Result<(), EngineError> {
-    match fault {
-        WorkerFault::Panic => panic!("uring engine: injected panic (a test's fault)"),
-        WorkerFault::Error => Err(EngineError::Io {
-            engine: EngineKind::Uring,
-            what: "an injected fault",
-            source: std::io::Error::other("a test's fault"),
-        }),
     }
 }
 
@@ -639,6 +492,7 @@ impl Engine for UringEngine {
             phase: Phase::Running,
             again: false,
             call_nowait: true,
+            busy_poll: self.cfg.busy_poll.filter(|d| !d.is_zero()),
         };
         if !ready(pair) {
             return Ok(Leftovers(Some(Box::new(lp))));
@@ -712,7 +566,14 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
         // while popping, a queue found broken, interrupts) must not wait for the next event.
         pair.publish();
         // Known work left (see `again`): enter the kernel without waiting.
-        let want = usize::from(!lp.again || lp.phase != Phase::Running);
+        let mut want = usize::from(!lp.again || lp.phase != Phase::Running);
+        if want == 1 && lp.phase == Phase::Running {
+            if let Some(budget) = lp.busy_poll {
+                if lp.poll_busily(pair, budget)? == Polled::Work {
+                    want = 0;
+                }
+            }
+        }
         match lp.ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}

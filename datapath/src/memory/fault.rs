@@ -75,7 +75,8 @@ impl Drop for Registration {
     }
 }
 
-/// Registers the mapping `[start, start + len)` (page aligned, as mmap returns it) so that a
+/// The SIGBUS guard (what a mapping an untrusted frontend can shrink needs; guest memory
+/// registers itself): registers the mapping `[start, start + len)` (page aligned, as mmap returns it) so that a
 /// SIGBUS inside it is survived; installs the handler on first use. `None` when every slot
 /// is taken.
 pub fn register(start: *mut u8, len: usize) -> Option<Registration> {

@@ -371,9 +371,8 @@ fn note_pops(mem: &GuestMemory, q: &Virtqueue, access: Access, watch: &mut UsedW
         return;
     }
     while watch.avail_seen != next {
-        if let Some(head) = q.avail_head(mem, watch.avail_seen) {
-            watch.hold(mem, q, access, head);
-        }
+        let head = q.avail_head(watch.avail_seen);
+        watch.hold(mem, q, access, head);
         watch.avail_seen = watch.avail_seen.wrapping_add(1);
     }
 }

@@ -380,8 +380,7 @@ fn check_reports_used_entries_the_device_did_not_hold() {
     let mut fx = fixture(config(f::VIRTIO_NET_F_GUEST_CSUM, 64));
     fx.rx.refill();
     let pair = fx.h.pair_mut();
-    let mem = pair.mem.clone();
-    pair.rx.add_used(&mem, 5, 100).unwrap();
+    pair.rx.add_used(5, 100).unwrap();
     assert_eq!(
         fx.h.check(),
         Err(Violation::UsedIdNotHeld { queue: 0, id: 5 })
@@ -391,7 +390,7 @@ fn check_reports_used_entries_the_device_did_not_hold() {
     fx.h.rx_cancel(slot);
     let head = fx.h.pair().spare_rx().next().unwrap();
     let pair = fx.h.pair_mut();
-    pair.rx.add_used(&mem, head, 5000).unwrap();
+    pair.rx.add_used(head, 5000).unwrap();
     assert!(matches!(
         fx.h.check(),
         Err(Violation::UsedLenTooLong {

@@ -1,0 +1,91 @@
+//! Where a queue pair resumes: ring positions and the RX heads a predecessor held.
+
+use super::{bump, Direction, QueuePair};
+use crate::virtqueue::QueueError;
+
+/// Where a queue pair resumes: each queue's (next_avail, next_used) and the RX heads a
+/// predecessor held, in ring order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PairPositions {
+    /// RX (next_avail, next_used).
+    pub rx: (u16, u16),
+    /// TX (next_avail, next_used).
+    pub tx: (u16, u16),
+    /// RX heads popped and not used, in ring order.
+    pub rx_in_flight: Vec<u16>,
+}
+impl PairPositions {
+    /// Checks positions against a queue size: as many RX heads held as the ring positions
+    /// say are outstanding, each below the size and listed once, no TX chain outstanding.
+    pub fn check(&self, size_rx: u16, size_tx: u16) -> Result<(), String> {
+        let outstanding = usize::from(self.rx.0.wrapping_sub(self.rx.1));
+        if outstanding > usize::from(size_rx) || self.rx_in_flight.len() != outstanding {
+            return Err(format!(
+                "{} RX heads held, ring positions say {outstanding}",
+                self.rx_in_flight.len()
+            ));
+        }
+        if self.tx.0 != self.tx.1 || size_tx == 0 {
+            return Err("TX chains outstanding at a switch".into());
+        }
+        let mut seen = vec![false; usize::from(size_rx)];
+        for &h in &self.rx_in_flight {
+            match seen.get_mut(usize::from(h)) {
+                Some(s) if !*s => *s = true,
+                _ => return Err(format!("RX head {h} out of range or listed twice")),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl QueuePair {
+    /// Moves the pair to where a predecessor stopped (before its worker services anything).
+    pub fn reposition(&mut self, p: &PairPositions) -> Result<(), QueueError> {
+        self.rx.set_positions(p.rx.0, p.rx.1);
+        self.tx.set_positions(p.tx.0, p.tx.1);
+        self.restore_rx_in_flight(&p.rx_in_flight)
+    }
+
+    /// Takes over RX heads a predecessor popped and did not use (in ring order). Each must be
+    /// below the queue size and listed once, and there must be exactly as many as the ring
+    /// positions say are outstanding (`next_avail - next_used`).
+    pub fn restore_rx_in_flight(&mut self, heads: &[u16]) -> Result<(), QueueError> {
+        let (next_avail, next_used) = self.rx.positions();
+        let outstanding = usize::from(next_avail.wrapping_sub(next_used));
+        let size = usize::from(self.rx.table().size);
+        let mut seen = vec![false; size];
+        let bad = |reason: String| QueueError::InvalidConfig {
+            index: self.rx.index,
+            reason,
+        };
+        if heads.len() != outstanding {
+            return Err(bad(format!(
+                "{} in-flight heads, but the ring positions say {outstanding}",
+                heads.len()
+            )));
+        }
+        for &h in heads {
+            match seen.get_mut(usize::from(h)) {
+                Some(s) if !*s => *s = true,
+                Some(_) => return Err(bad(format!("in-flight head {h} listed twice"))),
+                None => return Err(bad(format!("in-flight head {h} >= queue size {size}"))),
+            }
+        }
+        self.rx_pool.clear();
+        for &h in heads {
+            self.rx_pool.note_popped(h);
+            // Checked above: in range and listed once.
+            let _ = self.rx.hold(h);
+            match self.rx_pool.walk(&self.mem, self.rx.view(), h) {
+                Ok(c) => self.rx_pool.push_back(c),
+                Err(e) => {
+                    bump(&mut self.counters.rx_malformed);
+                    tracing::warn!(queue = self.rx.index, head = h, error = %e, "dropping malformed RX chain");
+                    self.complete_used(Direction::Rx, h, 0);
+                }
+            }
+        }
+        Ok(())
+    }
+}
