@@ -14,11 +14,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tapir_bench::rig::{guest_memory, host_tap};
 use tapir_datapath::{
     Device, DeviceConfig, DeviceError, GuestMemory, QueueConfig, QueuePairSpec, QuiescedPair,
 };
 use tapir_simguest::{SimGuest, VirtqueueInfo, VIRTQ_DESC_F_WRITE as WRITE};
+use tapir_testkit::{guest_memory, host_tap};
 
 /// Sends one datagram from the guest's TX queue and checks the host gets it.
 fn good_tx(flow: &FlowSpec, tx: &mut TxDriver, sock: &UdpSocket, seq: u64, ctx: &str) {

@@ -17,10 +17,6 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use tapir_bench::frames::{build_udp, verify_payload};
-use tapir_bench::handoff::{ChildOptions, HandoffRig, SteadyTraffic, TrafficReport};
-use tapir_bench::netns::run_in_new_netns;
-use tapir_bench::rig::{Rig, RigConfig, HOST_IP, TAP_NAME};
 use tapir_datapath::EngineKind;
 use tapir_migrate::{
     hand_off, hand_off_state, protocol, take_over, Channel, ChannelError, DeviceSource,
@@ -28,6 +24,10 @@ use tapir_migrate::{
 };
 use tapir_simguest::{GuestConfig, TxDriver, VirtioNetHdr};
 use tapir_state::DeviceSnapshot;
+use tapir_testkit::frames::{build_udp, verify_payload};
+use tapir_testkit::netns::run_in_new_netns;
+use tapir_testkit::{ChildOptions, HandoffRig, SteadyTraffic, TrafficReport};
+use tapir_testkit::{Rig, RigConfig, HOST_IP, TAP_NAME};
 use tapir_vhost_user::handoff::{self as session_blob, EndpointState, SessionState, VringState};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapir");
@@ -997,9 +997,9 @@ fn a_socket_pair_launch_pins_the_child_named_by_hello() {
     use tapir_migrate::LaunchSource;
     run_in_new_netns(|| {
         let dir = tmp("pair-launch");
-        let tap = tapir_bench::rig::host_tap(1, 1500).unwrap();
+        let tap = tapir_testkit::host_tap(1, 1500).unwrap();
         let mut g = tapir_simguest::SimGuest::new(guest(1)).unwrap();
-        let memory = tapir_bench::rig::guest_memory(&g).unwrap();
+        let memory = tapir_testkit::guest_memory(&g).unwrap();
         let dup = |raw: RawFd| {
             // SAFETY: the fd belongs to the SimGuest, which outlives this call.
             unsafe { BorrowedFd::borrow_raw(raw) }
@@ -1023,7 +1023,7 @@ fn a_socket_pair_launch_pins_the_child_named_by_hello() {
             tx_call: dup(tx.call_fd),
         }];
         let config = DeviceConfig {
-            mac: tapir_bench::rig::GUEST_MAC,
+            mac: tapir_testkit::GUEST_MAC,
             ..DeviceConfig::new(g.features(), EngineKind::Uring)
         };
         let (mine, theirs) = Channel::pair().unwrap();

@@ -576,9 +576,9 @@ fn head_index_out_of_range_is_survived() {
 #[test]
 fn rings_outside_guest_memory_are_refused_at_start() {
     use std::os::fd::{BorrowedFd, RawFd};
-    use tapir_bench::rig::{guest_memory, host_tap};
     use tapir_datapath::{Device, DeviceConfig, DeviceError, QueueConfig, QueuePairSpec};
     use tapir_simguest::SimGuest;
+    use tapir_testkit::{guest_memory, host_tap};
 
     fn dup(fd: RawFd) -> std::os::fd::OwnedFd {
         // SAFETY: the SimGuest owning `fd` outlives this call.

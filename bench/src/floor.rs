@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::cpu;
-use crate::frames::VNET_HDR_LEN;
+use tapir_testkit::cpu;
+use tapir_testkit::frames::VNET_HDR_LEN;
 
 /// Errors from the floor runs.
 #[derive(Debug, thiserror::Error)]
@@ -383,12 +383,12 @@ pub fn floor_rx(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frames::{self, FlowSpec};
-    use crate::netns::testtap::open_tap;
-    use crate::netns::{add_addr, disable_ipv6, link_up, run_in_new_netns, set_mac};
     use crate::peers::{GeneratorConfig, PacketGenerator, RunControl, Template};
     use std::net::Ipv4Addr;
     use std::os::fd::AsFd;
+    use tapir_testkit::frames::{self, FlowSpec};
+    use tapir_testkit::netns::{add_addr, disable_ipv6, link_up, run_in_new_netns, set_mac};
+    use tapir_testkit::raw_tap::open_tap;
 
     fn spec() -> FlowSpec {
         FlowSpec {

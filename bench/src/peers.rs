@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::cpu;
-use crate::frames::{
+use tapir_testkit::cpu;
+use tapir_testkit::frames::{
     self, PayloadError, PayloadLoc, VnetHdr, PAYLOAD_HDR_LEN, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VNET_HDR_LEN,
 };
-use crate::netns::{self, NetnsError};
+use tapir_testkit::netns::{self, NetnsError};
 
 /// `PACKET_VNET_HDR_SZ` (Linux 6.2+): choose the vnet header size of a packet socket.
 const PACKET_VNET_HDR_SZ: libc::c_int = 24;
@@ -921,10 +921,7 @@ impl PacketGenerator {
             let partial = cfg.vnet_hdr && t.vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
             let frame = &mut buf[hdr..];
             if cfg.zero_udp_csum && !partial {
-                if let Some(u) = frames::parse_udp(frame) {
-                    let c = u.payload_off - frames::UDP_HLEN + 6;
-                    frame[c..c + 2].fill(0);
-                }
+                frames::clear_udp_checksum(frame);
             }
             let loc = if cfg.seq_mode == SeqMode::Off {
                 None
@@ -952,17 +949,11 @@ impl PacketGenerator {
         for (a, s) in addrs.iter_mut().zip(&slots) {
             a.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or(17);
             a.sll_ifindex = self.ifindex;
-            let f = &s.buf[s.hdr..];
-            let et = if f.len() >= 14 {
-                u16::from_be_bytes([f[12], f[13]])
-            } else {
-                0
-            };
-            a.sll_protocol = et.to_be();
+            let (ethertype, dst) = frames::parse_ethernet(&s.buf[s.hdr..])
+                .map_or((0, [0; 6]), |e| (e.ethertype, e.dst_mac));
+            a.sll_protocol = ethertype.to_be();
             a.sll_halen = 6;
-            if f.len() >= 6 {
-                a.sll_addr[..6].copy_from_slice(&f[..6]);
-            }
+            a.sll_addr[..6].copy_from_slice(&dst);
         }
         let mut iovs: Vec<libc::iovec> = zeroed_vec(batch);
         let mut msgs: Vec<libc::mmsghdr> = zeroed_vec(batch);
@@ -1642,9 +1633,11 @@ impl UdpSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frames::{FlowSpec, VIRTIO_NET_HDR_GSO_TCPV4};
-    use crate::netns::testtap::{open_tap, read_frame, set_offload, write_frame};
-    use crate::netns::{add_addr, add_neigh, disable_ipv6, link_up, run_in_new_netns, set_mac};
+    use tapir_testkit::frames::{FlowSpec, VIRTIO_NET_HDR_GSO_TCPV4};
+    use tapir_testkit::netns::{
+        add_addr, add_neigh, disable_ipv6, link_up, run_in_new_netns, set_mac,
+    };
+    use tapir_testkit::raw_tap::{open_tap, read_frame, set_offload, write_frame};
 
     const TAP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
     const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];

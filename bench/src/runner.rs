@@ -29,18 +29,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tapir_datapath::{Counters, EngineKind};
-use tapir_simguest::{features as gf, GuestConfig, RxDriver, TxDriver, VirtioNetHdr};
+use tapir_simguest::{GuestConfig, RxDriver, TxDriver, VirtioNetHdr};
 
-use crate::cpu;
 use crate::floor;
-use crate::frames::{self, FlowSpec, VnetHdr};
-use crate::netns;
 use crate::peers::{
     GeneratorConfig, PacketGenerator, RunControl, SeqMode, Template, UdpSink, UdpSinkConfig,
 };
 use crate::report::{median, HandoffResult, Meta, Report, ThroughputResult};
-use crate::rig::{self, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 use crate::vhost_rig::{VhostUserBackend, VhostUserRig};
+use tapir_testkit::cpu;
+use tapir_testkit::frames::{self, FlowSpec, VnetHdr};
+use tapir_testkit::netns;
+use tapir_testkit::{self as rig, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 
 /// Direction of a throughput scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,15 +191,7 @@ const BLACKHOLE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 200);
 
 /// Features a Linux guest negotiates by default (plus EVENT_IDX and MRG_RXBUF).
 pub fn bench_features() -> u64 {
-    gf::VIRTIO_F_VERSION_1
-        | gf::VIRTIO_RING_F_EVENT_IDX
-        | gf::VIRTIO_NET_F_MRG_RXBUF
-        | gf::VIRTIO_NET_F_CSUM
-        | gf::VIRTIO_NET_F_GUEST_CSUM
-        | gf::VIRTIO_NET_F_HOST_TSO4
-        | gf::VIRTIO_NET_F_HOST_TSO6
-        | gf::VIRTIO_NET_F_GUEST_TSO4
-        | gf::VIRTIO_NET_F_GUEST_TSO6
+    tapir_testkit::linux_guest_features()
 }
 
 fn frame_len(frame: usize) -> usize {
@@ -1042,14 +1034,14 @@ fn measure_handoffs(
         queue_pairs: u16::try_from(queues)?,
         ..GuestConfig::default()
     };
-    let child = crate::handoff::ChildOptions {
+    let child = tapir_testkit::ChildOptions {
         cpus: Vec::new(),
         rt_priority: opts.handoff_rt_priority,
     };
-    let mut rig = crate::handoff::HandoffRig::launch(&exe, engine, guest, child)?;
+    let mut rig = tapir_testkit::HandoffRig::launch(&exe, engine, guest, child)?;
     // Runs of many handoffs do not wait for each predecessor's idle-priority teardown.
     rig.defer_teardown(8);
-    let traffic = crate::handoff::SteadyTraffic::start(&mut rig, opts.handoff_pps)?;
+    let traffic = tapir_testkit::SteadyTraffic::start(&mut rig, opts.handoff_pps)?;
     std::thread::sleep(Duration::from_millis(200));
     let rss_kib = rig.datapath_rss_anon_kib().unwrap_or(0);
     // The same traffic without handoffs: what the machine's own scheduling does to it.

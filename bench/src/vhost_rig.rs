@@ -1,7 +1,7 @@
 //! The vhost-user rig: a vhost-user-net backend process (by default this binary's
 //! `tapir serve`) started inside the benchmark's network namespace, where it creates its TAP,
 //! and the simulated guest connected to it through [`FrontendSession`]. The host side of the
-//! TAP is then configured as [`rig::host_tap`] does for a TAP of its own, so the same peers and
+//! TAP is then configured as [`tapir_testkit::host_tap`] does for a TAP of its own, so the same peers and
 //! frames work unchanged.
 //!
 //! The backend is a child process in its own process group, started per measurement and
@@ -24,9 +24,9 @@ use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver};
 
-use crate::netns;
-use crate::rig::{self, TAP_NAME};
 use crate::vhost_frontend::{self, FrontendSession};
+use tapir_testkit::netns;
+use tapir_testkit::{self as rig, TAP_NAME};
 
 /// How long a backend may take to accept its first connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -19,12 +19,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-pub use tapir_bench::frames::{self, FlowSpec, VnetHdr};
-pub use tapir_bench::netns;
-pub use tapir_bench::rig::{Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 pub use tapir_datapath::{Counters, EngineKind};
 pub use tapir_simguest::features as feat;
 pub use tapir_simguest::{GuestConfig, RxDriver, RxPacket, TxDriver, VirtioNetHdr};
+pub use tapir_testkit::frames::{self, FlowSpec, VnetHdr};
+pub use tapir_testkit::netns;
+pub use tapir_testkit::{Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 
 /// Both engines, in the order every scenario runs them.
 pub const ENGINES: [EngineKind; 2] = [EngineKind::Uring, EngineKind::Classic];

@@ -43,7 +43,8 @@ pub use checksum::{
     pseudo_header_sum,
 };
 pub use parse::{
-    parse_arp, parse_icmp_echo, parse_ipv4, parse_udp, ArpView, IcmpEchoView, Ipv4View, UdpView,
+    parse_arp, parse_ethernet, parse_icmp_echo, parse_ipv4, parse_udp, ArpView, EthernetView,
+    IcmpEchoView, Ipv4View, UdpView,
 };
 pub use payload::{
     pattern_byte, read_payload_header, verify_payload, write_payload, write_payload_seq,

@@ -10,6 +10,28 @@ use smoltcp::wire::{
 
 use super::{ArpOp, EchoKind, ETH_HLEN, IPV4_HLEN, UDP_HLEN};
 
+/// A parsed Ethernet header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EthernetView {
+    /// Destination MAC.
+    pub dst_mac: [u8; 6],
+    /// Source MAC.
+    pub src_mac: [u8; 6],
+    /// Ethertype.
+    pub ethertype: u16,
+}
+
+/// Parses the Ethernet header of any frame.
+#[must_use]
+pub fn parse_ethernet(frame: &[u8]) -> Option<EthernetView> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    Some(EthernetView {
+        dst_mac: eth.dst_addr().0,
+        src_mac: eth.src_addr().0,
+        ethertype: eth.ethertype().into(),
+    })
+}
+
 /// A parsed Ethernet/IPv4 header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipv4View {

@@ -84,6 +84,11 @@ fn udp_build_parse_roundtrip() {
         assert_eq!(rd16(f, ETH_HLEN + 6), 0x4000);
         assert_eq!((f[ETH_HLEN + 8], f[ETH_HLEN + 9]), (64, IPPROTO_UDP));
         assert_eq!(rd16(f, 12), ETHERTYPE_IPV4);
+        let eth = parse_ethernet(f).unwrap();
+        assert_eq!(
+            (eth.dst_mac, eth.src_mac, eth.ethertype),
+            (spec().dst_mac, spec().src_mac, ETHERTYPE_IPV4)
+        );
         let u = parse_udp(f).unwrap();
         assert_eq!((u.src_port, u.dst_port), (40000, 9000));
         assert_eq!(u.src_ip, Ipv4Addr::new(10, 0, 0, 2));
