@@ -64,36 +64,6 @@ pub struct FloorResult {
 }
 
 impl FloorResult {
-    /// Packets per second.
-    #[must_use]
-    #[allow(clippy::cast_precision_loss, reason = "rates are approximate")]
-    pub fn pps(&self) -> f64 {
-        if self.elapsed.is_zero() {
-            return 0.0;
-        }
-        self.packets as f64 / self.elapsed.as_secs_f64()
-    }
-
-    /// Bits per second of frame data.
-    #[must_use]
-    #[allow(clippy::cast_precision_loss, reason = "rates are approximate")]
-    pub fn bps(&self) -> f64 {
-        if self.elapsed.is_zero() {
-            return 0.0;
-        }
-        self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64()
-    }
-
-    /// CPU nanoseconds per packet.
-    #[must_use]
-    #[allow(clippy::cast_precision_loss, reason = "rates are approximate")]
-    pub fn cpu_ns_per_packet(&self) -> f64 {
-        if self.packets == 0 {
-            return 0.0;
-        }
-        self.cpu_ns as f64 / self.packets as f64
-    }
-
     fn record_error(&mut self, res: i32) {
         if res == -libc::EAGAIN {
             self.eagain += 1;

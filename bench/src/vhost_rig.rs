@@ -24,8 +24,8 @@ use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver};
 
-use crate::vhost_frontend::{self, FrontendSession};
 use tapir_testkit::netns;
+use tapir_testkit::vhost_frontend::{self, FrontendSession};
 use tapir_testkit::{self as rig, TAP_NAME};
 
 /// How long a backend may take to accept its first connection.
@@ -427,19 +427,9 @@ impl VhostUserRig {
         self.drivers[i].take().expect("drivers taken twice")
     }
 
-    /// The backend's pid.
-    pub fn backend_pid(&self) -> u32 {
-        self.backend.pid()
-    }
-
     /// CPU time the backend (its process tree) has used so far; None if it cannot be read.
     pub fn backend_cpu_ns(&self) -> Option<u64> {
         tree_cpu_ns(self.backend.pid())
-    }
-
-    /// An error (with the backend's last output) if the backend has exited.
-    pub fn check_backend(&mut self) -> Result<()> {
-        self.backend.check_alive()
     }
 
     /// Stops the vrings (`GET_VRING_BASE`), disconnects, ends the backend and waits until its

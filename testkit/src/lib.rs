@@ -11,6 +11,8 @@
 //!   [`memfd`]s and [`eventfd`]s.
 //! - [`frames`]: Ethernet / IPv4 / UDP / TCP / ICMP / ARP frames built and parsed on smoltcp's
 //!   `wire` views, with a payload a receiver can verify byte for byte.
+//! - [`vhost_frontend`]: what a VMM does to start a vhost-user-net backend for a simulated
+//!   guest (the rust-vmm `vhost` frontend), so any backend can be driven by the same guest.
 //! - [`raw_tap`]: one TAP queue opened by hand, for code that plays the datapath itself;
 //!   [`cpu`]: pinning and per-thread CPU time.
 //!
@@ -21,6 +23,7 @@ pub mod cpu;
 pub mod frames;
 pub mod netns;
 pub mod raw_tap;
+pub mod vhost_frontend;
 
 mod handoff;
 mod memory;

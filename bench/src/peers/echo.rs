@@ -6,8 +6,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::harness::{spawn_peer, Clock, PeerHandle, PeerStats, RunControl, RECV_POLL};
 use super::socket::{
-    c_uint, count, is_backpressure, local_addr, recv_batch, set_buf, set_timeout, socklen_of,
-    u64_of, udp_socket, zeroed_vec,
+    c_uint, count, is_backpressure, recv_batch, set_buf, set_timeout, socklen_of, u64_of,
+    udp_socket, zeroed_vec,
 };
 use super::{io_err, PeerError};
 
@@ -51,7 +51,6 @@ pub struct EchoReport {
 #[derive(Debug)]
 pub struct UdpEcho {
     fd: OwnedFd,
-    local: SocketAddrV4,
     cfg: UdpEchoConfig,
 }
 
@@ -78,14 +77,13 @@ impl UdpEcho {
             8 << 20,
         );
         set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, RECV_POLL).map_err(io_err("SO_RCVTIMEO"))?;
-        let local = local_addr(fd.as_raw_fd())?;
-        Ok(Self { fd, local, cfg })
+        Ok(Self { fd, cfg })
     }
 
     /// The bound address.
-    #[must_use]
-    pub fn local_addr(&self) -> SocketAddrV4 {
-        self.local
+    #[cfg(test)]
+    pub(super) fn local_addr(&self) -> SocketAddrV4 {
+        super::socket::local_addr(self.fd.as_raw_fd()).expect("getsockname")
     }
 
     /// Runs the reflector on another thread.

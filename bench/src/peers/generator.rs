@@ -30,6 +30,7 @@ pub struct Template {
 
 impl Template {
     /// A plain frame with an all-zero vnet header.
+    #[cfg(test)]
     #[must_use]
     pub fn plain(frame: Vec<u8>) -> Self {
         Self {
@@ -39,8 +40,16 @@ impl Template {
     }
 }
 
-/// How a sender updates the seq/flow payload per packet.
+/// How a sender updates the seq/flow payload per packet. The benchmark sends templates
+/// unchanged or with sequence numbers; full payloads are for the peers' tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    not(test),
+    allow(
+        dead_code,
+        reason = "full payload rewriting is used by the peers' tests only"
+    )
+)]
 pub enum SeqMode {
     /// Send the templates unchanged.
     Off,

@@ -37,12 +37,14 @@ impl RunControl {
     }
 
     /// Runs for `d` (or until a fresh, private stop flag is set).
+    #[cfg(test)]
     #[must_use]
     pub fn for_duration(d: Duration) -> Self {
         Self::new(Arc::new(AtomicBool::new(false))).with_duration(d)
     }
 
     /// Sets the duration limit.
+    #[cfg(test)]
     #[must_use]
     pub fn with_duration(mut self, d: Duration) -> Self {
         self.duration = Some(d);
@@ -50,6 +52,7 @@ impl RunControl {
     }
 
     /// Sets the packet budget.
+    #[cfg(test)]
     #[must_use]
     pub fn with_max_packets(mut self, n: u64) -> Self {
         self.max_packets = Some(n);
@@ -118,12 +121,6 @@ impl PeerStats {
         rate(self.packets, self.elapsed)
     }
 
-    /// Bits per second over `elapsed`.
-    #[must_use]
-    pub fn bps(&self) -> f64 {
-        rate(self.bytes, self.elapsed) * 8.0
-    }
-
     /// Fraction of one CPU used (`cpu_time / elapsed`); near 1.0 means the
     /// peer itself is likely the bottleneck.
     #[must_use]
@@ -155,12 +152,6 @@ impl<R> PeerHandle<R> {
     /// Asks the peer to stop (it notices within one batch / receive timeout).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the thread has finished.
-    #[must_use]
-    pub fn is_finished(&self) -> bool {
-        self.handle.is_finished()
     }
 
     /// Waits for the peer and returns its report.

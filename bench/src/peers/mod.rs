@@ -27,10 +27,9 @@ use tapir_testkit::netns::NetnsError;
 
 pub use echo::{EchoReport, UdpEcho, UdpEchoConfig};
 pub use generator::{GeneratorConfig, GeneratorReport, PacketGenerator, SeqMode, Template};
-pub use harness::{PeerHandle, PeerStats, RunControl};
-pub use sender::{SenderReport, UdpSender, UdpSenderConfig, MAX_UDP_PAYLOAD};
-pub use seq::{FlowSeqStats, SeqEvent, SeqSummary, SeqTracker};
-pub use sink::{SinkReport, UdpSink, UdpSinkConfig, Verify};
+pub use harness::{PeerHandle, RunControl};
+pub use sender::{SenderReport, UdpSender, UdpSenderConfig};
+pub use sink::{SinkReport, UdpSink, UdpSinkConfig};
 
 /// Errors from peers.
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,8 @@ use tapir_testkit::frames::{self, PAYLOAD_HDR_LEN};
 use super::generator::SeqMode;
 use super::harness::{spawn_peer, Clock, Pacer, PeerHandle, PeerStats, RunControl, RECV_POLL};
 use super::socket::{
-    c_uint, count, is_backpressure, local_addr, set_buf, set_timeout, setsockopt_int, sockaddr_in,
-    socklen_of, u64_of, udp_socket, zeroed_vec,
+    c_uint, count, is_backpressure, set_buf, set_timeout, setsockopt_int, sockaddr_in, socklen_of,
+    u64_of, udp_socket, zeroed_vec,
 };
 use super::{io_err, last_err, PeerError};
 
@@ -80,7 +80,6 @@ pub struct SenderReport {
 #[derive(Debug)]
 pub struct UdpSender {
     fd: OwnedFd,
-    local: SocketAddrV4,
     cfg: UdpSenderConfig,
 }
 
@@ -126,14 +125,7 @@ impl UdpSender {
         if rc != 0 {
             return Err(last_err("connect (UDP)"));
         }
-        let local = local_addr(raw)?;
-        Ok(Self { fd, local, cfg })
-    }
-
-    /// The local address.
-    #[must_use]
-    pub fn local_addr(&self) -> SocketAddrV4 {
-        self.local
+        Ok(Self { fd, cfg })
     }
 
     /// Runs the sender on another thread.

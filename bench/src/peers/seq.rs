@@ -190,6 +190,7 @@ impl SeqTracker {
     }
 
     /// Statistics of one flow.
+    #[cfg(test)]
     #[must_use]
     pub fn flow(&self, flow: u32) -> Option<FlowSeqStats> {
         self.flows.iter().find(|f| f.flow == flow).map(|f| f.stats)

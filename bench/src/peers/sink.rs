@@ -10,18 +10,24 @@ use tapir_testkit::netns;
 use super::harness::{rate, spawn_peer, Clock, PeerHandle, PeerStats, RunControl, RECV_POLL};
 use super::seq::{FlowSeqStats, SeqSummary, SeqTracker};
 use super::socket::{
-    local_addr, recv_batch, set_buf, set_timeout, socket_drops, u64_of, udp_socket, zeroed_vec,
+    recv_batch, set_buf, set_timeout, socket_drops, u64_of, udp_socket, zeroed_vec,
 };
 use super::{io_err, PeerError};
 
-/// How much of each received payload a [`UdpSink`] checks.
+/// How much of each received payload a [`UdpSink`] checks. The benchmark's scenarios only
+/// count; the peers' tests verify (sequence tracking and every byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    not(test),
+    allow(
+        dead_code,
+        reason = "verifying sinks are used by the peers' tests only"
+    )
+)]
 pub enum Verify {
     /// Count only.
     #[default]
     None,
-    /// Read seq/flow (enables sequence tracking).
-    Header,
     /// Verify every payload byte (and track sequences).
     Full,
 }
@@ -97,7 +103,6 @@ impl SinkReport {
 #[derive(Debug)]
 pub struct UdpSink {
     fd: OwnedFd,
-    local: SocketAddrV4,
     cfg: UdpSinkConfig,
 }
 
@@ -118,14 +123,13 @@ impl UdpSink {
             cfg.rcvbuf,
         );
         set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, RECV_POLL).map_err(io_err("SO_RCVTIMEO"))?;
-        let local = local_addr(fd.as_raw_fd())?;
-        Ok(Self { fd, local, cfg })
+        Ok(Self { fd, cfg })
     }
 
     /// The bound address (with the actual port if 0 was requested).
-    #[must_use]
-    pub fn local_addr(&self) -> SocketAddrV4 {
-        self.local
+    #[cfg(test)]
+    pub(super) fn local_addr(&self) -> SocketAddrV4 {
+        super::socket::local_addr(self.fd.as_raw_fd()).expect("getsockname")
     }
 
     /// Runs the sink on another thread.
@@ -186,8 +190,6 @@ impl UdpSink {
                 let payload = &bufs[i * bs..i * bs + len.min(bs)];
                 let hdr = match cfg.verify {
                     Verify::None => continue,
-                    Verify::Header => frames::read_payload_header(payload)
-                        .ok_or(PayloadError::TooShort(payload.len())),
                     Verify::Full => frames::verify_payload(payload),
                 };
                 match hdr {

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::mem;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
@@ -108,9 +108,10 @@ pub(super) fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
     sa
 }
 
+#[cfg(test)]
 pub(super) fn from_sockaddr_in(sa: &libc::sockaddr_in) -> SocketAddrV4 {
     SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
         u16::from_be(sa.sin_port),
     )
 }
@@ -134,6 +135,7 @@ pub(super) fn udp_socket(bind: Option<SocketAddrV4>) -> Result<OwnedFd, PeerErro
     Ok(fd)
 }
 
+#[cfg(test)]
 pub(super) fn local_addr(fd: RawFd) -> Result<SocketAddrV4, PeerError> {
     // SAFETY: all-zero sockaddr_in is valid.
     let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };

@@ -6,7 +6,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::seq::SEQ_WINDOW;
+use super::seq::{SeqEvent, SeqTracker, SEQ_WINDOW};
+use super::sink::Verify;
 use super::*;
 use tapir_testkit::frames::{
     self, FlowSpec, VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
