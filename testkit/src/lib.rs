@@ -34,8 +34,8 @@ pub use handoff::{
     TrafficReport,
 };
 pub use memory::{
-    dup_guest_fd, eventfd, guest_memory, memfd, pair_resources, queue_config, ring_addrs,
-    FixtureError,
+    dup_guest_fd, eventfd, guest_memory, memfd, memfd_guest_memory, pair_resources, queue_config,
+    ring_addrs, FixtureError,
 };
 pub use rig::{
     configure_host_tap, host_tap, linux_guest_features, wait_tap_gone, Rig, RigConfig, RigError,

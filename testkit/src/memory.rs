@@ -94,6 +94,27 @@ pub fn guest_memory(guest: &SimGuest) -> Result<GuestMemory, FixtureError> {
     Ok(GuestMemory::from_regions(specs)?)
 }
 
+/// Guest memory over one memfd: `regions` (guest address, size) laid out one after the other
+/// in the file, as a VMM maps a guest with holes between its RAM regions.
+///
+/// # Errors
+/// The memfd, a `dup` or the mapping failed.
+pub fn memfd_guest_memory(regions: &[(u64, u64)]) -> Result<GuestMemory, FixtureError> {
+    let fd = memfd(regions.iter().map(|&(_, size)| size).sum())?;
+    let mut specs = Vec::with_capacity(regions.len());
+    let mut file_offset = 0;
+    for &(guest_addr, size) in regions {
+        specs.push(MemoryRegionSpec {
+            guest_addr,
+            size,
+            fd: fd.try_clone().map_err(io_err("dup of a memfd"))?,
+            file_offset,
+        });
+        file_offset += size;
+    }
+    Ok(GuestMemory::from_regions(specs)?)
+}
+
 /// A queue's rings as the device gets them.
 #[must_use]
 pub fn ring_addrs(q: &VirtqueueInfo) -> RingAddrs {
@@ -168,6 +189,16 @@ mod tests {
         );
         let r = pair_resources(&guest, 0, memfd(4096).unwrap()).unwrap();
         assert_eq!(r.tx, ring_addrs(&guest.tx_queue(0)));
+    }
+
+    #[test]
+    fn memfd_guest_memory_maps_each_region_at_its_address() {
+        let mem = memfd_guest_memory(&[(0, 0x10000), (0x20000, 0x8000)]).unwrap();
+        assert!(mem.contains(0xfff0, 0x10));
+        assert!(mem.contains(0x20000, 0x8000));
+        assert!(!mem.contains(0x10000, 1), "the hole between the regions is not memory");
+        assert!(!mem.contains(0x28000, 1), "nothing past the last region");
+        assert_eq!(mem.regions().len(), 2);
     }
 
     #[test]
