@@ -196,7 +196,10 @@ mod tests {
         let mem = memfd_guest_memory(&[(0, 0x10000), (0x20000, 0x8000)]).unwrap();
         assert!(mem.contains(0xfff0, 0x10));
         assert!(mem.contains(0x20000, 0x8000));
-        assert!(!mem.contains(0x10000, 1), "the hole between the regions is not memory");
+        assert!(
+            !mem.contains(0x10000, 1),
+            "the hole between the regions is not memory"
+        );
         assert!(!mem.contains(0x28000, 1), "nothing past the last region");
         assert_eq!(mem.regions().len(), 2);
     }
