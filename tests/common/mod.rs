@@ -297,7 +297,7 @@ pub fn udp_frame(flow: &FlowSpec, len: usize, flow_id: u32, seq: u64) -> Vec<u8>
     buf
 }
 
-/// Converts the bench crate's vnet header into the simulated guest's.
+/// Converts the testkit's (the datapath's) vnet header into the simulated guest's.
 pub fn to_guest_hdr(v: &VnetHdr) -> VirtioNetHdr {
     VirtioNetHdr {
         flags: v.flags,
