@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tapir_bench::runner::{self, BenchEngine, BenchOptions, Scenario};
-use tapir_bench::vhost_rig::VhostUserBackend;
+use tapir_bench::{BenchEngine, BenchOptions, Scenario, VhostUserBackend};
 
 mod ctl_cmd;
 mod datapath_cmd;
@@ -16,7 +15,7 @@ mod state_cmd;
 
 /// Counts heap allocations, for `tapir bench`'s allocations-per-packet column.
 #[global_allocator]
-static ALLOCATOR: tapir_bench::alloc_count::Counting = tapir_bench::alloc_count::Counting;
+static ALLOCATOR: tapir_bench::CountingAllocator = tapir_bench::CountingAllocator;
 
 #[derive(Parser)]
 #[command(
@@ -235,7 +234,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         started += 1;
         bar.set_message(msg.to_owned());
     };
-    let report = runner::run(&opts, &mut progress).context("benchmark failed");
+    let report = tapir_bench::run(&opts, &mut progress).context("benchmark failed");
     bar.finish_and_clear();
     let report = report?;
     print!("{}", report.table());
@@ -245,7 +244,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(dir) = &args.svg {
-        for p in tapir_bench::charts::write_all(&report, dir).context("writing charts")? {
+        for p in tapir_bench::write_charts(&report, dir).context("writing charts")? {
             eprintln!("wrote {}", p.display());
         }
     }

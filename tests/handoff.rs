@@ -5,10 +5,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tapir_bench::handoff::{ChildOptions, HandoffRig, SteadyTraffic, TrafficReport};
-use tapir_bench::netns::run_in_new_netns;
 use tapir_datapath::EngineKind;
 use tapir_simguest::GuestConfig;
+use tapir_testkit::netns::run_in_new_netns;
+use tapir_testkit::{ChildOptions, HandoffRig, SteadyTraffic, TrafficReport};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapir");
 

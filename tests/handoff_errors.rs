@@ -9,15 +9,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tapir_bench::frames::{build_udp, verify_payload};
-use tapir_bench::netns::run_in_new_netns;
-use tapir_bench::rig::{Rig, RigConfig, HOST_IP};
 use tapir_datapath::EngineKind;
 use tapir_migrate::{
     hand_off, protocol, restore, snapshot_of, take_over, Channel, ChannelError, DeviceSource,
     Listener, MigrateError, Outcome, SuccessorOptions, Timeouts,
 };
 use tapir_simguest::{TxDriver, VirtioNetHdr};
+use tapir_testkit::frames::{build_udp, verify_payload};
+use tapir_testkit::netns::run_in_new_netns;
+use tapir_testkit::{Rig, RigConfig, HOST_IP};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapir");
 

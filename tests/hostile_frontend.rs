@@ -212,11 +212,7 @@ fn single_region(g: u64, s: u64, u: u64, o: u64) -> Vec<u8> {
 }
 
 fn memfd(len: u64) -> OwnedFd {
-    let fd =
-        nix::sys::memfd::memfd_create(c"tapir-hostile", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .unwrap();
-    nix::unistd::ftruncate(&fd, i64::try_from(len).unwrap()).unwrap();
-    fd
+    tapir_testkit::memfd(len).unwrap()
 }
 
 #[derive(Clone, Copy)]

@@ -9,16 +9,14 @@
 mod common;
 
 use std::net::UdpSocket;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tapir_bench::rig::{guest_memory, host_tap};
-use tapir_datapath::{
-    Device, DeviceConfig, DeviceError, GuestMemory, QueueConfig, QueuePairSpec, QuiescedPair,
-};
-use tapir_simguest::{SimGuest, VirtqueueInfo, VIRTQ_DESC_F_WRITE as WRITE};
+use tapir_datapath::{Device, DeviceConfig, DeviceError, GuestMemory, QueuePairSpec, QuiescedPair};
+use tapir_simguest::{SimGuest, VIRTQ_DESC_F_WRITE as WRITE};
+use tapir_testkit::{guest_memory, host_tap, queue_config};
 
 /// Sends one datagram from the guest's TX queue and checks the host gets it.
 fn good_tx(flow: &FlowSpec, tx: &mut TxDriver, sock: &UdpSocket, seq: u64, ctx: &str) {
@@ -189,26 +187,6 @@ fn failed_worker_breaks_only_its_pair() {
 
 // ---- 4 and 5. kick and call fds ---------------------------------------------------------------
 
-fn dup(fd: RawFd) -> OwnedFd {
-    // SAFETY: the SimGuest owning `fd` outlives this call.
-    unsafe { BorrowedFd::borrow_raw(fd) }
-        .try_clone_to_owned()
-        .unwrap()
-}
-
-fn queue(info: VirtqueueInfo) -> QueueConfig {
-    QueueConfig {
-        size: info.size,
-        desc_table: info.desc_table,
-        avail_ring: info.avail_ring,
-        used_ring: info.used_ring,
-        next_avail: 0,
-        next_used: 0,
-        kick: dup(info.kick_fd),
-        call: dup(info.call_fd),
-    }
-}
-
 /// The TAP, a simulated guest and the pair-0 spec, for tests that hand the device fds of
 /// their own.
 fn parts(g: GuestConfig) -> (SimGuest, GuestMemory, QueuePairSpec) {
@@ -216,8 +194,8 @@ fn parts(g: GuestConfig) -> (SimGuest, GuestMemory, QueuePairSpec) {
     let guest = SimGuest::new(g).unwrap();
     let mem = guest_memory(&guest).unwrap();
     let spec = QueuePairSpec {
-        rx: queue(guest.rx_queue(0)),
-        tx: queue(guest.tx_queue(0)),
+        rx: queue_config(&guest.rx_queue(0)).unwrap(),
+        tx: queue_config(&guest.tx_queue(0)).unwrap(),
         tap: tap.into_queues().pop().unwrap(),
         rx_in_flight: Vec::new(),
     };

@@ -17,10 +17,6 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use tapir_bench::frames::{build_udp, verify_payload};
-use tapir_bench::handoff::{ChildOptions, HandoffRig, SteadyTraffic, TrafficReport};
-use tapir_bench::netns::run_in_new_netns;
-use tapir_bench::rig::{Rig, RigConfig, HOST_IP, TAP_NAME};
 use tapir_datapath::EngineKind;
 use tapir_migrate::{
     hand_off, hand_off_state, protocol, take_over, Channel, ChannelError, DeviceSource,
@@ -28,6 +24,10 @@ use tapir_migrate::{
 };
 use tapir_simguest::{GuestConfig, TxDriver, VirtioNetHdr};
 use tapir_state::DeviceSnapshot;
+use tapir_testkit::frames::{build_udp, verify_payload};
+use tapir_testkit::netns::run_in_new_netns;
+use tapir_testkit::{ChildOptions, HandoffRig, SteadyTraffic, TrafficReport};
+use tapir_testkit::{Rig, RigConfig, HOST_IP, TAP_NAME};
 use tapir_vhost_user::handoff::{
     self as session_blob, EndpointState, ReportState, SessionState, VringState,
 };
@@ -79,11 +79,7 @@ fn eventfd() -> OwnedFd {
 }
 
 fn memfd(len: u64) -> OwnedFd {
-    let fd =
-        nix::sys::memfd::memfd_create(c"hostile", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
-    let file = std::fs::File::from(fd);
-    file.set_len(len).unwrap();
-    file.into()
+    tapir_testkit::memfd(len).unwrap()
 }
 
 /// Sends one message with any number of fds (more than `Channel::send` allows).
@@ -1025,37 +1021,20 @@ fn a_source_sending_253_fds_is_refused_by_the_successor() {
 /// names (the child), and the handoff commits to it.
 #[test]
 fn a_socket_pair_launch_pins_the_child_named_by_hello() {
-    use tapir_datapath::{DeviceConfig, PairResources, RingAddrs};
+    use tapir_datapath::DeviceConfig;
     use tapir_migrate::LaunchSource;
     run_in_new_netns(|| {
         let dir = tmp("pair-launch");
-        let tap = tapir_bench::rig::host_tap(1, 1500).unwrap();
+        let tap = tapir_testkit::host_tap(1, 1500).unwrap();
         let mut g = tapir_simguest::SimGuest::new(guest(1)).unwrap();
-        let memory = tapir_bench::rig::guest_memory(&g).unwrap();
-        let dup = |raw: RawFd| {
-            // SAFETY: the fd belongs to the SimGuest, which outlives this call.
-            unsafe { BorrowedFd::borrow_raw(raw) }
-                .try_clone_to_owned()
-                .unwrap()
-        };
-        let ring = |q: &tapir_simguest::VirtqueueInfo| RingAddrs {
-            size: q.size,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        };
-        let (rx, tx) = (g.rx_queue(0), g.tx_queue(0));
-        let resources = vec![PairResources {
-            rx: ring(&rx),
-            tx: ring(&tx),
-            tap: tap.into_queues().remove(0).into_fd(),
-            rx_kick: dup(rx.kick_fd),
-            rx_call: dup(rx.call_fd),
-            tx_kick: dup(tx.kick_fd),
-            tx_call: dup(tx.call_fd),
-        }];
+        let memory = tapir_testkit::guest_memory(&g).unwrap();
+        let resources =
+            vec![
+                tapir_testkit::pair_resources(&g, 0, tap.into_queues().remove(0).into_fd())
+                    .unwrap(),
+            ];
         let config = DeviceConfig {
-            mac: tapir_bench::rig::GUEST_MAC,
+            mac: tapir_testkit::GUEST_MAC,
             ..DeviceConfig::new(g.features(), EngineKind::Uring)
         };
         let (mine, theirs) = Channel::pair().unwrap();

@@ -17,11 +17,11 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use tapir_bench::handoff::{ChildOptions, HandoffRig, SteadyTraffic};
-use tapir_bench::netns::run_in_new_netns;
 use tapir_migrate::ownership::{Owner, OwnershipWord};
 use tapir_migrate::{protocol, Channel};
 use tapir_simguest::GuestConfig;
+use tapir_testkit::netns::run_in_new_netns;
+use tapir_testkit::{ChildOptions, HandoffRig, SteadyTraffic};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tapir");
 const HELPER: &str = "helper_process_connects_and_passes_its_channel";

@@ -575,17 +575,10 @@ fn head_index_out_of_range_is_survived() {
 /// Rings that are not inside guest memory are refused when the device starts.
 #[test]
 fn rings_outside_guest_memory_are_refused_at_start() {
-    use std::os::fd::{BorrowedFd, RawFd};
-    use tapir_bench::rig::{guest_memory, host_tap};
-    use tapir_datapath::{Device, DeviceConfig, DeviceError, QueueConfig, QueuePairSpec};
+    use tapir_datapath::{Device, DeviceConfig, DeviceError, QueuePairSpec};
     use tapir_simguest::SimGuest;
+    use tapir_testkit::{guest_memory, host_tap, queue_config};
 
-    fn dup(fd: RawFd) -> std::os::fd::OwnedFd {
-        // SAFETY: the SimGuest owning `fd` outlives this call.
-        unsafe { BorrowedFd::borrow_raw(fd) }
-            .try_clone_to_owned()
-            .unwrap()
-    }
     let cases: [(&str, u8); 3] = [
         ("descriptor table in the hole", 0),
         ("avail ring past the end of memory", 1),
@@ -597,16 +590,7 @@ fn rings_outside_guest_memory_are_refused_at_start() {
         let g = SimGuest::new(guest(1, CSUM)).unwrap();
         let mem = g.memory();
         let (hole, _) = mem.hole();
-        let q = |info: tapir_simguest::VirtqueueInfo| QueueConfig {
-            size: info.size,
-            desc_table: info.desc_table,
-            avail_ring: info.avail_ring,
-            used_ring: info.used_ring,
-            next_avail: 0,
-            next_used: 0,
-            kick: dup(info.kick_fd),
-            call: dup(info.call_fd),
-        };
+        let q = |info: tapir_simguest::VirtqueueInfo| queue_config(&info).unwrap();
         let mut tx = q(g.tx_queue(0));
         match which {
             0 => tx.desc_table = hole + 0x1000,

@@ -4,11 +4,11 @@
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use tapir_bench::frames::{build_udp, parse_udp, verify_payload, FlowSpec};
-use tapir_bench::netns::run_in_new_netns;
-use tapir_bench::rig::{Rig, RigConfig, GUEST_IP, HOST_IP};
 use tapir_datapath::EngineKind;
 use tapir_simguest::VirtioNetHdr;
+use tapir_testkit::frames::{build_udp, parse_udp, verify_payload, FlowSpec};
+use tapir_testkit::netns::run_in_new_netns;
+use tapir_testkit::{Rig, RigConfig, GUEST_IP, HOST_IP};
 
 #[test]
 fn quiesce_and_resume_loses_nothing() {
@@ -37,7 +37,7 @@ fn quiesce_and_resume_loses_nothing() {
                 // Host -> guest: payload carries a sequence number.
                 for _ in 0..20 {
                     let mut payload = vec![0u8; 200];
-                    tapir_bench::frames::write_payload(&mut payload, 2, next_rx_seq);
+                    tapir_testkit::frames::write_payload(&mut payload, 2, next_rx_seq);
                     host.send_to(&payload, (GUEST_IP, 7000)).unwrap();
                     let deadline = Instant::now() + Duration::from_secs(2);
                     loop {

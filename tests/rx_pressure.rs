@@ -3,22 +3,23 @@
 //! worker sharing a CPU. Frames must keep flowing (no lost wake-up while a frame waits for
 //! buffers) and none may be dropped or truncated by the datapath.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tapir_bench::frames::{build_tcp_tso, FlowSpec};
-use tapir_bench::netns::run_in_new_netns;
-use tapir_bench::peers::{GeneratorConfig, PacketGenerator, RunControl, SeqMode, Template};
-use tapir_bench::rig::{Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 use tapir_datapath::EngineKind;
+use tapir_testkit::frames::{build_tcp_tso, FlowSpec};
+use tapir_testkit::netns::run_in_new_netns;
+use tapir_testkit::{Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 
 #[test]
 fn tso_flood_into_a_small_ring_keeps_flowing() {
     for engine in [EngineKind::Uring, EngineKind::Classic] {
         run_in_new_netns(move || {
             let mut cfg = RigConfig::new(engine, 2);
-            cfg.guest.features = tapir_bench::runner::bench_features();
+            cfg.guest.features = tapir_testkit::linux_guest_features();
             cfg.guest.rx_buffer_size = 2048;
             cfg.cpu_affinity = vec![Some(1), Some(0)];
             let mut rig = Rig::start(&cfg).unwrap();
@@ -28,7 +29,7 @@ fn tso_flood_into_a_small_ring_keeps_flowing() {
                 let (mut rx, _tx) = rig.take(i);
                 let stop = stop.clone();
                 guests.push(std::thread::spawn(move || {
-                    tapir_bench::cpu::pin_current_thread(0).ok();
+                    tapir_testkit::cpu::pin_current_thread(0).ok();
                     while !stop.load(Ordering::Relaxed) {
                         rx.refill();
                         let mut bad = 0;
@@ -64,20 +65,30 @@ fn tso_flood_into_a_small_ring_keeps_flowing() {
                     let mut buf = vec![0u8; 65535];
                     let f = build_tcp_tso(&mut buf, &spec, 65535, 1448, 1, 0, 0).unwrap();
                     buf.truncate(f.len);
-                    Template {
-                        vnet: f.vnet,
-                        frame: buf,
+                    (f.vnet, buf)
+                })
+                .collect::<Vec<_>>();
+            // The flood: the templates round-robin through a packet socket on the TAP, as
+            // fast as the kernel takes them, on the CPU the guest and one worker share.
+            let injector = common::PacketInjector::new(TAP_NAME).unwrap();
+            let flooding = Arc::new(AtomicBool::new(true));
+            let generator = {
+                let flooding = flooding.clone();
+                std::thread::spawn(move || {
+                    tapir_testkit::cpu::pin_current_thread(0).ok();
+                    for (vnet, frame) in templates.iter().cycle() {
+                        if !flooding.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if let Err(e) = injector.send(vnet, frame) {
+                            // A full TAP queue pushes back; anything else is a broken rig.
+                            let full =
+                                matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN));
+                            assert!(full, "{engine}: flooding the TAP: {e}");
+                        }
                     }
                 })
-                .collect();
-            let mut g = GeneratorConfig::new(
-                TAP_NAME,
-                templates,
-                RunControl::new(Arc::new(AtomicBool::new(false))).with_cpu(0),
-            );
-            g.vnet_hdr = true;
-            g.seq_mode = SeqMode::Off;
-            let generator = PacketGenerator::new(g).unwrap().spawn().unwrap();
+            };
             let mut last = [0u64; 2];
             for window in 0..8 {
                 std::thread::sleep(Duration::from_millis(250));
@@ -95,7 +106,8 @@ fn tso_flood_into_a_small_ring_keeps_flowing() {
                     );
                 }
             }
-            generator.stop_and_join().unwrap();
+            flooding.store(false, Ordering::Relaxed);
+            generator.join().unwrap();
             stop.store(true, Ordering::Relaxed);
             for g in guests {
                 let st = g.join().unwrap();
@@ -118,7 +130,7 @@ fn tso_flood_into_a_small_ring_keeps_flowing() {
 fn rx_chains_in_ring_order(engine: EngineKind) {
     run_in_new_netns(move || {
         let mut cfg = RigConfig::new(engine, 1);
-        cfg.guest.features = tapir_bench::runner::bench_features();
+        cfg.guest.features = tapir_testkit::linux_guest_features();
         cfg.guest.rx_buffer_size = 2048;
         let mut rig = Rig::start(&cfg).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -153,22 +165,28 @@ fn rx_chains_in_ring_order(engine: EngineKind) {
                 let mut buf = vec![0u8; 65535];
                 let f = build_tcp_tso(&mut buf, &spec, len, 1448, 1, 0, 0).unwrap();
                 buf.truncate(f.len);
-                Template {
-                    vnet: f.vnet,
-                    frame: buf,
+                (f.vnet, buf)
+            })
+            .collect::<Vec<_>>();
+        let injector = common::PacketInjector::new(TAP_NAME).unwrap();
+        let flooding = Arc::new(AtomicBool::new(true));
+        let generator = {
+            let flooding = flooding.clone();
+            std::thread::spawn(move || {
+                for (vnet, frame) in templates.iter().cycle() {
+                    if !flooding.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Err(e) = injector.send(vnet, frame) {
+                        let full = matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN));
+                        assert!(full, "{engine}: flooding the TAP: {e}");
+                    }
                 }
             })
-            .collect();
-        let mut g = GeneratorConfig::new(
-            TAP_NAME,
-            templates,
-            RunControl::new(Arc::new(AtomicBool::new(false))),
-        );
-        g.vnet_hdr = true;
-        g.seq_mode = SeqMode::Off;
-        let generator = PacketGenerator::new(g).unwrap().spawn().unwrap();
+        };
         std::thread::sleep(Duration::from_secs(2));
-        generator.stop_and_join().unwrap();
+        flooding.store(false, Ordering::Relaxed);
+        generator.join().unwrap();
         std::thread::sleep(Duration::from_millis(200));
         stop.store(true, Ordering::Relaxed);
         let (packets, st) = guest.join().unwrap();

@@ -24,11 +24,11 @@
 use std::net::{SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
-use tapir_bench::frames::{self, FlowSpec};
-use tapir_bench::netns;
-use tapir_bench::rig::{Rig, RigConfig, GUEST_IP, HOST_IP};
 use tapir_datapath::{Counters, EngineConfig, EngineKind};
 use tapir_simguest::VirtioNetHdr;
+use tapir_testkit::frames::{self, FlowSpec};
+use tapir_testkit::netns;
+use tapir_testkit::{Rig, RigConfig, GUEST_IP, HOST_IP};
 
 const BURST: usize = 32;
 const FRAME: usize = 64;

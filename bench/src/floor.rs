@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::cpu;
-use crate::frames::VNET_HDR_LEN;
+use tapir_testkit::cpu;
+use tapir_testkit::frames::VNET_HDR_LEN;
 
 /// Errors from the floor runs.
 #[derive(Debug, thiserror::Error)]
@@ -64,36 +64,6 @@ pub struct FloorResult {
 }
 
 impl FloorResult {
-    /// Packets per second.
-    #[must_use]
-    #[allow(clippy::cast_precision_loss, reason = "rates are approximate")]
-    pub fn pps(&self) -> f64 {
-        if self.elapsed.is_zero() {
-            return 0.0;
-        }
-        self.packets as f64 / self.elapsed.as_secs_f64()
-    }
-
-    /// Bits per second of frame data.
-    #[must_use]
-    #[allow(clippy::cast_precision_loss, reason = "rates are approximate")]
-    pub fn bps(&self) -> f64 {
-        if self.elapsed.is_zero() {
-            return 0.0;
-        }
-        self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64()
-    }
-
-    /// CPU nanoseconds per packet.
-    #[must_use]
-    #[allow(clippy::cast_precision_loss, reason = "rates are approximate")]
-    pub fn cpu_ns_per_packet(&self) -> f64 {
-        if self.packets == 0 {
-            return 0.0;
-        }
-        self.cpu_ns as f64 / self.packets as f64
-    }
-
     fn record_error(&mut self, res: i32) {
         if res == -libc::EAGAIN {
             self.eagain += 1;
@@ -383,12 +353,12 @@ pub fn floor_rx(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frames::{self, FlowSpec};
-    use crate::netns::testtap::open_tap;
-    use crate::netns::{add_addr, disable_ipv6, link_up, run_in_new_netns, set_mac};
     use crate::peers::{GeneratorConfig, PacketGenerator, RunControl, Template};
     use std::net::Ipv4Addr;
     use std::os::fd::AsFd;
+    use tapir_testkit::frames::{self, FlowSpec};
+    use tapir_testkit::netns::{add_addr, disable_ipv6, link_up, run_in_new_netns, set_mac};
+    use tapir_testkit::raw_tap::open_tap;
 
     fn spec() -> FlowSpec {
         FlowSpec {

@@ -14,15 +14,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
 use tapir_simguest::{GuestConfig, RxDriver, TxDriver, VirtioNetHdr};
 
-use crate::frames::{self, FlowSpec};
-use crate::netns;
 use crate::peers::{
     PeerHandle, RunControl, SenderReport, UdpEcho, UdpEchoConfig, UdpSender, UdpSenderConfig,
 };
 use crate::report::LatencyResult;
-use crate::rig::{self, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 use crate::runner::{bench_features, BenchEngine};
 use crate::vhost_rig::{VhostUserBackend, VhostUserRig};
+use tapir_testkit::frames::{self, FlowSpec};
+use tapir_testkit::netns;
+use tapir_testkit::{self as rig, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 
 const ECHO_PORT: u16 = 7;
 const GUEST_PORT: u16 = 40_000;

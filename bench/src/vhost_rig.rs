@@ -1,7 +1,7 @@
 //! The vhost-user rig: a vhost-user-net backend process (by default this binary's
 //! `tapir serve`) started inside the benchmark's network namespace, where it creates its TAP,
 //! and the simulated guest connected to it through [`FrontendSession`]. The host side of the
-//! TAP is then configured as [`rig::host_tap`] does for a TAP of its own, so the same peers and
+//! TAP is then configured as [`tapir_testkit::host_tap`] does for a TAP of its own, so the same peers and
 //! frames work unchanged.
 //!
 //! The backend is a child process in its own process group, started per measurement and
@@ -24,9 +24,9 @@ use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver};
 
-use crate::netns;
-use crate::rig::{self, TAP_NAME};
-use crate::vhost_frontend::{self, FrontendSession};
+use tapir_testkit::netns;
+use tapir_testkit::vhost_frontend::{self, FrontendSession};
+use tapir_testkit::{self as rig, TAP_NAME};
 
 /// How long a backend may take to accept its first connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -427,19 +427,9 @@ impl VhostUserRig {
         self.drivers[i].take().expect("drivers taken twice")
     }
 
-    /// The backend's pid.
-    pub fn backend_pid(&self) -> u32 {
-        self.backend.pid()
-    }
-
     /// CPU time the backend (its process tree) has used so far; None if it cannot be read.
     pub fn backend_cpu_ns(&self) -> Option<u64> {
         tree_cpu_ns(self.backend.pid())
-    }
-
-    /// An error (with the backend's last output) if the backend has exited.
-    pub fn check_backend(&mut self) -> Result<()> {
-        self.backend.check_alive()
     }
 
     /// Stops the vrings (`GET_VRING_BASE`), disconnects, ends the backend and waits until its

@@ -1,16 +1,12 @@
 //! Shared pieces of tapir's fuzz targets: a byte reader that turns the fuzzer's input into
-//! fields (and its twin writer, for the seed generator), real memfds and eventfds, a fixed
-//! guest memory layout, the process's fd count, and a TAP inside a private network namespace.
+//! fields (and its twin writer, for the seed generator), real memfds and eventfds and a fixed
+//! guest memory layout (from tapir-testkit), the process's fd count, and a TAP inside a private network namespace.
 //!
 //! Every target reads its input with [`Input`]; an exhausted input reads as zeros, so every
 //! input is valid and short inputs are the simple cases.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::memfd::{memfd_create, MFdFlags};
-use tapir_datapath::MemoryRegionSpec;
 use tapir_datapath::GuestMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -124,17 +120,12 @@ impl Output {
 
 /// A memfd of `len` bytes.
 pub fn memfd(len: u64) -> OwnedFd {
-    let fd = memfd_create(c"tapir-fuzz", MFdFlags::MFD_CLOEXEC).expect("memfd_create");
-    let file = File::from(fd);
-    file.set_len(len).expect("ftruncate");
-    file.into()
+    tapir_testkit::memfd(len).expect("memfd")
 }
 
 /// A non-blocking eventfd.
 pub fn eventfd() -> OwnedFd {
-    EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-        .expect("eventfd")
-        .into()
+    tapir_testkit::eventfd().expect("eventfd")
 }
 
 /// The fds open in this process now (entries of /proc/self/fd, minus the one reading it).
@@ -151,23 +142,7 @@ pub const REGIONS: [(u64, u64); 2] = [(0, 0x10000), (0x20000, 0x8000)];
 
 /// Guest memory with [`REGIONS`] over one memfd.
 pub fn guest_memory() -> GuestMemory {
-    let fd = memfd(REGIONS[0].1 + REGIONS[1].1);
-    let fd2 = fd.try_clone().expect("dup");
-    GuestMemory::from_regions(vec![
-        MemoryRegionSpec {
-            guest_addr: REGIONS[0].0,
-            size: REGIONS[0].1,
-            fd,
-            file_offset: 0,
-        },
-        MemoryRegionSpec {
-            guest_addr: REGIONS[1].0,
-            size: REGIONS[1].1,
-            fd: fd2,
-            file_offset: REGIONS[0].1,
-        },
-    ])
-    .expect("map guest memory")
+    tapir_testkit::memfd_guest_memory(&REGIONS).expect("map guest memory")
 }
 
 /// True when `[addr, addr + len)` lies inside one of [`REGIONS`].

@@ -19,12 +19,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-pub use tapir_bench::frames::{self, FlowSpec, VnetHdr};
-pub use tapir_bench::netns;
-pub use tapir_bench::rig::{Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 pub use tapir_datapath::{Counters, EngineKind};
 pub use tapir_simguest::features as feat;
 pub use tapir_simguest::{GuestConfig, RxDriver, RxPacket, TxDriver, VirtioNetHdr};
+pub use tapir_testkit::frames::{self, FlowSpec, VnetHdr};
+pub use tapir_testkit::netns;
+pub use tapir_testkit::{Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 
 /// Both engines, in the order every scenario runs them.
 pub const ENGINES: [EngineKind; 2] = [EngineKind::Uring, EngineKind::Classic];
@@ -297,7 +297,7 @@ pub fn udp_frame(flow: &FlowSpec, len: usize, flow_id: u32, seq: u64) -> Vec<u8>
     buf
 }
 
-/// Converts the bench crate's vnet header into the simulated guest's.
+/// Converts the testkit's (the datapath's) vnet header into the simulated guest's.
 pub fn to_guest_hdr(v: &VnetHdr) -> VirtioNetHdr {
     VirtioNetHdr {
         flags: v.flags,

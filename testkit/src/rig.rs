@@ -3,16 +3,13 @@
 //! the datapath through it.
 
 use std::net::Ipv4Addr;
-use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
 use tapir_datapath::EngineConfig;
-use tapir_datapath::{
-    Device, DeviceConfig, EngineKind, GuestMemory, MemoryRegionSpec, QueueConfig, QueuePairSpec,
-    QuiescedPair, Tap,
-};
-use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver, VirtqueueInfo};
+use tapir_datapath::{Device, DeviceConfig, EngineKind, QueuePairSpec, QuiescedPair, Tap};
+use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver};
 
 use crate::frames::FlowSpec;
+use crate::memory::{guest_memory, queue_config, FixtureError};
 use crate::netns;
 
 /// The TAP's name inside the rig's namespace.
@@ -23,6 +20,22 @@ pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 /// The simulated guest's MAC.
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x77, 0x00, 0x02];
+
+/// The features a Linux guest negotiates by default, plus EVENT_IDX and MRG_RXBUF: checksum
+/// offloads and TSO both ways.
+#[must_use]
+pub fn linux_guest_features() -> u64 {
+    use tapir_simguest::features as f;
+    f::VIRTIO_F_VERSION_1
+        | f::VIRTIO_RING_F_EVENT_IDX
+        | f::VIRTIO_NET_F_MRG_RXBUF
+        | f::VIRTIO_NET_F_CSUM
+        | f::VIRTIO_NET_F_GUEST_CSUM
+        | f::VIRTIO_NET_F_HOST_TSO4
+        | f::VIRTIO_NET_F_HOST_TSO6
+        | f::VIRTIO_NET_F_GUEST_TSO4
+        | f::VIRTIO_NET_F_GUEST_TSO6
+}
 
 /// Errors of building a rig.
 #[derive(Debug, thiserror::Error)]
@@ -36,18 +49,15 @@ pub enum RigError {
     /// The simulated guest.
     #[error("simulated guest: {0}")]
     Guest(#[from] tapir_simguest::Error),
-    /// Guest memory.
+    /// Guest memory, the guest's fds.
     #[error(transparent)]
-    Memory(#[from] tapir_datapath::MemoryError),
+    Fixture(#[from] FixtureError),
     /// The device.
     #[error(transparent)]
     Device(#[from] tapir_datapath::DeviceError),
     /// The TAP of a previous run did not go away.
     #[error("TAP {TAP_NAME} still exists 5 s after its last fd was closed")]
     TapLingers,
-    /// Duplicating an fd.
-    #[error("dup: {0}")]
-    Dup(#[source] std::io::Error),
 }
 
 /// How to build a rig.
@@ -116,43 +126,6 @@ pub fn wait_tap_gone() -> Result<(), RigError> {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     Ok(())
-}
-
-fn dup(fd: RawFd) -> Result<OwnedFd, RigError> {
-    // SAFETY: `fd` is owned by the SimGuest, which outlives this call.
-    unsafe { BorrowedFd::borrow_raw(fd) }
-        .try_clone_to_owned()
-        .map_err(RigError::Dup)
-}
-
-fn queue_config(q: &VirtqueueInfo) -> Result<QueueConfig, RigError> {
-    Ok(QueueConfig {
-        size: q.size,
-        desc_table: q.desc_table,
-        avail_ring: q.avail_ring,
-        used_ring: q.used_ring,
-        next_avail: 0,
-        next_used: 0,
-        kick: dup(q.kick_fd)?,
-        call: dup(q.call_fd)?,
-    })
-}
-
-/// Maps the guest's memory as a VMM would hand it over (dup'd fds).
-pub fn guest_memory(guest: &SimGuest) -> Result<GuestMemory, RigError> {
-    let specs = guest
-        .regions()
-        .iter()
-        .map(|r| {
-            Ok(MemoryRegionSpec {
-                guest_addr: r.guest_addr,
-                size: r.size,
-                fd: dup(r.fd)?,
-                file_offset: r.file_offset,
-            })
-        })
-        .collect::<Result<Vec<_>, RigError>>()?;
-    Ok(GuestMemory::from_regions(specs)?)
 }
 
 /// A running rig.
