@@ -10,8 +10,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use tapir_datapath::MemoryRegionSpec;
 use tapir_datapath::GuestMemory;
+use tapir_datapath::MemoryRegionSpec;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 /// Reads fields off the front of the fuzzer's input; past the end everything is zero.
@@ -309,7 +309,11 @@ impl Writable {
     }
 
     /// Allows every buffer of every chain a device-writes walk accepts from the table.
-    pub fn allow_chains(&mut self, mem: &GuestMemory, table: tapir_datapath::testing::chain::DescTable) {
+    pub fn allow_chains(
+        &mut self,
+        mem: &GuestMemory,
+        table: tapir_datapath::testing::chain::DescTable,
+    ) {
         use tapir_datapath::testing::chain::{walk, Access, Segments};
         let mut seg = Segments::default();
         for head in 0..table.size {
