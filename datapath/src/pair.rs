@@ -337,6 +337,9 @@ impl QueuePair {
     }
 
     fn due_interrupts(&mut self) -> [Option<Direction>; 2] {
+        // The batch ends here: both used rings are shown to the guest and their written bytes
+        // dirty-logged, also where only the notification fields changed (no interrupt due).
+        self.publish_used();
         let mut due = [None, None];
         if self.rx_used_pending {
             self.rx_used_pending = false;

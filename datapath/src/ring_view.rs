@@ -92,6 +92,8 @@ pub(crate) enum ViewError {
 struct Part {
     host: NonNull<u8>,
     len: usize,
+    /// The alignment `host` has (checked in `new`).
+    align: usize,
 }
 
 impl Part {
@@ -126,21 +128,22 @@ impl Part {
         if host.as_ptr().align_offset(align) != 0 {
             return Err(ViewError::HostMisaligned { part, addr, align });
         }
-        Ok(Part { host, len })
+        Ok(Part { host, len, align })
     }
 
     /// The `T`-sized, `T`-aligned field at `offset`, if it lies inside the part.
     fn field<T>(&self, offset: usize) -> Option<NonNull<T>> {
         let size = std::mem::size_of::<T>();
+        let align = std::mem::align_of::<T>();
         let end = offset.checked_add(size)?;
-        if end > self.len || offset & std::mem::align_of::<T>().wrapping_sub(1) != 0 {
+        if end > self.len || align > self.align || offset & align.wrapping_sub(1) != 0 {
             return None;
         }
         // SAFETY: `offset + size <= len`: the result stays inside the part, which is one
         // mapped range (`Part::new`).
         let p = unsafe { self.host.as_ptr().add(offset) };
-        // The part's base is aligned to its ring's alignment, which is at least `T`'s for
-        // every field the view reads (checked above for the offset).
+        // Aligned for `T`: the base has `self.align >= align_of::<T>()` and the offset is a
+        // multiple of `align_of::<T>()` (both checked above).
         NonNull::new(p.cast::<T>())
     }
 
@@ -419,6 +422,30 @@ mod tests {
             mem.take_dirty_log().is_empty(),
             "a flush with nothing written logs nothing"
         );
+    }
+
+    #[test]
+    fn fields_past_a_part_or_wider_than_its_alignment_are_refused() {
+        let mem = one_region();
+        let v = RingView::new(&mem, 8, 0x1000, 0x2000, 0x3000).unwrap();
+        assert!(
+            v.avail.load64(0).is_none(),
+            "the avail ring is only 2-aligned"
+        );
+        assert!(
+            v.used.load16(v.used.len, Ordering::Relaxed).is_none(),
+            "past the part"
+        );
+        assert!(
+            v.used.load16(v.used.len - 1, Ordering::Relaxed).is_none(),
+            "straddles its end"
+        );
+        assert!(
+            v.used.store32(2, 0, Ordering::Relaxed).is_none(),
+            "misaligned offset"
+        );
+        assert!(v.desc.load64(8 * 16 - 8).is_some(), "the table's last word");
+        assert!(v.desc.load64(8 * 16).is_none(), "past the table");
     }
 
     #[test]

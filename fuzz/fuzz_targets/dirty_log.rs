@@ -17,8 +17,8 @@ use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
 
 use libfuzzer_sys::fuzz_target;
-use tapir_datapath::MemoryRegionSpec;
 use tapir_datapath::GuestMemory;
+use tapir_datapath::MemoryRegionSpec;
 use tapir_fuzz::{fd_count, memfd, Input};
 use tapir_vhost_user::dirty_log::{DirtyLog, LOG_PAGE};
 

@@ -15,9 +15,9 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use tapir_datapath::features as f;
-use tapir_datapath::PairSettings;
 use tapir_datapath::testing::{queue_config, PairHarness, TxSlot};
 use tapir_datapath::GuestMemory;
+use tapir_datapath::PairSettings;
 use tapir_fuzz::{guest_memory, patch_guest, snapshot_into, zero, Input, Writable};
 
 const RX: (u64, u64, u64) = (0, 0x1000, 0x2000);

@@ -284,7 +284,11 @@ impl Writable {
     }
 
     /// Allows every buffer of every chain a device-writes walk accepts from the table.
-    pub fn allow_chains(&mut self, mem: &GuestMemory, table: tapir_datapath::testing::chain::DescTable) {
+    pub fn allow_chains(
+        &mut self,
+        mem: &GuestMemory,
+        table: tapir_datapath::testing::chain::DescTable,
+    ) {
         use tapir_datapath::testing::chain::{walk, Access, Segments};
         let mut seg = Segments::default();
         for head in 0..table.size {

@@ -237,7 +237,7 @@ impl Engine for ClassicEngine {
         let mut tap_armed = true;
         let mut w = TxWrite::new();
         let mut rx = ClassicRx {
-            read: RxRead::new(4),
+            read: RxRead::new(pair.rx_read_chains()),
             waiting: RxWait::Free,
         };
         let burst = self.cfg.tx_depth.max(1);

@@ -476,7 +476,9 @@ impl Engine for UringEngine {
             ring,
             tx: (0..tx_depth).map(|_| TxWrite::new()).collect(),
             tx_free: (0..tx_depth).rev().collect(),
-            rx: (0..rx_depth).map(|_| RxRead::new(4)).collect(),
+            rx: (0..rx_depth)
+                .map(|_| RxRead::new(pair.rx_read_chains()))
+                .collect(),
             rx_free: (0..rx_depth).rev().collect(),
             event_buf: Box::new([0; 3]),
             outstanding: 0,

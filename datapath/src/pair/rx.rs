@@ -116,6 +116,16 @@ pub(crate) enum RxPrepare {
 const SPILL_LEN: usize = 128 * 1024;
 
 impl QueuePair {
+    /// How many chains an RX read of this pair should have room for from the start: the
+    /// largest frame the pair may receive in 1 KiB buffers (a read that needs more grows
+    /// once; engines create their reads with this, so that a slot first used in the middle
+    /// of a run does not allocate then).
+    pub fn rx_read_chains(&self) -> usize {
+        (self.rx_capacity as usize / 1024)
+            .saturating_add(2)
+            .min(MAX_RX_PIECES)
+    }
+
     // ---- RX ----------------------------------------------------------------------------
 
     /// Pops up to `max` chains from the avail ring into the spare list, walking each (a

@@ -273,3 +273,20 @@ fn interrupts_follow_used_event_and_the_no_interrupt_flag() {
     m.write_obj(0u16.to_le(), GuestAddress(AVAIL)).unwrap();
     assert!(q.needs_notification());
 }
+
+#[test]
+fn notification_fields_the_device_writes_are_dirty_logged_at_the_next_publish() {
+    let mem = memory(&[(0, 0x10000)]);
+    for event_idx in [false, true] {
+        let mut q = queue(&mem, event_idx);
+        let _ = mem.take_dirty_log();
+        q.disable_notification();
+        let _ = q.enable_notification();
+        assert!(
+            mem.take_dirty_log().is_empty(),
+            "logged once per batch, not per write"
+        );
+        q.publish_used();
+        assert_eq!(mem.take_dirty_log(), vec![USED], "event_idx {event_idx}");
+    }
+}
