@@ -122,19 +122,15 @@ impl RxPool {
         self.spare_bytes = self.spare_bytes.saturating_add(u64::from(c.len));
     }
 
-    /// Puts a read's chains back, keeping the spare list in ring order: at the front when
-    /// they were popped before every spare chain (the usual case), else merged in.
+    /// Puts a read's chains back, keeping the spare list in ring order: each goes where its
+    /// pop order puts it (a binary search), at the front in the usual case, just after the
+    /// chains an earlier read of the same burst handed back when several found nothing.
     pub fn give_back_all(&mut self, chains: &[RxChain]) {
-        for &c in chains.iter().rev() {
-            self.give_back(c);
-        }
-        let next = self.spare.get(chains.len()).map(|c| self.seq_of(c.head));
-        let last = chains.last().map(|c| self.seq_of(c.head));
-        let sorted = chains
-            .windows(2)
-            .all(|w| matches!(w, [a, b] if self.seq_of(a.head) < self.seq_of(b.head)));
-        if !sorted || matches!((last, next), (Some(l), Some(n)) if l > n) {
-            self.settle_order();
+        for &c in chains {
+            let seq = self.seq_of(c.head);
+            let at = self.spare.partition_point(|s| self.seq_of(s.head) < seq);
+            self.spare.insert(at, c);
+            self.spare_bytes = self.spare_bytes.saturating_add(u64::from(c.len));
         }
     }
 
