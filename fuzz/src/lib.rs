@@ -5,6 +5,10 @@
 //! Every target reads its input with [`Input`]; an exhausted input reads as zeros, so every
 //! input is valid and short inputs are the simple cases.
 
+mod writable;
+
+pub use writable::Writable;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -273,134 +277,6 @@ pub fn fd_of_kind(kind: u8, tap: &OwnedFd) -> OwnedFd {
         2 => memfd(0x1000),
         3 => tap.try_clone().expect("dup of the TAP queue"),
         _ => nix::unistd::pipe().expect("pipe").0,
-    }
-}
-
-/// Which guest bytes the device may write: a byte map over [`REGIONS`] (region 0's bytes,
-/// then region 1's).
-pub struct Writable {
-    map: Vec<bool>,
-}
-
-impl Default for Writable {
-    fn default() -> Self {
-        let len = REGIONS.iter().map(|r| r.1).sum::<u64>();
-        Writable {
-            map: vec![false; usize::try_from(len).expect("small")],
-        }
-    }
-}
-
-impl Writable {
-    /// Allows `[addr, addr + len)` (the parts inside guest memory).
-    pub fn allow(&mut self, addr: u64, len: u64) {
-        let end = addr.saturating_add(len);
-        let mut flat = 0u64;
-        for &(base, size) in &REGIONS {
-            let start = addr.max(base);
-            let stop = end.min(base + size);
-            if start < stop {
-                let from = usize::try_from(flat + start - base).expect("small");
-                let to = usize::try_from(flat + stop - base).expect("small");
-                self.map[from..to].fill(true);
-            }
-            flat += size;
-        }
-    }
-
-    /// Allows every buffer of every chain a device-writes walk accepts from the table.
-    pub fn allow_chains(&mut self, mem: &GuestMemory, table: tapir_datapath::chain::DescTable) {
-        use tapir_datapath::chain::{walk, Access, Segments};
-        let mut seg = Segments::default();
-        for head in 0..table.size {
-            seg.clear();
-            if walk(mem, table, head, Access::DeviceWrites, &mut seg).is_ok() {
-                for &(gpa, len) in &seg.gpa {
-                    self.allow(gpa, u64::from(len));
-                }
-            }
-        }
-    }
-
-    /// The first byte of guest memory that differs from `before` (a [`snapshot_into`] of
-    /// it) and is not allowed; `before` is brought up to date (the chunks that changed).
-    /// The same check as [`first_forbidden`](Self::first_forbidden) of two snapshots,
-    /// without copying all of guest memory for the second one.
-    pub fn first_forbidden_since(&self, mem: &GuestMemory, before: &mut [u8]) -> Option<u64> {
-        const CHUNK: usize = 4096;
-        let mut flat = 0usize;
-        let mut found = None;
-        for &(base, size) in &REGIONS {
-            let size = usize::try_from(size).expect("small");
-            let host = mem
-                .mmap()
-                .get_host_address(GuestAddress(base))
-                .expect("a mapped region");
-            // SAFETY: `host..host + size` is one region of `mem`'s mapping, alive as long as
-            // `mem`; nothing writes guest memory while the slice lives (the target drives the
-            // pair on this thread, no workers run).
-            let now = unsafe { std::slice::from_raw_parts(host.cast_const(), size) };
-            let old = &mut before[flat..flat + size];
-            for (c, (o, n)) in old.chunks_mut(CHUNK).zip(now.chunks(CHUNK)).enumerate() {
-                if o == n {
-                    continue;
-                }
-                if found.is_none() {
-                    let start = flat + c * CHUNK;
-                    let ok = &self.map[start..start + n.len()];
-                    found = o
-                        .iter()
-                        .zip(n)
-                        .zip(ok)
-                        .position(|((x, y), ok)| x != y && !ok)
-                        .map(|i| base + (c * CHUNK + i) as u64);
-                }
-                o.copy_from_slice(n);
-            }
-            flat += size;
-        }
-        found
-    }
-
-    /// The first byte that differs between two [`snapshot_into`]s and is not allowed.
-    pub fn first_forbidden(&self, before: &[u8], after: &[u8]) -> Option<u64> {
-        const CHUNK: usize = 4096;
-        let i = before
-            .chunks(CHUNK)
-            .zip(after.chunks(CHUNK))
-            .enumerate()
-            .filter(|(_, (b, a))| b != a)
-            .find_map(|(c, (b, a))| {
-                let ok = self.map.get(c * CHUNK..)?;
-                b.iter()
-                    .zip(a.iter())
-                    .zip(ok)
-                    .position(|((x, y), ok)| x != y && !ok)
-                    .map(|i| c * CHUNK + i)
-            })?;
-        let mut flat = i as u64;
-        for &(base, size) in &REGIONS {
-            if flat < size {
-                return Some(base + flat);
-            }
-            flat -= size;
-        }
-        None
-    }
-}
-
-/// All of guest memory ([`REGIONS`], flattened) into `out` (reused: no allocation once it
-/// has the size), for comparing before and after.
-pub fn snapshot_into(mem: &GuestMemory, out: &mut Vec<u8>) {
-    let total = usize::try_from(REGIONS.iter().map(|r| r.1).sum::<u64>()).expect("small");
-    out.resize(total, 0);
-    let mut flat = 0usize;
-    for &(base, size) in &REGIONS {
-        let size = usize::try_from(size).expect("small");
-        mem.mmap()
-            .read_slice(&mut out[flat..flat + size], GuestAddress(base))
-            .expect("read guest memory");
-        flat += size;
     }
 }
 
