@@ -169,6 +169,7 @@ mod tests {
 
     #[test]
     fn a_write_to_an_allowed_byte_passes_and_one_beside_it_is_found() {
+        let _serial = crate::serial_fd_test();
         let mem = guest_memory();
         let mut w = Writable::default();
         w.start(&mem);
@@ -187,5 +188,51 @@ mod tests {
         mem.mmap().write_slice(&[9], GuestAddress(0x3000)).unwrap();
         w.guest_wrote(&mem);
         assert_eq!(w.first_forbidden_write(&mem), None);
+    }
+
+    /// Writes descriptor `i` of the table at `table`.
+    fn put(mem: &GuestMemory, table: u64, i: u64, addr: u64, len: u32, flags: u16) {
+        let at = table + 16 * i;
+        let m = mem.mmap();
+        m.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
+        m.write_obj(len.to_le(), GuestAddress(at + 8)).unwrap();
+        m.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
+    }
+
+    #[test]
+    fn chains_are_walked_again_when_an_indirect_table_changes() {
+        const WRITE: u16 = 2;
+        const INDIRECT: u16 = 4;
+        let _serial = crate::serial_fd_test();
+        let mem = guest_memory();
+        let table = DescTable { addr: 0, size: 2 };
+        put(&mem, 0, 0, 0x8000, 16, INDIRECT);
+        put(&mem, 0x8000, 0, 0x9000, 16, WRITE);
+        let mut w = Writable::default();
+        w.start(&mem);
+        w.allow_chains(&mem, table);
+        mem.mmap()
+            .write_slice(&[1; 16], GuestAddress(0x9000))
+            .unwrap();
+        assert_eq!(w.first_forbidden_write(&mem), None);
+        // The indirect table (far from the descriptor table) now points elsewhere.
+        put(&mem, 0x8000, 0, 0xa000, 16, WRITE);
+        // (Its first changed byte: 0x9000 -> 0xa000.)
+        assert_eq!(w.first_forbidden_write(&mem), Some(0x8001));
+        w.allow_chains(&mem, table);
+        mem.mmap()
+            .write_slice(&[1; 16], GuestAddress(0xa000))
+            .unwrap();
+        assert_eq!(w.first_forbidden_write(&mem), None);
+        // A change no chain points at allows nothing new.
+        mem.mmap()
+            .write_slice(&[2; 4], GuestAddress(0xc000))
+            .unwrap();
+        assert_eq!(w.first_forbidden_write(&mem), Some(0xc000));
+        w.allow_chains(&mem, table);
+        mem.mmap()
+            .write_slice(&[3; 4], GuestAddress(0xc000))
+            .unwrap();
+        assert_eq!(w.first_forbidden_write(&mem), Some(0xc000));
     }
 }
