@@ -14,10 +14,20 @@
 //! 1 PREPARED, 2 READY, 3 RUNNING, 4 ABORT, else a raw kind byte), payload choice (u8: 0 the
 //! right payload (HELLO: version 2 only), 1 for HELLO: versions 2 to 3, else raw u8-length
 //! bytes), fd count (u8 % 4).
+//!
+//! The pid a raw HELLO names: the socket pair is made in this process, so the source takes
+//! the HELLO's pid as the successor's and fences (SIGKILLs) that process when the script stops
+//! short. A fuzzed pid could name any process on the machine (and pid 1 or a kernel thread,
+//! which never die, made every such input wait out the 5 s fence bound), so a raw HELLO's pid
+//! below 2^31 is replaced by one of four this target owns (`pid % 4`): its own (in process,
+//! not killable), a live child (`cat`, killed by the fence and respawned), a zombie child
+//! (alive to `pidfd_open`, already exited) and a pid above `pid_max` (no such process). Pids
+//! of 2^31 and above stay as fuzzed (not a pid: refused).
 #![no_main]
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::OnceLock;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
@@ -64,8 +74,68 @@ fn manifest_fds() -> &'static [OwnedFd] {
     FDS.get_or_init(|| (0..6).map(|_| eventfd()).collect())
 }
 
+/// A pid no process has: above the largest `pid_max` Linux allows (2^22).
+const NO_SUCH_PID: u32 = 0x4000_0000;
+
+/// A child process of this target, killed by the fence at will. Its stdin is a pipe from
+/// this process, so a `cat` ends with the fuzzer whatever way that ends.
+fn spawn_child(program: &str) -> Child {
+    Command::new(program)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn a child")
+}
+
+/// The live child a raw HELLO may name: respawned when a fence killed it.
+fn live_child() -> &'static Mutex<Child> {
+    static CHILD: OnceLock<Mutex<Child>> = OnceLock::new();
+    CHILD.get_or_init(|| Mutex::new(spawn_child("cat")))
+}
+
+/// A child that has exited and is never reaped (a zombie: `pidfd_open` works, it has exited).
+fn zombie_pid() -> u32 {
+    static ZOMBIE: OnceLock<u32> = OnceLock::new();
+    *ZOMBIE.get_or_init(|| {
+        let child = spawn_child("true");
+        let pid = child.id();
+        // Wait until it has exited without reaping it (waitid with WNOWAIT).
+        let id = nix::sys::wait::Id::Pid(nix::unistd::Pid::from_raw(
+            i32::try_from(pid).expect("a pid"),
+        ));
+        let flags = nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT;
+        nix::sys::wait::waitid(id, flags).expect("the zombie child exits");
+        std::mem::forget(child);
+        pid
+    })
+}
+
+/// The pid a raw HELLO's fuzzed `pid` stands for (see the module comment).
+fn owned_pid(pid: u32) -> u32 {
+    if i32::try_from(pid).is_err() {
+        return pid;
+    }
+    match pid % 4 {
+        0 => std::process::id(),
+        1 => live_child().lock().expect("child lock").id(),
+        2 => zombie_pid(),
+        _ => NO_SUCH_PID,
+    }
+}
+
+/// Respawns the live child if a fence killed it.
+fn revive_child() {
+    let mut child = live_child().lock().expect("child lock");
+    if child.try_wait().expect("try_wait").is_some() {
+        *child = spawn_child("cat");
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let manifest = manifest_fds();
+    live_child();
+    zombie_pid();
     let baseline = fd_count();
     {
         let mut input = Input::new(data);
@@ -90,7 +160,12 @@ fuzz_target!(|data: &[u8]| {
                 0 => Vec::new(),
                 _ => {
                     let n = usize::from(input.u8());
-                    input.bytes(n).to_vec()
+                    let mut raw = input.bytes(n).to_vec();
+                    if let Some(pid) = raw.get_mut(2..6).filter(|_| kind == protocol::HELLO) {
+                        let named = u32::from_le_bytes([pid[0], pid[1], pid[2], pid[3]]);
+                        pid.copy_from_slice(&owned_pid(named).to_le_bytes());
+                    }
+                    raw
                 }
             };
             let fds: Vec<OwnedFd> = (0..input.u8() % 4).map(|_| eventfd()).collect();
@@ -162,4 +237,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     assert_eq!(fd_count(), baseline, "fds leaked");
+    revive_child();
 });

@@ -5,6 +5,10 @@
 //! Every target reads its input with [`Input`]; an exhausted input reads as zeros, so every
 //! input is valid and short inputs are the simple cases.
 
+mod writable;
+
+pub use writable::Writable;
+
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use tapir_datapath::GuestMemory;
@@ -128,12 +132,60 @@ pub fn eventfd() -> OwnedFd {
     tapir_testkit::eventfd().expect("eventfd")
 }
 
-/// The fds open in this process now (entries of /proc/self/fd, minus the one reading it).
+/// The fds open in this process now (entries of /proc/self/fd, minus the one reading it,
+/// which stays open).
+///
+/// Read with `getdents64` into a buffer on the stack, from one fd of the directory kept open
+/// (rewound each time): `std::fs::read_dir` allocates per entry and opens the directory, and
+/// twice per input that was a sixth of the `session` target's time.
 pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
-        .saturating_sub(1)
+    static DIR: std::sync::OnceLock<std::sync::Mutex<OwnedFd>> = std::sync::OnceLock::new();
+    let dir = DIR
+        .get_or_init(|| {
+            let flags = nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC;
+            let fd = nix::fcntl::open(c"/proc/self/fd", flags, nix::sys::stat::Mode::empty())
+                .expect("/proc/self/fd");
+            std::sync::Mutex::new(fd)
+        })
+        .lock()
+        .expect("fd_count lock");
+    nix::unistd::lseek(&*dir, 0, nix::unistd::Whence::SeekSet).expect("rewind /proc/self/fd");
+    // u64 words: `linux_dirent64` records are 8-byte aligned.
+    let mut buf = [0u64; 1024];
+    let mut entries = 0usize;
+    loop {
+        // SAFETY: `buf` is valid for writes of its length for the duration of the call; the
+        // kernel writes at most that many bytes of whole records.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir.as_raw_fd(),
+                buf.as_mut_ptr(),
+                std::mem::size_of_val(&buf),
+            )
+        };
+        let n = usize::try_from(n).expect("getdents64 on /proc/self/fd");
+        if n == 0 {
+            break;
+        }
+        // SAFETY: the first `n` bytes of `buf` were just written by the kernel; u8 has no
+        // alignment or validity requirements.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+        let mut at = 0;
+        // linux_dirent64: d_ino (u64), d_off (i64), d_reclen (u16), d_type (u8), d_name.
+        while at + 19 < n {
+            let reclen = usize::from(u16::from_ne_bytes([bytes[at + 16], bytes[at + 17]]));
+            let name = &bytes[at + 19..(at + reclen).min(n)];
+            let dots = matches!(name, [b'.', 0, ..] | [b'.', b'.', 0, ..]);
+            if !dots {
+                entries += 1;
+            }
+            at += reclen.max(1);
+        }
+    }
+    entries.saturating_sub(1)
 }
 
 /// The two regions every datapath target maps: 64 KiB at 0 and 32 KiB at 0x20000 (a hole
@@ -251,138 +303,6 @@ pub fn fd_of_kind(kind: u8, tap: &OwnedFd) -> OwnedFd {
     }
 }
 
-/// Which guest bytes the device may write: a byte map over [`REGIONS`] (region 0's bytes,
-/// then region 1's).
-pub struct Writable {
-    map: Vec<bool>,
-}
-
-impl Default for Writable {
-    fn default() -> Self {
-        let len = REGIONS.iter().map(|r| r.1).sum::<u64>();
-        Writable {
-            map: vec![false; usize::try_from(len).expect("small")],
-        }
-    }
-}
-
-impl Writable {
-    /// Allows `[addr, addr + len)` (the parts inside guest memory).
-    pub fn allow(&mut self, addr: u64, len: u64) {
-        let end = addr.saturating_add(len);
-        let mut flat = 0u64;
-        for &(base, size) in &REGIONS {
-            let start = addr.max(base);
-            let stop = end.min(base + size);
-            if start < stop {
-                let from = usize::try_from(flat + start - base).expect("small");
-                let to = usize::try_from(flat + stop - base).expect("small");
-                self.map[from..to].fill(true);
-            }
-            flat += size;
-        }
-    }
-
-    /// Allows every buffer of every chain a device-writes walk accepts from the table.
-    pub fn allow_chains(
-        &mut self,
-        mem: &GuestMemory,
-        table: tapir_datapath::testing::chain::DescTable,
-    ) {
-        use tapir_datapath::testing::chain::{walk, Access, Segments};
-        let mut seg = Segments::default();
-        for head in 0..table.size {
-            seg.clear();
-            if walk(mem, table, head, Access::DeviceWrites, &mut seg).is_ok() {
-                for &(gpa, len) in &seg.gpa {
-                    self.allow(gpa, u64::from(len));
-                }
-            }
-        }
-    }
-
-    /// The first byte of guest memory that differs from `before` (a [`snapshot_into`] of
-    /// it) and is not allowed; `before` is brought up to date (the chunks that changed).
-    /// The same check as [`first_forbidden`](Self::first_forbidden) of two snapshots,
-    /// without copying all of guest memory for the second one.
-    pub fn first_forbidden_since(&self, mem: &GuestMemory, before: &mut [u8]) -> Option<u64> {
-        const CHUNK: usize = 4096;
-        let mut flat = 0usize;
-        let mut found = None;
-        for &(base, size) in &REGIONS {
-            let size = usize::try_from(size).expect("small");
-            let host = mem
-                .mmap()
-                .get_host_address(GuestAddress(base))
-                .expect("a mapped region");
-            // SAFETY: `host..host + size` is one region of `mem`'s mapping, alive as long as
-            // `mem`; nothing writes guest memory while the slice lives (the target drives the
-            // pair on this thread, no workers run).
-            let now = unsafe { std::slice::from_raw_parts(host.cast_const(), size) };
-            let old = &mut before[flat..flat + size];
-            for (c, (o, n)) in old.chunks_mut(CHUNK).zip(now.chunks(CHUNK)).enumerate() {
-                if o == n {
-                    continue;
-                }
-                if found.is_none() {
-                    let start = flat + c * CHUNK;
-                    let ok = &self.map[start..start + n.len()];
-                    found = o
-                        .iter()
-                        .zip(n)
-                        .zip(ok)
-                        .position(|((x, y), ok)| x != y && !ok)
-                        .map(|i| base + (c * CHUNK + i) as u64);
-                }
-                o.copy_from_slice(n);
-            }
-            flat += size;
-        }
-        found
-    }
-
-    /// The first byte that differs between two [`snapshot_into`]s and is not allowed.
-    pub fn first_forbidden(&self, before: &[u8], after: &[u8]) -> Option<u64> {
-        const CHUNK: usize = 4096;
-        let i = before
-            .chunks(CHUNK)
-            .zip(after.chunks(CHUNK))
-            .enumerate()
-            .filter(|(_, (b, a))| b != a)
-            .find_map(|(c, (b, a))| {
-                let ok = self.map.get(c * CHUNK..)?;
-                b.iter()
-                    .zip(a.iter())
-                    .zip(ok)
-                    .position(|((x, y), ok)| x != y && !ok)
-                    .map(|i| c * CHUNK + i)
-            })?;
-        let mut flat = i as u64;
-        for &(base, size) in &REGIONS {
-            if flat < size {
-                return Some(base + flat);
-            }
-            flat -= size;
-        }
-        None
-    }
-}
-
-/// All of guest memory ([`REGIONS`], flattened) into `out` (reused: no allocation once it
-/// has the size), for comparing before and after.
-pub fn snapshot_into(mem: &GuestMemory, out: &mut Vec<u8>) {
-    let total = usize::try_from(REGIONS.iter().map(|r| r.1).sum::<u64>()).expect("small");
-    out.resize(total, 0);
-    let mut flat = 0usize;
-    for &(base, size) in &REGIONS {
-        let size = usize::try_from(size).expect("small");
-        mem.mmap()
-            .read_slice(&mut out[flat..flat + size], GuestAddress(base))
-            .expect("read guest memory");
-        flat += size;
-    }
-}
-
 /// Applies up to 16 guest patches from the input: each a guest address (u16, times 4, so
 /// anywhere in the first 256 KiB) and a u16-length blob of at most 2 KiB. Returns how many.
 pub fn patch_guest(mem: &GuestMemory, input: &mut Input) -> usize {
@@ -401,4 +321,36 @@ pub fn patch_guest(mem: &GuestMemory, input: &mut Input) -> usize {
 pub fn skip_known() -> bool {
     static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SKIP.get_or_init(|| std::env::var_os("TAPIR_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
+}
+
+/// Tests that open fds, one at a time (the fd count test sees every fd of the process).
+#[cfg(test)]
+pub(crate) fn serial_fd_test() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_count_counts_what_read_dir_sees_and_follows_an_open_and_a_close() {
+        let _serial = serial_fd_test();
+        let by_read_dir = || {
+            std::fs::read_dir("/proc/self/fd")
+                .expect("/proc/self/fd")
+                .count()
+                - 1
+        };
+        let before = fd_count();
+        // read_dir also sees the directory fd fd_count keeps open for itself.
+        assert_eq!(before + 1, by_read_dir());
+        let fds: Vec<OwnedFd> = (0..300).map(|_| eventfd()).collect();
+        // More entries than one getdents64 buffer holds.
+        assert_eq!(fd_count(), before + 300);
+        assert_eq!(fd_count() + 1, by_read_dir());
+        drop(fds);
+        assert_eq!(fd_count(), before);
+    }
 }

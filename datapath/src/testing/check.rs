@@ -294,15 +294,34 @@ impl PairHarness {
                 || nb_at.contains(&Some(g))
                 || runs_after(&runs, pos + 1).any(|(a, l)| g >= a && g < a + u64::from(l))
         };
-        for pos in by_kernel..total {
-            let Some(g) = gpa_of(&runs, pos) else { break };
-            let in_nb = (NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2).contains(&pos);
-            let want = d.frame.get(pos).copied().unwrap_or(0);
-            if !in_nb && self.byte_at(g) != want && !overwritten(pos, g) {
-                return Err(format!(
-                    "byte {pos} (at {g:#x}) is {:#x}, the TAP read {want:#x}",
-                    self.byte_at(g)
-                ));
+        // Run by run: one read of guest memory per run, not one per byte (a 64 KiB frame's
+        // bytes one by one were a sixth of the rx_pair fuzz target's time).
+        let mut pos = by_kernel;
+        let mut got = Vec::new();
+        for (run, len) in runs_after(&runs, by_kernel) {
+            got.resize(len as usize, 0);
+            if self
+                .pair
+                .mem
+                .mmap()
+                .read_slice(&mut got, GuestAddress(run))
+                .is_err()
+            {
+                // Partly outside guest memory: as `byte_at` reads it, byte by byte.
+                for (i, b) in got.iter_mut().enumerate() {
+                    *b = self.byte_at(run + i as u64);
+                }
+            }
+            for (i, &byte) in got.iter().enumerate() {
+                let g = run + i as u64;
+                let in_nb = (NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2).contains(&pos);
+                let want = d.frame.get(pos).copied().unwrap_or(0);
+                if !in_nb && byte != want && !overwritten(pos, g) {
+                    return Err(format!(
+                        "byte {pos} (at {g:#x}) is {byte:#x}, the TAP read {want:#x}"
+                    ));
+                }
+                pos += 1;
             }
         }
         Ok(())

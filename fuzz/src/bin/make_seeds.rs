@@ -253,6 +253,7 @@ fn session_state() -> tapir_vhost_user::handoff::SessionState {
             handoff: None,
         },
         requests: 42,
+        report: Default::default(),
     }
 }
 
