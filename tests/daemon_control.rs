@@ -39,11 +39,7 @@ fn stats(control: &Path) -> serde_json::Value {
 /// `GET /metrics` from inside the namespace (where the daemon's loopback is).
 fn scrape(ns: &Netns, port: u16) -> String {
     use std::io::{Read, Write};
-    use std::os::fd::AsFd;
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    ns.thread(move || {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
@@ -206,12 +202,8 @@ fn trickle(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<bool> {
     use std::io::{ErrorKind, Read, Write};
-    use std::os::fd::AsFd;
     use std::sync::atomic::Ordering;
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    ns.thread(move || {
         let mut s = connect();
         let mut byte = [0u8; 1];
         while !stop.load(Ordering::Relaxed) {
@@ -337,17 +329,14 @@ fn slow_control_and_metrics_clients_do_not_stall_the_frontend() {
             "{engine}: {cut_off} clients counted as cut off"
         );
         // More clients at once than the server takes: the rest are closed at accept, counted.
-        let port_ns = format!("/run/netns/{}", ns.name);
-        let idle = std::thread::spawn(move || {
-            use std::os::fd::AsFd;
-            let f = std::fs::File::open(&port_ns).unwrap();
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            (0..32)
-                .map(|_| std::net::TcpStream::connect(("127.0.0.1", 9465)).unwrap())
-                .collect::<Vec<_>>()
-        })
-        .join()
-        .unwrap();
+        let idle = ns
+            .thread(|| {
+                (0..32)
+                    .map(|_| std::net::TcpStream::connect(("127.0.0.1", 9465)).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .join()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(1500));
         drop(idle);
         let refused = stats(&control)["daemon"]["report_clients_refused"]

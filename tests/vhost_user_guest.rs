@@ -583,6 +583,34 @@ struct EchoLog {
     replies: Vec<(u64, u16)>,
 }
 
+impl EchoLog {
+    /// When the lost exchange `seq` happened: its reply or its request on the TAP, or between
+    /// its neighbours' requests if neither got there.
+    fn lost_at(&self, seq: u16) -> (u64, u64) {
+        if let Some(&(t, _)) = self.replies.iter().find(|(_, s)| *s == seq) {
+            return (t, t);
+        }
+        if let Some(&(t, _)) = self.requests.iter().find(|(_, s)| *s == seq) {
+            return (t, t);
+        }
+        let before = self
+            .requests
+            .iter()
+            .filter(|(_, s)| *s < seq)
+            .map(|(t, _)| *t)
+            .max()
+            .unwrap_or(0);
+        let after = self
+            .requests
+            .iter()
+            .filter(|(_, s)| *s > seq)
+            .map(|(t, _)| *t)
+            .min()
+            .unwrap_or(u64::MAX);
+        (before, after)
+    }
+}
+
 fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     u64::try_from(t.tv_sec()).unwrap() * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap()
@@ -750,36 +778,11 @@ fn ping_across_handoffs(engine: &str) {
         summary.contains(&format!("{PINGS} packets transmitted")),
         "{engine}: {console}"
     );
-    // Where each lost exchange happened: its request or reply on the TAP, or between its
-    // neighbours' requests if neither got there.
-    let when = |seq: u16| -> (u64, u64) {
-        if let Some(&(t, _)) = log.replies.iter().find(|(_, s)| *s == seq) {
-            return (t, t);
-        }
-        if let Some(&(t, _)) = log.requests.iter().find(|(_, s)| *s == seq) {
-            return (t, t);
-        }
-        let before = log
-            .requests
-            .iter()
-            .filter(|(_, s)| *s < seq)
-            .map(|(t, _)| *t)
-            .max()
-            .unwrap_or(0);
-        let after = log
-            .requests
-            .iter()
-            .filter(|(_, s)| *s > seq)
-            .map(|(t, _)| *t)
-            .min()
-            .unwrap_or(u64::MAX);
-        (before, after)
-    };
     // A window: from the quiesce to RUNNING, widened by 50 ms on each side (a reply in
     // flight when the predecessor stopped, TCG's timer granularity).
     let slack = 50_000_000;
     for &seq in &lost {
-        let (from, to) = when(seq);
+        let (from, to) = log.lost_at(seq);
         assert!(
             windows.iter().any(|&(q, r)| to + slack >= q && from <= r + slack),
             "{engine}: reply {seq} was lost outside every handoff window (seen {from}..{to}, windows {windows:?})"
@@ -1441,34 +1444,10 @@ fn crash_and_restart(engine: &str, mode: Mode) -> Recovery {
         .filter_map(|n| n.trim().parse().ok())
         .collect();
     // Every lost exchange between the kill and the first reply after the restart (50 ms of
-    // slack each side: a reply in flight at the kill, TCG's timer granularity). Its time is
-    // its request's on the TAP, or its neighbours' if the request never got there.
+    // slack each side: a reply in flight at the kill, TCG's timer granularity).
     let slack = 50_000_000;
     for &seq in &lost {
-        let seen = log
-            .requests
-            .iter()
-            .filter(|(_, s)| *s == seq)
-            .map(|(t, _)| *t);
-        let before = log
-            .requests
-            .iter()
-            .filter(|(_, s)| *s < seq)
-            .map(|(t, _)| *t)
-            .max()
-            .unwrap_or(0);
-        let after = log
-            .requests
-            .iter()
-            .filter(|(_, s)| *s > seq)
-            .map(|(t, _)| *t)
-            .min()
-            .unwrap_or(u64::MAX);
-        let (from, to) = seen
-            .clone()
-            .min()
-            .zip(seen.max())
-            .unwrap_or((before, after));
+        let (from, to) = log.lost_at(seq);
         assert!(
             to + slack >= killed_at && from <= first_reply + slack,
             "{ctx}: ping {seq} was lost outside the outage (seen {from}..{to}, kill at \

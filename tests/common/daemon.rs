@@ -72,6 +72,20 @@ impl Netns {
         ]
     }
 
+    /// Runs `f` on a thread inside the namespace (its loopback, its TAPs).
+    pub fn thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        use std::os::fd::AsFd;
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+    }
+
     /// `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) {
         let mut all = vec!["ip", "-n", &self.name];

@@ -196,7 +196,7 @@ pub struct Session {
     /// The MTU the frontend set with `NET_SET_MTU` (the TAP has it).
     pub mtu: Option<u16>,
     /// Counters of the devices this session stopped, by queue pair (a device's workers
-    /// count from zero; see [`Session::pair_counters`]).
+    /// count from zero; see [`Session::counter_sources`]).
     stopped_counters: Vec<tapir_datapath::Counters>,
 }
 
@@ -224,14 +224,9 @@ impl Session {
         }
     }
 
-    /// Each queue pair's counters over the session: the stopped devices' plus what the
-    /// running one last published (workers publish once per loop; nothing new is counted).
-    pub fn pair_counters(&self) -> Vec<tapir_datapath::Counters> {
-        self.counter_sources().read()
-    }
-
     /// Where the session's counters are, for a reader on another thread
-    /// ([`crate::report::Board`]): the stopped devices' totals and the running workers' stats.
+    /// ([`crate::report::Board`]): the stopped devices' totals and the running workers' stats
+    /// (workers publish once per loop; nothing new is counted).
     pub fn counter_sources(&self) -> crate::report::CounterSources {
         crate::report::CounterSources {
             stopped: self.stopped_counters.clone(),
