@@ -423,3 +423,77 @@ fn the_control_socket_and_metrics_endpoint_follow_a_takeover() {
         );
     }
 }
+
+/// The uid of a running process, from /proc (its real, effective, saved and fs uids).
+fn uids_of(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Both sides of a takeover sandboxed as another user (`--user` on the predecessor and on the
+/// successor): the handoff socket is bound and checked as that user, the successor takes the
+/// live session over and serves it as that user, frames keep crossing.
+#[test]
+fn a_takeover_works_with_both_sides_running_as_another_user() {
+    for engine in ["uring", "classic"] {
+        let ns = Netns::new();
+        // The sockets are bound after the switch to uid 65534: it needs a directory of its own.
+        let dir = ns.socket("nobody").with_extension("d");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let tap = format!("{}t", ns.name);
+        let socket = dir.join("vu.sock");
+        let handoff = dir.join("handoff.sock");
+        let as_nobody = ["--user", "65534", "--group", "65534", "--allow-uid", "0"];
+        let mut first_args = vec![
+            "--socket",
+            socket.to_str().unwrap(),
+            "--tap",
+            &tap,
+            "--engine",
+            engine,
+            "--handoff-socket",
+            handoff.to_str().unwrap(),
+        ];
+        first_args.extend(as_nobody);
+        let mut first = ns.spawn(&[], &first_args);
+        first.event("listening");
+        assert_eq!(
+            uids_of(first.pid()),
+            "65534\t65534\t65534\t65534",
+            "{engine}"
+        );
+        ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap]);
+        ns.ip(&["link", "set", &tap, "up"]);
+        let mut guest = one_pair_guest();
+        let (mut rx, mut txq) = guest.take_pair(0);
+        let mut fe = connect(&socket);
+        attach(&mut fe, &guest, 0);
+        first.event("\"running\":[0]");
+        arp_round_trip_on(&mut rx, &mut txq, engine);
+        let mut second_args = vec!["--takeover", handoff.to_str().unwrap(), "--engine", engine];
+        second_args.extend(as_nobody);
+        let mut second = ns.spawn(&[], &second_args);
+        second.event("\"running\"");
+        first.event("handoff_committed");
+        let (st, log) = first.wait_exit();
+        assert_eq!(st.code(), Some(0), "{engine}: predecessor: {log}");
+        assert_eq!(
+            uids_of(second.pid()),
+            "65534\t65534\t65534\t65534",
+            "{engine}"
+        );
+        for _ in 0..3 {
+            arp_round_trip_on(&mut rx, &mut txq, engine);
+        }
+        drop(fe);
+        second.signal(nix::sys::signal::Signal::SIGTERM);
+        let (st, log) = second.wait_exit();
+        assert_eq!(st.code(), Some(0), "{engine}: successor: {log}");
+    }
+}

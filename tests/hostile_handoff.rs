@@ -365,6 +365,9 @@ fn a_hello_naming_another_pid_is_refused() {
             wait_fd_count(pid, baseline, &format!("{engine}"));
             let traffic = SteadyTraffic::start(&mut rig, 5_000).unwrap();
             rig.handoff().unwrap();
+            // Long enough for over 100 datagrams each way at 5 kpps, however fast the
+            // handoff was.
+            std::thread::sleep(Duration::from_millis(100));
             let report = traffic.finish().unwrap();
             rig.shutdown().unwrap();
             assert_traffic_flowed(&format!("{engine}"), &report);
@@ -1017,8 +1020,8 @@ fn a_source_sending_253_fds_is_refused_by_the_successor() {
 }
 
 /// A launcher that hands a datapath to a child through a socket pair (`--channel-fd`): the
-/// pair's peer credentials are the launcher's own, so the fence pins the process the HELLO
-/// names (the child), and the handoff commits to it.
+/// pair's peer credentials are the launcher's own, so the launcher declares the child it gave
+/// the pair to (`Channel::expect_child`); the fence pins it, and the handoff commits to it.
 #[test]
 fn a_socket_pair_launch_pins_the_child_named_by_hello() {
     use tapir_datapath::DeviceConfig;
@@ -1037,7 +1040,7 @@ fn a_socket_pair_launch_pins_the_child_named_by_hello() {
             mac: tapir_testkit::GUEST_MAC,
             ..DeviceConfig::new(g.features(), EngineKind::Uring)
         };
-        let (mine, theirs) = Channel::pair().unwrap();
+        let (mut mine, theirs) = Channel::pair().unwrap();
         let theirs_raw = theirs.as_raw_fd();
         let mut cmd = Command::new(EXE);
         cmd.args(["datapath", "--channel-fd", "3", "--listen"])
@@ -1054,6 +1057,7 @@ fn a_socket_pair_launch_pins_the_child_named_by_hello() {
         }
         let mut child = cmd.spawn().unwrap();
         drop(theirs);
+        mine.expect_child(&child).unwrap();
         let mut source = LaunchSource::new(config, memory, resources);
         let outcome = hand_off(&mut source, &mine, Timeouts::default()).unwrap();
         match outcome {
@@ -1078,4 +1082,42 @@ fn a_socket_pair_launch_pins_the_child_named_by_hello() {
         std::fs::remove_dir_all(dir).ok();
     })
     .unwrap();
+}
+
+/// On a socket pair this process made, the peer credentials are the source's own, so they
+/// cannot say who the successor is. A HELLO there that names some other process of this user
+/// (here a bystander the test started, not given the pair) is refused at HELLO: the source
+/// must never pin, and so never SIGKILL, a process it did not hand the pair to.
+#[test]
+fn a_socket_pair_hello_naming_an_undeclared_process_is_refused() {
+    let mut bystander = Command::new("sleep").arg("60").spawn().unwrap();
+    let named = bystander.id();
+    let (mine, theirs) = Channel::pair().unwrap();
+    let liar = std::thread::spawn(move || {
+        theirs.send(protocol::HELLO, &hello(named), &[]).unwrap();
+        // Silent from here on: a pinned fence would fire at the prepare deadline.
+        let answer = theirs.recv(Some(Duration::from_secs(10)));
+        answer.map(|m| (m.kind, String::from_utf8_lossy(&m.payload).into_owned()))
+    });
+    let t = Timeouts {
+        prepare: Duration::from_millis(500),
+        switch: Duration::from_millis(500),
+    };
+    let outcome = hand_off_state(&mine, b"state", &[], t).unwrap();
+    let answer = liar.join().unwrap();
+    let alive = bystander.try_wait().unwrap().is_none();
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    assert!(
+        alive,
+        "the source killed a process it never handed the pair to"
+    );
+    match outcome {
+        Outcome::RolledBack(MigrateError::Peer(why)) => {
+            assert!(why.contains("given to no child"), "refused with {why:?}");
+        }
+        o => panic!("a HELLO naming an undeclared pid: {o:?}"),
+    }
+    let (kind, why) = answer.unwrap();
+    assert_eq!(kind, protocol::ABORT, "the liar got {kind} ({why})");
 }

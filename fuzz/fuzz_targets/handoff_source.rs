@@ -15,14 +15,15 @@
 //! right payload (HELLO: version 2 only), 1 for HELLO: versions 2 to 3, else raw u8-length
 //! bytes), fd count (u8 % 4).
 //!
-//! The pid a raw HELLO names: the socket pair is made in this process, so the source takes
-//! the HELLO's pid as the successor's and fences (SIGKILLs) that process when the script stops
-//! short. A fuzzed pid could name any process on the machine (and pid 1 or a kernel thread,
-//! which never die, made every such input wait out the 5 s fence bound), so a raw HELLO's pid
-//! below 2^31 is replaced by one of four this target owns (`pid % 4`): its own (in process,
-//! not killable), a live child (`cat`, killed by the fence and respawned), a zombie child
-//! (alive to `pidfd_open`, already exited) and a pid above `pid_max` (no such process). Pids
-//! of 2^31 and above stay as fuzzed (not a pid: refused).
+//! The pid a raw HELLO names: the socket pair is made in this process and declared given to a
+//! live child (`Channel::expect_child`), so the source accepts a HELLO naming that child or
+//! this process, pins it and fences (SIGKILLs) the child when the script stops short; any
+//! other pid is refused at HELLO. A raw HELLO's pid below 2^31 is replaced by one of four
+//! (`pid % 4`): this target's own (in process, not killable), the live child (`cat`, killed
+//! by the fence and respawned), a zombie child (not declared: refused) and a pid above
+//! `pid_max` (no such process: refused). Pids of 2^31 and above stay as fuzzed (not a pid:
+//! refused). Before the declaration existed (`fbf4fff`), a fuzzed pid could name any process
+//! on the machine and the fence killed it.
 #![no_main]
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -140,7 +141,11 @@ fuzz_target!(|data: &[u8]| {
     {
         let mut input = Input::new(data);
         let state_only = input.u8() & 1 == 1;
-        let (ours, theirs) = Channel::pair().expect("socketpair");
+        let (mut ours, theirs) = Channel::pair().expect("socketpair");
+        // The pair is declared given to the live child, as a launcher declares the child it
+        // spawned: the one pid besides this process's own that a HELLO may name.
+        ours.expect_child(&live_child().lock().expect("child lock"))
+            .expect("pidfd of the live child");
         let mut kinds = Vec::new();
         let mut hello_ok = Vec::new();
         while !input.is_empty() && kinds.len() < 8 {

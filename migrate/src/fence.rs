@@ -43,6 +43,27 @@ pub(crate) enum Fenced {
     NotKillable,
 }
 
+/// A child process a socket pair's end was given to, pinned by a pidfd when it was declared
+/// ([`Channel::expect_child`](crate::Channel::expect_child)).
+#[derive(Debug)]
+pub(crate) struct DeclaredChild {
+    pid: i32,
+    pidfd: OwnedFd,
+}
+
+impl DeclaredChild {
+    /// Pins `child`. The caller holds it unreaped, so its pid cannot name another process
+    /// yet, and the pidfd keeps naming this one after it is reaped.
+    pub(crate) fn pin(child: &std::process::Child) -> std::io::Result<DeclaredChild> {
+        let pid = i32::try_from(child.id())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+        Ok(DeclaredChild {
+            pid,
+            pidfd: pidfd_open(pid)?,
+        })
+    }
+}
+
 fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscall; a non-negative result is a new fd this process owns.
     let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -117,9 +138,12 @@ fn exited_within(pidfd: &OwnedFd, timeout: Duration) -> bool {
 
 impl Fence {
     /// Pins the successor that said HELLO with `hello_pid` on `ch`. The pid the HELLO names
-    /// must be the socket's peer (`SO_PEERCRED`), except on a socket pair this process made
-    /// (its peer credentials are this process's own), where the HELLO names the child; the
-    /// process must be alive.
+    /// must be the socket's peer (`SO_PEERCRED`). On a socket pair this process made, whose
+    /// peer credentials are this process's own, the HELLO names either this process (an
+    /// in-process successor, never killed) or the child the pair was declared to be given to
+    /// ([`Channel::expect_child`](crate::Channel::expect_child)); any other pid is refused,
+    /// so a successor cannot aim the fence at a process of its choosing. The process must be
+    /// alive.
     pub(crate) fn at_hello(ch: &Channel, hello_pid: u32) -> Result<Fence, MigrateError> {
         let refuse = |why: String| Err(MigrateError::Peer(why));
         let own = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
@@ -134,11 +158,22 @@ impl Fence {
                     target: Target::InProcess,
                 });
             }
-            // A socket pair made here: the HELLO names the process it was given to.
-            let pidfd = pidfd_open(named).map_err(|e| {
-                MigrateError::Peer(format!("successor pid {named}: pidfd_open: {e}"))
-            })?;
-            return Fence::alive(named, pidfd);
+            return match ch.declared_child() {
+                Some(child) if child.pid == named => {
+                    let pidfd = child.pidfd.try_clone().map_err(|e| {
+                        MigrateError::Peer(format!("successor pid {named}: pidfd dup: {e}"))
+                    })?;
+                    Fence::alive(named, pidfd)
+                }
+                Some(child) => refuse(format!(
+                    "HELLO names pid {named}, but this socket pair was given to child pid {}",
+                    child.pid
+                )),
+                None => refuse(format!(
+                    "HELLO names pid {named} on a socket pair of this process that was given \
+                     to no child (Channel::expect_child declares one)"
+                )),
+            };
         }
         if named != peer {
             return refuse(format!(

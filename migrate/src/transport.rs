@@ -247,6 +247,8 @@ pub struct Channel {
     /// Receive buffer, allocated once: a fresh 1 MiB buffer per message would cost page
     /// faults inside a handoff's blackout.
     buf: std::sync::Mutex<RecvBuf>,
+    /// On an end of [`Channel::pair`]: the child the other end was given to, if declared.
+    child: Option<crate::fence::DeclaredChild>,
 }
 
 /// Receive buffers of dropped channels, for the next channel of this process (at most
@@ -322,6 +324,26 @@ impl Channel {
         Ok((Channel::checked(a)?, Channel::checked(b)?))
     }
 
+    /// Declares the child process the other end of this [`Channel::pair`] was given to: the
+    /// one process whose HELLO a source accepts on this end (besides its own, for a successor
+    /// in this process), and the one a fence may kill. Call it right after spawning, while
+    /// `child` is not yet reaped. On a connected socket it has no effect: there the kernel's
+    /// peer credentials name the successor.
+    pub fn expect_child(&mut self, child: &std::process::Child) -> Result<(), ChannelError> {
+        let pinned =
+            crate::fence::DeclaredChild::pin(child).map_err(|source| ChannelError::Os {
+                what: "pidfd_open of the declared child",
+                source,
+            })?;
+        self.child = Some(pinned);
+        Ok(())
+    }
+
+    /// The child declared with [`Channel::expect_child`].
+    pub(crate) fn declared_child(&self) -> Option<&crate::fence::DeclaredChild> {
+        self.child.as_ref()
+    }
+
     /// Wraps an inherited, connected fd (a child given one end of [`Channel::pair`]).
     pub fn from_fd(fd: OwnedFd) -> Result<Channel, ChannelError> {
         Channel::checked(fd)
@@ -343,6 +365,7 @@ impl Channel {
             fd,
             peer_pid: cred.pid(),
             buf: std::sync::Mutex::new(RecvBuf::default()),
+            child: None,
         })
     }
 
