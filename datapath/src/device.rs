@@ -139,6 +139,11 @@ impl QuiescedPair {
     pub fn rx_in_flight(&self) -> Vec<u16> {
         self.pair.spare_rx().collect()
     }
+    /// Frames read from the TAP that waited for guest buffers at the stop, oldest first
+    /// (vnet header included): a successor delivers them first.
+    pub fn rx_carried(&self) -> Vec<Vec<u8>> {
+        self.pair.rx_carried().map(<[u8]>::to_vec).collect()
+    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), DeviceError> {

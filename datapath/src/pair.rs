@@ -26,7 +26,7 @@ use crate::stats::{Counters, QueuePairStats};
 use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueError, Virtqueue};
 
-pub use positions::PairPositions;
+pub use positions::{PairPositions, MAX_CARRIED_FRAMES};
 pub use rx::{RxCompletion, RxPrep, RxRead, RxRetry};
 #[cfg(test)]
 pub(crate) use tx::TxNext;
@@ -88,6 +88,10 @@ pub struct QueuePair {
     rx_youngest_posted: u64,
     /// RX chains popped from the avail ring (and walked) but not inside a posted read.
     rx_pool: RxPool,
+    /// Frames read from the TAP that wait for guest buffers outside any read, oldest first
+    /// (vnet header included): carried over a stop ([`QueuePair::carry_deferred`]) or from a
+    /// predecessor ([`PairPositions::rx_carried`]); delivered before anything else is read.
+    rx_carried: std::collections::VecDeque<Vec<u8>>,
     rx_used_pending: bool,
     tx_used_pending: bool,
     serviced: bool,
@@ -155,6 +159,7 @@ impl QueuePair {
             rx_reorder: Vec::new(),
             rx_youngest_posted: 0,
             rx_pool: RxPool::new(rx_size),
+            rx_carried: std::collections::VecDeque::new(),
             rx_used_pending: false,
             tx_used_pending: false,
             serviced: false,

@@ -1,8 +1,9 @@
 //! A realistic, valid snapshot for tests and documentation (of this and other crates).
 
 use crate::snapshot::{
-    CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction, MemoryRegionState, QueuePairState,
-    SourceInfo, TapQueueState, VirtqueueState, F_EVENT_IDX, F_VERSION_1, VNET_HDR_LEN,
+    CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction,
+    MemoryRegionState, QueuePairState, SourceInfo, TapQueueState, VirtqueueState, F_EVENT_IDX,
+    F_VERSION_1, VNET_HDR_LEN,
 };
 
 /// A valid snapshot of a device with two queue pairs of 256 descriptors over two memory

@@ -155,7 +155,10 @@ impl CarriedFrames {
     }
     /// Bytes of all frames together.
     pub fn total_bytes(&self) -> usize {
-        self.0.iter().map(|f| f.0.len()).fold(0usize, usize::saturating_add)
+        self.0
+            .iter()
+            .map(|f| f.0.len())
+            .fold(0usize, usize::saturating_add)
     }
     /// True when there are none.
     pub fn is_empty(&self) -> bool {

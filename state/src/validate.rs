@@ -7,8 +7,8 @@
 use crate::error::{Direction, FdUser, QueueRef, Ring, StateError};
 use crate::snapshot::{
     DeviceSnapshot, FdEntry, FdKind, InFlightAction, MemoryRegionState, VirtqueueState,
-    F_EVENT_IDX, F_VERSION_1, MAX_CARRIED_BYTES, MAX_FDS, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE, MAX_REGIONS,
-    MAX_VERSION_LEN, TUN_F_KNOWN, VNET_HDR_LEN, VNET_HDR_LEN_LEGACY,
+    F_EVENT_IDX, F_VERSION_1, MAX_CARRIED_BYTES, MAX_FDS, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
+    MAX_REGIONS, MAX_VERSION_LEN, TUN_F_KNOWN, VNET_HDR_LEN, VNET_HDR_LEN_LEGACY,
 };
 
 impl DeviceSnapshot {

@@ -107,7 +107,10 @@ fn frame_lengths_are_checked_by_try_from() {
         );
     }
     for len in [MIN_CARRIED_FRAME, MAX_CARRIED_FRAME] {
-        assert_eq!(CarriedFrame::try_from(vec![1; len]).unwrap().bytes().len(), len);
+        assert_eq!(
+            CarriedFrame::try_from(vec![1; len]).unwrap().bytes().len(),
+            len
+        );
     }
     let too_many = (0..=MAX_CARRIED_FRAMES)
         .map(|_| CarriedFrame::try_from(vec![0; 60]).unwrap())
@@ -140,7 +143,13 @@ fn a_blob_with_a_bad_carried_frame_is_refused() {
         let b = frame(CURRENT_VERSION, 0, &with_carried(&p, at, &r));
         let err = decode(&b).unwrap_err();
         assert!(
-            matches!(err, StateError::Malformed { version: CURRENT_VERSION, .. }),
+            matches!(
+                err,
+                StateError::Malformed {
+                    version: CURRENT_VERSION,
+                    ..
+                }
+            ),
             "{what}: {err}"
         );
     }
@@ -181,7 +190,10 @@ fn carried_bytes_are_bounded_over_all_pairs() {
     s.queue_pairs[1].rx_carried = frames(n - n / 2, per);
     assert!(matches!(
         s.validate(),
-        Err(StateError::CarriedBytes { max: MAX_CARRIED_BYTES, .. })
+        Err(StateError::CarriedBytes {
+            max: MAX_CARRIED_BYTES,
+            ..
+        })
     ));
     // Encoded anyway (fits the blob limit), the decoder refuses it too.
     let err = decode(&encode(&s)).unwrap_err();

@@ -188,7 +188,13 @@ fn malformed_payload() {
     for p in [&[][..], &[0xff; 16][..], &payload(&blob())[..10]] {
         let err = decode(&frame(CURRENT_VERSION, 0, p)).unwrap_err();
         assert!(
-            matches!(err, StateError::Malformed { version: CURRENT_VERSION, .. }),
+            matches!(
+                err,
+                StateError::Malformed {
+                    version: CURRENT_VERSION,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(std::error::Error::source(&err).is_some());

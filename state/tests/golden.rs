@@ -5,8 +5,8 @@
 //! golden blob.
 
 use tapir_state::{
-    decode, encode, CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction, MemoryRegionState,
-    QueuePairState, SourceInfo, TapQueueState, VirtqueueState,
+    decode, encode, CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight,
+    InFlightAction, MemoryRegionState, QueuePairState, SourceInfo, TapQueueState, VirtqueueState,
 };
 
 /// A snapshot written out field by field (not `example_snapshot`, which may evolve).

@@ -174,8 +174,12 @@ fn any_snapshot() -> impl Strategy<Value = DeviceSnapshot> {
             fd,
         },
     );
-    let pair =
-        (any_queue(), any_queue(), tap).prop_map(|(rx, tx, tap)| QueuePairState { rx, tx, tap, rx_carried: Default::default() });
+    let pair = (any_queue(), any_queue(), tap).prop_map(|(rx, tx, tap)| QueuePairState {
+        rx,
+        tx,
+        tap,
+        rx_carried: Default::default(),
+    });
     let entry = (fd_kind(), any::<Option<u16>>(), any::<Option<u16>>()).prop_map(
         |(kind, queue_pair, region)| FdEntry {
             kind,
