@@ -106,6 +106,8 @@ pub struct QueuePair {
     tx_notify: Notify,
     /// The worker failed: nothing is serviced any more.
     broken: bool,
+    /// Called once, at the worker's first used entry ([`QueuePair::on_first_service`]).
+    on_serviced: Option<fn()>,
 }
 
 /// Whether a queue's guest is asked to kick. A queue starts armed; popping quiets it (no kicks
@@ -169,7 +171,14 @@ impl QueuePair {
             rx_notify: Notify::Armed,
             tx_notify: Notify::Armed,
             broken: false,
+            on_serviced: None,
         }
+    }
+
+    /// Calls `f` once, when this worker puts its first entry into a used ring (a realtime
+    /// worker returns to ordinary scheduling there: `EngineConfig::realtime_priority`).
+    pub(crate) fn on_first_service(&mut self, f: fn()) {
+        self.on_serviced = Some(f);
     }
 
     /// Starts a pass of the worker's loop: each queue may pop twice its size in it, so that
@@ -310,6 +319,9 @@ impl QueuePair {
             bump(&mut self.counters.queues_broken);
         }
         *pending = true;
+        if let Some(f) = self.on_serviced.take() {
+            f();
+        }
         if !self.serviced {
             self.serviced = true;
             self.stats.mark_first_service();
