@@ -139,6 +139,11 @@ impl QuiescedPair {
     pub fn rx_in_flight(&self) -> Vec<u16> {
         self.pair.spare_rx().collect()
     }
+    /// Frames read from the TAP that waited for guest buffers at the stop, oldest first
+    /// (vnet header included): a successor delivers them first.
+    pub fn rx_carried(&self) -> Vec<Vec<u8>> {
+        self.pair.rx_carried().map(<[u8]>::to_vec).collect()
+    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), DeviceError> {
@@ -273,7 +278,12 @@ impl Device {
                         pin_to_cpu(cpu);
                     }
                     if let Some(prio) = realtime {
+                        // Realtime while parked and through the resume (a woken worker
+                        // preempts ordinary threads at once), ordinary from the first used
+                        // entry on: a SCHED_FIFO worker that stays busy under load on a
+                        // 2-CPU machine starves the traffic's own threads (issue 10).
                         set_realtime(prio);
+                        pair.on_first_service(set_ordinary);
                     }
                     let span = tracing::info_span!("worker", pair = index, engine = %engine.kind());
                     let _enter = span.enter();
@@ -461,6 +471,15 @@ fn set_realtime(priority: u8) {
     // SAFETY: plain syscall on the calling thread with a valid parameter struct.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
         tracing::warn!(priority, error = %std::io::Error::last_os_error(), "could not make the worker SCHED_FIFO");
+    }
+}
+
+/// Back to ordinary scheduling (`SCHED_OTHER`), for the calling thread.
+fn set_ordinary() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall on the calling thread with a valid parameter struct.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not return the worker to SCHED_OTHER");
     }
 }
 

@@ -42,7 +42,7 @@ pub use device::{
     Device, DeviceConfig, DeviceError, PairResources, PausedDevice, QueuePairSpec, QuiescedDevice,
     QuiescedPair, RingAddrs,
 };
-pub use pair::PairPositions;
+pub use pair::{PairPositions, MAX_CARRIED_FRAMES};
 pub use virtqueue::{QueueConfig, QueueError};
 
 // Engines, for an embedder that runs a queue pair on its own thread.

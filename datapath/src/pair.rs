@@ -26,7 +26,7 @@ use crate::stats::{Counters, QueuePairStats};
 use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueError, Virtqueue};
 
-pub use positions::PairPositions;
+pub use positions::{PairPositions, MAX_CARRIED_FRAMES};
 pub use rx::{RxCompletion, RxPrep, RxRead, RxRetry};
 #[cfg(test)]
 pub(crate) use tx::TxNext;
@@ -88,6 +88,10 @@ pub struct QueuePair {
     rx_youngest_posted: u64,
     /// RX chains popped from the avail ring (and walked) but not inside a posted read.
     rx_pool: RxPool,
+    /// Frames read from the TAP that wait for guest buffers outside any read, oldest first
+    /// (vnet header included): carried over a stop ([`QueuePair::carry_deferred`]) or from a
+    /// predecessor ([`PairPositions::rx_carried`]); delivered before anything else is read.
+    rx_carried: std::collections::VecDeque<Vec<u8>>,
     rx_used_pending: bool,
     tx_used_pending: bool,
     serviced: bool,
@@ -102,6 +106,8 @@ pub struct QueuePair {
     tx_notify: Notify,
     /// The worker failed: nothing is serviced any more.
     broken: bool,
+    /// Called once, at the worker's first used entry ([`QueuePair::on_first_service`]).
+    on_serviced: Option<fn()>,
 }
 
 /// Whether a queue's guest is asked to kick. A queue starts armed; popping quiets it (no kicks
@@ -155,6 +161,7 @@ impl QueuePair {
             rx_reorder: Vec::new(),
             rx_youngest_posted: 0,
             rx_pool: RxPool::new(rx_size),
+            rx_carried: std::collections::VecDeque::new(),
             rx_used_pending: false,
             tx_used_pending: false,
             serviced: false,
@@ -164,7 +171,14 @@ impl QueuePair {
             rx_notify: Notify::Armed,
             tx_notify: Notify::Armed,
             broken: false,
+            on_serviced: None,
         }
+    }
+
+    /// Calls `f` once, when this worker puts its first entry into a used ring (a realtime
+    /// worker returns to ordinary scheduling there: `EngineConfig::realtime_priority`).
+    pub(crate) fn on_first_service(&mut self, f: fn()) {
+        self.on_serviced = Some(f);
     }
 
     /// Starts a pass of the worker's loop: each queue may pop twice its size in it, so that
@@ -305,6 +319,9 @@ impl QueuePair {
             bump(&mut self.counters.queues_broken);
         }
         *pending = true;
+        if let Some(f) = self.on_serviced.take() {
+            f();
+        }
         if !self.serviced {
             self.serviced = true;
             self.stats.mark_first_service();

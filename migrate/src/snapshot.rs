@@ -7,8 +7,8 @@ use tapir_datapath::features::{tap_offload_flags, F_EVENT_IDX};
 use tapir_datapath::VNET_HDR_LEN;
 use tapir_datapath::{DeviceConfig, GuestMemory, PairResources, QuiescedPair, RingAddrs};
 use tapir_state::{
-    DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction, MemoryRegionState, QueuePairState,
-    SourceInfo, TapQueueState, VirtqueueState,
+    CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction,
+    MemoryRegionState, QueuePairState, SourceInfo, TapQueueState, VirtqueueState,
 };
 
 /// A virtqueue's position: (next_avail, next_used) and the heads it holds.
@@ -29,6 +29,8 @@ pub struct PairPosition {
     pub rx: Position,
     /// TX queue.
     pub tx: Position,
+    /// Frames read from the TAP that wait for guest buffers, oldest first.
+    pub rx_carried: Vec<Vec<u8>>,
 }
 
 impl PairPosition {
@@ -47,8 +49,44 @@ impl PairPosition {
                 next_used: tx_used,
                 in_flight: Vec::new(),
             },
+            rx_carried: p.rx_carried(),
         }
     }
+}
+
+/// The carried frames of every pair, as the snapshot holds them: at most
+/// [`tapir_state::MAX_CARRIED_BYTES`] over all pairs (the youngest frames beyond it, and any
+/// frame of a length no TAP hands over, are dropped and logged: a successor would refuse
+/// the snapshot, and the handoff with it).
+fn carried_frames(positions: Option<&[PairPosition]>, pairs: usize) -> Vec<CarriedFrames> {
+    let mut budget = tapir_state::MAX_CARRIED_BYTES;
+    let mut out = Vec::with_capacity(pairs);
+    for i in 0..pairs {
+        let mut frames = Vec::new();
+        let all = positions
+            .and_then(|p| p.get(i))
+            .map(|p| p.rx_carried.as_slice())
+            .unwrap_or_default();
+        for f in all.iter().take(tapir_state::MAX_CARRIED_FRAMES) {
+            if f.len() > budget {
+                tracing::warn!(
+                    pair = i,
+                    bytes = f.len(),
+                    "carried RX frame over the snapshot's budget: dropped"
+                );
+                continue;
+            }
+            match CarriedFrame::try_from(f.clone()) {
+                Ok(frame) => {
+                    budget = budget.saturating_sub(f.len());
+                    frames.push(frame);
+                }
+                Err(e) => tracing::warn!(pair = i, error = %e, "carried RX frame dropped"),
+            }
+        }
+        out.push(CarriedFrames::try_from(frames).unwrap_or_default());
+    }
+    out
 }
 
 fn u16_of(n: usize) -> u16 {
@@ -85,6 +123,7 @@ pub fn describe<'a>(
     }
     let event_idx = config.features & F_EVENT_IDX != 0;
     let mut pairs = Vec::new();
+    let mut carried = carried_frames(positions, resources.len()).into_iter();
     for (i, res) in resources.iter().enumerate() {
         let qp = Some(u16_of(i));
         let mut add = |kind: FdKind, fd: BorrowedFd<'a>| {
@@ -156,6 +195,7 @@ pub fn describe<'a>(
                 attached: true,
                 fd: tap,
             },
+            rx_carried: carried.next().unwrap_or_default(),
         });
     }
     let snapshot = DeviceSnapshot {
@@ -191,6 +231,7 @@ pub fn same_layout(a: &DeviceSnapshot, b: &DeviceSnapshot) -> bool {
                 q.signalled_used = None;
                 q.broken = false;
             }
+            p.rx_carried = CarriedFrames::default();
         }
         s
     };

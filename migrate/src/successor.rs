@@ -357,6 +357,12 @@ fn positions(snapshot: &DeviceSnapshot) -> Result<Vec<PairPositions>, MigrateErr
             rx: (p.rx.next_avail, p.rx.next_used),
             tx: (p.tx.next_avail, p.tx.next_used),
             rx_in_flight: p.rx.in_flight.iter().map(|f| f.head).collect(),
+            rx_carried: p
+                .rx_carried
+                .frames()
+                .iter()
+                .map(|f| f.bytes().to_vec())
+                .collect(),
         };
         pos.check(p.rx.size, p.tx.size)
             .map_err(|e| MigrateError::Positions(format!("queue pair {}: {e}", p.rx.index / 2)))?;
@@ -425,14 +431,17 @@ pub(crate) fn final_positions(
     ))
 }
 
+/// A queue at position 0: the real positions (and the RX heads held at them) come with
+/// `go_at`. (Taking the snapshot's positions here made [`restore`] of a snapshot with held
+/// RX heads fail: the heads are not in the spec.)
 fn queue_config(q: &VirtqueueState, kick: OwnedFd, call: OwnedFd) -> QueueConfig {
     QueueConfig {
         size: q.size,
         desc_table: q.desc_table,
         avail_ring: q.avail_ring,
         used_ring: q.used_ring,
-        next_avail: q.next_avail,
-        next_used: q.next_used,
+        next_avail: 0,
+        next_used: 0,
         kick,
         call,
     }

@@ -89,9 +89,18 @@ impl RxDriver {
     /// Posts every free chain, publishes, and kicks if the device wants it.
     /// Returns the number of chains posted.
     pub fn refill(&mut self) -> usize {
+        self.refill_up_to(usize::MAX)
+    }
+
+    /// Posts at most `max` free chains (a guest slow to refill: tests that make frames wait
+    /// for buffers), publishes, and kicks if the device wants it. Returns the number posted.
+    pub fn refill_up_to(&mut self, max: usize) -> usize {
         let k = self.geo.descs_per_chain;
         let mut n = 0;
-        while let Some(c) = self.free.pop() {
+        while n < max {
+            let Some(c) = self.free.pop() else {
+                break;
+            };
             let head = c * k;
             for i in 0..k {
                 let gpa = self.bufs.gpa(self.piece_off(c, i));

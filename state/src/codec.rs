@@ -12,6 +12,10 @@
 //!
 //! # Versions
 //!
+//! - 1: the first format.
+//! - 2: `QueuePairState::rx_carried`, the frames a source read from the TAP and could not
+//!   deliver yet (version 1 snapshots upgrade with none).
+//!
 //! The public types in `snapshot.rs` are the payload of [`CURRENT_VERSION`]. When a change
 //! to them alters the encoding (any added, removed, reordered or retyped field, or enum
 //! variant inserted before the last), a new version is made like this:
@@ -32,10 +36,12 @@
 use crate::error::StateError;
 use crate::snapshot::DeviceSnapshot;
 
+mod v1;
+
 /// The 8 bytes every blob starts with.
 pub const MAGIC: [u8; 8] = *b"TAPIRSNP";
 /// The format version [`encode`] writes and the newest [`decode`] reads.
-pub const CURRENT_VERSION: u16 = 1;
+pub const CURRENT_VERSION: u16 = 2;
 /// The oldest format version [`decode`] reads.
 pub const OLDEST_VERSION: u16 = 1;
 /// Length of the fixed header in front of the payload.
@@ -263,7 +269,8 @@ fn payload_of<'a>(bytes: &'a [u8], header: &Header) -> Result<&'a [u8], StateErr
 /// knows every version (see the module docs for how a version is added).
 fn decode_payload(version: u16, payload: &[u8]) -> Result<DeviceSnapshot, StateError> {
     match version {
-        1 => postcard_decode::<DeviceSnapshot>(1, payload),
+        1 => postcard_decode::<v1::DeviceSnapshot>(1, payload).map(v1::upgrade),
+        2 => postcard_decode::<DeviceSnapshot>(2, payload),
         // Header::parse refused every other version; keep the error honest anyway.
         found if found > CURRENT_VERSION => Err(StateError::FutureVersion {
             found,

@@ -322,6 +322,32 @@ pub enum StateError {
     },
 
     // ---- fd manifest ---------------------------------------------------------------------
+    /// A carried frame is shorter than a vnet header or longer than a TAP may hand over.
+    #[error("a carried RX frame of {len} bytes (must be {min} to {max})")]
+    CarriedFrameLength {
+        /// Its length.
+        len: usize,
+        /// Shortest allowed.
+        min: usize,
+        /// Longest allowed.
+        max: usize,
+    },
+    /// A queue pair carries more frames than a worker can hold.
+    #[error("{count} carried RX frames in one queue pair, at most {max}")]
+    TooManyCarriedFrames {
+        /// How many.
+        count: usize,
+        /// Most allowed.
+        max: usize,
+    },
+    /// The carried frames of all queue pairs exceed their share of a blob.
+    #[error("{total} bytes of carried RX frames, at most {max}")]
+    CarriedBytes {
+        /// Bytes over all pairs.
+        total: usize,
+        /// Most allowed.
+        max: usize,
+    },
     /// Too many manifest entries.
     #[error("{count} fd manifest entries, at most {max} allowed")]
     TooManyFds {

@@ -1,8 +1,9 @@
 //! A realistic, valid snapshot for tests and documentation (of this and other crates).
 
 use crate::snapshot::{
-    DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction, MemoryRegionState, QueuePairState,
-    SourceInfo, TapQueueState, VirtqueueState, F_EVENT_IDX, F_VERSION_1, VNET_HDR_LEN,
+    CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction,
+    MemoryRegionState, QueuePairState, SourceInfo, TapQueueState, VirtqueueState, F_EVENT_IDX,
+    F_VERSION_1, VNET_HDR_LEN,
 };
 
 /// A valid snapshot of a device with two queue pairs of 256 descriptors over two memory
@@ -97,11 +98,13 @@ pub fn example_snapshot() -> DeviceSnapshot {
                 rx: queue(0, 0x10_0000, 1000, &[17, 4, 250], 3),
                 tx: queue(1, 0x10_4000, 5000, &[], 5),
                 tap: tap(2),
+                rx_carried: carried(),
             },
             QueuePairState {
                 rx: queue(2, 0x1_0010_0000, 65534, &[0, 1, 2, 3], 8),
                 tx: queue(3, 0x1_0010_4000, 7, &[], 10),
                 tap: tap(7),
+                rx_carried: CarriedFrames::default(),
             },
         ],
         fds,
@@ -112,4 +115,11 @@ pub fn example_snapshot() -> DeviceSnapshot {
             generation: 3,
         },
     }
+}
+
+/// One carried frame: a vnet header and a 60-byte Ethernet frame (a frame the source read
+/// while the guest had no buffers for it).
+fn carried() -> CarriedFrames {
+    let frame = CarriedFrame::try_from(vec![0xab; usize::from(VNET_HDR_LEN) + 60]);
+    CarriedFrames::try_from(frame.into_iter().collect::<Vec<_>>()).unwrap_or_default()
 }

@@ -36,8 +36,9 @@ pub use error::{Direction, FdUser, QueueRef, Ring, StateError};
 pub use example::example_snapshot;
 pub use inspect::{feature_names, status_names, to_json};
 pub use snapshot::{
-    DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction, MemoryRegionState, QueuePairState,
-    SourceInfo, TapQueueState, VirtqueueState, F_EVENT_IDX, F_VERSION_1, MAX_EXTRA_FDS, MAX_FDS,
-    MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE, MAX_REGIONS, MAX_VERSION_LEN, TUN_F_KNOWN, VNET_HDR_LEN,
-    VNET_HDR_LEN_LEGACY,
+    CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction,
+    MemoryRegionState, QueuePairState, SourceInfo, TapQueueState, VirtqueueState, F_EVENT_IDX,
+    F_VERSION_1, MAX_CARRIED_BYTES, MAX_CARRIED_FRAME, MAX_CARRIED_FRAMES, MAX_EXTRA_FDS, MAX_FDS,
+    MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE, MAX_REGIONS, MAX_VERSION_LEN, MIN_CARRIED_FRAME, TUN_F_KNOWN,
+    VNET_HDR_LEN, VNET_HDR_LEN_LEGACY,
 };

@@ -35,6 +35,18 @@ pub const TUN_F_KNOWN: u32 = 0x7f;
 pub const F_VERSION_1: u64 = 1 << 32;
 /// `VIRTIO_RING_F_EVENT_IDX` as a mask.
 pub const F_EVENT_IDX: u64 = 1 << 29;
+/// Most frames a queue pair may carry across a handoff ([`QueuePairState::rx_carried`]): a
+/// uring worker has at most its RX depth (64 by default) of reads waiting for guest buffers.
+pub const MAX_CARRIED_FRAMES: usize = 64;
+/// Shortest carried frame: the vnet header alone.
+pub const MIN_CARRIED_FRAME: usize = VNET_HDR_LEN as usize;
+/// Longest carried frame: the vnet header and the largest frame a TAP hands over (a 64 KiB
+/// IP packet with Ethernet and VLAN headers, as with GSO; or an MTU of 65535).
+pub const MAX_CARRIED_FRAME: usize = VNET_HDR_LEN as usize + 65_535 + 14 + 4;
+/// Most bytes of carried frames in one snapshot, over all queue pairs: half of what a blob
+/// may hold, so that the rest of a snapshot at every other limit still fits. A source with
+/// more drops the youngest frames (counted) rather than fail the handoff.
+pub const MAX_CARRIED_BYTES: usize = 512 * 1024;
 
 /// Everything a successor needs to take over a running virtio-net device.
 ///
@@ -83,6 +95,94 @@ pub struct QueuePairState {
     pub tx: VirtqueueState,
     /// The TAP queue of this pair.
     pub tap: TapQueueState,
+    /// Frames the source read from the TAP but could not put into guest buffers yet (the
+    /// guest had not posted enough), in the order they arrived: the successor delivers them
+    /// before it reads anything from the TAP. Added in format version 2 (version 1 carried
+    /// none: such frames were dropped).
+    pub rx_carried: CarriedFrames,
+}
+
+/// A frame carried across a handoff: the 12-byte vnet header, then the Ethernet frame, as
+/// the TAP returned it. Checked as it is decoded (`TryFrom<Vec<u8>>`): from
+/// [`MIN_CARRIED_FRAME`] to [`MAX_CARRIED_FRAME`] bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<u8>", into = "Vec<u8>")]
+pub struct CarriedFrame(Vec<u8>);
+
+impl CarriedFrame {
+    /// The frame's bytes (vnet header first).
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+    /// The frame's bytes, owned.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl TryFrom<Vec<u8>> for CarriedFrame {
+    type Error = crate::StateError;
+    fn try_from(bytes: Vec<u8>) -> Result<Self, Self::Error> {
+        if (MIN_CARRIED_FRAME..=MAX_CARRIED_FRAME).contains(&bytes.len()) {
+            Ok(CarriedFrame(bytes))
+        } else {
+            Err(crate::StateError::CarriedFrameLength {
+                len: bytes.len(),
+                min: MIN_CARRIED_FRAME,
+                max: MAX_CARRIED_FRAME,
+            })
+        }
+    }
+}
+
+impl From<CarriedFrame> for Vec<u8> {
+    fn from(f: CarriedFrame) -> Vec<u8> {
+        f.0
+    }
+}
+
+/// A queue pair's carried frames, in arrival order: at most [`MAX_CARRIED_FRAMES`], each a
+/// [`CarriedFrame`]. Checked as it is decoded (`TryFrom<Vec<CarriedFrame>>`); the bytes of
+/// all pairs together are bounded by [`DeviceSnapshot::validate`] ([`MAX_CARRIED_BYTES`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<CarriedFrame>", into = "Vec<CarriedFrame>")]
+pub struct CarriedFrames(Vec<CarriedFrame>);
+
+impl CarriedFrames {
+    /// The frames, oldest first.
+    pub fn frames(&self) -> &[CarriedFrame] {
+        &self.0
+    }
+    /// Bytes of all frames together.
+    pub fn total_bytes(&self) -> usize {
+        self.0
+            .iter()
+            .map(|f| f.0.len())
+            .fold(0usize, usize::saturating_add)
+    }
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl TryFrom<Vec<CarriedFrame>> for CarriedFrames {
+    type Error = crate::StateError;
+    fn try_from(frames: Vec<CarriedFrame>) -> Result<Self, Self::Error> {
+        if frames.len() > MAX_CARRIED_FRAMES {
+            return Err(crate::StateError::TooManyCarriedFrames {
+                count: frames.len(),
+                max: MAX_CARRIED_FRAMES,
+            });
+        }
+        Ok(CarriedFrames(frames))
+    }
+}
+
+impl From<CarriedFrames> for Vec<CarriedFrame> {
+    fn from(f: CarriedFrames) -> Vec<CarriedFrame> {
+        f.0
+    }
 }
 
 /// One split virtqueue, as the device sees it.

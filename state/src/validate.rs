@@ -7,8 +7,8 @@
 use crate::error::{Direction, FdUser, QueueRef, Ring, StateError};
 use crate::snapshot::{
     DeviceSnapshot, FdEntry, FdKind, InFlightAction, MemoryRegionState, VirtqueueState,
-    F_EVENT_IDX, F_VERSION_1, MAX_FDS, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE, MAX_REGIONS,
-    MAX_VERSION_LEN, TUN_F_KNOWN, VNET_HDR_LEN, VNET_HDR_LEN_LEGACY,
+    F_EVENT_IDX, F_VERSION_1, MAX_CARRIED_BYTES, MAX_FDS, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
+    MAX_REGIONS, MAX_VERSION_LEN, TUN_F_KNOWN, VNET_HDR_LEN, VNET_HDR_LEN_LEGACY,
 };
 
 impl DeviceSnapshot {
@@ -26,6 +26,8 @@ impl DeviceSnapshot {
     ///   no more and no fewer; every head a descriptor index, none twice; RX entries
     ///   `RepostRx`, TX entries `CompleteTx`;
     /// - each TAP queue: vnet header 12 or 10 bytes, only known `TUN_F_*` offloads;
+    /// - carried RX frames: at most 512 KiB over all pairs (each frame's length and each
+    ///   pair's count are checked as they are decoded, by `TryFrom`);
     /// - fd manifest: at most [`MAX_FDS`] (1408) entries; every fd a region or queue refers to exists, has
     ///   the right kind and names its user (`region` / `queue_pair`); every entry is used
     ///   exactly once, except `VhostUserConnection` and `Other` entries, which nothing in
@@ -110,6 +112,19 @@ impl DeviceSnapshot {
             });
         }
         let event_idx = self.features & F_EVENT_IDX != 0;
+        // Each frame and each pair's count were checked as they were decoded; the bytes of
+        // all pairs together are bounded here.
+        let carried = self
+            .queue_pairs
+            .iter()
+            .map(|qp| qp.rx_carried.total_bytes())
+            .fold(0usize, usize::saturating_add);
+        if carried > MAX_CARRIED_BYTES {
+            return Err(StateError::CarriedBytes {
+                total: carried,
+                max: MAX_CARRIED_BYTES,
+            });
+        }
         for (pair, qp) in self.queue_pairs.iter().enumerate() {
             for (dir, q) in [(Direction::Rx, &qp.rx), (Direction::Tx, &qp.tx)] {
                 self.validate_queue(QueueRef { pair, dir }, q, event_idx)?;

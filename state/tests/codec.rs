@@ -68,15 +68,13 @@ fn wrong_magic() {
 #[test]
 fn future_version() {
     let mut b = blob();
-    b[8..10].copy_from_slice(&2u16.to_le_bytes());
+    let next = CURRENT_VERSION + 1;
+    b[8..10].copy_from_slice(&next.to_le_bytes());
     let err = decode(&b).unwrap_err();
     assert!(
         matches!(
             err,
-            StateError::FutureVersion {
-                found: 2,
-                supported: 1
-            }
+            StateError::FutureVersion { found, supported: CURRENT_VERSION } if found == next
         ),
         "{err}"
     );
@@ -188,9 +186,15 @@ fn every_flipped_header_bit_is_an_error() {
 #[test]
 fn malformed_payload() {
     for p in [&[][..], &[0xff; 16][..], &payload(&blob())[..10]] {
-        let err = decode(&frame(1, 0, p)).unwrap_err();
+        let err = decode(&frame(CURRENT_VERSION, 0, p)).unwrap_err();
         assert!(
-            matches!(err, StateError::Malformed { version: 1, .. }),
+            matches!(
+                err,
+                StateError::Malformed {
+                    version: CURRENT_VERSION,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(std::error::Error::source(&err).is_some());
@@ -201,12 +205,12 @@ fn malformed_payload() {
 fn payload_with_unused_bytes() {
     let mut p = payload(&blob()).to_vec();
     p.push(0);
-    let err = decode(&frame(1, 0, &p)).unwrap_err();
+    let err = decode(&frame(CURRENT_VERSION, 0, &p)).unwrap_err();
     assert!(
         matches!(
             err,
             StateError::PayloadTrailingBytes {
-                version: 1,
+                version: CURRENT_VERSION,
                 unused: 1
             }
         ),

@@ -1,12 +1,12 @@
-//! The v1 wire format, frozen: a blob written by this version must decode forever (through
-//! an upgrade once v2 exists), and encoding the same snapshot must give the same bytes
-//! until the format version changes. If this test fails after a change to the snapshot
+//! The wire formats, frozen: a blob written by any version must decode forever (v1 through
+//! its upgrade to v2), and encoding the same snapshot must give the same bytes until the
+//! format version changes. If this test fails after a change to the snapshot
 //! types, the change needs a new format version (see the `codec` module docs), not a new
 //! golden blob.
 
 use tapir_state::{
-    decode, encode, DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction, MemoryRegionState,
-    QueuePairState, SourceInfo, TapQueueState, VirtqueueState,
+    decode, encode, CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight,
+    InFlightAction, MemoryRegionState, QueuePairState, SourceInfo, TapQueueState, VirtqueueState,
 };
 
 /// A snapshot written out field by field (not `example_snapshot`, which may evolve).
@@ -72,6 +72,7 @@ fn golden_snapshot() -> DeviceSnapshot {
                 attached: false,
                 fd: 2,
             },
+            rx_carried: CarriedFrames::default(),
         }],
         fds: vec![
             fd(FdKind::VhostUserConnection, None, None),
@@ -121,7 +122,40 @@ fn v1_golden_blob_decodes() {
     assert_eq!(decode(&golden).unwrap(), golden_snapshot());
 }
 
+/// The golden snapshot with two carried frames (format version 2's addition).
+fn golden_snapshot_v2() -> DeviceSnapshot {
+    let mut s = golden_snapshot();
+    let frames = vec![
+        CarriedFrame::try_from((0u8..40).collect::<Vec<u8>>()).unwrap(),
+        CarriedFrame::try_from(vec![0xee; 12]).unwrap(),
+    ];
+    s.queue_pairs[0].rx_carried = CarriedFrames::try_from(frames).unwrap();
+    s
+}
+
+/// `golden_snapshot_v2()` as written by format version 2.
+const GOLDEN_V2: &str = "
+    5441504952534e50 0200 0000 bc000000 113b4209
+    a180828012525400abcdefdc0b0f010080808080010001010008808004808104
+    80820403feff030101fdff030505000000070002000100030400010880800880
+    8108808208010001000106010506010c2700020228000102030405060708090a
+    0b0c0d0e0f101112131415161718191a1b1c1d1e1f20212223242526270ceeee
+    eeeeeeeeeeeeeeeeeeee08040000000001000101000002010000030100000201
+    0000030100000500004d0b746170697220302e312e308794ebdc032a
+";
+
 #[test]
-fn v1_encoding_is_stable() {
-    assert_eq!(hex(&encode(&golden_snapshot())), hex(&unhex(GOLDEN_V1)));
+fn v1_golden_blob_upgrades_with_no_carried_frames() {
+    let s = decode(&unhex(GOLDEN_V1)).unwrap();
+    assert!(s.queue_pairs.iter().all(|p| p.rx_carried.is_empty()));
+}
+
+#[test]
+fn v2_golden_blob_decodes() {
+    assert_eq!(decode(&unhex(GOLDEN_V2)).unwrap(), golden_snapshot_v2());
+}
+
+#[test]
+fn v2_encoding_is_stable() {
+    assert_eq!(hex(&encode(&golden_snapshot_v2())), hex(&unhex(GOLDEN_V2)));
 }

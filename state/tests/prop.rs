@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use tapir_state::{
     decode, decode_unvalidated, encode, example_snapshot, to_json, try_encode, DeviceSnapshot,
     FdEntry, FdKind, InFlight, InFlightAction, MemoryRegionState, QueuePairState, SourceInfo,
-    TapQueueState, VirtqueueState, HEADER_LEN,
+    TapQueueState, VirtqueueState, CURRENT_VERSION, HEADER_LEN,
 };
 
 fn queue_params() -> impl Strategy<Value = QueueParams> {
@@ -174,8 +174,12 @@ fn any_snapshot() -> impl Strategy<Value = DeviceSnapshot> {
             fd,
         },
     );
-    let pair =
-        (any_queue(), any_queue(), tap).prop_map(|(rx, tx, tap)| QueuePairState { rx, tx, tap });
+    let pair = (any_queue(), any_queue(), tap).prop_map(|(rx, tx, tap)| QueuePairState {
+        rx,
+        tx,
+        tap,
+        rx_carried: Default::default(),
+    });
     let entry = (fd_kind(), any::<Option<u16>>(), any::<Option<u16>>()).prop_map(
         |(kind, queue_pair, region)| FdEntry {
             kind,
@@ -249,7 +253,9 @@ proptest! {
     #[test]
     fn arbitrary_payloads_never_panic(p in prop::collection::vec(any::<u8>(), 0..512)) {
         // A valid frame around random bytes reaches the payload decoder and validation.
-        let _ = decode(&frame(1, 0, &p));
+        for version in [1, CURRENT_VERSION] {
+            let _ = decode(&frame(version, 0, &p));
+        }
     }
 
     #[test]
@@ -268,7 +274,7 @@ proptest! {
         for m in &ms {
             apply(&mut p, m);
         }
-        let b = frame(1, 0, &p);
+        let b = frame(CURRENT_VERSION, 0, &p);
         if let Ok(s) = decode(&b) {
             // Whatever decodes is valid and re-encodes to something that decodes the same.
             prop_assert!(s.validate().is_ok());

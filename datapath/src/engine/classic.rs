@@ -308,12 +308,13 @@ impl Engine for ClassicEngine {
                 }
             }
             if stopping {
-                // Nothing is in flight between syscalls: quiescing is just stopping here,
-                // but a frame waiting for guest buffers cannot be carried over.
+                // Nothing is in flight between syscalls: quiescing is just stopping here; a
+                // frame still waiting for guest buffers is kept in the pair (a handoff
+                // carries it, a resumed worker delivers it first).
                 if rx.waiting == RxWait::Deferred
                     && pair.retry_rx(&mut rx.read) == RxCompletion::Deferred
                 {
-                    pair.drop_deferred(&mut rx.read);
+                    pair.carry_deferred(&mut rx.read);
                 }
                 break;
             }

@@ -87,9 +87,11 @@ pub struct EngineConfig {
     pub tx_depth: usize,
     /// TAP reads posted at most (uring) / reads per RX burst (classic).
     pub rx_depth: usize,
-    /// Run workers under `SCHED_FIFO` at this priority (1-99): a woken worker then preempts
-    /// ordinary threads at once, which bounds wake-up latency (a handoff's resume, bursts
-    /// after idle) on a busy machine. None: ordinary scheduling.
+    /// Start workers under `SCHED_FIFO` at this priority (1-99): a parked worker woken for a
+    /// handoff's resume then preempts ordinary threads at once, which bounds its wake-up
+    /// latency on a busy machine. From its first used entry on, the worker is an ordinary
+    /// thread again: a worker that stays busy under load at `SCHED_FIFO` starved the
+    /// traffic's own threads on 2 CPUs (issue 10). None: ordinary scheduling.
     pub realtime_priority: Option<u8>,
     /// Busy polling (opt-in, the userspace twin of vhost-net's
     /// `VHOST_SET_VRING_BUSYLOOP_TIMEOUT`): after its last work, a worker polls its rings

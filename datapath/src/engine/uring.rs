@@ -593,10 +593,11 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
         pair.counters.io_syscalls += 1;
         lp.reap(pair)?;
     }
-    // Frames still waiting for guest buffers cannot be carried over: last try, then drop.
+    // Frames still waiting for guest buffers: last try, then kept in the pair in order (a
+    // handoff carries them, a resumed worker delivers them first).
     lp.drain_rx_waiting(pair);
     while let Some(slot) = lp.rx_waiting.pop_front() {
-        pair.drop_deferred(&mut lp.rx[slot]);
+        pair.carry_deferred(&mut lp.rx[slot]);
         lp.rx_free.push(slot);
     }
     // Interrupts for the last completions.

@@ -3,8 +3,13 @@
 use super::{bump, Direction, QueuePair};
 use crate::virtqueue::QueueError;
 
-/// Where a queue pair resumes: each queue's (next_avail, next_used) and the RX heads a
-/// predecessor held, in ring order.
+/// Most frames a pair carries over a stop (a uring worker holds at most its RX depth, 64 by
+/// default, of reads waiting for guest buffers; tapir-state's `MAX_CARRIED_FRAMES`): more
+/// are dropped and counted (`rx_dropped_no_buffers`).
+pub const MAX_CARRIED_FRAMES: usize = 64;
+
+/// Where a queue pair resumes: each queue's (next_avail, next_used), the RX heads a
+/// predecessor held, in ring order, and the frames it had read and not yet delivered.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PairPositions {
     /// RX (next_avail, next_used).
@@ -13,6 +18,9 @@ pub struct PairPositions {
     pub tx: (u16, u16),
     /// RX heads popped and not used, in ring order.
     pub rx_in_flight: Vec<u16>,
+    /// Frames read from the TAP and not yet in guest buffers (vnet header included), oldest
+    /// first: delivered before anything else is read.
+    pub rx_carried: Vec<Vec<u8>>,
 }
 impl PairPositions {
     /// Checks positions against a queue size: as many RX heads held as the ring positions
@@ -27,6 +35,12 @@ impl PairPositions {
         }
         if self.tx.0 != self.tx.1 || size_tx == 0 {
             return Err("TX chains outstanding at a switch".into());
+        }
+        if self.rx_carried.len() > MAX_CARRIED_FRAMES {
+            return Err(format!(
+                "{} carried RX frames, at most {MAX_CARRIED_FRAMES}",
+                self.rx_carried.len()
+            ));
         }
         let mut seen = vec![false; usize::from(size_rx)];
         for &h in &self.rx_in_flight {
@@ -44,7 +58,20 @@ impl QueuePair {
     pub fn reposition(&mut self, p: &PairPositions) -> Result<(), QueueError> {
         self.rx.set_positions(p.rx.0, p.rx.1);
         self.tx.set_positions(p.tx.0, p.tx.1);
-        self.restore_rx_in_flight(&p.rx_in_flight)
+        self.restore_rx_in_flight(&p.rx_in_flight)?;
+        self.rx_carried.clear();
+        // Bounded like a stop's carry (a frame the pair cannot take is dropped and counted
+        // when it is delivered).
+        for f in p.rx_carried.iter().take(MAX_CARRIED_FRAMES) {
+            self.rx_carried.push_back(f.clone());
+        }
+        Ok(())
+    }
+
+    /// Frames read from the TAP and not yet in guest buffers, oldest first (what a handoff
+    /// carries to the successor).
+    pub fn rx_carried(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.rx_carried.iter().map(Vec::as_slice)
     }
 
     /// Takes over RX heads a predecessor popped and did not use (in ring order). Each must be

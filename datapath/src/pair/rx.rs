@@ -209,10 +209,17 @@ impl QueuePair {
     /// predicted frame size, within what one `readv` takes), then the read's spill area.
     /// `others_posted`: other reads are outstanding (with MRG_RXBUF and GSO a further read
     /// is only posted while the guest's spare buffers can take a largest frame beyond them).
+    ///
+    /// Frames carried over a stop or from a predecessor go first: while one waits for guest
+    /// buffers, no read is prepared (frames behind it wait in the TAP, in order).
     pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrep {
         loop {
             self.quiet(Direction::Rx);
-            match self.fill_rx_read(r, others_posted) {
+            let step = match self.deliver_carried(r) {
+                RxPrepare::Ready => self.fill_rx_read(r, others_posted),
+                waiting => waiting,
+            };
+            match step {
                 RxPrepare::Ready => return RxPrep::Ready,
                 RxPrepare::Later => return RxPrep::Withheld,
                 RxPrepare::NoBuffers => match self.rearm(Direction::Rx) {
@@ -373,6 +380,86 @@ impl QueuePair {
             "dropping a frame that waited for RX buffers at stop"
         );
         self.return_rx(r);
+    }
+
+    /// A frame waits for guest buffers while the worker stops: it is copied out of its read
+    /// (the bytes the TAP put into guest buffers, then the spill area) and kept in the pair,
+    /// oldest first, so that a handoff carries it to the successor (or a resumed worker
+    /// delivers it) before anything else is read. The read's chains go back to the spare
+    /// list. Beyond [`MAX_CARRIED_FRAMES`](super::MAX_CARRIED_FRAMES) it is dropped and
+    /// counted.
+    pub fn carry_deferred(&mut self, r: &mut RxRead) {
+        if self.rx_carried.len() >= super::MAX_CARRIED_FRAMES {
+            self.drop_deferred(r);
+            return;
+        }
+        let n = r.frame;
+        let posted = (r.posted as usize).min(n);
+        let mut frame = vec![0u8; n];
+        let mut at = 0usize;
+        for &(gpa, len) in &r.seg.gpa {
+            let Some(dst) = frame.get_mut(at..posted) else {
+                break;
+            };
+            if dst.is_empty() {
+                break;
+            }
+            let take = (len as usize).min(dst.len());
+            let _ = vm_memory::Bytes::read_slice(
+                self.mem.mmap(),
+                dst.get_mut(..take).unwrap_or_default(),
+                vm_memory::GuestAddress(gpa),
+            );
+            at = at.saturating_add(take);
+        }
+        let spilled = n.saturating_sub(posted);
+        if let (Some(dst), Some(src)) = (frame.get_mut(posted..), r.spill.get(..spilled)) {
+            dst.copy_from_slice(src);
+        }
+        self.rx_carried.push_back(frame);
+        self.return_rx(r);
+    }
+
+    /// Delivers the carried frames, oldest first, into guest chains (copies). [`RxPrepare::
+    /// Ready`] when none is left; otherwise why the oldest still waits.
+    fn deliver_carried(&mut self, r: &mut RxRead) -> RxPrepare {
+        while let Some(frame) = self.rx_carried.pop_front() {
+            r.clear();
+            let n = frame.len();
+            if self.rx.is_broken() {
+                // Nothing is written to a broken queue: the frame is lost with it.
+                continue;
+            }
+            if n < VNET_HDR_LEN || n > self.rx_capacity as usize {
+                bump(&mut self.counters.rx_dropped_oversize);
+                continue;
+            }
+            while (r.seg.len as usize) < n {
+                if !self.mrg_rxbuf && !r.chains.is_empty() {
+                    break;
+                }
+                if !self.add_rx_chain(r) {
+                    break;
+                }
+            }
+            if (r.seg.len as usize) < n {
+                if !self.mrg_rxbuf && !r.chains.is_empty() {
+                    // Without MRG_RXBUF a frame must fit one chain (virtio 1.2 §5.1.6.3.1).
+                    bump(&mut self.counters.rx_dropped_oversize);
+                    self.return_rx(r);
+                    continue;
+                }
+                // Not enough guest buffers yet: the frame keeps its place.
+                self.return_rx(r);
+                self.rx_carried.push_front(frame);
+                return self.no_rx_chain();
+            }
+            r.posted = r.seg.len;
+            r.frame = n;
+            self.write_at(&r.seg.gpa, 0, &frame);
+            self.finish_rx(r, n);
+        }
+        RxPrepare::Ready
     }
 
     /// Keeps RX chains used in ring order (the order the guest made them available): a read

@@ -330,6 +330,7 @@ fn event_idx_interrupts_across_the_index_wrap() {
         rx: (0xfffe, 0xfffe),
         tx: (0, 0),
         rx_in_flight: Vec::new(),
+        rx_carried: Vec::new(),
     })
     .unwrap();
     let before = fx.h.counters();

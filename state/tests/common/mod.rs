@@ -236,6 +236,7 @@ pub fn build(p: &SnapshotParams) -> DeviceSnapshot {
                 attached: pp.attached,
                 fd: at(first),
             },
+            rx_carried: Default::default(),
         });
     }
     DeviceSnapshot {
