@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
+use tapir_datapath::EngineConfig;
 use tapir_simguest::{GuestConfig, RxDriver, TxDriver, VirtioNetHdr};
 
 use crate::peers::{
     PeerHandle, RunControl, SenderReport, UdpEcho, UdpEchoConfig, UdpSender, UdpSenderConfig,
 };
 use crate::report::LatencyResult;
-use crate::runner::{bench_features, BenchEngine};
+use crate::runner::{bench_features, BenchEngine, Variant};
 use crate::vhost_rig::{VhostUserBackend, VhostUserRig};
 use tapir_testkit::frames::{self, FlowSpec};
 use tapir_testkit::netns;
@@ -65,11 +66,12 @@ fn start_load(load: bool) -> Result<Option<PeerHandle<SenderReport>>> {
     Ok(Some(UdpSender::new(cfg)?.spawn()?))
 }
 
-fn summarize(engine: BenchEngine, load: bool, h: &Histogram<u64>) -> LatencyResult {
+fn summarize(variant: Variant, load: bool, h: &Histogram<u64>) -> LatencyResult {
     #[allow(clippy::cast_precision_loss, reason = "nanoseconds to microseconds")]
     let us = |ns: u64| ns as f64 / 1e3;
     LatencyResult {
-        engine: engine.name(),
+        engine: variant.label(),
+        busy_poll_us: variant.busy_poll_us,
         load: if load { "loaded" } else { "idle" }.into(),
         p50_us: us(h.value_at_quantile(0.5)),
         p99_us: us(h.value_at_quantile(0.99)),
@@ -97,19 +99,24 @@ fn latency_guest() -> GuestConfig {
     }
 }
 
-/// Measures `samples` round trips (after a short warm-up) with `engine`, idle or loaded
-/// (`backend`: the vhost-user backend, for [`BenchEngine::VhostUser`]). Must run inside the
-/// benchmark's namespace.
+/// Measures `samples` round trips (after a short warm-up) with `variant`'s engine at its
+/// busy-poll budget, idle or loaded (`backend`: the vhost-user backend, for
+/// [`BenchEngine::VhostUser`]). Must run inside the benchmark's namespace.
 pub fn measure(
-    engine: BenchEngine,
+    variant: Variant,
     load: bool,
     samples: u64,
     backend: Option<&VhostUserBackend>,
 ) -> Result<LatencyResult> {
-    match engine {
+    let engine = variant;
+    match variant.engine {
         BenchEngine::Datapath(kind) => {
             let mut rig = Rig::start(&RigConfig {
                 guest: latency_guest(),
+                engine_config: EngineConfig {
+                    busy_poll: variant.busy_poll(),
+                    ..EngineConfig::default()
+                },
                 ..RigConfig::new(kind, 1)
             })?;
             let (rx, tx) = rig.take(0);
@@ -131,7 +138,13 @@ pub fn measure(
         BenchEngine::VhostUser => {
             let backend =
                 backend.ok_or_else(|| anyhow!("the vhost-user engine needs a backend"))?;
-            let mut rig = VhostUserRig::start(backend, latency_guest(), 1500, &[None])?;
+            let mut rig = VhostUserRig::start(
+                backend,
+                latency_guest(),
+                1500,
+                &[None],
+                variant.busy_poll_us,
+            )?;
             let (rx, tx) = rig.take(0);
             let host_mac = rig.host_mac;
             let result = with_echo(load, || guest_round_trips(rx, tx, host_mac, samples))?;
