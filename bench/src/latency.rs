@@ -66,10 +66,12 @@ fn start_load(load: bool) -> Result<Option<PeerHandle<SenderReport>>> {
     Ok(Some(UdpSender::new(cfg)?.spawn()?))
 }
 
-fn summarize(variant: Variant, load: bool, h: &Histogram<u64>) -> LatencyResult {
+fn summarize(variant: Variant, load: bool, rt: &RoundTrips) -> LatencyResult {
     #[allow(clippy::cast_precision_loss, reason = "nanoseconds to microseconds")]
     let us = |ns: u64| ns as f64 / 1e3;
+    let h = &rt.times;
     LatencyResult {
+        lost: rt.lost,
         engine: variant.label(),
         busy_poll_us: variant.busy_poll_us,
         load: if load { "loaded" } else { "idle" }.into(),
@@ -174,18 +176,51 @@ fn is_reply(frame: &[u8], seq: u64) -> bool {
         .is_some_and(|(_, s)| s == seq)
 }
 
+/// What the kernel dropped on the way so far: the TAP's `tx_dropped` (its queue full while
+/// the datapath did not read: a starved worker under load) and `Udp RcvbufErrors` (the echo's
+/// socket full).
+fn kernel_drops() -> u64 {
+    netns::iface_stats(TAP_NAME).map_or(0, |s| s.tx_dropped)
+        + netns::snmp_counter("Udp", "RcvbufErrors").unwrap_or(0)
+}
+
+/// The round trips' times and how many were lost to the kernel's drops.
+struct RoundTrips {
+    times: Histogram<u64>,
+    lost: u64,
+}
+
+/// Counts the request whose echo did not come as lost if the kernel dropped something since
+/// the last one (the request or its reply may have been it; the round trip is not measured
+/// and the next request goes out); if it dropped nothing, the datapath lost it: an error.
+fn lost_to_the_kernel(rt: &mut RoundTrips, drops_seen: &mut u64, seq: u64) -> Result<()> {
+    let now = kernel_drops();
+    if now <= *drops_seen {
+        bail!("no echo for request {seq} within 2 s, and the kernel dropped nothing");
+    }
+    *drops_seen = now;
+    rt.lost += 1;
+    Ok(())
+}
+
 fn guest_round_trips(
     mut rx: RxDriver,
     mut tx: TxDriver,
     host_mac: [u8; 6],
     samples: u64,
-) -> Result<Histogram<u64>> {
+) -> Result<RoundTrips> {
     let flow = request_flow(host_mac);
     let mut buf = vec![0u8; 256];
-    let mut h = histogram()?;
+    let mut rt = RoundTrips {
+        times: histogram()?,
+        lost: 0,
+    };
     let warmup = samples / 10 + 10;
+    let mut drops_seen = kernel_drops();
     rx.refill();
-    for seq in 0..samples + warmup {
+    let mut seq = 0u64;
+    while rt.times.len() < samples {
+        seq += 1;
         let n = frames::build_udp(&mut buf, &flow, REQUEST_LEN, 1, seq)?;
         let start = Instant::now();
         tx.reclaim();
@@ -193,55 +228,67 @@ fn guest_round_trips(
             bail!("guest TX ring full");
         }
         let deadline = start + Duration::from_secs(2);
-        'reply: loop {
+        let answered = 'reply: loop {
             rx.refill();
             while let Some(p) = rx.poll()? {
                 if is_reply(&p.data, seq) {
-                    break 'reply;
+                    break 'reply true;
                 }
             }
             if Instant::now() > deadline {
-                bail!("no echo for request {seq} within 2 s");
+                break false;
             }
             rx.wait(Duration::from_millis(100))?;
-        }
-        if seq >= warmup {
-            h.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+        };
+        if !answered {
+            lost_to_the_kernel(&mut rt, &mut drops_seen, seq)?;
+        } else if seq > warmup {
+            rt.times
+                .record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
         }
     }
-    Ok(h)
+    Ok(rt)
 }
 
 fn tap_round_trips(
     tap: std::os::fd::BorrowedFd<'_>,
     host_mac: [u8; 6],
     samples: u64,
-) -> Result<Histogram<u64>> {
+) -> Result<RoundTrips> {
     let flow = request_flow(host_mac);
     let mut out = vec![0u8; 12 + 256];
     let mut inb = vec![0u8; 12 + 65_562];
-    let mut h = histogram()?;
+    let mut rt = RoundTrips {
+        times: histogram()?,
+        lost: 0,
+    };
     let warmup = samples / 10 + 10;
-    for seq in 0..samples + warmup {
+    let mut drops_seen = kernel_drops();
+    let mut seq = 0u64;
+    while rt.times.len() < samples {
+        seq += 1;
         let n = frames::build_udp(&mut out[12..], &flow, REQUEST_LEN, 1, seq)?;
         let start = Instant::now();
         nix::unistd::write(tap, &out[..12 + n]).context("writing the request to the TAP")?;
         let deadline = start + Duration::from_secs(2);
-        loop {
+        let answered = loop {
             let mut fds = [nix::poll::PollFd::new(tap, nix::poll::PollFlags::POLLIN)];
             nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16))?;
             match nix::unistd::read(tap, &mut inb) {
-                Ok(got) if got > 12 && is_reply(&inb[12..got], seq) => break,
+                Ok(got) if got > 12 && is_reply(&inb[12..got], seq) => break true,
                 Ok(_) | Err(nix::errno::Errno::EAGAIN) => {}
                 Err(e) => return Err(e).context("reading the TAP"),
             }
             if Instant::now() > deadline {
-                bail!("no echo for request {seq} within 2 s");
+                break false;
             }
-        }
-        if seq >= warmup {
-            h.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+        };
+        if !answered {
+            lost_to_the_kernel(&mut rt, &mut drops_seen, seq)?;
+        } else if seq > warmup {
+            rt.times
+                .record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
         }
     }
-    Ok(h)
+    Ok(rt)
 }

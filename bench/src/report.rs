@@ -96,6 +96,10 @@ pub struct LatencyResult {
     pub max_us: f64,
     /// Round trips measured.
     pub samples: u64,
+    /// Requests given up on after 2 s, not measured, because the kernel dropped something
+    /// meanwhile (the TAP's `tx_dropped`, `Udp RcvbufErrors`: a starved datapath or echo under
+    /// load); an echo missing without a kernel drop fails the run.
+    pub lost: u64,
     /// The distribution: (µs, fraction of round trips at or below it), for CDF charts.
     pub cdf: Vec<(f64, f64)>,
 }
@@ -349,6 +353,7 @@ impl Report {
             "p99.9 µs",
             "max µs",
             "samples",
+            "lost",
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -362,6 +367,7 @@ impl Report {
                 format!("{:.1}", l.p999_us),
                 format!("{:.1}", l.max_us),
                 l.samples.to_string(),
+                l.lost.to_string(),
             ]);
         }
         rows
