@@ -72,15 +72,27 @@ fn state(cmd: StateCommand) -> Result<()> {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Scenarios: tx (guest to host), rx (host to guest), bidir (both at once), latency
-    /// (request/response round trips, idle and loaded), handoff (successive handoffs between datapath processes under
-    /// bidirectional traffic).
+    /// Scenarios: tx (guest to host, to a host UDP sink), tx-drop (guest to host, to a MAC
+    /// nobody owns: the host drops the frames right after the TAP, which counts them), rx
+    /// (host to guest), bidir (both at once), latency (request/response round trips, idle and
+    /// loaded), handoff (successive handoffs between datapath processes under bidirectional
+    /// traffic).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "tx,rx,bidir,latency,handoff"
+        default_value = "tx,tx-drop,rx,bidir,latency,handoff"
     )]
     scenario: Vec<String>,
+    /// Busy-poll budgets in microseconds (0: off), comma-separated: the latency scenario and
+    /// the 64-byte tx, tx-drop and rx cells run each engine with workers (uring, classic,
+    /// vhost-user) at every budget, a row each (`uring+bp50`); the floor runs once.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0",
+        value_name = "US,..."
+    )]
+    busy_poll_us: Vec<u64>,
     /// Round trips per latency run.
     #[arg(long, default_value_t = 5000)]
     latency_samples: u64,
@@ -203,7 +215,10 @@ fn bench(args: BenchArgs) -> Result<()> {
         (false, true) => bail!("--backend is given but --engines does not include vhost-user"),
         _ => {}
     }
+    let mut busy_poll_us = args.busy_poll_us.clone();
+    busy_poll_us.dedup();
     let opts = BenchOptions {
+        busy_poll_us,
         backend,
         scenarios,
         handoffs,

@@ -497,3 +497,79 @@ fn a_takeover_works_with_both_sides_running_as_another_user() {
         assert_eq!(st.code(), Some(0), "{engine}: successor: {log}");
     }
 }
+
+/// `tapir serve --busy-poll-us N` reaches the engine: with a budget, the workers poll before
+/// they sleep (`busy_poll.rounds` in `tapir ctl stats` grows with the traffic); without
+/// (the default, 0), they never do. `--help` documents the flag.
+#[test]
+fn serve_busy_poll_us_reaches_the_workers_on_both_engines() {
+    let help = Command::new(TAPIR)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--busy-poll-us <US>") && help.contains("VHOST_SET_VRING_BUSYLOOP_TIMEOUT"),
+        "{help}"
+    );
+    for engine in ["uring", "classic"] {
+        for budget in ["0", "200"] {
+            let ns = Netns::new();
+            let tap = format!("{}t", ns.name);
+            let socket = ns.socket("vu");
+            let control = ns.socket("control");
+            let mut d = ns.spawn(
+                &[],
+                &[
+                    "--socket",
+                    socket.to_str().unwrap(),
+                    "--tap",
+                    &tap,
+                    "--engine",
+                    engine,
+                    "--control",
+                    control.to_str().unwrap(),
+                    "--busy-poll-us",
+                    budget,
+                ],
+            );
+            d.event("listening");
+            ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap]);
+            ns.ip(&["link", "set", &tap, "up"]);
+            let mut guest = one_pair_guest();
+            let (mut rx, mut txq) = guest.take_pair(0);
+            let mut fe = connect(&socket);
+            attach(&mut fe, &guest, 0);
+            d.event("\"running\":[0]");
+            for _ in 0..10 {
+                arp_round_trip_on(&mut rx, &mut txq, engine);
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let v = loop {
+                let v = stats(&control);
+                if count(&v, "tx") >= 10 || std::time::Instant::now() > deadline {
+                    break v;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            };
+            assert!(count(&v, "tx") >= 10, "{engine} {budget}: {v}");
+            let rounds = v["queue_pairs"][0]["busy_poll"]["rounds"].as_u64().unwrap();
+            let found = v["queue_pairs"][0]["busy_poll"]["found"].as_u64().unwrap();
+            if budget == "0" {
+                assert_eq!(
+                    (rounds, found),
+                    (0, 0),
+                    "{engine}: polled without a budget: {v}"
+                );
+            } else {
+                // At least one round per wake-up for work (10 ARP requests at least).
+                assert!(rounds >= 10, "{engine} {budget} us: {v}");
+                assert!(found <= rounds, "{engine}: {v}");
+            }
+            drop(fe);
+            d.signal(nix::sys::signal::Signal::SIGTERM);
+            let (st, log) = d.wait_exit();
+            assert_eq!(st.code(), Some(0), "{log}");
+        }
+    }
+}

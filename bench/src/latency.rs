@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
+use tapir_datapath::EngineConfig;
 use tapir_simguest::{GuestConfig, RxDriver, TxDriver, VirtioNetHdr};
 
 use crate::peers::{
     PeerHandle, RunControl, SenderReport, UdpEcho, UdpEchoConfig, UdpSender, UdpSenderConfig,
 };
 use crate::report::LatencyResult;
-use crate::runner::{bench_features, BenchEngine};
+use crate::runner::{bench_features, BenchEngine, Variant};
 use crate::vhost_rig::{VhostUserBackend, VhostUserRig};
 use tapir_testkit::frames::{self, FlowSpec};
 use tapir_testkit::netns;
@@ -65,11 +66,14 @@ fn start_load(load: bool) -> Result<Option<PeerHandle<SenderReport>>> {
     Ok(Some(UdpSender::new(cfg)?.spawn()?))
 }
 
-fn summarize(engine: BenchEngine, load: bool, h: &Histogram<u64>) -> LatencyResult {
+fn summarize(variant: Variant, load: bool, rt: &RoundTrips) -> LatencyResult {
     #[allow(clippy::cast_precision_loss, reason = "nanoseconds to microseconds")]
     let us = |ns: u64| ns as f64 / 1e3;
+    let h = &rt.times;
     LatencyResult {
-        engine: engine.name(),
+        lost: rt.lost,
+        engine: variant.label(),
+        busy_poll_us: variant.busy_poll_us,
         load: if load { "loaded" } else { "idle" }.into(),
         p50_us: us(h.value_at_quantile(0.5)),
         p99_us: us(h.value_at_quantile(0.99)),
@@ -97,19 +101,24 @@ fn latency_guest() -> GuestConfig {
     }
 }
 
-/// Measures `samples` round trips (after a short warm-up) with `engine`, idle or loaded
-/// (`backend`: the vhost-user backend, for [`BenchEngine::VhostUser`]). Must run inside the
-/// benchmark's namespace.
+/// Measures `samples` round trips (after a short warm-up) with `variant`'s engine at its
+/// busy-poll budget, idle or loaded (`backend`: the vhost-user backend, for
+/// [`BenchEngine::VhostUser`]). Must run inside the benchmark's namespace.
 pub fn measure(
-    engine: BenchEngine,
+    variant: Variant,
     load: bool,
     samples: u64,
     backend: Option<&VhostUserBackend>,
 ) -> Result<LatencyResult> {
-    match engine {
+    let engine = variant;
+    match variant.engine {
         BenchEngine::Datapath(kind) => {
             let mut rig = Rig::start(&RigConfig {
                 guest: latency_guest(),
+                engine_config: EngineConfig {
+                    busy_poll: variant.busy_poll(),
+                    ..EngineConfig::default()
+                },
                 ..RigConfig::new(kind, 1)
             })?;
             let (rx, tx) = rig.take(0);
@@ -131,7 +140,13 @@ pub fn measure(
         BenchEngine::VhostUser => {
             let backend =
                 backend.ok_or_else(|| anyhow!("the vhost-user engine needs a backend"))?;
-            let mut rig = VhostUserRig::start(backend, latency_guest(), 1500, &[None])?;
+            let mut rig = VhostUserRig::start(
+                backend,
+                latency_guest(),
+                1500,
+                &[None],
+                variant.busy_poll_us,
+            )?;
             let (rx, tx) = rig.take(0);
             let host_mac = rig.host_mac;
             let result = with_echo(load, || guest_round_trips(rx, tx, host_mac, samples))?;
@@ -161,18 +176,51 @@ fn is_reply(frame: &[u8], seq: u64) -> bool {
         .is_some_and(|(_, s)| s == seq)
 }
 
+/// What the kernel dropped on the way so far: the TAP's `tx_dropped` (its queue full while
+/// the datapath did not read: a starved worker under load) and `Udp RcvbufErrors` (the echo's
+/// socket full).
+fn kernel_drops() -> u64 {
+    netns::iface_stats(TAP_NAME).map_or(0, |s| s.tx_dropped)
+        + netns::snmp_counter("Udp", "RcvbufErrors").unwrap_or(0)
+}
+
+/// The round trips' times and how many were lost to the kernel's drops.
+struct RoundTrips {
+    times: Histogram<u64>,
+    lost: u64,
+}
+
+/// Counts the request whose echo did not come as lost if the kernel dropped something since
+/// the last one (the request or its reply may have been it; the round trip is not measured
+/// and the next request goes out); if it dropped nothing, the datapath lost it: an error.
+fn lost_to_the_kernel(rt: &mut RoundTrips, drops_seen: &mut u64, seq: u64) -> Result<()> {
+    let now = kernel_drops();
+    if now <= *drops_seen {
+        bail!("no echo for request {seq} within 2 s, and the kernel dropped nothing");
+    }
+    *drops_seen = now;
+    rt.lost += 1;
+    Ok(())
+}
+
 fn guest_round_trips(
     mut rx: RxDriver,
     mut tx: TxDriver,
     host_mac: [u8; 6],
     samples: u64,
-) -> Result<Histogram<u64>> {
+) -> Result<RoundTrips> {
     let flow = request_flow(host_mac);
     let mut buf = vec![0u8; 256];
-    let mut h = histogram()?;
+    let mut rt = RoundTrips {
+        times: histogram()?,
+        lost: 0,
+    };
     let warmup = samples / 10 + 10;
+    let mut drops_seen = kernel_drops();
     rx.refill();
-    for seq in 0..samples + warmup {
+    let mut seq = 0u64;
+    while rt.times.len() < samples {
+        seq += 1;
         let n = frames::build_udp(&mut buf, &flow, REQUEST_LEN, 1, seq)?;
         let start = Instant::now();
         tx.reclaim();
@@ -180,55 +228,67 @@ fn guest_round_trips(
             bail!("guest TX ring full");
         }
         let deadline = start + Duration::from_secs(2);
-        'reply: loop {
+        let answered = 'reply: loop {
             rx.refill();
             while let Some(p) = rx.poll()? {
                 if is_reply(&p.data, seq) {
-                    break 'reply;
+                    break 'reply true;
                 }
             }
             if Instant::now() > deadline {
-                bail!("no echo for request {seq} within 2 s");
+                break false;
             }
             rx.wait(Duration::from_millis(100))?;
-        }
-        if seq >= warmup {
-            h.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+        };
+        if !answered {
+            lost_to_the_kernel(&mut rt, &mut drops_seen, seq)?;
+        } else if seq > warmup {
+            rt.times
+                .record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
         }
     }
-    Ok(h)
+    Ok(rt)
 }
 
 fn tap_round_trips(
     tap: std::os::fd::BorrowedFd<'_>,
     host_mac: [u8; 6],
     samples: u64,
-) -> Result<Histogram<u64>> {
+) -> Result<RoundTrips> {
     let flow = request_flow(host_mac);
     let mut out = vec![0u8; 12 + 256];
     let mut inb = vec![0u8; 12 + 65_562];
-    let mut h = histogram()?;
+    let mut rt = RoundTrips {
+        times: histogram()?,
+        lost: 0,
+    };
     let warmup = samples / 10 + 10;
-    for seq in 0..samples + warmup {
+    let mut drops_seen = kernel_drops();
+    let mut seq = 0u64;
+    while rt.times.len() < samples {
+        seq += 1;
         let n = frames::build_udp(&mut out[12..], &flow, REQUEST_LEN, 1, seq)?;
         let start = Instant::now();
         nix::unistd::write(tap, &out[..12 + n]).context("writing the request to the TAP")?;
         let deadline = start + Duration::from_secs(2);
-        loop {
+        let answered = loop {
             let mut fds = [nix::poll::PollFd::new(tap, nix::poll::PollFlags::POLLIN)];
             nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16))?;
             match nix::unistd::read(tap, &mut inb) {
-                Ok(got) if got > 12 && is_reply(&inb[12..got], seq) => break,
+                Ok(got) if got > 12 && is_reply(&inb[12..got], seq) => break true,
                 Ok(_) | Err(nix::errno::Errno::EAGAIN) => {}
                 Err(e) => return Err(e).context("reading the TAP"),
             }
             if Instant::now() > deadline {
-                bail!("no echo for request {seq} within 2 s");
+                break false;
             }
-        }
-        if seq >= warmup {
-            h.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+        };
+        if !answered {
+            lost_to_the_kernel(&mut rt, &mut drops_seen, seq)?;
+        } else if seq > warmup {
+            rt.times
+                .record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
         }
     }
-    Ok(h)
+    Ok(rt)
 }

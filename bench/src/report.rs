@@ -13,9 +13,12 @@ pub struct ThroughputResult {
     pub frame: usize,
     /// Queue pairs.
     pub queues: usize,
-    /// `uring`, `classic`, `floor` or `vhost-user`.
+    /// `uring`, `classic`, `floor` or `vhost-user`; with a busy-poll budget of N µs,
+    /// `+bpN` (`uring+bp50`).
     pub engine: String,
-    /// Median packets per second.
+    /// The workers' busy-poll budget, µs (0: off; always 0 for the floor).
+    pub busy_poll_us: u64,
+    /// Median packets per second (`tx-drop`: frames the TAP took, its own counter).
     pub pps: f64,
     /// Median Gbit/s of Ethernet frames (no vnet header).
     pub gbps: f64,
@@ -51,6 +54,9 @@ pub struct ThroughputResult {
     /// of the repeats; None where not counted, e.g. the floor, a vhost-user backend or a
     /// library caller).
     pub allocations_per_packet: Option<f64>,
+    /// Busy-poll rounds the workers made over every repeat's window (None where the
+    /// datapath's counters are out of reach: the floor, a vhost-user backend).
+    pub busy_poll_rounds: Option<u64>,
     /// Warnings (peer-limited, drops, ...).
     pub notes: Vec<String>,
 }
@@ -73,8 +79,11 @@ pub struct Report {
 /// Round trips guest -> host echo -> guest (or, for `floor`, TAP -> host echo -> TAP).
 #[derive(Clone, Debug, Serialize)]
 pub struct LatencyResult {
-    /// `uring`, `classic`, `floor` or `vhost-user`.
+    /// `uring`, `classic`, `floor` or `vhost-user`; with a busy-poll budget of N µs,
+    /// `+bpN` (`uring+bp50`).
     pub engine: String,
+    /// The workers' busy-poll budget, µs (0: off; always 0 for the floor).
+    pub busy_poll_us: u64,
     /// `idle`, or `loaded` (a host->guest stream runs meanwhile).
     pub load: String,
     /// Median, µs.
@@ -87,6 +96,10 @@ pub struct LatencyResult {
     pub max_us: f64,
     /// Round trips measured.
     pub samples: u64,
+    /// Requests given up on after 2 s, not measured, because the kernel dropped something
+    /// meanwhile (the TAP's `tx_dropped`, `Udp RcvbufErrors`: a starved datapath or echo under
+    /// load); an echo missing without a kernel drop fails the run.
+    pub lost: u64,
     /// The distribution: (µs, fraction of round trips at or below it), for CDF charts.
     pub cdf: Vec<(f64, f64)>,
 }
@@ -340,6 +353,7 @@ impl Report {
             "p99.9 µs",
             "max µs",
             "samples",
+            "lost",
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -353,6 +367,7 @@ impl Report {
                 format!("{:.1}", l.p999_us),
                 format!("{:.1}", l.max_us),
                 l.samples.to_string(),
+                l.lost.to_string(),
             ]);
         }
         rows

@@ -39,10 +39,12 @@ const OUTPUT_LINES: usize = 40;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackendCommand {
     /// This binary's `tapir serve --socket {socket} --tap {tap} --queues {queues}` (with
-    /// `--cpus {cpus}`, the CPUs the in-process engines' workers get).
+    /// `--cpus {cpus}`, the CPUs the in-process engines' workers get, and
+    /// `--busy-poll-us {busy_poll_us}` for a budget).
     TapirServe,
-    /// A shell command (`sh -c`), with `{socket}`, `{tap}`, `{queues}` and `{cpus}` (a comma
-    /// list, empty without pinning) replaced by shell-quoted values.
+    /// A shell command (`sh -c`), with `{socket}`, `{tap}`, `{queues}`, `{cpus}` (a comma
+    /// list, empty without pinning) and `{busy_poll_us}` (0: off) replaced by shell-quoted
+    /// values.
     Shell(String),
 }
 
@@ -73,8 +75,9 @@ impl VhostUserBackend {
         })
     }
 
-    /// The command line for `queues` pairs with workers on `cpus` (for the report and errors).
-    fn command(&self, queues: usize, cpus: &[Option<usize>]) -> Result<Command> {
+    /// The command line for `queues` pairs with workers on `cpus`, busy polling for
+    /// `busy_poll_us` (0: off).
+    fn command(&self, queues: usize, cpus: &[Option<usize>], busy_poll_us: u64) -> Result<Command> {
         let cpu_list: Option<Vec<String>> = cpus.iter().map(|c| c.map(|c| c.to_string())).collect();
         let cpu_list = cpu_list.map(|v| v.join(",")).unwrap_or_default();
         match &self.command {
@@ -89,6 +92,9 @@ impl VhostUserBackend {
                 if !cpu_list.is_empty() {
                     cmd.args(["--cpus", &cpu_list]);
                 }
+                if busy_poll_us > 0 {
+                    cmd.args(["--busy-poll-us", &busy_poll_us.to_string()]);
+                }
                 Ok(cmd)
             }
             BackendCommand::Shell(template) => {
@@ -96,7 +102,8 @@ impl VhostUserBackend {
                     .replace("{socket}", &shell_quote(&self.socket.display().to_string()))
                     .replace("{tap}", &shell_quote(TAP_NAME))
                     .replace("{queues}", &shell_quote(&queues.to_string()))
-                    .replace("{cpus}", &shell_quote(&cpu_list));
+                    .replace("{cpus}", &shell_quote(&cpu_list))
+                    .replace("{busy_poll_us}", &shell_quote(&busy_poll_us.to_string()));
                 let mut cmd = Command::new("sh");
                 cmd.arg("-c").arg(line);
                 Ok(cmd)
@@ -180,9 +187,14 @@ struct BackendProcess {
 }
 
 impl BackendProcess {
-    fn spawn(backend: &VhostUserBackend, queues: usize, cpus: &[Option<usize>]) -> Result<Self> {
+    fn spawn(
+        backend: &VhostUserBackend,
+        queues: usize,
+        cpus: &[Option<usize>],
+        busy_poll_us: u64,
+    ) -> Result<Self> {
         claim_socket(&backend.socket)?;
-        let mut cmd = backend.command(queues, cpus)?;
+        let mut cmd = backend.command(queues, cpus, busy_poll_us)?;
         let command = format!("{cmd:?}");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -349,17 +361,19 @@ pub struct VhostUserRig {
 }
 
 impl VhostUserRig {
-    /// Starts the backend for the guest's queue pairs (workers on `cpus`), connects the guest
-    /// and configures the TAP. Must run inside the benchmark's namespace.
+    /// Starts the backend for the guest's queue pairs (workers on `cpus`, busy polling for
+    /// `busy_poll_us`, 0: off), connects the guest and configures the TAP. Must run inside
+    /// the benchmark's namespace.
     pub fn start(
         backend: &VhostUserBackend,
         guest: GuestConfig,
         mtu: u16,
         cpus: &[Option<usize>],
+        busy_poll_us: u64,
     ) -> Result<VhostUserRig> {
         let queues = usize::from(guest.queue_pairs);
         let mut guest = SimGuest::new(guest).context("simulated guest")?;
-        let mut process = BackendProcess::spawn(backend, queues, cpus)?;
+        let mut process = BackendProcess::spawn(backend, queues, cpus, busy_poll_us)?;
         let with_output = |p: &BackendProcess, e: anyhow::Error| {
             e.context(format!(
                 "backend {} (pid {}); its last output:\n{}",
@@ -476,10 +490,13 @@ mod tests {
         assert!(VhostUserBackend::parse("vhost-user:/x", Some(" ".into())).is_err());
         let b = VhostUserBackend::parse(
             "vhost-user:/tmp/it's.sock",
-            Some("backend --socket {socket} --if {tap} -q {queues} -c {cpus}".into()),
+            Some(
+                "backend --socket {socket} --if {tap} -q {queues} -c {cpus} -b {busy_poll_us}"
+                    .into(),
+            ),
         )
         .unwrap();
-        let cmd = b.command(2, &[Some(1), Some(0)]).unwrap();
+        let cmd = b.command(2, &[Some(1), Some(0)], 50).unwrap();
         let args: Vec<_> = cmd
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
@@ -488,7 +505,7 @@ mod tests {
             args,
             [
                 "-c",
-                r"backend --socket '/tmp/it'\''s.sock' --if 'tapir0' -q '2' -c '1,0'"
+                r"backend --socket '/tmp/it'\''s.sock' --if 'tapir0' -q '2' -c '1,0' -b '50'"
             ]
         );
     }

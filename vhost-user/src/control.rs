@@ -137,6 +137,7 @@ pub fn queue_pairs(counters: &[Counters], running: &[u16]) -> Value {
                     "tx": direction(c, false),
                     "batches": c.batches,
                     "io_syscalls": c.io_syscalls,
+                    "busy_poll": { "rounds": c.busy_poll_rounds, "found": c.busy_poll_found },
                     "broken": { "queues": c.queues_broken, "pairs": c.pairs_broken },
                 })
             })

@@ -190,7 +190,7 @@ pub(super) fn start_guest(
         for (dir, frames) in dirs {
             let (stop, c) = (stop.clone(), counters.clone());
             let t = match (dir, tx.take(), rx.take()) {
-                (Scenario::Tx, Some(tx), rx_back) => {
+                (Scenario::Tx | Scenario::TxDrop, Some(tx), rx_back) => {
                     rx = rx_back;
                     let (h, f) = frames[i % frames.len()].clone();
                     std::thread::Builder::new()

@@ -6,6 +6,10 @@
 //!   UDP datagrams to a host `UdpSink`, 65 535-byte frames are TSO (TCPv4 GSO) super-frames to
 //!   an address the host does not own (dropped by routing, unsegmented). The floor writes the
 //!   same frames to the same TAP with batched io_uring writes, no virtqueue.
+//! - `tx-drop` (guest -> host, dropped early): the same frames to a destination MAC nobody
+//!   owns, so the host drops them right after the TAP (`PACKET_OTHERHOST`, before IP): the
+//!   datapath, not the host's UDP delivery and its sink. Rates are the TAP's own count of
+//!   frames it took (`rx_packets` of the host interface), for every engine and the floor.
 //! - `rx` (host -> guest): an AF_PACKET generator (`PACKET_QDISC_BYPASS`, TSO super-frames
 //!   with `PACKET_VNET_HDR`) sends on the TAP's host side; simulated-guest threads keep the RX
 //!   rings refilled and consume what arrives. The floor keeps batched io_uring reads posted on
@@ -26,6 +30,7 @@ mod guest_load;
 mod handoff;
 mod sample;
 mod traffic;
+mod variant;
 
 use std::time::Duration;
 
@@ -38,12 +43,16 @@ use crate::vhost_rig::VhostUserBackend;
 use backend::{measure, Floor, InProcess, VhostUser};
 use handoff::measure_handoffs;
 use sample::{summarize, Sample};
+pub(crate) use variant::{variants, Variant};
 
 /// Direction of a throughput scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
     /// Guest to host.
     Tx,
+    /// Guest to host, to a destination MAC nobody owns: the host drops the frames right
+    /// after the TAP, which counts them.
+    TxDrop,
     /// Host to guest.
     Rx,
     /// Both at once (the sum is reported).
@@ -54,16 +63,17 @@ impl Scenario {
     /// The single directions a scenario runs.
     pub(super) fn directions(self) -> &'static [Scenario] {
         match self {
-            Scenario::Tx => &[Scenario::Tx],
+            Scenario::Tx | Scenario::TxDrop => &[Scenario::Tx],
             Scenario::Rx => &[Scenario::Rx],
             Scenario::Bidir => &[Scenario::Tx, Scenario::Rx],
         }
     }
 
-    /// `tx` / `rx`.
+    /// `tx` / `tx-drop` / `rx` / `bidir`.
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Tx => "tx",
+            Scenario::TxDrop => "tx-drop",
             Scenario::Rx => "rx",
             Scenario::Bidir => "bidir",
         }
@@ -75,9 +85,10 @@ impl std::str::FromStr for Scenario {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "tx" => Ok(Scenario::Tx),
+            "tx-drop" => Ok(Scenario::TxDrop),
             "rx" => Ok(Scenario::Rx),
             "bidir" => Ok(Scenario::Bidir),
-            o => Err(format!("unknown scenario {o:?} (tx, rx or bidir)")),
+            o => Err(format!("unknown scenario {o:?} (tx, tx-drop, rx or bidir)")),
         }
     }
 }
@@ -148,6 +159,10 @@ pub struct BenchOptions {
     pub latency_samples: u64,
     /// The vhost-user backend the `vhost-user` engine measures.
     pub backend: Option<VhostUserBackend>,
+    /// Busy-poll budgets in µs (0: off) the latency scenario and the 64-byte tx, tx-drop and
+    /// rx cells run every worker engine at, a row each (`uring+bp50`); other cells run at 0.
+    /// Empty: 0 only.
+    pub busy_poll_us: Vec<u64>,
 }
 
 impl BenchOptions {
@@ -159,11 +174,15 @@ impl BenchOptions {
             .iter()
             .filter(|e| matches!(e, BenchEngine::Datapath(_)))
             .count());
-        let throughput = n(self.scenarios.len() * self.frames.len() * self.queues.len())
-            * n(self.repeats)
-            * n(self.engines.len());
+        let mut throughput = 0;
+        for &s in &self.scenarios {
+            for &f in &self.frames {
+                throughput +=
+                    n(self.queues.len()) * n(self.repeats) * n(variants(self, Some((s, f))).len());
+            }
+        }
         let latency = if self.latency_samples > 0 {
-            2 * n(self.engines.len())
+            2 * n(variants(self, None).len())
         } else {
             0
         };
@@ -206,20 +225,15 @@ fn run_here(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Res
     };
     if opts.latency_samples > 0 {
         for load in [false, true] {
-            for engine in &opts.engines {
+            for v in variants(opts, None) {
                 progress(&format!(
                     "latency {} {}",
-                    engine.name(),
+                    v.label(),
                     if load { "loaded" } else { "idle" }
                 ));
                 report.latency.push(
-                    crate::latency::measure(
-                        *engine,
-                        load,
-                        opts.latency_samples,
-                        opts.backend.as_ref(),
-                    )
-                    .with_context(|| format!("latency {}", engine.name()))?,
+                    crate::latency::measure(v, load, opts.latency_samples, opts.backend.as_ref())
+                        .with_context(|| format!("latency {}", v.label()))?,
                 );
             }
         }
@@ -247,28 +261,29 @@ fn run_here(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Res
         for &frame in &opts.frames {
             for &queues in &opts.queues {
                 cell += 1;
-                let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); opts.engines.len()];
+                let rows = variants(opts, Some((scenario, frame)));
+                let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); rows.len()];
                 for rep in 0..opts.repeats {
-                    for k in 0..opts.engines.len() {
-                        let e = (k + rep) % opts.engines.len();
-                        let engine = opts.engines[e];
+                    for k in 0..rows.len() {
+                        let e = (k + rep) % rows.len();
+                        let v = rows[e];
                         progress(&format!(
                             "[{cell}/{cells}] {} {frame}B q{queues} {} run {}/{}",
                             scenario.name(),
-                            engine.name(),
+                            v.label(),
                             rep + 1,
                             opts.repeats
                         ));
-                        let s = match engine {
-                            BenchEngine::Datapath(kind) => InProcess::start(kind, queues)
+                        let s = match v.engine {
+                            BenchEngine::Datapath(kind) => InProcess::start(kind, queues, v)
                                 .and_then(|b| measure(b, scenario, frame, queues, opts)),
                             BenchEngine::Floor => Floor::start(queues, opts)
                                 .and_then(|b| measure(b, scenario, frame, queues, opts)),
-                            BenchEngine::VhostUser => VhostUser::start(queues, opts)
+                            BenchEngine::VhostUser => VhostUser::start(queues, opts, v)
                                 .and_then(|b| measure(b, scenario, frame, queues, opts)),
                         }
                         .with_context(|| {
-                            format!("{} {frame} q{queues} {}", scenario.name(), engine.name())
+                            format!("{} {frame} q{queues} {}", scenario.name(), v.label())
                         })?;
                         samples[e].push(s);
                     }
@@ -276,7 +291,7 @@ fn run_here(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Res
                 for (e, runs) in samples.into_iter().enumerate() {
                     report
                         .results
-                        .push(summarize(scenario, frame, queues, opts.engines[e], &runs));
+                        .push(summarize(scenario, frame, queues, rows[e], &runs));
                 }
             }
         }

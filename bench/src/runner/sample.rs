@@ -5,7 +5,7 @@ use std::time::Duration;
 use tapir_datapath::Counters;
 
 use super::guest_load::GuestCount;
-use super::{BenchEngine, Scenario};
+use super::{Scenario, Variant};
 use crate::report::{median, ThroughputResult};
 
 /// One measured window.
@@ -26,6 +26,8 @@ pub(super) struct Sample {
     pub(super) kicks: f64,
     pub(super) interrupts: f64,
     pub(super) allocs_per_packet: Option<f64>,
+    /// Busy-poll rounds the workers made (None: counters out of reach).
+    pub(super) busy_poll_rounds: Option<u64>,
     pub(super) notes: Vec<String>,
 }
 
@@ -47,6 +49,30 @@ impl Sample {
         self.per_wait = Some(p / d.batches.max(1) as f64);
         self.kicks = (d.tx_kicks + d.rx_kicks) as f64 / p;
         self.interrupts = (d.tx_interrupts + d.rx_interrupts) as f64 / p;
+        self.busy_poll_rounds = Some(d.busy_poll_rounds);
+        self
+    }
+
+    /// The rate of `packets` and `bytes` the TAP counted over the window `elapsed`, in place
+    /// of the backend's own count (`tx-drop`); CPU per packet from the backend's CPU share
+    /// (its own window: the floor counts over warm-up and window) over the TAP's rate.
+    #[allow(clippy::cast_precision_loss, reason = "rates")]
+    pub(super) fn counted_on_the_tap(
+        mut self,
+        packets: u64,
+        bytes: u64,
+        elapsed: Duration,
+        threads: usize,
+    ) -> Sample {
+        self.pps = per_sec(packets, elapsed);
+        self.gbps = per_sec(bytes, elapsed) * 8.0 / 1e9;
+        self.cpu_ns_per_packet = self.datapath_cpu.map(|share| {
+            if self.pps > 0.0 {
+                share * threads.max(1) as f64 * 1e9 / self.pps
+            } else {
+                0.0
+            }
+        });
         self
     }
 
@@ -95,6 +121,7 @@ pub(super) fn sample(
         kicks: 0.0,
         interrupts: 0.0,
         allocs_per_packet: None,
+        busy_poll_rounds: None,
         notes: Vec::new(),
     };
     if peer_cpu > 0.95 {
@@ -114,7 +141,7 @@ pub(super) fn summarize(
     scenario: Scenario,
     frame: usize,
     queues: usize,
-    engine: BenchEngine,
+    variant: Variant,
     runs: &[Sample],
 ) -> ThroughputResult {
     let col = |f: fn(&Sample) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
@@ -131,7 +158,8 @@ pub(super) fn summarize(
         scenario: scenario.name().into(),
         frame,
         queues,
-        engine: engine.name(),
+        engine: variant.label(),
+        busy_poll_us: variant.busy_poll_us,
         pps: median(&pps),
         gbps: col(|s| s.gbps),
         cpu_ns_per_packet: known(|s| s.cpu_ns_per_packet),
@@ -150,6 +178,7 @@ pub(super) fn summarize(
             .iter()
             .filter_map(|s| s.allocs_per_packet)
             .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a)))),
+        busy_poll_rounds: runs.iter().map(|s| s.busy_poll_rounds).sum::<Option<u64>>(),
         notes,
     }
 }

@@ -24,6 +24,30 @@ const SINK_PORT: u16 = 9000;
 /// host's routing (forwarding is off) without being segmented or answered.
 const BLACKHOLE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 200);
 
+/// A unicast, locally administered MAC nobody on the TAP's link owns: the host takes frames
+/// sent to it as `PACKET_OTHERHOST` and drops them before IP (`tx-drop`), after the TAP
+/// counted them.
+const UNOWNED_MAC: [u8; 6] = [0x02, 0x00, 0x5e, 0x10, 0xde, 0xad];
+
+/// Where the guest's TX frames go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TxSink {
+    /// To the host: a UDP sink (up to 1500 bytes) or, for TSO frames, an address nobody
+    /// owns (dropped by routing).
+    Host,
+    /// To a MAC nobody owns: dropped right after the TAP.
+    Drop,
+}
+
+impl TxSink {
+    fn of(scenario: Scenario) -> TxSink {
+        match scenario {
+            Scenario::TxDrop => TxSink::Drop,
+            Scenario::Tx | Scenario::Rx | Scenario::Bidir => TxSink::Host,
+        }
+    }
+}
+
 fn frame_len(frame: usize) -> usize {
     frame.min(TSO_FRAME)
 }
@@ -31,6 +55,7 @@ fn frame_len(frame: usize) -> usize {
 /// The frames a scenario sends, each with its vnet header (one per flow).
 fn build_frames(
     scenario: Scenario,
+    sink: TxSink,
     frame: usize,
     flows: usize,
     host_mac: [u8; 6],
@@ -39,10 +64,13 @@ fn build_frames(
     for i in 0..flows {
         let port = 10_000 + u16::try_from(i).unwrap_or(0);
         let (spec, tso) = match scenario {
-            Scenario::Tx => (
+            Scenario::Tx | Scenario::TxDrop => (
                 FlowSpec {
                     src_mac: GUEST_MAC,
-                    dst_mac: host_mac,
+                    dst_mac: match sink {
+                        TxSink::Host => host_mac,
+                        TxSink::Drop => UNOWNED_MAC,
+                    },
                     src_ip: GUEST_IP,
                     dst_ip: if frame > 1500 { BLACKHOLE_IP } else { HOST_IP },
                     src_port: port,
@@ -91,14 +119,18 @@ pub(super) fn start_traffic(
     queues: usize,
     host_mac: [u8; 6],
 ) -> Result<(DirFrames, Vec<Peer>)> {
+    let sink = TxSink::of(scenario);
     let dirs: DirFrames = scenario
         .directions()
         .iter()
-        .map(|&d| Ok((d, build_frames(d, frame, queues.max(1) * 4, host_mac)?)))
+        .map(|&d| {
+            let frames = build_frames(d, sink, frame, queues.max(1) * 4, host_mac)?;
+            Ok((d, frames))
+        })
         .collect::<Result<_>>()?;
     let peers = dirs
         .iter()
-        .map(|(d, f)| Peer::start(*d, frame, f))
+        .map(|(d, f)| Peer::start(*d, sink, frame, f))
         .collect::<Result<Vec<_>>>()?;
     Ok((dirs, peers))
 }
@@ -111,13 +143,15 @@ pub(super) enum Peer {
 }
 
 impl Peer {
-    pub(super) fn start(
+    fn start(
         scenario: Scenario,
+        sink: TxSink,
         frame: usize,
         frames: &[(VnetHdr, Vec<u8>)],
     ) -> Result<Peer> {
         match scenario {
-            Scenario::Tx if frame <= 1500 => {
+            Scenario::Tx | Scenario::TxDrop if sink == TxSink::Drop => Ok(Peer::None),
+            Scenario::Tx | Scenario::TxDrop if frame <= 1500 => {
                 let mut cfg = UdpSinkConfig::new(
                     SocketAddrV4::new(HOST_IP, SINK_PORT),
                     RunControl::new(Arc::new(AtomicBool::new(false))).with_cpu(0),
@@ -125,7 +159,7 @@ impl Peer {
                 cfg.buf_size = 2048;
                 Ok(Peer::Sink(UdpSink::bind(cfg)?.spawn()?))
             }
-            Scenario::Tx => Ok(Peer::None),
+            Scenario::Tx | Scenario::TxDrop => Ok(Peer::None),
             Scenario::Rx | Scenario::Bidir => {
                 let templates = frames
                     .iter()

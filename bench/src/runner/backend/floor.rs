@@ -64,7 +64,7 @@ fn floor_thread(
         .get(i)
         .ok_or_else(|| anyhow!("no TAP queue {i}"))?;
     let r = match dir {
-        Scenario::Tx => {
+        Scenario::Tx | Scenario::TxDrop => {
             // As many distinct buffers as the guest has TX slots, so the floor copies from the
             // same memory footprint (a 64 KiB frame from a cold 16 MiB pool costs twice what
             // it does from L2).

@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tapir_datapath::QueuePairStats;
-use tapir_datapath::{Counters, EngineKind};
+use tapir_datapath::{Counters, EngineConfig, EngineKind};
 use tapir_testkit::{Rig, RigConfig};
 
 use super::{bench_guest, by_direction, worker_cpu, Backend, Window, WindowEdge};
 use crate::runner::guest_load::{start_guest, GuestLoad};
 use crate::runner::sample::{per_sec, sample, Sample};
 use crate::runner::traffic::DirFrames;
+use crate::runner::Variant;
 
 /// A tapir engine in this process.
 pub(in crate::runner) struct InProcess {
@@ -32,11 +33,20 @@ pub(in crate::runner) struct Reading {
 }
 
 impl InProcess {
-    /// Starts the rig for a cell of `queues` queue pairs.
-    pub(in crate::runner) fn start(engine: EngineKind, queues: usize) -> Result<InProcess> {
+    /// Starts the rig for a cell of `queues` queue pairs, the workers at `variant`'s
+    /// busy-poll budget.
+    pub(in crate::runner) fn start(
+        engine: EngineKind,
+        queues: usize,
+        variant: Variant,
+    ) -> Result<InProcess> {
         let cfg = RigConfig {
             guest: bench_guest(queues)?,
             cpu_affinity: (0..queues).map(worker_cpu).collect(),
+            engine_config: EngineConfig {
+                busy_poll: variant.busy_poll(),
+                ..EngineConfig::default()
+            },
             ..RigConfig::new(engine, u16::try_from(queues)?)
         };
         let rig = Rig::start(&cfg).context("starting the rig")?;

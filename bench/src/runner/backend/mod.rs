@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tapir_simguest::GuestConfig;
-use tapir_testkit::cpu;
+use tapir_testkit::{cpu, netns, TAP_NAME};
 
 use super::traffic::{finish_peers, start_traffic, DirFrames};
 use super::{bench_features, BenchOptions, Scenario};
@@ -83,14 +83,18 @@ pub(super) fn measure<B: Backend>(
     let (dirs, peers) = start_traffic(scenario, frame, queues, backend.host_mac())?;
     backend.start(&dirs)?;
     std::thread::sleep(opts.warmup);
+    // tx-drop counts on the TAP, read outside the backend's readings (a /proc read
+    // allocates; the in-process backend counts allocations at the window's side of its own).
+    let tap_first = tap_count(scenario)?;
     let first = backend.read(WindowEdge::Opens);
     let t0 = Instant::now();
     std::thread::sleep(opts.duration);
     let elapsed = t0.elapsed();
     let last = backend.read(WindowEdge::Closes);
+    let tap_last = tap_count(scenario)?;
     backend.stop()?;
     let (peer_pps, peer_cpu) = finish_peers(peers)?;
-    backend.finish(Window {
+    let sample = backend.finish(Window {
         scenario,
         queues,
         first,
@@ -98,7 +102,27 @@ pub(super) fn measure<B: Backend>(
         elapsed,
         peer_pps,
         peer_cpu,
+    })?;
+    Ok(match tap_first.zip(tap_last) {
+        Some((a, b)) => sample.counted_on_the_tap(
+            b.0.saturating_sub(a.0),
+            b.1.saturating_sub(a.1),
+            elapsed,
+            queues,
+        ),
+        None => sample,
     })
+}
+
+/// The TAP's count of frames it took from the datapath (packets, bytes: the host
+/// interface's `rx_*`), for `tx-drop`, where nothing past the TAP sees them; None for the
+/// other scenarios.
+fn tap_count(scenario: Scenario) -> Result<Option<(u64, u64)>> {
+    if scenario != Scenario::TxDrop {
+        return Ok(None);
+    }
+    let s = netns::iface_stats(TAP_NAME)?;
+    Ok(Some((s.rx_packets, s.rx_bytes)))
 }
 
 /// CPU placement on this machine: the datapath (or floor) on the last CPUs, the guest and the
@@ -126,7 +150,7 @@ fn bench_guest(queues: usize) -> Result<GuestConfig> {
 /// (packets, bytes) of the window in the scenario's direction(s), from per-direction counts.
 fn by_direction(scenario: Scenario, tx: (u64, u64), rx: (u64, u64)) -> (u64, u64) {
     match scenario {
-        Scenario::Tx => tx,
+        Scenario::Tx | Scenario::TxDrop => tx,
         Scenario::Rx => rx,
         Scenario::Bidir => (tx.0 + rx.0, tx.1 + rx.1),
     }

@@ -8,7 +8,7 @@ use super::{bench_guest, by_direction, worker_cpu, Backend, Window, WindowEdge};
 use crate::runner::guest_load::{start_guest, GuestCount, GuestLoad};
 use crate::runner::sample::{per_sec, sample, Sample};
 use crate::runner::traffic::DirFrames;
-use crate::runner::BenchOptions;
+use crate::runner::{BenchOptions, Variant};
 use crate::vhost_rig::VhostUserRig;
 
 /// The backend of [`BenchOptions::backend`].
@@ -25,15 +25,26 @@ pub(in crate::runner) struct Reading {
 }
 
 impl VhostUser {
-    /// Starts the backend process for a cell of `queues` queue pairs.
-    pub(in crate::runner) fn start(queues: usize, opts: &BenchOptions) -> Result<VhostUser> {
+    /// Starts the backend process for a cell of `queues` queue pairs, at `variant`'s
+    /// busy-poll budget.
+    pub(in crate::runner) fn start(
+        queues: usize,
+        opts: &BenchOptions,
+        variant: Variant,
+    ) -> Result<VhostUser> {
         let backend = opts
             .backend
             .as_ref()
             .ok_or_else(|| anyhow!("the vhost-user engine needs a backend (--backend)"))?;
         let cpus: Vec<Option<usize>> = (0..queues).map(worker_cpu).collect();
-        let rig = VhostUserRig::start(backend, bench_guest(queues)?, 1500, &cpus)
-            .context("starting the vhost-user backend")?;
+        let rig = VhostUserRig::start(
+            backend,
+            bench_guest(queues)?,
+            1500,
+            &cpus,
+            variant.busy_poll_us,
+        )
+        .context("starting the vhost-user backend")?;
         Ok(VhostUser {
             rig,
             queues,
