@@ -19,9 +19,14 @@
 //! - [`raw_tap`]: one TAP queue opened by hand, for code that plays the datapath itself;
 //!   [`cpu`]: pinning and per-thread CPU time.
 //!
+//! - [`capability`]: what this machine can do (the TAP's USO, hugetlbfs, QEMU); in CI a
+//!   missing capability is a failure, outside it a test asserts the outcome without it.
+//!
 //! Everything that touches interfaces must run inside a namespace the caller made (root:
-//! `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`). Nothing here asserts; errors are returned with context.
+//! `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`). Nothing here asserts (but
+//! [`capability::absent`], in CI); errors are returned with context.
 
+pub mod capability;
 pub mod cpu;
 pub mod frames;
 pub mod host_sockets;
