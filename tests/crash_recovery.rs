@@ -7,9 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::daemon::{connect, Netns};
-use common::vhost::{arp_request, arp_round_trip_on, attach, one_pair_guest};
-use common::{VirtioNetHdr, HOST_IP};
+use common::daemon::{attach, Netns};
+use common::{arp_request, arp_round_trip_on, one_pair_guest, VirtioNetHdr, HOST_IP};
 
 fn serve_args<'a>(socket: &'a str, tap: &'a str, engine: &'a str) -> Vec<&'a str> {
     vec!["--socket", socket, "--tap", tap, "--engine", engine]
@@ -17,7 +16,7 @@ fn serve_args<'a>(socket: &'a str, tap: &'a str, engine: &'a str) -> Vec<&'a str
 
 /// Reads the eventfd's count away (what a backend that read the kick and died did).
 fn drain_eventfd(raw: i32) {
-    let fd = common::vhost::eventfd_of(raw);
+    let fd = tapir_testkit::vhost_frontend::guest_eventfd(raw).expect("dup of a guest eventfd");
     // SAFETY: F_SETFL on an fd this function owns (a dup; the flag is shared with the
     // original, which the simulated guest only writes).
     let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::F_GETFL) };
@@ -56,8 +55,7 @@ fn frames_queued_while_the_backend_was_dead_go_out_after_a_restart_without_a_kic
         let mut guest = one_pair_guest();
         let kick_tx = guest.queues()[1].kick_fd;
         let (mut rx, mut tx) = guest.take_pair(0);
-        let mut fe = connect(&socket);
-        attach(&mut fe, &guest, 0);
+        let fe = attach(&socket, &guest, 0);
         first.event("\"running\":[0]");
         arp_round_trip_on(&mut rx, &mut tx, engine);
         // The backend dies (its socket file stays behind, as after a crash).
@@ -74,8 +72,7 @@ fn frames_queued_while_the_backend_was_dead_go_out_after_a_restart_without_a_kic
         // Restarted on the same socket and TAP; the frontend reconnects and sets up again.
         let second = ns.spawn(&[], &serve_args(s, &tap, engine));
         second.event("listening");
-        let mut fe = connect(&socket);
-        attach(&mut fe, &guest, 0);
+        let fe = attach(&socket, &guest, 0);
         second.event("\"running\":[0]");
         // No flush, no kick: the queued chains must complete anyway.
         let deadline = Instant::now() + Duration::from_secs(5);

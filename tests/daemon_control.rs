@@ -11,9 +11,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::daemon::{connect, Netns, TAPIR};
-use common::vhost::{arp_round_trip_on, attach, one_pair_guest};
-use common::HOST_IP;
+use common::daemon::{attach, Netns, TAPIR};
+use common::{arp_round_trip_on, one_pair_guest, HOST_IP};
 
 fn ctl(control: &Path, what: &str) -> String {
     let out = Command::new(TAPIR)
@@ -103,8 +102,7 @@ fn ctl_stats_and_status_follow_the_traffic_on_both_engines() {
         ns.ip(&["link", "set", &tap, "up"]);
         let mut guest = one_pair_guest();
         let (mut rx, mut txq) = guest.take_pair(0);
-        let mut fe = connect(&socket);
-        attach(&mut fe, &guest, 0);
+        let fe = attach(&socket, &guest, 0);
         d.event("\"running\":[0]");
         let mut last = (0, 0);
         for round in 1..=3u64 {
@@ -291,8 +289,7 @@ fn slow_control_and_metrics_clients_do_not_stall_the_frontend() {
         let frontend = std::thread::spawn(move || {
             let mut guest = one_pair_guest();
             let (mut rx, mut txq) = guest.take_pair(0);
-            let mut fe = connect(&sock);
-            attach(&mut fe, &guest, 0);
+            let fe = attach(&sock, &guest, 0);
             arp_round_trip_on(&mut rx, &mut txq, &ctx);
             let _ = done_tx.send(());
             // Kept until the test is done with the daemon.
@@ -381,8 +378,7 @@ fn the_control_socket_and_metrics_endpoint_follow_a_takeover() {
         ns.ip(&["link", "set", &tap, "up"]);
         let mut guest = one_pair_guest();
         let (mut rx, mut txq) = guest.take_pair(0);
-        let mut fe = connect(&socket);
-        attach(&mut fe, &guest, 0);
+        let fe = attach(&socket, &guest, 0);
         first.event("\"running\":[0]");
         arp_round_trip_on(&mut rx, &mut txq, engine);
         let before = stats(&control);

@@ -10,9 +10,8 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::daemon::{connect, Netns};
-use common::vhost::{arp_round_trip, attach, one_pair_guest};
-use common::HOST_IP;
+use common::daemon::{attach, Netns};
+use common::{arp_round_trip, one_pair_guest, HOST_IP};
 
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -49,8 +48,7 @@ fn sigterm_with_a_running_pair_and_sigint_when_idle_stop_cleanly() {
         // With SIGTERM, a frontend has a pair running when the signal comes.
         let mut guest = one_pair_guest();
         let fe = (signal == nix::sys::signal::Signal::SIGTERM).then(|| {
-            let mut fe = connect(&socket);
-            attach(&mut fe, &guest, 0);
+            let fe = attach(&socket, &guest, 0);
             d.event("\"running\":[0]");
             ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap]);
             ns.ip(&["link", "set", &tap, "up"]);
@@ -306,8 +304,7 @@ fn without_root_as_nobody_with_a_tap_made_for_it_frames_cross() {
         assert_eq!(field("CapEff:"), "0000000000000000", "{engine}");
         assert_eq!(field("CapPrm:"), "0000000000000000", "{engine}");
         let mut guest = one_pair_guest();
-        let mut fe = connect(&socket);
-        attach(&mut fe, &guest, 0);
+        let fe = attach(&socket, &guest, 0);
         d.event("\"running\":[0]");
         arp_round_trip(&mut guest, engine);
         drop(fe);

@@ -18,11 +18,9 @@ use std::time::{Duration, Instant};
 use common::raw::{Answer, Raw, F_PROTOCOL_FEATURES, GET_FEATURES, SET_FEATURES};
 use common::{netns, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 use tapir_simguest::SimGuest;
-use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use tapir_testkit::vhost_frontend::{Negotiation, RegionOrder};
+use vhost::vhost_user::Frontend;
+use vhost::{VhostBackend, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
@@ -148,6 +146,7 @@ impl Serve {
         );
     }
 
+    /// A rust-vmm frontend on a new connection, for cases that set up their own rings.
     fn connect(&self) -> Frontend {
         Frontend::from_stream(self.raw().s, 64)
     }
@@ -172,11 +171,10 @@ impl Serve {
         self.assert_alive(ctx);
         self.assert_fds_at_baseline(ctx);
         {
-            let mut fe = self.connect();
-            let mut g = crate::common::vhost::one_pair_guest();
-            attach(&mut fe, &g, Order::Ascending);
+            let mut g = common::one_pair_guest();
+            let _fe = attach(self.raw().s, &g, RegionOrder::Ascending);
             self.wait_event("\"running\":[0]");
-            crate::common::vhost::arp_round_trip(&mut g, ctx);
+            common::arp_round_trip(&mut g, ctx);
         }
         self.wait_event("disconnected");
         self.assert_fds_at_baseline(&format!("{ctx}, after the working session"));
@@ -215,46 +213,15 @@ fn memfd(len: u64) -> OwnedFd {
     tapir_testkit::memfd(len).unwrap()
 }
 
-#[derive(Clone, Copy)]
-enum Order {
-    Ascending,
-    Descending,
-}
-
-/// Negotiates and attaches the simulated guest (memory table with user address = guest
-/// address, every vring, enabled), with REPLY_ACK on every request.
-fn attach(fe: &mut Frontend, guest: &SimGuest, order: Order) {
-    let offered = fe.get_features().unwrap();
-    fe.set_features(
-        (guest.features() & offered) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-    )
-    .unwrap();
-    let want = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::LOG_SHMFD
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-    fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(want).unwrap();
-    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    fe.set_owner().unwrap();
-    let mut regions: Vec<VhostUserMemoryRegionInfo> = guest
-        .regions()
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo {
-            guest_phys_addr: r.guest_addr,
-            memory_size: r.size,
-            userspace_addr: r.guest_addr,
-            mmap_offset: r.file_offset,
-            mmap_handle: r.fd,
-        })
-        .collect();
-    regions.sort_by_key(|r| r.guest_phys_addr);
-    if let Order::Descending = order {
-        regions.reverse();
-    }
-    fe.set_mem_table(&regions)
-        .unwrap_or_else(|e| panic!("SET_MEM_TABLE {:?}: {e}", guest.regions()));
-    crate::common::vhost::set_up_vrings(fe, guest);
+/// Attaches the simulated guest over `stream` as the other tests do
+/// ([`common::daemon::negotiation`]: guest-physical addresses, REPLY_ACK on every request),
+/// with the memory table's regions in `order`.
+fn attach(stream: UnixStream, guest: &SimGuest, order: RegionOrder) -> Frontend {
+    let negotiation = Negotiation {
+        region_order: order,
+        ..common::daemon::negotiation(0)
+    };
+    common::daemon::attach_on(stream, guest, &negotiation)
 }
 
 /// Runs `case` on both engines, each in its own namespace with its own daemon.
@@ -340,11 +307,10 @@ fn a_dirty_log_longer_than_its_file_ends_the_session() {
 #[test]
 fn guest_memory_truncated_under_traffic_ends_the_session_not_the_daemon() {
     on_both_engines(&[], |serve, engine| {
-        let mut fe = serve.connect();
-        let mut g = crate::common::vhost::one_pair_guest();
-        attach(&mut fe, &g, Order::Ascending);
+        let mut g = common::one_pair_guest();
+        let fe = attach(serve.raw().s, &g, RegionOrder::Ascending);
         serve.wait_event("\"running\":[0]");
-        crate::common::vhost::arp_round_trip(&mut g, engine);
+        common::arp_round_trip(&mut g, engine);
         let regions = g.regions();
         let kicks: Vec<RawFd> = g.queues().iter().map(|q| q.kick_fd).collect();
         // From here on this process must not touch the guest's memory either.
@@ -626,11 +592,10 @@ fn descending_regions_are_taken_and_a_refused_region_is_not_kept() {
         serve.wait_event("disconnected");
         // A real guest whose regions come in descending order.
         {
-            let mut fe = serve.connect();
-            let mut g = crate::common::vhost::one_pair_guest();
-            attach(&mut fe, &g, Order::Descending);
+            let mut g = common::one_pair_guest();
+            let _fe = attach(serve.raw().s, &g, RegionOrder::Descending);
             serve.wait_event("\"running\":[0]");
-            crate::common::vhost::arp_round_trip(&mut g, &format!("{engine}: descending regions"));
+            common::arp_round_trip(&mut g, &format!("{engine}: descending regions"));
         }
         serve.wait_event("disconnected");
         serve.still_serves(engine);
@@ -916,11 +881,10 @@ fn in_client_mode_a_listener_of_another_uid_is_refused() {
             let listener = UnixListener::bind(&socket).unwrap();
             let (stream, _) = listener.accept().unwrap();
             serve.wait_event("connected");
-            let mut fe = Frontend::from_stream(stream, 64);
-            let mut g = crate::common::vhost::one_pair_guest();
-            attach(&mut fe, &g, Order::Ascending);
+            let mut g = common::one_pair_guest();
+            let fe = attach(stream, &g, RegionOrder::Ascending);
             serve.wait_event("\"running\":[0]");
-            crate::common::vhost::arp_round_trip(&mut g, &format!("{engine}: client mode"));
+            common::arp_round_trip(&mut g, &format!("{engine}: client mode"));
             drop(fe);
             drop(serve);
             let _ = std::fs::remove_dir_all(&dir);
@@ -1070,9 +1034,8 @@ fn hostile_indices_counts_and_sizes_are_refused_and_the_session_goes_on() {
 #[test]
 fn rings_outside_guest_memory_are_refused() {
     on_both_engines(&[], |serve, engine| {
-        let mut fe = serve.connect();
-        let mut g = crate::common::vhost::one_pair_guest();
-        attach(&mut fe, &g, Order::Ascending);
+        let mut g = common::one_pair_guest();
+        let fe = attach(serve.raw().s, &g, RegionOrder::Ascending);
         serve.wait_event("\"running\":[0]");
         let rings_end = g
             .regions()
@@ -1128,7 +1091,7 @@ fn rings_outside_guest_memory_are_refused() {
         }
         fe.set_vring_addr(0, &good).unwrap();
         serve.wait_event("\"running\":[0]");
-        crate::common::vhost::arp_round_trip(&mut g, &format!("{engine}: corrected ring address"));
+        common::arp_round_trip(&mut g, &format!("{engine}: corrected ring address"));
         drop(fe);
         serve.wait_event("disconnected");
         serve.still_serves(engine);

@@ -883,48 +883,6 @@ fn a_running_through_a_dupd_fd_after_the_fence_does_not_take_serve_state() {
 // 11, with a device running in `tapir serve` (the full handoff path, not state alone).
 // ---------------------------------------------------------------------------------------
 
-mod serve_session {
-    //! A frontend session against `tapir serve`, as `tests/vhost_user_protocol.rs` drives it.
-
-    use tapir_simguest::SimGuest;
-    use vhost::vhost_user::message::{
-        VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-    };
-    use vhost::vhost_user::{Frontend, VhostUserFrontend};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
-
-    /// Negotiates and attaches the guest: memory table, every vring, enabled.
-    pub fn attach(fe: &mut Frontend, guest: &SimGuest) {
-        let offered = fe.get_features().unwrap();
-        let acked =
-            (guest.features() & offered) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        fe.set_features(acked).unwrap();
-        let want = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        fe.get_protocol_features().unwrap();
-        fe.set_protocol_features(want).unwrap();
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        fe.set_owner().unwrap();
-        let regions: Vec<VhostUserMemoryRegionInfo> = guest
-            .regions()
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.guest_addr,
-                memory_size: r.size,
-                userspace_addr: r.guest_addr,
-                mmap_offset: r.file_offset,
-                mmap_handle: r.fd,
-            })
-            .collect();
-        fe.set_mem_table(&regions).unwrap();
-        crate::common::vhost::set_up_vrings(fe, guest);
-    }
-
-    /// The guest asks the host for its MAC (ARP through TX) and gets the answer (RX).
-    pub use crate::common::vhost::arp_round_trip_on as arp_round_trip;
-}
-
 #[test]
 fn a_successor_sending_253_fds_leaks_nothing_in_a_running_tapir_serve() {
     for engine in common::engines() {
@@ -948,12 +906,11 @@ fn a_successor_sending_253_fds_leaks_nothing_in_a_running_tapir_serve() {
                 .ok();
             common::netns::link_up(TAP_NAME).unwrap();
             common::netns::add_addr(TAP_NAME, &format!("{HOST_IP}/24")).unwrap();
-            let mut fe = vhost::vhost_user::Frontend::connect(&socket, 2).unwrap();
             let mut g = tapir_simguest::SimGuest::new(guest(1)).unwrap();
-            serve_session::attach(&mut fe, &g);
+            let fe = common::daemon::attach(&socket, &g, 0);
             first.wait_event("\"running\":[0]");
             let (mut rx, mut tx) = g.take_pair(0);
-            serve_session::arp_round_trip(&mut rx, &mut tx, &format!("{ctx} before"));
+            common::arp_round_trip_on(&mut rx, &mut tx, &format!("{ctx} before"));
             std::thread::sleep(Duration::from_millis(100));
             let baseline = fd_count(first.pid());
             for round in 0..3 {
@@ -965,7 +922,7 @@ fn a_successor_sending_253_fds_leaks_nothing_in_a_running_tapir_serve() {
                 first.wait_event("handoff_rolled_back");
                 wait_fd_count(first.pid(), baseline, &format!("{ctx} round {round}"));
             }
-            serve_session::arp_round_trip(&mut rx, &mut tx, &format!("{ctx} after the floods"));
+            common::arp_round_trip_on(&mut rx, &mut tx, &format!("{ctx} after the floods"));
             // A real successor takes the running session over, and serves it.
             let second = Serve::spawn(&["--takeover", handoff.to_str().unwrap()]);
             let running = second.wait_event("\"running\"");
@@ -973,7 +930,7 @@ fn a_successor_sending_253_fds_leaks_nothing_in_a_running_tapir_serve() {
             first.wait_event("handoff_committed");
             let mut first = first;
             assert!(first.child.wait().unwrap().success(), "{ctx}");
-            serve_session::arp_round_trip(&mut rx, &mut tx, &format!("{ctx} after the handoff"));
+            common::arp_round_trip_on(&mut rx, &mut tx, &format!("{ctx} after the handoff"));
             drop(fe);
             drop(second);
             std::fs::remove_dir_all(dir).ok();

@@ -56,9 +56,10 @@ fn guest_image() -> Option<&'static (String, String)> {
         .get_or_init(|| {
             let missing = missing_tools();
             if !missing.is_empty() {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "CI must have {missing:?} (.ci/run installs them)"
+                // In CI this fails: .ci/run installs them.
+                let _ = tapir_testkit::capability::absent(
+                    tapir_testkit::capability::Capability::Qemu,
+                    format!("{missing:?} not installed"),
                 );
                 eprintln!(
                     "SKIPPED: {missing:?} not installed (apt-get install qemu-system-x86 \

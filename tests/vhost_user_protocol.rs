@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use std::io::Read;
 
+use common::daemon::attach;
 use common::raw::{
     Answer, Raw, GET_PROTOCOL_FEATURES, NET_SET_MTU, PROTOCOL, PROTOCOL_F_NET_MTU, PROTOCOL_F_RARP,
     SEND_RARP,
 };
-use common::vhost::attach;
 use common::{netns, GUEST_IP, HOST_IP, TAP_NAME};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::Frontend;
@@ -75,17 +75,6 @@ impl Serve {
     fn wait_event(&self, what: &str) -> String {
         wait_for(&self.events, what)
     }
-
-    fn connect(&self) -> Frontend {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match Frontend::connect(&self.socket, 64) {
-                Ok(f) => return f,
-                Err(e) if Instant::now() > deadline => panic!("connecting to tapir serve: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
 }
 
 /// `tapir serve ARGS` in the calling thread's namespace, its stdout events on a channel.
@@ -131,11 +120,10 @@ fn frames_cross_a_vhost_user_session_with_both_engines() {
     for engine in ["uring", "classic"] {
         common::in_netns(engine, || {
             let serve = Serve::start(engine, 1);
-            let mut fe = serve.connect();
-            let mut g = crate::common::vhost::one_pair_guest();
-            attach(&mut fe, &g, 0);
+            let mut g = common::one_pair_guest();
+            let fe = attach(&serve.socket, &g, 0);
             serve.wait_event("\"running\":[0]");
-            crate::common::vhost::arp_round_trip(&mut g, engine);
+            common::arp_round_trip(&mut g, engine);
             // Stopping a ring hands back where to resume: everything tapir popped is either
             // in the used ring (TX, sent) or given back (RX buffers it held are popped again
             // by the next owner), so the base equals the used index the guest sees.
@@ -178,8 +166,7 @@ fn log_bit(log: &[u8], gpa: u64) -> bool {
 fn the_dirty_log_shows_what_the_device_wrote() {
     common::in_netns("dirty log", || {
         let serve = Serve::start("uring", 1);
-        let mut fe = serve.connect();
-        let mut g = crate::common::vhost::one_pair_guest();
+        let mut g = common::one_pair_guest();
         let top = g
             .regions()
             .iter()
@@ -188,7 +175,7 @@ fn the_dirty_log_shows_what_the_device_wrote() {
             .unwrap();
         let log_len = top / 4096 / 8 + 1;
         let log_fd = memfd(log_len);
-        attach(&mut fe, &g, VhostUserVirtioFeatures::LOG_ALL.bits());
+        let fe = attach(&serve.socket, &g, VhostUserVirtioFeatures::LOG_ALL.bits());
         fe.set_log_base(
             0,
             Some(VhostUserDirtyLogRegion {
@@ -199,7 +186,7 @@ fn the_dirty_log_shows_what_the_device_wrote() {
         )
         .unwrap();
         serve.wait_event("\"running\":[0]");
-        crate::common::vhost::arp_round_trip(&mut g, "dirty log");
+        common::arp_round_trip(&mut g, "dirty log");
         let rx_used = g.rx_queue(0).used_ring;
         let tx_used = g.tx_queue(0).used_ring;
         let read_log = || {
@@ -246,9 +233,8 @@ fn the_dirty_log_shows_what_the_device_wrote() {
 fn bad_requests_fail_and_the_session_goes_on() {
     common::in_netns("bad requests", || {
         let serve = Serve::start("uring", 1);
-        let mut fe = serve.connect();
-        let mut g = crate::common::vhost::one_pair_guest();
-        attach(&mut fe, &g, 0);
+        let mut g = common::one_pair_guest();
+        let fe = attach(&serve.socket, &g, 0);
         serve.wait_event("\"running\":[0]");
         // REPLY_ACK is on: each of these comes back as a failure.
         assert!(
@@ -261,7 +247,7 @@ fn bad_requests_fail_and_the_session_goes_on() {
         );
         assert!(fe.set_vring_base(9, 0).is_err(), "vring 9 accepted");
         // And the session still moves frames.
-        crate::common::vhost::arp_round_trip(&mut g, "after refused requests");
+        common::arp_round_trip(&mut g, "after refused requests");
     });
 }
 
@@ -287,18 +273,16 @@ fn a_frontend_that_speaks_garbage_is_dropped_and_the_next_is_served() {
         }
         // A frontend that vanishes mid-session.
         {
-            let mut fe = serve.connect();
-            let g = crate::common::vhost::one_pair_guest();
-            attach(&mut fe, &g, 0);
+            let g = common::one_pair_guest();
+            let _fe = attach(&serve.socket, &g, 0);
             serve.wait_event("\"running\":[0]");
         }
         serve.wait_event("disconnected");
         // The next frontend gets a working device.
-        let mut fe = serve.connect();
-        let mut g = crate::common::vhost::one_pair_guest();
-        attach(&mut fe, &g, 0);
+        let mut g = common::one_pair_guest();
+        let _fe = attach(&serve.socket, &g, 0);
         serve.wait_event("\"running\":[0]");
-        crate::common::vhost::arp_round_trip(&mut g, "after garbage");
+        common::arp_round_trip(&mut g, "after garbage");
     });
 }
 
@@ -336,10 +320,12 @@ fn an_idle_daemon_and_a_half_built_session_are_handed_over() {
             "the first daemon did not exit cleanly"
         );
         // 2. A frontend that negotiated but started no ring yet.
-        let mut fe = Frontend::connect(&socket, 64).expect("the successor serves the socket");
+        let stream = tapir_testkit::vhost_frontend::connect(&socket, Duration::from_secs(10))
+            .expect("the successor serves the socket");
+        let fe = Frontend::from_stream(stream.try_clone().unwrap(), 64);
         wait_for(&second_events, "connected");
         let offered = fe.get_features().unwrap();
-        let g = crate::common::vhost::one_pair_guest();
+        let g = common::one_pair_guest();
         fe.set_features(
             (g.features() & offered) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
         )
@@ -354,9 +340,9 @@ fn an_idle_daemon_and_a_half_built_session_are_handed_over() {
         wait_for(&second_events, "handoff_committed");
         // The same connection goes on with the successor: rings, then frames.
         let mut g = g;
-        attach(&mut fe, &g, 0);
+        let _fe = common::daemon::attach_on(stream, &g, &common::daemon::negotiation(0));
         wait_for(&third_events, "\"running\":[0]");
-        crate::common::vhost::arp_round_trip(&mut g, "after two idle handoffs");
+        common::arp_round_trip(&mut g, "after two idle handoffs");
         for mut c in children {
             let _ = c.kill();
             let _ = c.wait();
@@ -387,11 +373,10 @@ fn an_unanswerable_request_ends_the_session_not_the_daemon() {
             "tapir answered a GET_VRING_BASE it cannot serve"
         );
         serve.wait_event("disconnected");
-        let mut fe = serve.connect();
-        let mut g = crate::common::vhost::one_pair_guest();
-        attach(&mut fe, &g, 0);
+        let mut g = common::one_pair_guest();
+        let _fe = attach(&serve.socket, &g, 0);
         serve.wait_event("\"running\":[0]");
-        crate::common::vhost::arp_round_trip(&mut g, "after an unanswerable request");
+        common::arp_round_trip(&mut g, "after an unanswerable request");
     });
 }
 
@@ -519,10 +504,9 @@ fn frames_up_to_the_taps_mtu_reach_a_guest_without_gso() {
     for engine in ["uring", "classic"] {
         common::in_netns(engine, || {
             let serve = Serve::start_with(engine, 1, &["--mtu", "9000"]);
-            let mut fe = serve.connect();
             // MRG_RXBUF and checksum offloads, no GSO: RX reads are sized by the MTU.
-            let mut g = crate::common::vhost::one_pair_guest();
-            attach(&mut fe, &g, 0);
+            let mut g = common::one_pair_guest();
+            let _fe = attach(&serve.socket, &g, 0);
             serve.wait_event("\"running\":[0]");
             let status = Command::new("ip")
                 .args(["neigh", "replace", &GUEST_IP.to_string(), "lladdr"])

@@ -11,16 +11,25 @@
 //!   [`memfd`]s and [`eventfd`]s.
 //! - [`frames`]: Ethernet / IPv4 / UDP / TCP / ICMP / ARP frames built and parsed on smoltcp's
 //!   `wire` views, with a payload a receiver can verify byte for byte.
+//! - [`host_sockets`]: the host side of a test or peer: a UDP socket with large buffers,
+//!   `UDP_SEGMENT`, an AF_PACKET injector with a `virtio_net_hdr`, an AF_PACKET listener.
 //! - [`vhost_frontend`]: what a VMM does to start a vhost-user-net backend for a simulated
-//!   guest (the rust-vmm `vhost` frontend), so any backend can be driven by the same guest.
+//!   guest (the rust-vmm `vhost` frontend), so any backend can be driven by the same guest;
+//!   what it negotiates ([`vhost_frontend::Negotiation`]) can be changed for protocol tests.
 //! - [`raw_tap`]: one TAP queue opened by hand, for code that plays the datapath itself;
 //!   [`cpu`]: pinning and per-thread CPU time.
 //!
+//! - [`capability`]: what this machine can do (the TAP's USO, hugetlbfs, QEMU); in CI a
+//!   missing capability is a failure, outside it a test asserts the outcome without it.
+//!
 //! Everything that touches interfaces must run inside a namespace the caller made (root:
-//! `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`). Nothing here asserts; errors are returned with context.
+//! `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`). Nothing here asserts (but
+//! [`capability::absent`], in CI); errors are returned with context.
 
+pub mod capability;
 pub mod cpu;
 pub mod frames;
+pub mod host_sockets;
 pub mod netns;
 pub mod raw_tap;
 pub mod vhost_frontend;

@@ -99,6 +99,56 @@ pub enum FrontendError {
     Os(&'static str, #[source] std::io::Error),
 }
 
+/// Where the frontend says guest memory lies in its own address space: each region's
+/// `user_addr` and the ring addresses of `SET_VRING_ADDR` (the backend translates the latter
+/// through the former).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UserAddresses {
+    /// Where this process maps the guest's memory: what a VMM sends.
+    #[default]
+    Mapped,
+    /// The guest-physical addresses themselves: a frontend that maps nothing (tests that
+    /// compute addresses from the guest's layout).
+    GuestPhysical,
+}
+
+/// The order of the regions in `SET_MEM_TABLE`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RegionOrder {
+    /// By guest address, lowest first.
+    #[default]
+    Ascending,
+    /// By guest address, highest first (the protocol allows any order).
+    Descending,
+}
+
+/// What the frontend asks for besides the simulated guest's own features.
+#[derive(Clone, Debug)]
+pub struct Negotiation {
+    /// Protocol features asked for (those the backend offers are negotiated); REPLY_ACK makes
+    /// every request without a reply of its own ask for an acknowledgement.
+    pub protocol_features: VhostUserProtocolFeatures,
+    /// Virtio features acked besides the guest's (`VHOST_F_LOG_ALL` for a migration).
+    pub extra_features: u64,
+    /// The addresses the frontend sends.
+    pub addresses: UserAddresses,
+    /// The order of the memory table's regions.
+    pub region_order: RegionOrder,
+}
+
+impl Default for Negotiation {
+    /// What a VMM asks for: MQ and REPLY_ACK, the guest's features, its own mapping's
+    /// addresses.
+    fn default() -> Negotiation {
+        Negotiation {
+            protocol_features: VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,
+            extra_features: 0,
+            addresses: UserAddresses::Mapped,
+            region_order: RegionOrder::Ascending,
+        }
+    }
+}
+
 fn step<T>(what: impl Into<String>, r: vhost::Result<T>) -> Result<T, FrontendError> {
     r.map_err(|source| FrontendError::Request {
         step: what.into(),
@@ -160,7 +210,7 @@ fn get_queue_num(sock: &UnixStream) -> Result<u64, FrontendError> {
 
 /// A vmm-sys-util `EventFd` owning a duplicate of one of the guest's eventfds (the `vhost`
 /// crate sends it with `SCM_RIGHTS`; the guest keeps its own).
-fn eventfd(fd: RawFd) -> Result<EventFd, FrontendError> {
+pub fn guest_eventfd(fd: RawFd) -> Result<EventFd, FrontendError> {
     // SAFETY: `fd` is an eventfd owned by the SimGuest, which outlives this call.
     let owned = unsafe { BorrowedFd::borrow_raw(fd) }
         .try_clone_to_owned()
@@ -204,8 +254,19 @@ impl FrontendSession {
         Self::start_on(connect(path, timeout)?, guest)
     }
 
-    /// Starts every queue pair of `guest` over an open connection to a backend.
+    /// Starts every queue pair of `guest` over an open connection to a backend, negotiating
+    /// what a VMM does ([`Negotiation::default`]).
     pub fn start_on(sock: UnixStream, guest: &SimGuest) -> Result<FrontendSession, FrontendError> {
+        Self::start_with(sock, guest, &Negotiation::default())
+    }
+
+    /// Starts every queue pair of `guest` over an open connection to a backend, negotiating
+    /// `negotiation`.
+    pub fn start_with(
+        sock: UnixStream,
+        guest: &SimGuest,
+        negotiation: &Negotiation,
+    ) -> Result<FrontendSession, FrontendError> {
         let pairs = guest.queue_pairs();
         let vrings = 2 * usize::from(pairs);
         let raw = sock
@@ -219,8 +280,7 @@ impl FrontendSession {
         let mut queue_num = None;
         if offered & proto_bit != 0 {
             let theirs = step("GET_PROTOCOL_FEATURES", fe.get_protocol_features())?;
-            protocol_features =
-                theirs & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
+            protocol_features = theirs & negotiation.protocol_features;
             step(
                 "SET_PROTOCOL_FEATURES",
                 fe.set_protocol_features(protocol_features),
@@ -250,7 +310,7 @@ impl FrontendSession {
             return Err(FrontendError::MissingFeatures { missing, offered });
         }
         let mq = if pairs > 1 { gf::VIRTIO_NET_F_MQ } else { 0 };
-        let acked = wanted | (offered & (mq | proto_bit));
+        let acked = wanted | (offered & (mq | proto_bit)) | negotiation.extra_features;
         step("SET_FEATURES", fe.set_features(acked))?;
 
         let mem = guest.memory();
@@ -258,9 +318,12 @@ impl FrontendSession {
             let p = mem
                 .host_ptr(gpa, len)
                 .map_err(|_| FrontendError::Unmapped { gpa, len })?;
-            Ok(u64::try_from(p.addr()).unwrap_or(u64::MAX))
+            Ok(match negotiation.addresses {
+                UserAddresses::Mapped => u64::try_from(p.addr()).unwrap_or(u64::MAX),
+                UserAddresses::GuestPhysical => gpa,
+            })
         };
-        let regions = guest
+        let mut regions = guest
             .regions()
             .iter()
             .map(|r| {
@@ -273,6 +336,10 @@ impl FrontendSession {
                 })
             })
             .collect::<Result<Vec<_>, FrontendError>>()?;
+        regions.sort_by_key(|r| r.guest_phys_addr);
+        if negotiation.region_order == RegionOrder::Descending {
+            regions.reverse();
+        }
         step("SET_MEM_TABLE", fe.set_mem_table(&regions))?;
 
         for q in guest.queues() {
@@ -318,11 +385,11 @@ impl FrontendSession {
         step(at("SET_VRING_ADDR"), fe.set_vring_addr(i, &config))?;
         step(
             at("SET_VRING_CALL"),
-            fe.set_vring_call(i, &eventfd(q.call_fd)?),
+            fe.set_vring_call(i, &guest_eventfd(q.call_fd)?),
         )?;
         step(
             at("SET_VRING_KICK"),
-            fe.set_vring_kick(i, &eventfd(q.kick_fd)?),
+            fe.set_vring_kick(i, &guest_eventfd(q.kick_fd)?),
         )?;
         Ok(())
     }
@@ -335,6 +402,16 @@ impl FrontendSession {
     /// The protocol features negotiated.
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         self.protocol_features
+    }
+
+    /// The `vhost` crate's frontend, for requests after the set-up.
+    pub fn frontend(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+
+    /// The `vhost` crate's frontend, the session left to the caller (no teardown).
+    pub fn into_frontend(self) -> Frontend {
+        self.frontend
     }
 
     /// What `GET_QUEUE_NUM` answered (None without the MQ protocol feature).

@@ -8,7 +8,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::Frontend;
+use std::os::unix::net::UnixStream;
+
+use tapir_simguest::SimGuest;
+use tapir_testkit::vhost_frontend::{self, FrontendSession, Negotiation, UserAddresses};
+use vhost::vhost_user::{Frontend, VhostUserProtocolFeatures};
 
 pub const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
@@ -221,13 +225,49 @@ impl Drop for Daemon {
     }
 }
 
-pub fn connect(socket: &Path) -> Frontend {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Frontend::connect(socket, 64) {
-            Ok(f) => return f,
-            Err(e) if Instant::now() > deadline => panic!("connecting to tapir serve: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
+// ---- the frontend: the testkit's, on the simulated guest --------------------------------
+
+/// What the tests negotiate with `tapir serve`: MQ, REPLY_ACK (every request acknowledged, so
+/// a refusal is an error at its step), LOG_SHMFD and CONFIGURE_MEM_SLOTS; the guest's features
+/// and `extra_features`; guest-physical addresses as the frontend's own.
+pub fn negotiation(extra_features: u64) -> Negotiation {
+    Negotiation {
+        protocol_features: VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+        extra_features,
+        addresses: UserAddresses::GuestPhysical,
+        ..Negotiation::default()
     }
+}
+
+/// Connects to `tapir serve` at `socket` (retrying for 10 s while it starts) and attaches
+/// `guest` with [`negotiation`]`(extra_features)`: memory table, every vring, enabled. Returns
+/// the rust-vmm frontend for the test's further requests.
+pub fn attach(socket: &Path, guest: &SimGuest, extra_features: u64) -> Frontend {
+    let stream = vhost_frontend::connect(socket, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connecting to tapir serve: {e:?}"));
+    attach_on(stream, guest, &negotiation(extra_features))
+}
+
+/// Attaches `guest` over an open connection to `tapir serve`, negotiating `negotiation`; every
+/// protocol feature asked for must be granted and `GET_QUEUE_NUM` must count virtqueues.
+pub fn attach_on(stream: UnixStream, guest: &SimGuest, negotiation: &Negotiation) -> Frontend {
+    let session = FrontendSession::start_with(stream, guest, negotiation)
+        .unwrap_or_else(|e| panic!("attaching the simulated guest to tapir serve: {e:?}"));
+    assert!(
+        session
+            .protocol_features()
+            .contains(negotiation.protocol_features),
+        "protocol features {:?}, asked for {:?}",
+        session.protocol_features(),
+        negotiation.protocol_features
+    );
+    assert_eq!(
+        session.queue_num(),
+        Some(2 * u64::from(guest.queue_pairs())),
+        "GET_QUEUE_NUM"
+    );
+    session.into_frontend()
 }

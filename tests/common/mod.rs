@@ -1,7 +1,6 @@
 //! Helpers shared by the integration tests: running a scenario once per engine inside a fresh
 //! network namespace, guest configurations, guest-side send/receive loops with deadlines,
-//! host-side sockets (UDP with a large receive buffer, UDP_SEGMENT, an AF_PACKET injector with
-//! a vnet header) and counter waits.
+//! panicking forms of the testkit's host-side sockets, and counter waits.
 //!
 //! Every wait has a deadline and every assertion names the engine (and the configuration) it
 //! failed for. Nothing here asserts on timing.
@@ -11,7 +10,6 @@
 pub mod daemon;
 pub mod peer;
 pub mod raw;
-pub mod vhost;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -23,6 +21,7 @@ pub use tapir_datapath::{Counters, EngineKind};
 pub use tapir_simguest::features as feat;
 pub use tapir_simguest::{GuestConfig, RxDriver, RxPacket, TxDriver, VirtioNetHdr};
 pub use tapir_testkit::frames::{self, FlowSpec, VnetHdr};
+pub use tapir_testkit::host_sockets::{self, set_udp_segment, PacketInjector, UDP_SEGMENT};
 pub use tapir_testkit::netns;
 pub use tapir_testkit::{Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
 
@@ -323,136 +322,17 @@ pub fn payload(len: usize, flow: u32, seq: u64) -> Vec<u8> {
     p
 }
 
-// ---- host side --------------------------------------------------------------------------
+// ---- host side (the sockets are the testkit's, `tapir_testkit::host_sockets`) -----------
 
-fn setsockopt_int(fd: i32, level: i32, name: i32, val: i32) -> io::Result<()> {
-    let len = libc::socklen_t::try_from(std::mem::size_of::<i32>()).expect("socklen");
-    // SAFETY: `val` lives for the call and `len` is its size.
-    let rc = unsafe { libc::setsockopt(fd, level, name, std::ptr::from_ref(&val).cast(), len) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A host UDP socket bound to `ip:port` with an 8 MiB receive buffer (SO_RCVBUFFORCE, so the
-/// kernel drops nothing for lack of socket memory) and a short read timeout.
+/// [`host_sockets::udp`]: a host UDP socket bound to `ip:port` with 8 MiB buffers and a short
+/// read timeout; panics with the address on failure.
 pub fn host_udp(ip: Ipv4Addr, port: u16) -> UdpSocket {
-    let s = UdpSocket::bind(SocketAddrV4::new(ip, port))
-        .unwrap_or_else(|e| panic!("bind {ip}:{port}: {e}"));
-    setsockopt_int(
-        s.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_RCVBUFFORCE,
-        8 << 20,
-    )
-    .expect("SO_RCVBUFFORCE");
-    setsockopt_int(
-        s.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_SNDBUFFORCE,
-        8 << 20,
-    )
-    .expect("SO_SNDBUFFORCE");
-    s.set_read_timeout(Some(Duration::from_millis(50)))
-        .expect("SO_RCVTIMEO");
-    s
+    host_sockets::udp(ip, port).unwrap_or_else(|e| panic!("host UDP socket {ip}:{port}: {e}"))
 }
 
-/// Receives one datagram, waiting up to `timeout`.
+/// Receives one datagram, waiting up to `timeout` ([`host_sockets::udp_recv`]).
 pub fn host_recv(sock: &UdpSocket, buf: &mut [u8], timeout: Duration) -> Option<usize> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match sock.recv_from(buf) {
-            Ok((n, _)) => return Some(n),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if Instant::now() >= deadline {
-                    return None;
-                }
-            }
-            Err(e) => panic!("host recv: {e}"),
-        }
-    }
-}
-
-/// `SOL_UDP`.
-pub const SOL_UDP: i32 = 17;
-/// `UDP_SEGMENT` (Linux 4.18+): the socket sends one GSO datagram of `gso_size` segments.
-pub const UDP_SEGMENT: i32 = 103;
-
-/// Turns on UDP_SEGMENT with `gso_size` on a UDP socket.
-pub fn set_udp_segment(sock: &UdpSocket, gso_size: u16) -> io::Result<()> {
-    setsockopt_int(sock.as_raw_fd(), SOL_UDP, UDP_SEGMENT, i32::from(gso_size))
-}
-
-/// An AF_PACKET socket on an interface with `PACKET_VNET_HDR` (the 10-byte
-/// `virtio_net_hdr`): frames sent through it may carry GSO metadata, so the host can hand a
-/// TSO super-frame to the TAP.
-pub struct PacketInjector {
-    fd: OwnedFd,
-}
-
-impl PacketInjector {
-    /// Opens and binds the socket to `ifname`.
-    pub fn new(ifname: &str) -> io::Result<PacketInjector> {
-        let proto = i32::from(u16::try_from(libc::ETH_P_ALL).expect("ETH_P_ALL").to_be());
-        // SAFETY: plain socket(2); the fd is owned right away.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        setsockopt_int(raw, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
-        let index = netns::iface_index(ifname).map_err(io::Error::other)?;
-        // SAFETY: an all-zero sockaddr_ll is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = u16::try_from(libc::AF_PACKET).expect("AF_PACKET");
-        sll.sll_protocol = u16::try_from(proto).expect("proto");
-        sll.sll_ifindex = i32::try_from(index).expect("ifindex");
-        let len =
-            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("socklen");
-        // SAFETY: `sll` is a valid sockaddr_ll of `len` bytes.
-        let rc = unsafe { libc::bind(raw, std::ptr::from_ref(&sll).cast(), len) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(PacketInjector { fd })
-    }
-
-    /// Sends `frame` with the first 10 bytes of `vnet` as its `virtio_net_hdr`.
-    pub fn send(&self, vnet: &VnetHdr, frame: &[u8]) -> io::Result<()> {
-        let hdr = vnet.to_bytes();
-        let iov = [
-            libc::iovec {
-                iov_base: hdr.as_ptr().cast_mut().cast(),
-                iov_len: 10,
-            },
-            libc::iovec {
-                iov_base: frame.as_ptr().cast_mut().cast(),
-                iov_len: frame.len(),
-            },
-        ];
-        // SAFETY: both iovecs point at live buffers of the given lengths; the kernel only
-        // reads them.
-        let rc = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = usize::try_from(rc).expect("writev result");
-        if n != 10 + frame.len() {
-            return Err(io::Error::other(format!(
-                "short AF_PACKET write: {n} of {}",
-                10 + frame.len()
-            )));
-        }
-        Ok(())
-    }
+    host_sockets::udp_recv(sock, buf, timeout).unwrap_or_else(|e| panic!("host recv: {e}"))
 }
 
 /// Reads `len` bytes at `offset` of a file descriptor (the guest's memfd).
@@ -471,49 +351,61 @@ pub fn pread(fd: i32, offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// A packet socket bound to interface `ifname` that receives its frames of `ethertype`
-/// (`ETH_P_ALL` for every frame), each read waiting at most `timeout`.
+/// (`ETH_P_ALL` for every frame), each read waiting at most `timeout`
+/// ([`host_sockets::packet_listener`]).
 pub fn packet_socket(ifname: &str, ethertype: u16, timeout: Duration) -> std::fs::File {
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    let fd = socket(
-        AddressFamily::Packet,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        None,
+    host_sockets::packet_listener(ifname, ethertype, timeout)
+        .unwrap_or_else(|e| panic!("AF_PACKET socket on {ifname}: {e}"))
+}
+
+// ---- a guest's first frames ---------------------------------------------------------------
+
+/// A simulated guest with one queue pair, other settings default.
+pub fn one_pair_guest() -> tapir_simguest::SimGuest {
+    tapir_simguest::SimGuest::new(GuestConfig {
+        queue_pairs: 1,
+        ..GuestConfig::default()
+    })
+    .expect("SimGuest::new")
+}
+
+/// The guest's ARP request for the host's MAC (an Ethernet frame).
+pub fn arp_request() -> Vec<u8> {
+    let mut buf = vec![0u8; 64];
+    let n = frames::build_arp(
+        &mut buf,
+        frames::ArpOp::Request,
+        GUEST_MAC,
+        GUEST_IP,
+        [0; 6],
+        HOST_IP,
     )
-    .expect("AF_PACKET socket");
-    let index = nix::net::if_::if_nametoindex(ifname).expect("if_nametoindex");
-    let ll = libc::sockaddr_ll {
-        sll_family: u16::try_from(libc::AF_PACKET).unwrap(),
-        sll_protocol: ethertype.to_be(),
-        sll_ifindex: i32::try_from(index).unwrap(),
-        sll_hatype: 0,
-        sll_pkttype: 0,
-        sll_halen: 0,
-        sll_addr: [0; 8],
-    };
-    // SAFETY: binding a packet socket we own to a sockaddr_ll of the right size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&ll as *const libc::sockaddr_ll).cast(),
-            u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
-        )
-    };
-    assert_eq!(rc, 0, "bind AF_PACKET: {}", io::Error::last_os_error());
-    let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap(),
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    // SAFETY: setting a receive timeout on our socket with a valid timeval.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            u32::try_from(std::mem::size_of::<libc::timeval>()).unwrap(),
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", io::Error::last_os_error());
-    std::fs::File::from(fd)
+    .expect("build_arp");
+    buf.truncate(n);
+    buf
+}
+
+/// The guest asks the host for its MAC (ARP through TX) and gets the answer (through RX),
+/// on queue pair 0.
+pub fn arp_round_trip(guest: &mut tapir_simguest::SimGuest, ctx: &str) {
+    let (mut rx, mut tx) = guest.take_pair(0);
+    arp_round_trip_on(&mut rx, &mut tx, ctx);
+}
+
+/// [`arp_round_trip`] on a pair the caller took.
+pub fn arp_round_trip_on(rx: &mut RxDriver, tx: &mut TxDriver, ctx: &str) {
+    let request = arp_request();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        tx_send(tx, &VirtioNetHdr::default(), &request, ctx);
+        tx_drain(tx, ctx);
+        if let Some(p) = rx_recv(rx, Duration::from_millis(500), ctx) {
+            if let Some(a) = frames::parse_arp(&p.data) {
+                if a.op == frames::ArpOp::Reply && a.sender_ip == HOST_IP {
+                    return;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "{ctx}: no ARP reply");
+    }
 }

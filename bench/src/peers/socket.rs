@@ -4,7 +4,8 @@ use std::io;
 use std::mem;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+
+pub(super) use tapir_testkit::host_sockets::{set_timeout, setsockopt_int};
 
 use super::{last_err, PeerError};
 
@@ -24,49 +25,6 @@ pub(super) fn new_socket(
 
 pub(super) fn socklen_of<T>() -> libc::socklen_t {
     libc::socklen_t::try_from(mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
-}
-
-pub(super) fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    opt: libc::c_int,
-    val: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: `val` is a valid c_int and its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&raw const val).cast(),
-            socklen_of::<libc::c_int>(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-pub(super) fn set_timeout(fd: RawFd, opt: libc::c_int, d: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: libc::suseconds_t::from(d.subsec_micros()),
-    };
-    // SAFETY: `tv` is a valid timeval and its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&raw const tv).cast(),
-            socklen_of::<libc::timeval>(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Sets a socket buffer size, trying the `*FORCE` variant (root) first.
