@@ -468,8 +468,7 @@ fn a_takeover_works_with_both_sides_running_as_another_user() {
         ns.ip(&["link", "set", &tap, "up"]);
         let mut guest = one_pair_guest();
         let (mut rx, mut txq) = guest.take_pair(0);
-        let mut fe = connect(&socket);
-        attach(&mut fe, &guest, 0);
+        let fe = attach(&socket, &guest, 0);
         first.event("\"running\":[0]");
         arp_round_trip_on(&mut rx, &mut txq, engine);
         let mut second_args = vec!["--takeover", handoff.to_str().unwrap(), "--engine", engine];
@@ -534,8 +533,7 @@ fn serve_busy_poll_us_reaches_the_workers_on_both_engines() {
             ns.ip(&["link", "set", &tap, "up"]);
             let mut guest = one_pair_guest();
             let (mut rx, mut txq) = guest.take_pair(0);
-            let mut fe = connect(&socket);
-            attach(&mut fe, &guest, 0);
+            let fe = attach(&socket, &guest, 0);
             d.event("\"running\":[0]");
             for _ in 0..10 {
                 arp_round_trip_on(&mut rx, &mut txq, engine);

@@ -88,6 +88,20 @@ impl Session {
                         rx.base = qp.rx_positions().0;
                         rx.held = qp.rx_in_flight();
                     }
+                    // Frames that waited for guest buffers at the stop: the datapath keeps
+                    // them for a successor (tapir datapath's handoff carries them), but a
+                    // vhost-user ring stop does not carry them yet: dropped, and counted.
+                    let carried = qp.rx_carried().len();
+                    if carried > 0 {
+                        tracing::warn!(
+                            pair = p,
+                            frames = carried,
+                            "dropping frames that waited for RX buffers at a ring stop"
+                        );
+                        if let Some(total) = self.stopped_counters.get_mut(usize::from(p)) {
+                            total.rx_dropped_no_buffers += u64::try_from(carried).unwrap_or(0);
+                        }
+                    }
                     if let Some(tx) = self.vrings.get_mut(2 * usize::from(p) + 1) {
                         tx.base = qp.tx_positions().0;
                         tx.held.clear();
