@@ -3,6 +3,12 @@
 //! stream loads the same queue. The `floor` does the same round trip on the TAP fd itself
 //! (write the request frame, poll and read the reply), with no virtqueue; `vhost-user` does
 //! the guest's round trip through a vhost-user backend process.
+//!
+//! Placement as in the throughput cells: the datapath worker (a backend's too) on the last
+//! CPU, the guest (the thread doing the round trips, the floor's too), the echo and the load
+//! on CPU 0. Unpinned, the scheduler sometimes put the worker and the guest on one CPU, and a
+//! run's p50 jumped from ~10 µs to 50-90 µs (both engines, from run to run): the comparison
+//! of engines measured the placement.
 
 use std::net::SocketAddrV4;
 use std::os::fd::AsFd;
@@ -19,11 +25,11 @@ use crate::peers::{
     PeerHandle, RunControl, SenderReport, UdpEcho, UdpEchoConfig, UdpSender, UdpSenderConfig,
 };
 use crate::report::LatencyResult;
-use crate::runner::{bench_features, BenchEngine, Variant};
+use crate::runner::{bench_features, worker_cpu, BenchEngine, Variant};
 use crate::vhost_rig::{VhostUserBackend, VhostUserRig};
 use tapir_testkit::frames::{self, FlowSpec};
-use tapir_testkit::netns;
 use tapir_testkit::{self as rig, Rig, RigConfig, GUEST_IP, GUEST_MAC, HOST_IP, TAP_NAME};
+use tapir_testkit::{cpu, netns};
 
 const ECHO_PORT: u16 = 7;
 const GUEST_PORT: u16 = 40_000;
@@ -47,7 +53,7 @@ fn request_flow(host_mac: [u8; 6]) -> FlowSpec {
 fn start_echo() -> Result<PeerHandle<crate::peers::EchoReport>> {
     let cfg = UdpEchoConfig::new(
         SocketAddrV4::new(HOST_IP, ECHO_PORT),
-        RunControl::new(Arc::new(AtomicBool::new(false))),
+        on_guest_cpu(RunControl::new(Arc::new(AtomicBool::new(false)))),
     );
     Ok(UdpEcho::bind(cfg)?.spawn()?)
 }
@@ -59,11 +65,36 @@ fn start_load(load: bool) -> Result<Option<PeerHandle<SenderReport>>> {
     let mut cfg = UdpSenderConfig::new(
         SocketAddrV4::new(GUEST_IP, LOAD_PORT),
         REQUEST_LEN,
-        RunControl::new(Arc::new(AtomicBool::new(false))),
+        on_guest_cpu(RunControl::new(Arc::new(AtomicBool::new(false)))),
     );
     cfg.rate_pps = Some(LOAD_PPS);
     cfg.batch = 8;
     Ok(Some(UdpSender::new(cfg)?.spawn()?))
+}
+
+/// The guest's and the peers' CPU (0) where there is a CPU for the datapath besides.
+fn guest_cpu() -> Option<usize> {
+    worker_cpu(0).map(|_| 0)
+}
+
+fn on_guest_cpu(rc: RunControl) -> RunControl {
+    match guest_cpu() {
+        Some(c) => rc.with_cpu(c),
+        None => rc,
+    }
+}
+
+/// Runs `f` (the round trips) on a thread of its own on the guest's CPU (a new thread is in
+/// the caller's network namespace); the caller's affinity stays as it was.
+fn as_guest<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            cpu::maybe_pin(guest_cpu()).context("pinning the guest thread")?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow!("the round-trip thread panicked"))?
+    })
 }
 
 fn summarize(variant: Variant, load: bool, rt: &RoundTrips) -> LatencyResult {
@@ -119,11 +150,14 @@ pub fn measure(
                     busy_poll: variant.busy_poll(),
                     ..EngineConfig::default()
                 },
+                cpu_affinity: vec![worker_cpu(0)],
                 ..RigConfig::new(kind, 1)
             })?;
             let (rx, tx) = rig.take(0);
             let host_mac = rig.host_mac;
-            let result = with_echo(load, || guest_round_trips(rx, tx, host_mac, samples))?;
+            let result = with_echo(load, || {
+                as_guest(|| guest_round_trips(rx, tx, host_mac, samples))
+            })?;
             rig.shutdown()?;
             Ok(summarize(engine, load, &result?))
         }
@@ -131,7 +165,7 @@ pub fn measure(
             let tap = rig::host_tap(1, 1500)?;
             let host_mac = netns::iface_mac(TAP_NAME)?;
             let result = with_echo(load, || {
-                tap_round_trips(tap.queues()[0].as_fd(), host_mac, samples)
+                as_guest(|| tap_round_trips(tap.queues()[0].as_fd(), host_mac, samples))
             })?;
             drop(tap);
             rig::wait_tap_gone()?;
@@ -144,12 +178,14 @@ pub fn measure(
                 backend,
                 latency_guest(),
                 1500,
-                &[None],
+                &[worker_cpu(0)],
                 variant.busy_poll_us,
             )?;
             let (rx, tx) = rig.take(0);
             let host_mac = rig.host_mac;
-            let result = with_echo(load, || guest_round_trips(rx, tx, host_mac, samples))?;
+            let result = with_echo(load, || {
+                as_guest(|| guest_round_trips(rx, tx, host_mac, samples))
+            })?;
             rig.shutdown()?;
             Ok(summarize(engine, load, &result?))
         }

@@ -40,6 +40,7 @@ use tapir_testkit::{cpu, netns};
 
 use crate::report::{Meta, Report};
 use crate::vhost_rig::VhostUserBackend;
+pub(crate) use backend::worker_cpu;
 use backend::{measure, Floor, InProcess, VhostUser};
 use handoff::measure_handoffs;
 use sample::{summarize, Sample};

@@ -126,8 +126,8 @@ fn tap_count(scenario: Scenario) -> Result<Option<(u64, u64)>> {
 }
 
 /// CPU placement on this machine: the datapath (or floor) on the last CPUs, the guest and the
-/// peers on CPU 0.
-fn worker_cpu(i: usize) -> Option<usize> {
+/// peers on CPU 0 (also in the latency scenario).
+pub(crate) fn worker_cpu(i: usize) -> Option<usize> {
     let n = cpu::online_cpus();
     if n < 2 {
         return None;
