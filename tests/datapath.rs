@@ -16,16 +16,11 @@ use frames::{ArpOp, EchoKind};
 
 #[test]
 fn arp_and_icmp_echo_with_the_host() {
-    let configs = [
-        ("1qp mrg+evidx", guest(1, CSUM | MRG | EVIDX)),
-        ("1qp plain", guest(1, 0)),
-        ("2qp mrg+evidx", guest(2, CSUM | MRG | EVIDX)),
-    ];
-    for_each_engine_and(&configs, |engine, name, g| {
+    for_each_cell(Matrix::FULL, |cell| {
         {
-            let ctx = format!("{engine} {name}");
-            let pairs = usize::from(g.queue_pairs);
-            let mut rig = start(engine, g, &ctx);
+            let ctx = cell.name();
+            let pairs = usize::from(cell.pairs);
+            let mut rig = start(cell.engine, cell.guest(), &ctx);
             let host_mac = rig.host_mac;
             let mut rxs = Vec::new();
             let mut txs = Vec::new();
@@ -317,13 +312,13 @@ fn udp_host_to_guest(rig: &mut Rig, rxs: &mut [RxDriver], txs: &mut [TxDriver], 
     }
 }
 
-fn udp_both_directions(pairs: u16) {
-    for_each_engine_and(&ring_feature_matrix(), |engine, name, features| {
-        let ctx = format!("{engine} {pairs}qp {name}");
-        let mut rig = start(engine, guest(pairs, features), &ctx);
+fn udp_both_directions(pairs: &'static [u16]) {
+    for_each_cell(Matrix::FULL.pairs(pairs), |cell| {
+        let ctx = cell.name();
+        let mut rig = start(cell.engine, cell.guest(), &ctx);
         let mut rxs = Vec::new();
         let mut txs = Vec::new();
-        for i in 0..usize::from(pairs) {
+        for i in 0..usize::from(cell.pairs) {
             let (rx, tx) = rig.take(i);
             rxs.push(rx);
             txs.push(tx);
@@ -339,12 +334,12 @@ fn udp_both_directions(pairs: u16) {
 
 #[test]
 fn udp_both_directions_one_queue_pair() {
-    udp_both_directions(1);
+    udp_both_directions(&[1]);
 }
 
 #[test]
 fn udp_both_directions_two_queue_pairs() {
-    udp_both_directions(2);
+    udp_both_directions(&[2]);
 }
 
 // ---- 7. Device::stop returns quiesced pairs -----------------------------------------------
@@ -374,11 +369,11 @@ fn stop_keeps_rx_in_flight_in_ring_order() {
 }
 
 fn quiesce_scenario(check_order: bool) {
-    let configs = [("mrg+evidx", CSUM | MRG | EVIDX), ("plain", CSUM)];
+    // One queue pair: the scenario reads that pair's rings and quiesced state.
     {
-        for_each_engine_and(&configs, |engine, name, features| {
-            let ctx = format!("{engine} {name}");
-            let mut rig = start(engine, guest(1, features), &ctx);
+        for_each_cell(Matrix::FULL.pairs(&[1]), |cell| {
+            let ctx = cell.name();
+            let mut rig = start(cell.engine, cell.guest(), &ctx);
             let (mut rx, mut tx) = rig.take(0);
             let mem = rig.guest.memory();
             rx.refill();
@@ -621,14 +616,10 @@ fn dirty_log_covers_rx_buffers_and_used_ring() {
 /// retransmissions). Sent in bursts, so several TAP reads are in flight at once.
 #[test]
 fn host_to_guest_keeps_the_order_of_a_flow() {
-    let configs = [
-        ("mrg+evidx", CSUM | MRG | EVIDX),
-        ("mrg", CSUM | MRG),
-        ("plain", CSUM),
-    ];
-    for_each_engine_and(&configs, |engine, name, features| {
-        let ctx = format!("{engine} {name}");
-        let mut rig = start(engine, guest(1, features), &ctx);
+    // One queue pair: the flow's order is a property of one RX queue.
+    for_each_cell(Matrix::FULL.pairs(&[1]), |cell| {
+        let ctx = cell.name();
+        let mut rig = start(cell.engine, cell.guest(), &ctx);
         let (mut rx, _tx) = rig.take(0);
         rx.refill();
         let hs = host_udp(HOST_IP, 9100);

@@ -8,6 +8,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod daemon;
+pub mod matrix;
 pub mod peer;
 pub mod raw;
 
@@ -17,6 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
+pub use matrix::{for_each_cell, Cell, Matrix, Offloads, Ring};
 pub use tapir_datapath::{Counters, EngineKind};
 pub use tapir_simguest::features as feat;
 pub use tapir_simguest::{GuestConfig, RxDriver, RxPacket, TxDriver, VirtioNetHdr};
@@ -38,16 +40,6 @@ pub const CSUM: u64 = feat::VIRTIO_NET_F_CSUM | feat::VIRTIO_NET_F_GUEST_CSUM;
 pub const MRG: u64 = feat::VIRTIO_NET_F_MRG_RXBUF;
 /// EVENT_IDX.
 pub const EVIDX: u64 = feat::VIRTIO_RING_F_EVENT_IDX;
-
-/// The four combinations of MRG_RXBUF and EVENT_IDX on top of the checksum offloads, named.
-pub fn ring_feature_matrix() -> Vec<(&'static str, u64)> {
-    vec![
-        ("mrg+evidx", CSUM | MRG | EVIDX),
-        ("mrg", CSUM | MRG),
-        ("evidx", CSUM | EVIDX),
-        ("plain", CSUM),
-    ]
-}
 
 /// A guest with `pairs` queue pairs and exactly `features` (plus VERSION_1), other settings
 /// default.
