@@ -223,12 +223,71 @@ struct Setup {
 }
 
 /// How tapir and QEMU meet on the vhost-user socket.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// tapir listens, QEMU connects.
     TapirListens,
     /// QEMU listens (`server=on`), tapir connects (`--client`).
     QemuListens,
+}
+
+/// What one case of a scenario runs on.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    /// `--engine`.
+    engine: &'static str,
+    /// Queue pairs (the guest's and the TAP's).
+    pairs: u16,
+    /// Who listens on the vhost-user socket.
+    mode: Mode,
+}
+
+/// The real-guest scenarios as one table: a row is a scenario (the function that runs it)
+/// and its cases (engine, queue pairs, connection mode), each case a `#[test]` named
+/// `SCENARIO::CASE`, so one can be run alone (`cargo test --test vhost_user_guest -- CASE`).
+/// Each boots QEMU (TCG) and runs one guest at a time (`ONE_GUEST`).
+macro_rules! guest_scenarios {
+    ($( $scenario:ident => $run:ident [ $( $case:ident: $engine:literal, $pairs:literal, $mode:ident; )+ ] )+) => {
+        $(
+            mod $scenario {
+                $(
+                    #[test]
+                    fn $case() {
+                        super::$run(super::Case {
+                            engine: $engine,
+                            pairs: $pairs,
+                            mode: super::Mode::$mode,
+                        });
+                    }
+                )+
+            }
+        )+
+    };
+}
+
+guest_scenarios! {
+    guest_pings_and_moves_32_mib_each_way => ping_and_transfer [
+        uring_1_pair_tapir_listens: "uring", 1, TapirListens;
+        uring_2_pairs_tapir_listens: "uring", 2, TapirListens;
+        classic_1_pair_qemu_listens: "classic", 1, QemuListens;
+        classic_2_pairs_qemu_listens: "classic", 2, QemuListens;
+    ]
+    guest_keeps_pinging_across_ten_handoffs => ping_across_handoffs [
+        uring_2_pairs_tapir_listens: "uring", 2, TapirListens;
+        classic_2_pairs_tapir_listens: "classic", 2, TapirListens;
+    ]
+    guest_survives_a_backend_crash => crash_recovery [
+        uring_tapir_listens_qemu_reconnects: "uring", 1, TapirListens;
+        classic_tapir_listens_qemu_reconnects: "classic", 1, TapirListens;
+        uring_qemu_listens_tapir_reconnects: "uring", 1, QemuListens;
+        classic_qemu_listens_tapir_reconnects: "classic", 1, QemuListens;
+    ]
+    a_second_guest_is_served_after_the_first_disconnects => second_guest [
+        uring_1_pair_tapir_listens: "uring", 1, TapirListens;
+    ]
+    guest_takes_the_host_mtu_and_pings_with_jumbo_frames => jumbo_frames [
+        uring_1_pair_tapir_listens: "uring", 1, TapirListens;
+    ]
 }
 
 /// Starts `tapir serve` in `ns` (with `extra` arguments) and waits until it listens.
@@ -447,7 +506,12 @@ struct HostSide {
     h2g_sha: String,
 }
 
-fn ping_and_transfer(engine: &str, queues: u16, mode: Mode) {
+fn ping_and_transfer(case: Case) {
+    let Case {
+        engine,
+        pairs: queues,
+        mode,
+    } = case;
     let Some(_) = guest_image() else { return };
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let ctx = format!(
@@ -557,26 +621,6 @@ fn ping_and_transfer(engine: &str, queues: u16, mode: Mode) {
     );
 }
 
-#[test]
-fn guest_pings_and_moves_32_mib_each_way_uring_1_pair() {
-    ping_and_transfer("uring", 1, Mode::TapirListens);
-}
-
-#[test]
-fn guest_pings_and_moves_32_mib_each_way_uring_2_pairs() {
-    ping_and_transfer("uring", 2, Mode::TapirListens);
-}
-
-#[test]
-fn guest_pings_and_moves_32_mib_each_way_classic_1_pair() {
-    ping_and_transfer("classic", 1, Mode::QemuListens);
-}
-
-#[test]
-fn guest_pings_and_moves_32_mib_each_way_classic_2_pairs() {
-    ping_and_transfer("classic", 2, Mode::QemuListens);
-}
-
 /// Echo requests and replies seen on the TAP (CLOCK_MONOTONIC ns, ICMP sequence).
 #[derive(Debug, Default)]
 struct EchoLog {
@@ -649,13 +693,17 @@ fn capture_echo(tap: &str, stop: Arc<AtomicBool>) -> EchoLog {
     log
 }
 
-fn ping_across_handoffs(engine: &str) {
+fn ping_across_handoffs(case: Case) {
     let Some(_) = guest_image() else { return };
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     const PINGS: usize = 2000;
     const HANDOFFS: usize = 10;
-    let queues = 2;
-    let mut s = setup(engine, queues, Mode::TapirListens);
+    let Case {
+        engine,
+        pairs: queues,
+        mode,
+    } = case;
+    let mut s = setup(engine, queues, mode);
     let stop = Arc::new(AtomicBool::new(false));
     let tap = s.tap.clone();
     let stop_capture = stop.clone();
@@ -668,7 +716,7 @@ fn ping_across_handoffs(engine: &str) {
          '/seq=/{{split($2,a,\" \"); got[a[1]]=1}} /transmitted/{{print \"SUMMARY\", $0}} \
          /round-trip/{{print \"RTT\", $0}} END{{for(i=0;i<{PINGS};i++) if(!(i in got)) print \"LOST\", i}}'\n"
     );
-    let (qemu, console_rx, console) = boot(&s.socket, queues, Mode::TapirListens, &script);
+    let (qemu, console_rx, console) = boot(&s.socket, queues, mode, &script);
     s.children.0.push(qemu);
     assert!(
         wait_line(&console_rx, "PINGING", Duration::from_secs(120)).is_some(),
@@ -818,17 +866,16 @@ fn ping_across_handoffs(engine: &str) {
 
 /// A frontend that goes away leaves the daemon ready for the next: two guests, one after
 /// the other, on the same `tapir serve`.
-#[test]
-fn a_second_guest_is_served_after_the_first_disconnects() {
+fn second_guest(case: Case) {
     let Some(_) = guest_image() else { return };
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let mut s = setup("uring", 1, Mode::TapirListens);
+    let mut s = setup(case.engine, case.pairs, case.mode);
     let script = format!(
         "ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0\n\
          ping -c 3 -W 5 {HOST_IP} >/dev/null && echo GUEST-PING-OK\n"
     );
     for round in 0..2 {
-        let (qemu, console_rx, console) = boot(&s.socket, 1, Mode::TapirListens, &script);
+        let (qemu, console_rx, console) = boot(&s.socket, case.pairs, case.mode, &script);
         s.children.0.push(qemu);
         let done = wait_line(&console_rx, "TAPIR-GUEST-DONE", Duration::from_secs(120));
         let console = console.lock().unwrap().clone();
@@ -846,11 +893,10 @@ fn a_second_guest_is_served_after_the_first_disconnects() {
 /// QEMU's `host_mtu` reaches the guest through tapir (`VIRTIO_NET_F_MTU` offered,
 /// `NET_SET_MTU` answered), and jumbo frames cross both ways. The TAP's MTU is set the way an
 /// operator would (`ip link set ... mtu`), since the sandboxed daemon may not change it.
-#[test]
-fn guest_takes_the_host_mtu_and_pings_with_jumbo_frames() {
+fn jumbo_frames(case: Case) {
     let Some(_) = guest_image() else { return };
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let mut s = setup("uring", 1, Mode::TapirListens);
+    let mut s = setup(case.engine, case.pairs, case.mode);
     sh(&["ip", "-n", &s.ns.name, "link", "set", &s.tap, "mtu", "9000"]);
     let script = format!(
         "ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0\n\
@@ -861,7 +907,7 @@ fn guest_takes_the_host_mtu_and_pings_with_jumbo_frames() {
         "-global".to_string(),
         "virtio-net-pci.host_mtu=9000".to_string(),
     ];
-    let (qemu, console_rx, console) = boot_with(&s.socket, 1, Mode::TapirListens, &script, &extra);
+    let (qemu, console_rx, console) = boot_with(&s.socket, case.pairs, case.mode, &script, &extra);
     s.children.0.push(qemu);
     let done = wait_line(&console_rx, "TAPIR-GUEST-DONE", Duration::from_secs(120));
     let console = console.lock().unwrap().clone();
@@ -874,16 +920,6 @@ fn guest_takes_the_host_mtu_and_pings_with_jumbo_frames() {
         console.contains("GUEST-JUMBO-PING-OK"),
         "8000-byte pings got no reply:\n{console}"
     );
-}
-
-#[test]
-fn guest_keeps_pinging_across_ten_handoffs_uring() {
-    ping_across_handoffs("uring");
-}
-
-#[test]
-fn guest_keeps_pinging_across_ten_handoffs_classic() {
-    ping_across_handoffs("classic");
 }
 
 /// Sends one HMP command to a QEMU monitor socket and returns what it printed.
@@ -1501,28 +1537,9 @@ impl Drop for RemoveDir {
     }
 }
 
-fn crash_recovery(engine: &str, mode: Mode) {
+fn crash_recovery(case: Case) {
     let Some(_) = guest_image() else { return };
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    crash_and_restart(engine, mode);
-}
-
-#[test]
-fn guest_survives_a_backend_crash_qemu_reconnects_uring() {
-    crash_recovery("uring", Mode::TapirListens);
-}
-
-#[test]
-fn guest_survives_a_backend_crash_qemu_reconnects_classic() {
-    crash_recovery("classic", Mode::TapirListens);
-}
-
-#[test]
-fn guest_survives_a_backend_crash_tapir_reconnects_uring() {
-    crash_recovery("uring", Mode::QemuListens);
-}
-
-#[test]
-fn guest_survives_a_backend_crash_tapir_reconnects_classic() {
-    crash_recovery("classic", Mode::QemuListens);
+    assert_eq!(case.pairs, 1, "crash_and_restart runs one queue pair");
+    crash_and_restart(case.engine, case.mode);
 }
