@@ -396,22 +396,7 @@ impl QueuePair {
         let n = r.frame;
         let posted = (r.posted as usize).min(n);
         let mut frame = vec![0u8; n];
-        let mut at = 0usize;
-        for &(gpa, len) in &r.seg.gpa {
-            let Some(dst) = frame.get_mut(at..posted) else {
-                break;
-            };
-            if dst.is_empty() {
-                break;
-            }
-            let take = (len as usize).min(dst.len());
-            let _ = vm_memory::Bytes::read_slice(
-                self.mem.mmap(),
-                dst.get_mut(..take).unwrap_or_default(),
-                vm_memory::GuestAddress(gpa),
-            );
-            at = at.saturating_add(take);
-        }
+        self.read_pieces(&r.seg.gpa, frame.get_mut(..posted).unwrap_or_default());
         let spilled = n.saturating_sub(posted);
         if let (Some(dst), Some(src)) = (frame.get_mut(posted..), r.spill.get(..spilled)) {
             dst.copy_from_slice(src);
@@ -481,19 +466,7 @@ impl QueuePair {
         let mut frame = std::mem::take(&mut self.rx_reorder);
         frame.clear();
         frame.resize(n, 0);
-        let mut at = 0usize;
-        for &(gpa, len) in &r.seg.gpa {
-            let Some(dst) = frame.get_mut(at..) else {
-                break;
-            };
-            let take = (len as usize).min(dst.len());
-            let _ = vm_memory::Bytes::read_slice(
-                self.mem.mmap(),
-                dst.get_mut(..take).unwrap_or_default(),
-                vm_memory::GuestAddress(gpa),
-            );
-            at = at.saturating_add(take);
-        }
+        self.read_pieces(&r.seg.gpa, &mut frame);
         self.rx_pool.give_back_all(&r.chains);
         let frame_len = r.frame;
         r.clear();
@@ -587,6 +560,25 @@ impl QueuePair {
 
     /// Writes `bytes` at `offset` of the frame laid out over `gpas` (not dirty-logged: the
     /// callers write inside a frame `finish_rx` logs as a whole).
+    /// Fills `dst` from the guest pieces `gpas`, in order, until `dst` is full or the pieces
+    /// end (the inverse of [`QueuePair::write_at`] at offset 0). The ranges were validated
+    /// when the chains were walked.
+    fn read_pieces(&self, gpas: &[(u64, u32)], dst: &mut [u8]) {
+        let mut at = 0usize;
+        for &(gpa, len) in gpas {
+            let Some(rest) = dst.get_mut(at..).filter(|d| !d.is_empty()) else {
+                return;
+            };
+            let take = (len as usize).min(rest.len());
+            let _ = vm_memory::Bytes::read_slice(
+                self.mem.mmap(),
+                rest.get_mut(..take).unwrap_or_default(),
+                vm_memory::GuestAddress(gpa),
+            );
+            at = at.saturating_add(take);
+        }
+    }
+
     fn write_at(&self, gpas: &[(u64, u32)], mut offset: usize, bytes: &[u8]) {
         let mut bytes = bytes;
         for &(gpa, len) in gpas {
