@@ -74,6 +74,10 @@ pub enum ChainError {
     /// A TX chain shorter than the 12-byte virtio-net header.
     #[error("TX chain of {0} bytes is shorter than the virtio-net header")]
     ShorterThanHeader(u32),
+    /// A TX chain longer than the header plus the largest frame a TAP takes
+    /// ([`MAX_GSO_FRAME`](crate::features::MAX_GSO_FRAME)).
+    #[error("TX chain of {0} bytes is longer than the header and the largest frame")]
+    LongerThanFrame(u32),
 }
 
 /// Host buffers of one chain (reused across chains: no per-packet allocation).

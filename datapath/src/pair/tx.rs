@@ -98,8 +98,11 @@ impl QueuePair {
                 Access::DeviceReads,
                 &mut w.seg,
             );
-            let checked = walked.and(if (w.seg.len as usize) < VNET_HDR_LEN {
+            let len = w.seg.len as usize;
+            let checked = walked.and(if len < VNET_HDR_LEN {
                 Err(ChainError::ShorterThanHeader(w.seg.len))
+            } else if len > VNET_HDR_LEN + crate::features::MAX_GSO_FRAME {
+                Err(ChainError::LongerThanFrame(w.seg.len))
             } else {
                 Ok(())
             });

@@ -635,3 +635,23 @@ fn popping_quiets_kicks_and_running_dry_rearms_them() {
     assert_eq!(fx.h.counters().delta(&before).tx_packets, 3);
     fx.h.check().expect("invariants");
 }
+
+#[test]
+fn tx_chain_longer_than_the_largest_frame_is_malformed() {
+    // Fuzz finding 13: a guest-chosen TX length reached the TAP unchecked.
+    let mut cfg = config(f::VIRTIO_NET_F_CSUM, 16);
+    cfg.tx_buffer_size = 70_000;
+    let mut fx = fixture(cfg);
+    let too_long = vec![0x5a; crate::features::MAX_GSO_FRAME + 1];
+    assert!(fx.tx.push(&VirtioNetHdr::default(), &too_long).unwrap());
+    let largest = vec![0x5b; crate::features::MAX_GSO_FRAME];
+    assert!(fx.tx.push(&VirtioNetHdr::default(), &largest).unwrap());
+    fx.tx.flush();
+    let before = fx.h.counters();
+    let got = fx.h.tx_send().expect("the largest frame is sent");
+    assert_eq!(got.len(), VNET_HDR_LEN + largest.len());
+    assert_eq!(fx.h.tx_send(), None, "the over-long chain is not sent");
+    let d = fx.h.counters().delta(&before);
+    assert_eq!((d.tx_packets, d.tx_malformed), (1, 1), "{d:?}");
+    fx.h.check().expect("invariants");
+}
