@@ -108,6 +108,16 @@ pub(crate) enum RxPrepare {
     /// This pass popped as many chains as the queue holds: come back without waiting.
     Later,
 }
+/// Where [`QueuePair::keep_ring_order`] left a completed frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placed {
+    /// In the chains it was read into (already in ring order).
+    Kept,
+    /// Copied into the oldest chains.
+    Moved,
+    /// The oldest chains cannot hold it: dropped and counted, its chains spare again.
+    Dropped,
+}
 /// Size of the spill area behind every RX read. With MRG_RXBUF a read is posted with guest
 /// buffers for the frame size recent traffic predicts; a larger frame spills here and is copied
 /// into further chains on completion. A frame that does not fit guest buffers plus spill, or
@@ -452,15 +462,20 @@ impl QueuePair {
     /// found nothing), or whose spill took older chains, has its frame moved into the oldest
     /// chains. A copy, only then; the order is what QEMU relies on when a backend dies and it
     /// resumes the avail ring at the used index (issue 12's crash recovery).
-    fn keep_ring_order(&mut self, r: &mut RxRead, n: usize) {
+    ///
+    /// [`Placed::Dropped`] (counted) when the oldest chains cannot hold the frame: without
+    /// MRG_RXBUF a frame must fit the oldest chain alone, as it would have had the reads
+    /// completed in order (virtio 1.2 §5.1.6.3.1; vhost-net discards such a frame too), and
+    /// a frame is never spread over chains it does not fit or cut short.
+    fn keep_ring_order(&mut self, r: &mut RxRead, n: usize) -> Placed {
         let Some(first) = r.chains.first() else {
-            return;
+            return Placed::Kept;
         };
         let in_order = r.chains.windows(2).all(
             |w| matches!(w, [a, b] if self.rx_pool.seq_of(a.head) < self.rx_pool.seq_of(b.head)),
         );
         if in_order && !self.rx_pool.has_older_than(first.head) {
-            return;
+            return Placed::Kept;
         }
         bump(&mut self.counters.rx_reordered);
         let mut frame = std::mem::take(&mut self.rx_reorder);
@@ -471,19 +486,31 @@ impl QueuePair {
         let frame_len = r.frame;
         r.clear();
         r.frame = frame_len;
-        // The chains just given back hold the frame: the oldest ones do too.
+        // With MRG_RXBUF the chains just given back hold the frame, so the oldest ones do
+        // too; without it only the oldest chain may take it.
         while (r.seg.len as usize) < n {
+            if !self.mrg_rxbuf && !r.chains.is_empty() {
+                break;
+            }
             if !self.add_rx_chain(r) {
                 break;
             }
         }
-        r.posted = r.seg.len;
-        self.write_at(&r.seg.gpa, 0, &frame);
         self.rx_reorder = frame;
+        if (r.seg.len as usize) < n {
+            bump(&mut self.counters.rx_dropped_oversize);
+            self.return_rx(r);
+            return Placed::Dropped;
+        }
+        r.posted = r.seg.len;
+        self.write_at(&r.seg.gpa, 0, &self.rx_reorder);
+        Placed::Moved
     }
 
     fn finish_rx(&mut self, r: &mut RxRead, n: usize) {
-        self.keep_ring_order(r, n);
+        if self.keep_ring_order(r, n) == Placed::Dropped {
+            return;
+        }
         // Moving average of frame sizes (1/8 weight), for sizing the next reads.
         let n32 = u32::try_from(n).unwrap_or(u32::MAX);
         self.rx_ewma = self
