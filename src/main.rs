@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tapir_bench::{BenchEngine, BenchOptions, Scenario, VhostUserBackend};
+use tapir_bench::{BenchEngine, BenchOptions, Placement, Scenario, VhostUserBackend};
 
 mod ctl_cmd;
 mod datapath_cmd;
@@ -96,6 +96,17 @@ struct BenchArgs {
     /// Round trips per latency run.
     #[arg(long, default_value_t = 5000)]
     latency_samples: u64,
+    /// Where the latency scenario's datapath workers run, comma-separated, a set of rows
+    /// each: split (on a CPU of their own, as in the throughput cells), shared (on the
+    /// guest's and the echo's CPU). A `wake` row beside them measures the machine's two
+    /// wake-ups per round trip alone.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "split",
+        value_name = "PLACEMENT,..."
+    )]
+    latency_placement: Vec<Placement>,
     /// Handoffs per handoff run.
     #[arg(long, default_value_t = 50)]
     handoffs: usize,
@@ -217,7 +228,10 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     let mut busy_poll_us = args.busy_poll_us.clone();
     busy_poll_us.dedup();
+    let mut latency_placements = args.latency_placement.clone();
+    latency_placements.dedup();
     let opts = BenchOptions {
+        latency_placements,
         busy_poll_us,
         backend,
         scenarios,

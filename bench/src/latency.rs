@@ -4,15 +4,19 @@
 //! (write the request frame, poll and read the reply), with no virtqueue; `vhost-user` does
 //! the guest's round trip through a vhost-user backend process.
 //!
-//! Placement as in the throughput cells: the datapath worker (a backend's too) on the last
-//! CPU, the guest (the thread doing the round trips, the floor's too), the echo and the load
-//! on CPU 0. Unpinned, the scheduler sometimes put the worker and the guest on one CPU, and a
-//! run's p50 jumped from ~10 µs to 50-90 µs (both engines, from run to run): the comparison
-//! of engines measured the placement.
+//! Placement ([`Placement`], `--latency-placement`): `split`, as in the throughput cells, puts
+//! the datapath worker (a backend's too) on the last CPU and the guest (the thread doing the
+//! round trips, the floor's too), the echo and the load on CPU 0; `shared` puts the worker on
+//! CPU 0 with them. Unpinned, the scheduler chose either from run to run, and the comparison
+//! of engines measured the placement. Every round trip through a worker that sleeps pays two
+//! wake-ups (the guest's kick, the worker's interrupt): across CPUs with `split`, on one with
+//! `shared`. The `wake` row measures just those: an eventfd ping-pong between a thread on the
+//! guest's CPU and one on the worker's, the least any such datapath can answer in on this
+//! machine (the floor pays neither: one thread writes and reads the TAP).
 
 use std::net::SocketAddrV4;
 use std::os::fd::AsFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,14 +101,89 @@ fn as_guest<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     })
 }
 
-fn summarize(variant: Variant, load: bool, rt: &RoundTrips) -> LatencyResult {
+/// Where a latency run's worker goes, beside the guest, the echo and the load on CPU 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The worker on the last CPU (as in the throughput cells).
+    Split,
+    /// The worker on CPU 0 too.
+    Shared,
+}
+
+impl Placement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::Split => "split",
+            Placement::Shared => "shared",
+        }
+    }
+
+    /// The worker's CPU (None: unpinned, on a machine of one CPU).
+    fn worker_cpu(self) -> Option<usize> {
+        match self {
+            Placement::Split => worker_cpu(0),
+            Placement::Shared => guest_cpu(),
+        }
+    }
+}
+
+impl std::str::FromStr for Placement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "split" => Ok(Placement::Split),
+            "shared" => Ok(Placement::Shared),
+            other => Err(format!("unknown placement {other:?} (split, shared)")),
+        }
+    }
+}
+
+/// What a latency row measures: an engine at a budget, or the machine's wake-up ping-pong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Row {
+    Engine(Variant),
+    Wake,
+}
+
+impl Row {
+    pub fn label(self) -> String {
+        match self {
+            Row::Engine(v) => v.label(),
+            Row::Wake => "wake".into(),
+        }
+    }
+}
+
+/// Merges the repeats of one row into its report line: percentiles over every round trip,
+/// and the spread of the repeats' medians.
+pub fn summarize(
+    row: Row,
+    placement: Placement,
+    load: bool,
+    runs: &[RoundTrips],
+) -> Result<LatencyResult> {
     #[allow(clippy::cast_precision_loss, reason = "nanoseconds to microseconds")]
     let us = |ns: u64| ns as f64 / 1e3;
-    let h = &rt.times;
-    LatencyResult {
-        lost: rt.lost,
-        engine: variant.label(),
-        busy_poll_us: variant.busy_poll_us,
+    let mut h = histogram()?;
+    for r in runs {
+        h.add(&r.times)
+            .map_err(|e| anyhow!("merging histograms: {e}"))?;
+    }
+    let medians = runs.iter().map(|r| us(r.times.value_at_quantile(0.5)));
+    let p50_spread_us = medians.fold([f64::INFINITY, 0.0f64], |[lo, hi], m| {
+        [lo.min(m), hi.max(m)]
+    });
+    let h = &h;
+    Ok(LatencyResult {
+        lost: runs.iter().map(|r| r.lost).sum(),
+        engine: row.label(),
+        placement: placement.name().into(),
+        repeats: runs.len(),
+        p50_spread_us,
+        busy_poll_us: match row {
+            Row::Engine(v) => v.busy_poll_us,
+            Row::Wake => 0,
+        },
         load: if load { "loaded" } else { "idle" }.into(),
         p50_us: us(h.value_at_quantile(0.5)),
         p99_us: us(h.value_at_quantile(0.99)),
@@ -117,7 +196,7 @@ fn summarize(variant: Variant, load: bool, rt: &RoundTrips) -> LatencyResult {
         .iter()
         .map(|&q| (us(h.value_at_quantile(q)), q))
         .collect(),
-    }
+    })
 }
 
 fn histogram() -> Result<Histogram<u64>> {
@@ -132,16 +211,21 @@ fn latency_guest() -> GuestConfig {
     }
 }
 
-/// Measures `samples` round trips (after a short warm-up) with `variant`'s engine at its
-/// busy-poll budget, idle or loaded (`backend`: the vhost-user backend, for
-/// [`BenchEngine::VhostUser`]). Must run inside the benchmark's namespace.
+/// Measures `samples` round trips (after a short warm-up) of `row`: `variant`'s engine at its
+/// busy-poll budget, its worker placed by `placement`, idle or loaded (`backend`: the
+/// vhost-user backend, for [`BenchEngine::VhostUser`]); or the wake-up ping-pong (idle only).
+/// Must run inside the benchmark's namespace.
 pub fn measure(
-    variant: Variant,
+    row: Row,
+    placement: Placement,
     load: bool,
     samples: u64,
     backend: Option<&VhostUserBackend>,
-) -> Result<LatencyResult> {
-    let engine = variant;
+) -> Result<RoundTrips> {
+    let variant = match row {
+        Row::Engine(v) => v,
+        Row::Wake => return wake_round_trips(placement, samples),
+    };
     match variant.engine {
         BenchEngine::Datapath(kind) => {
             let mut rig = Rig::start(&RigConfig {
@@ -150,7 +234,7 @@ pub fn measure(
                     busy_poll: variant.busy_poll(),
                     ..EngineConfig::default()
                 },
-                cpu_affinity: vec![worker_cpu(0)],
+                cpu_affinity: vec![placement.worker_cpu()],
                 ..RigConfig::new(kind, 1)
             })?;
             let (rx, tx) = rig.take(0);
@@ -159,7 +243,7 @@ pub fn measure(
                 as_guest(|| guest_round_trips(rx, tx, host_mac, samples))
             })?;
             rig.shutdown()?;
-            Ok(summarize(engine, load, &result?))
+            result
         }
         BenchEngine::Floor => {
             let tap = rig::host_tap(1, 1500)?;
@@ -169,7 +253,7 @@ pub fn measure(
             })?;
             drop(tap);
             rig::wait_tap_gone()?;
-            Ok(summarize(engine, load, &result?))
+            result
         }
         BenchEngine::VhostUser => {
             let backend =
@@ -178,7 +262,7 @@ pub fn measure(
                 backend,
                 latency_guest(),
                 1500,
-                &[worker_cpu(0)],
+                &[placement.worker_cpu()],
                 variant.busy_poll_us,
             )?;
             let (rx, tx) = rig.take(0);
@@ -187,7 +271,7 @@ pub fn measure(
                 as_guest(|| guest_round_trips(rx, tx, host_mac, samples))
             })?;
             rig.shutdown()?;
-            Ok(summarize(engine, load, &result?))
+            result
         }
     }
 }
@@ -221,7 +305,7 @@ fn kernel_drops() -> u64 {
 }
 
 /// The round trips' times and how many were lost to the kernel's drops.
-struct RoundTrips {
+pub struct RoundTrips {
     times: Histogram<u64>,
     lost: u64,
 }
@@ -327,4 +411,60 @@ fn tap_round_trips(
         }
     }
     Ok(rt)
+}
+
+/// The wake-up ping-pong: a thread on the guest's CPU writes an eventfd the other thread (on
+/// the worker's CPU per `placement`) blocks on, which answers on a second eventfd the first
+/// blocks on; the time from the first write to the answer, `samples` times after a warm-up.
+/// Two wake-ups, as a kick and an interrupt, and nothing else.
+fn wake_round_trips(placement: Placement, samples: u64) -> Result<RoundTrips> {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let ping = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?;
+    let pong = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?;
+    let warmup = samples / 10 + 10;
+    let total = samples + warmup;
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let answerer = s.spawn(|| -> Result<()> {
+            cpu::maybe_pin(placement.worker_cpu()).context("pinning the answering thread")?;
+            for _ in 0..total {
+                ping.read()?;
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                pong.write(1)?;
+            }
+            Ok(())
+        });
+        let asker = s.spawn(|| -> Result<RoundTrips> {
+            cpu::maybe_pin(guest_cpu()).context("pinning the asking thread")?;
+            let mut rt = RoundTrips {
+                times: histogram()?,
+                lost: 0,
+            };
+            for i in 0..total {
+                let start = Instant::now();
+                ping.write(1)?;
+                pong.read()?;
+                if i >= warmup {
+                    rt.times
+                        .record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+                }
+            }
+            Ok(rt)
+        });
+        let rt = asker
+            .join()
+            .map_err(|_| anyhow!("the asking thread panicked"))
+            .and_then(|r| r);
+        if rt.is_err() {
+            // The answerer may be waiting for a ping that will not come.
+            stop.store(true, Ordering::Release);
+            ping.write(1)?;
+        }
+        answerer
+            .join()
+            .map_err(|_| anyhow!("the answering thread panicked"))??;
+        rt
+    })
 }

@@ -19,6 +19,7 @@ mod vhost_rig;
 
 pub use alloc_count::Counting as CountingAllocator;
 pub use charts::write_all as write_charts;
+pub use latency::Placement;
 pub use report::{HandoffResult, LatencyResult, Meta, Report, ThroughputResult};
 pub use runner::{run, BenchEngine, BenchOptions, Scenario};
 pub use vhost_rig::{BackendCommand, VhostUserBackend};

@@ -86,7 +86,14 @@ pub struct LatencyResult {
     pub busy_poll_us: u64,
     /// `idle`, or `loaded` (a host->guest stream runs meanwhile).
     pub load: String,
-    /// Median, µs.
+    /// Where the worker ran: `split` (its own CPU) or `shared` (with the guest and the echo);
+    /// see `--latency-placement`.
+    pub placement: String,
+    /// Interleaved repeats merged into this row.
+    pub repeats: usize,
+    /// The lowest and highest of the repeats' medians, µs.
+    pub p50_spread_us: [f64; 2],
+    /// Median over every repeat's round trips, µs.
     pub p50_us: f64,
     /// 99th percentile, µs.
     pub p99_us: f64,
@@ -347,8 +354,10 @@ impl Report {
     fn latency_table(&self) -> Vec<Vec<String>> {
         let mut rows = vec![[
             "engine",
+            "cpus",
             "load",
             "p50 µs",
+            "p50 spread",
             "p99 µs",
             "p99.9 µs",
             "max µs",
@@ -361,8 +370,10 @@ impl Report {
         for l in &self.latency {
             rows.push(vec![
                 l.engine.clone(),
+                l.placement.clone(),
                 l.load.clone(),
                 format!("{:.1}", l.p50_us),
+                format!("{:.1}-{:.1}", l.p50_spread_us[0], l.p50_spread_us[1]),
                 format!("{:.1}", l.p99_us),
                 format!("{:.1}", l.p999_us),
                 format!("{:.1}", l.max_us),

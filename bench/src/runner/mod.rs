@@ -38,7 +38,8 @@ use anyhow::{Context, Result};
 use tapir_datapath::EngineKind;
 use tapir_testkit::{cpu, netns};
 
-use crate::report::{Meta, Report};
+use crate::latency::{Placement, RoundTrips, Row};
+use crate::report::{LatencyResult, Meta, Report};
 use crate::vhost_rig::VhostUserBackend;
 pub(crate) use backend::worker_cpu;
 use backend::{measure, Floor, InProcess, VhostUser};
@@ -164,9 +165,19 @@ pub struct BenchOptions {
     /// rx cells run every worker engine at, a row each (`uring+bp50`); other cells run at 0.
     /// Empty: 0 only.
     pub busy_poll_us: Vec<u64>,
+    /// Where the latency scenario's workers run, a set of rows each (empty: `split` only).
+    pub latency_placements: Vec<Placement>,
 }
 
 impl BenchOptions {
+    fn placements(&self) -> Vec<Placement> {
+        if self.latency_placements.is_empty() {
+            vec![Placement::Split]
+        } else {
+            self.latency_placements.clone()
+        }
+    }
+
     /// How many measurements a run makes (for a progress bar).
     pub fn steps(&self) -> u64 {
         let n = |x: usize| u64::try_from(x).unwrap_or(0);
@@ -183,7 +194,8 @@ impl BenchOptions {
             }
         }
         let latency = if self.latency_samples > 0 {
-            2 * n(variants(self, None).len())
+            // Per placement: every engine row idle and loaded, and the wake row idle.
+            n(self.placements().len()) * n(self.repeats) * (2 * n(variants(self, None).len()) + 1)
         } else {
             0
         };
@@ -225,19 +237,7 @@ fn run_here(opts: &BenchOptions, progress: &mut (dyn FnMut(&str) + Send)) -> Res
         latency: Vec::new(),
     };
     if opts.latency_samples > 0 {
-        for load in [false, true] {
-            for v in variants(opts, None) {
-                progress(&format!(
-                    "latency {} {}",
-                    v.label(),
-                    if load { "loaded" } else { "idle" }
-                ));
-                report.latency.push(
-                    crate::latency::measure(v, load, opts.latency_samples, opts.backend.as_ref())
-                        .with_context(|| format!("latency {}", v.label()))?,
-                );
-            }
-        }
+        report.latency = measure_latency(opts, progress)?;
     }
     if opts.handoffs > 0 {
         for &queues in &opts.queues {
@@ -320,4 +320,51 @@ fn utc_now() -> String {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
+}
+
+/// The latency scenario: per placement and load, every row's repeats interleaved (the rows'
+/// order turns by one each repeat, as in the throughput cells), merged into a line each.
+fn measure_latency(
+    opts: &BenchOptions,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<Vec<LatencyResult>> {
+    let mut out = Vec::new();
+    for placement in opts.placements() {
+        for load in [false, true] {
+            let mut rows: Vec<Row> = variants(opts, None).into_iter().map(Row::Engine).collect();
+            if !load {
+                rows.push(Row::Wake);
+            }
+            let mut runs: Vec<Vec<RoundTrips>> = rows.iter().map(|_| Vec::new()).collect();
+            for rep in 0..opts.repeats.max(1) {
+                for k in 0..rows.len() {
+                    let e = (k + rep) % rows.len();
+                    let row = rows[e];
+                    let what = format!(
+                        "latency {} {} {} run {}/{}",
+                        row.label(),
+                        placement.name(),
+                        if load { "loaded" } else { "idle" },
+                        rep + 1,
+                        opts.repeats.max(1)
+                    );
+                    progress(&what);
+                    runs[e].push(
+                        crate::latency::measure(
+                            row,
+                            placement,
+                            load,
+                            opts.latency_samples,
+                            opts.backend.as_ref(),
+                        )
+                        .context(what)?,
+                    );
+                }
+            }
+            for (row, r) in rows.iter().zip(&runs) {
+                out.push(crate::latency::summarize(*row, placement, load, r)?);
+            }
+        }
+    }
+    Ok(out)
 }
