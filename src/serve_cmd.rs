@@ -8,7 +8,7 @@ use clap::Args;
 use tapir_datapath::EngineConfig;
 use tapir_datapath::EngineKind;
 use tapir_migrate::{SuccessorOptions, Timeouts};
-use tapir_vhost_user::tap_setup::MAX_TAP_QUEUES;
+use tapir_vhost_user::MAX_TAP_QUEUES;
 use tapir_vhost_user::{DirtyAtStop, Endpoint, ServeOptions, SessionConfig, TapSharing};
 
 /// `tapir serve --help`'s closing text.
@@ -134,7 +134,7 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 
 fn parse_mtu(s: &str) -> Result<u16, String> {
     let v: u64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    tapir_vhost_user::link::checked_mtu(v).map_err(|e| e.to_string())
+    tapir_vhost_user::checked_mtu(v).map_err(|e| e.to_string())
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -214,8 +214,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if let Some(path) = &args.takeover {
         // SIGTERM and SIGINT blocked before any thread starts; the signalfd made before the
         // sandbox, whose allow-list has no signalfd4.
-        let stop = tapir_vhost_user::stop_signal::StopSignals::block()
-            .context("blocking SIGTERM and SIGINT")?;
+        let stop = tapir_vhost_user::StopSignals::block().context("blocking SIGTERM and SIGINT")?;
         // A successor opens nothing privileged: everything comes over the handoff socket.
         lockdown.enter().context("entering the sandbox")?;
         let mut opts = SuccessorOptions::new(args.engine);

@@ -2,23 +2,30 @@
 //! its fds (TAP queues, guest memory, kick/call eventfds), so that the successor resumes the
 //! rings at the same positions. The protocol is written down in `docs/HANDOFF.md`.
 //!
-//! - [`transport`]: the SEQPACKET channel, peer credentials, fd passing;
-//! - [`protocol`]: message kinds, timeouts, errors;
-//! - [`snapshot`]: a device as a `tapir-state` snapshot plus its fds;
-//! - [`source`]: prepare / switch / commit or roll back, for a running device
-//!   ([`DeviceSource`]) or anything else that implements [`HandoffSource`];
-//! - [`successor`]: the other side, [`take_over`].
+//! Entry points:
+//! - the source side: [`hand_off`] a running device ([`DeviceSource`]) or anything else that
+//!   implements [`HandoffSource`] (prepare / switch / commit or roll back), [`hand_off_state`]
+//!   for a handoff state of one's own, [`LaunchSource`] for a device not started yet;
+//! - the successor side: [`take_over`] (and [`take_over_checked`], [`accept_state`],
+//!   [`refuse_state`] for a successor that checks the state first), [`restore`];
+//! - the channel between them: [`Listener`] and [`Channel`] (SEQPACKET, peer credentials,
+//!   fd passing);
+//! - [`protocol`]: the message kinds, versions and timeouts, for a peer written elsewhere;
+//! - [`ownership`]: the word in shared memory that says which process owns the rings.
+//!
+//! Inside: `snapshot` (a device as a `tapir-state` snapshot plus its fds), `source`,
+//! `successor`, `transport`, `fence` and `switch_v3`.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 mod fence;
 pub mod ownership;
 pub mod protocol;
-pub mod snapshot;
-pub mod source;
-pub mod successor;
+mod snapshot;
+mod source;
+mod successor;
 mod switch_v3;
-pub mod transport;
+mod transport;
 
 pub use protocol::{MigrateError, Timeouts};
 pub use source::{

@@ -23,7 +23,7 @@ pub trait HandoffSource {
     /// Takes service back after a switch that failed.
     fn resume(&mut self) -> Result<(), MigrateError>;
     /// State handed on besides the device, sent at prepare time: an opaque blob for the
-    /// successor's embedder and its fds (at most [`MAX_FDS_PER_MESSAGE`]). The source must not
+    /// successor's embedder and its fds (at most 250, the channel's limit). The source must not
     /// change it between prepare and commit. Default: nothing.
     fn extension(&self) -> (Vec<u8>, Vec<BorrowedFd<'_>>) {
         (Vec::new(), Vec::new())

@@ -373,7 +373,7 @@ fn positions(snapshot: &DeviceSnapshot) -> Result<Vec<PairPositions>, MigrateErr
 
 /// Restores a device from a snapshot and the fds its manifest lists, in this process,
 /// without the socket protocol (a VMM that embeds tapir and moves the device itself). The
-/// snapshot comes from [`crate::snapshot::describe`] of a quiesced device (or was decoded
+/// snapshot comes from [`snapshot_of`](crate::snapshot_of) a quiesced device (or was decoded
 /// with `tapir_state::decode`, which validates it).
 pub fn restore(
     snapshot: DeviceSnapshot,

@@ -384,7 +384,7 @@ impl Channel {
         self.fd
     }
 
-    /// Sends one message with up to [`MAX_FDS_PER_MESSAGE`] fds.
+    /// Sends one message with up to `MAX_FDS_PER_MESSAGE` (250) fds.
     pub fn send(
         &self,
         kind: u8,
@@ -447,7 +447,7 @@ impl Channel {
     }
 
     /// Like [`recv`](Self::recv), but first polls the socket without sleeping for up to
-    /// [`SPIN`]: during a handoff's blackout each side answers the other within
+    /// `SPIN`: during a handoff's blackout each side answers the other within
     /// microseconds, and a sleep/wake-up per message would cost more than the work.
     pub fn recv_spinning(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
         let spin_until = deadline_after(SPIN);

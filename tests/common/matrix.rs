@@ -1,8 +1,16 @@
 //! The one feature matrix datapath scenarios run over: engine x ring features (MRG_RXBUF,
-//! EVENT_IDX) x queue pairs x checksum offloads. A scenario names the part of it that applies
-//! to it ([`Matrix`]); every cell runs in its own network namespace, its label naming the cell.
+//! EVENT_IDX) x queue pairs x offloads. A scenario names the part of it that applies to it
+//! ([`Matrix`]: [`Matrix::FULL`] narrowed, or [`Matrix::LINUX`] widened, along the dimensions
+//! that matter to it); every cell runs in its own network namespace, its label naming the cell.
+//! A scenario that only makes sense in part of the matrix says why in one line where it picks.
 
 use super::{engines, feat, guest, in_netns, EngineKind, GuestConfig, CSUM, EVIDX, MRG};
+
+/// TCP segmentation offloads both ways.
+const TSO: u64 = feat::VIRTIO_NET_F_HOST_TSO4
+    | feat::VIRTIO_NET_F_HOST_TSO6
+    | feat::VIRTIO_NET_F_GUEST_TSO4
+    | feat::VIRTIO_NET_F_GUEST_TSO6;
 
 /// The ring features of a cell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,17 +25,36 @@ pub enum Ring {
     Plain,
 }
 
+impl Ring {
+    /// Whether the ring acks EVENT_IDX.
+    pub fn event_idx(self) -> bool {
+        matches!(self, Ring::MrgEvidx | Ring::Evidx)
+    }
+}
+
 /// The offloads of a cell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Offloads {
     /// Checksum offloads both ways (`CSUM`, `GUEST_CSUM`).
     Csum,
+    /// Checksums and TCP segmentation both ways (`HOST_TSO4/6`, `GUEST_TSO4/6`): with
+    /// [`Ring::MrgEvidx`], what a Linux guest acks (`tapir_testkit::linux_guest_features`).
+    Tso,
     /// None: every frame carries its full checksum.
     None,
 }
 
 /// Every ring combination.
 pub const RINGS: [Ring; 4] = [Ring::MrgEvidx, Ring::Mrg, Ring::Evidx, Ring::Plain];
+/// The rings with EVENT_IDX.
+pub const EVIDX_RINGS: [Ring; 2] = [Ring::MrgEvidx, Ring::Evidx];
+/// The rings without EVENT_IDX.
+pub const NO_EVIDX_RINGS: [Ring; 2] = [Ring::Mrg, Ring::Plain];
+/// The rings with MRG_RXBUF.
+pub const MRG_RINGS: [Ring; 2] = [Ring::MrgEvidx, Ring::Mrg];
+/// EVENT_IDX on and off, MRG_RXBUF along with it: for a TX-side scenario, where MRG_RXBUF
+/// (an RX feature) changes nothing.
+pub const EVIDX_ON_OFF: [Ring; 2] = [Ring::MrgEvidx, Ring::Plain];
 
 /// One cell.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +76,7 @@ impl Cell {
         };
         let offloads = match self.offloads {
             Offloads::Csum => CSUM,
+            Offloads::Tso => CSUM | TSO,
             Offloads::None => 0,
         };
         ring | offloads
@@ -89,6 +117,19 @@ impl Matrix {
         offloads: &[Offloads::Csum, Offloads::None],
     };
 
+    /// One cell per engine: what a Linux guest acks of the ring features (MRG_RXBUF and
+    /// EVENT_IDX), one queue pair, checksum offloads. The base a scenario widens from.
+    pub const LINUX: Matrix = Matrix {
+        rings: &[Ring::MrgEvidx],
+        pairs: &[1],
+        offloads: &[Offloads::Csum],
+    };
+
+    /// This matrix with the ring features `rings` only.
+    pub const fn rings(self, rings: &'static [Ring]) -> Matrix {
+        Matrix { rings, ..self }
+    }
+
     /// This matrix on `pairs` only.
     pub const fn pairs(self, pairs: &'static [u16]) -> Matrix {
         Matrix { pairs, ..self }
@@ -101,8 +142,13 @@ impl Matrix {
 
     /// Every cell, engines outermost.
     pub fn cells(&self) -> Vec<Cell> {
+        self.cells_of(&engines())
+    }
+
+    /// The cells of `engines` only.
+    fn cells_of(&self, engines: &[EngineKind]) -> Vec<Cell> {
         let mut cells = Vec::new();
-        for engine in engines() {
+        for &engine in engines {
             for &ring in self.rings {
                 for &pairs in self.pairs {
                     for &offloads in self.offloads {
@@ -123,6 +169,29 @@ impl Matrix {
 /// Runs `f(cell)` for every cell of `matrix`, each in its own namespace.
 pub fn for_each_cell(matrix: Matrix, mut f: impl FnMut(Cell) + Send) {
     for cell in matrix.cells() {
+        in_netns(&cell.name(), || f(cell));
+    }
+}
+
+/// Runs `f(cell, name, case)` for every cell of `matrix` and every named case of a
+/// scenario's own (a fault, a budget, a broken field), each in its own namespace.
+pub fn for_each_cell_and<C: Clone + Send + Sync>(
+    matrix: Matrix,
+    cases: &[(&str, C)],
+    mut f: impl FnMut(Cell, &str, C) + Send,
+) {
+    for cell in matrix.cells() {
+        for (name, c) in cases {
+            let label = format!("{}, {name}", cell.name());
+            in_netns(&label, || f(cell, name, c.clone()));
+        }
+    }
+}
+
+/// [`for_each_cell`] on one engine's cells: for a scenario split into a test per engine,
+/// so that a known failure on one engine can be `#[ignore]`d without hiding the other.
+pub fn for_each_cell_of(engine: EngineKind, matrix: Matrix, mut f: impl FnMut(Cell) + Send) {
+    for cell in matrix.cells_of(&[engine]) {
         in_netns(&cell.name(), || f(cell));
     }
 }

@@ -18,7 +18,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-pub use matrix::{for_each_cell, Cell, Matrix, Offloads, Ring};
+pub use matrix::{
+    for_each_cell, for_each_cell_and, for_each_cell_of, Cell, Matrix, Offloads, Ring, EVIDX_ON_OFF,
+    EVIDX_RINGS, MRG_RINGS, NO_EVIDX_RINGS, RINGS,
+};
 pub use tapir_datapath::{Counters, EngineKind};
 pub use tapir_simguest::features as feat;
 pub use tapir_simguest::{GuestConfig, RxDriver, RxPacket, TxDriver, VirtioNetHdr};

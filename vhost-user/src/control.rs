@@ -5,7 +5,7 @@
 //! nobody, and the workers pay nothing new (the counters are those they already publish once
 //! per loop).
 //!
-//! The reply's layout ([`stats`]): `queue_pairs[i].rx|tx` with packets, bytes, drops by cause,
+//! The reply's layout (the `stats` reply): `queue_pairs[i].rx|tx` with packets, bytes, drops by cause,
 //! malformed, kicks, interrupts; per pair `batches`, `broken`; `session` (frontend pid and uid,
 //! features, rings) or null; `handoffs` (count, last downtimes in ns); `daemon` counters.
 

@@ -221,7 +221,7 @@ impl Session {
     /// Where the session's counters are, for a reader on another thread
     /// ([`crate::report::Board`]): the stopped devices' totals and the running workers' stats
     /// (workers publish once per loop; nothing new is counted).
-    pub fn counter_sources(&self) -> crate::report::CounterSources {
+    pub(crate) fn counter_sources(&self) -> crate::report::CounterSources {
         crate::report::CounterSources {
             stopped: self.stopped_counters.clone(),
             live: self
