@@ -13,7 +13,7 @@ use crate::engine::{self, EngineError, EngineKind, Leftovers};
 use crate::fd_check;
 use crate::features;
 use crate::memory::GuestMemory;
-use crate::pair::{PairPositions, PairSettings, QueuePair};
+use crate::pair::{PairPositions, PairSettings, QueuePair, StopRequest};
 
 use crate::stats::{Counters, QueuePairStats};
 use crate::tap::TapQueue;
@@ -30,6 +30,9 @@ type PairWithTap = (QueuePair, TapQueue);
 
 struct Worker {
     index: u16,
+    /// Set first, so that a worker in the middle of a batch stops at its next chain.
+    stop_request: StopRequest,
+    /// Then signalled, to wake a worker that sleeps.
     stop: EventFd,
     stats: Arc<QueuePairStats>,
     thread: JoinHandle<(QueuePair, TapQueue, Result<Leftovers, EngineError>)>,
@@ -253,6 +256,7 @@ impl Device {
         for (i, (mut pair, tap)) in pairs.into_iter().enumerate() {
             let index = pair.index;
             let stats = pair.stats.clone();
+            let stop_request = pair.new_stop_request();
             let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| DeviceError::Os {
                     what: "eventfd",
@@ -333,6 +337,7 @@ impl Device {
                 })?;
             device.workers.push(Worker {
                 index,
+                stop_request,
                 stop,
                 stats,
                 thread,
@@ -423,6 +428,7 @@ impl Device {
     /// failure (an engine's error, or a pair lost with its thread).
     fn stop_inner(&mut self) -> (Vec<QuiescedPair>, Option<DeviceError>) {
         for w in &self.workers {
+            w.stop_request.request();
             let _ = w.stop.write(1);
         }
         let mut pairs = Vec::with_capacity(self.workers.len());
