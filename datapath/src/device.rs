@@ -13,7 +13,7 @@ use crate::engine::{self, EngineError, EngineKind, Leftovers};
 use crate::fd_check;
 use crate::features;
 use crate::memory::GuestMemory;
-use crate::pair::{PairPositions, PairSettings, QueuePair};
+use crate::pair::{PairPositions, PairSettings, QueuePair, StopRequest};
 
 use crate::stats::{Counters, QueuePairStats};
 use crate::tap::TapQueue;
@@ -21,18 +21,25 @@ use crate::virtqueue::Virtqueue;
 
 mod config;
 mod gate;
+mod handback;
 
 pub use config::{DeviceConfig, DeviceError, PairResources, QueuePairSpec, RingAddrs};
 use gate::{Decision, Gate};
+use handback::{Exiting, Handback};
 
 /// A queue pair and the TAP queue its worker moves its frames through.
 type PairWithTap = (QueuePair, TapQueue);
 
 struct Worker {
     index: u16,
+    /// Set first, so that a worker in the middle of a batch stops at its next chain.
+    stop_request: StopRequest,
+    /// Then signalled, to wake a worker that sleeps.
     stop: EventFd,
     stats: Arc<QueuePairStats>,
-    thread: JoinHandle<(QueuePair, TapQueue, Result<Leftovers, EngineError>)>,
+    /// Where the worker leaves its pair when it ends.
+    handback: Arc<Handback>,
+    thread: JoinHandle<()>,
 }
 
 /// A running device.
@@ -124,6 +131,8 @@ pub struct QuiescedPair {
     pub tap: TapQueue,
     /// The stopped engine's ring and buffers, freed with the pair (after a blackout).
     _leftovers: Leftovers,
+    /// The worker thread, exiting: joined with the pair (after a blackout).
+    _thread: Exiting,
 }
 
 impl QuiescedPair {
@@ -253,6 +262,7 @@ impl Device {
         for (i, (mut pair, tap)) in pairs.into_iter().enumerate() {
             let index = pair.index;
             let stats = pair.stats.clone();
+            let stop_request = pair.new_stop_request();
             let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| DeviceError::Os {
                     what: "eventfd",
@@ -270,6 +280,8 @@ impl Device {
             let mut engine = engine::new_engine(cfg.engine, cfg.engine_config);
             let ready = ready_tx.clone();
             let gate = gate.clone();
+            let handback = Arc::new(Handback::default());
+            let worker_handback = handback.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tapir-qp{index}"))
                 .spawn(move || {
@@ -325,7 +337,7 @@ impl Device {
                         tracing::error!(error = %e, "worker failed");
                         pair.mark_broken(&e.to_string());
                     }
-                    (pair, tap, result)
+                    worker_handback.put((pair, tap, result));
                 })
                 .map_err(|source| DeviceError::Os {
                     what: "spawning a worker",
@@ -333,8 +345,10 @@ impl Device {
                 })?;
             device.workers.push(Worker {
                 index,
+                stop_request,
                 stop,
                 stats,
+                handback,
                 thread,
             });
         }
@@ -423,18 +437,22 @@ impl Device {
     /// failure (an engine's error, or a pair lost with its thread).
     fn stop_inner(&mut self) -> (Vec<QuiescedPair>, Option<DeviceError>) {
         for w in &self.workers {
+            w.stop_request.request();
             let _ = w.stop.write(1);
         }
         let mut pairs = Vec::with_capacity(self.workers.len());
         let mut first_err = None;
         for w in self.workers.drain(..) {
-            match w.thread.join() {
-                Ok((pair, tap, Ok(leftovers))) => pairs.push(QuiescedPair {
+            let (end, thread) = w.handback.wait(w.thread);
+            let thread = Exiting::new(thread);
+            match end {
+                Some((pair, tap, Ok(leftovers))) => pairs.push(QuiescedPair {
                     pair,
                     tap,
                     _leftovers: leftovers,
+                    _thread: thread,
                 }),
-                Ok((pair, tap, Err(source))) => {
+                Some((pair, tap, Err(source))) => {
                     first_err.get_or_insert(DeviceError::Engine {
                         pair: w.index,
                         source,
@@ -443,9 +461,10 @@ impl Device {
                         pair,
                         tap,
                         _leftovers: Leftovers(None),
+                        _thread: thread,
                     });
                 }
-                Err(_) => {
+                None => {
                     // Cannot happen (the worker catches panics), but if it did the pair is
                     // gone with its thread.
                     first_err.get_or_insert(DeviceError::WorkerPanicked(w.index));

@@ -15,6 +15,7 @@
 
 mod positions;
 mod rx;
+mod stop;
 mod tx;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::virtqueue::{QueueError, Virtqueue};
 
 pub use positions::{PairPositions, MAX_CARRIED_FRAMES};
 pub use rx::{RxCompletion, RxPrep, RxRead, RxRetry};
+pub use stop::StopRequest;
 #[cfg(test)]
 pub(crate) use tx::TxNext;
 pub use tx::{TxPop, TxWrite};
@@ -108,6 +110,9 @@ pub struct QueuePair {
     broken: bool,
     /// Called once, at the worker's first used entry ([`QueuePair::on_first_service`]).
     on_serviced: Option<fn()>,
+    /// The worker's stop request, looked at before every pop ([`QueuePair::pop_tx`],
+    /// [`QueuePair::prepare_rx`]).
+    stop: StopRequest,
 }
 
 /// Whether a queue's guest is asked to kick. A queue starts armed; popping quiets it (no kicks
@@ -172,6 +177,7 @@ impl QueuePair {
             tx_notify: Notify::Armed,
             broken: false,
             on_serviced: None,
+            stop: StopRequest::default(),
         }
     }
 
@@ -179,6 +185,18 @@ impl QueuePair {
     /// worker returns to ordinary scheduling there: `EngineConfig::realtime_priority`).
     pub(crate) fn on_first_service(&mut self, f: fn()) {
         self.on_serviced = Some(f);
+    }
+
+    /// A fresh stop request for the worker about to run this pair; the device keeps the
+    /// other handle and sets it when it stops the worker.
+    pub(crate) fn new_stop_request(&mut self) -> StopRequest {
+        self.stop = StopRequest::default();
+        self.stop.clone()
+    }
+
+    /// True once the device asked this pair's worker to stop: pop nothing more.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.is_requested()
     }
 
     /// Starts a pass of the worker's loop: each queue may pop twice its size in it, so that

@@ -15,8 +15,23 @@ use nix::sys::socket::{
 
 /// Largest message (payload + 1 kind byte) the channel carries.
 pub const MAX_MESSAGE: usize = 1 << 20;
-/// How long [`Channel::recv_spinning`] polls before it sleeps.
+/// How long [`Channel::recv_spinning`] polls before it sleeps, unless [`SPIN_ENV`] says
+/// otherwise.
 pub const SPIN: Duration = Duration::from_micros(0);
+/// The hidden environment variable that sets [`Channel::recv_spinning`]'s spin in
+/// microseconds (for A/B measurements of the blackout: 200 us measured no better than none
+/// on 2 CPUs under handoff traffic, docs/HANDOFF.md).
+pub const SPIN_ENV: &str = "TAPIR_HANDOFF_SPIN_US";
+
+fn spin_budget() -> Duration {
+    static BUDGET: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        std::env::var(SPIN_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(SPIN, Duration::from_micros)
+    })
+}
 /// Most fds in one message (the kernel's `SCM_MAX_FD` is 253).
 pub const MAX_FDS_PER_MESSAGE: usize = 250;
 
@@ -450,7 +465,7 @@ impl Channel {
     /// `SPIN`: during a handoff's blackout each side answers the other within
     /// microseconds, and a sleep/wake-up per message would cost more than the work.
     pub fn recv_spinning(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
-        let spin_until = deadline_after(SPIN);
+        let spin_until = deadline_after(spin_budget());
         while Instant::now() < spin_until {
             if let Some(m) = self.recv_now(MsgFlags::MSG_DONTWAIT)? {
                 return Ok(m);

@@ -93,6 +93,7 @@ fn list() -> Vec<Entry> {
         ("exit_group", SYS_exit_group, vec![]),
         ("sched_getaffinity", SYS_sched_getaffinity, vec![]),
         ("sched_setaffinity", SYS_sched_setaffinity, vec![]),
+        ("sched_getscheduler", SYS_sched_getscheduler, vec![]),
         ("sched_setscheduler", SYS_sched_setscheduler, vec![]),
         ("sched_yield", SYS_sched_yield, vec![]),
         // Thread names (std sets them with PR_SET_NAME).

@@ -43,14 +43,26 @@ fn errno() -> i32 {
         .unwrap_or(libc::EIO)
 }
 
-/// Writes every available TX chain to the TAP, one `writev` each. True when work is left
-/// (the burst limit or the pass's budget): come back without waiting for a kick.
-fn process_tx(pair: &mut QueuePair, tap: &TapQueue, w: &mut TxWrite, burst: usize) -> bool {
+/// What TX found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TxOutcome {
+    /// The ring is empty and the guest's kick is armed: wait.
+    Idle,
+    /// The burst limit or the pass's budget: come back without waiting for a kick.
+    More,
+    /// The stop request was seen between chains.
+    Stopped,
+}
+
+/// Writes every available TX chain to the TAP, one `writev` each, looking at the stop
+/// request before each chain.
+fn process_tx(pair: &mut QueuePair, tap: &TapQueue, w: &mut TxWrite, burst: usize) -> TxOutcome {
     for _ in 0..burst {
         match pair.pop_tx(w) {
             TxPop::Chain => {}
-            TxPop::Yield => return true,
-            TxPop::Idle => return false,
+            TxPop::Yield => return TxOutcome::More,
+            TxPop::Idle => return TxOutcome::Idle,
+            TxPop::Stopped => return TxOutcome::Stopped,
         }
         let iovcnt = libc::c_int::try_from(w.seg.iov.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: the iovecs point into mapped guest memory and are valid for the call.
@@ -60,7 +72,7 @@ fn process_tx(pair: &mut QueuePair, tap: &TapQueue, w: &mut TxWrite, burst: usiz
         pair.complete_tx(w, result);
     }
     // Let RX and interrupts in; come back without waiting for a kick.
-    true
+    TxOutcome::More
 }
 
 /// What RX found.
@@ -71,6 +83,8 @@ enum RxOutcome {
     NoBuffers,
     /// The burst limit was reached.
     Burst,
+    /// The stop request was seen between chains.
+    Stopped,
 }
 
 /// The RX side of the loop: one read, and whether its frame waits for guest buffers (then
@@ -113,6 +127,7 @@ fn process_rx(pair: &mut QueuePair, tap: &TapQueue, rx: &mut ClassicRx, burst: u
             RxPrep::Ready => {}
             RxPrep::Withheld => return RxOutcome::Burst,
             RxPrep::NoBuffers => return RxOutcome::NoBuffers,
+            RxPrep::Stopped => return RxOutcome::Stopped,
         }
         let r = &mut rx.read;
         let iovcnt = libc::c_int::try_from(r.seg.iov.len()).unwrap_or(libc::c_int::MAX);
@@ -272,7 +287,7 @@ impl Engine for ClassicEngine {
             };
             pair.counters.batches += 1;
             pair.begin_pass();
-            let mut stopping = false;
+            let mut stopping = pair.stop_requested();
             for ev in events.iter().take(n) {
                 match ev.data() {
                     TOKEN_TX_KICK => {
@@ -307,27 +322,19 @@ impl Engine for ClassicEngine {
                     _ => {}
                 }
             }
-            if stopping {
-                // Nothing is in flight between syscalls: quiescing is just stopping here; a
-                // frame still waiting for guest buffers is kept in the pair (a handoff
-                // carries it, a resumed worker delivers it first).
-                if rx.waiting == RxWait::Deferred
-                    && pair.retry_rx(&mut rx.read) == RxCompletion::Deferred
-                {
-                    pair.carry_deferred(&mut rx.read);
-                }
-                break;
+            if !stopping && tx_more {
+                let outcome = process_tx(pair, tap, &mut w, burst);
+                tx_more = outcome == TxOutcome::More;
+                stopping = outcome == TxOutcome::Stopped;
             }
-            if tx_more {
-                tx_more = process_tx(pair, tap, &mut w, burst);
-            }
-            if rx_more {
+            if !stopping && rx_more {
                 let outcome = process_rx(pair, tap, &mut rx, rx_burst);
                 rx_more = matches!(outcome, RxOutcome::Burst);
+                stopping = matches!(outcome, RxOutcome::Stopped);
                 // Without guest buffers, stop listening to the TAP (it would wake us for
                 // nothing); the RX kick re-arms it.
                 let want_tap = !matches!(outcome, RxOutcome::NoBuffers);
-                if want_tap != tap_armed {
+                if !stopping && want_tap != tap_armed {
                     let flags = if want_tap {
                         EpollFlags::EPOLLIN
                     } else {
@@ -338,6 +345,18 @@ impl Engine for ClassicEngine {
                         .map_err(|e| io_err("epoll_ctl", e.into()))?;
                     tap_armed = want_tap;
                 }
+            }
+            if stopping {
+                // Nothing is in flight between syscalls: quiescing is just stopping here
+                // (the stop request is seen before every chain, so at most one chain's
+                // syscall after it); a frame still waiting for guest buffers is kept in the
+                // pair (a handoff carries it, a resumed worker delivers it first).
+                if rx.waiting == RxWait::Deferred
+                    && pair.retry_rx(&mut rx.read) == RxCompletion::Deferred
+                {
+                    pair.carry_deferred(&mut rx.read);
+                }
+                break;
             }
             pair.raise_interrupts();
             pair.publish();

@@ -137,7 +137,13 @@ struct Loop {
     call_nowait: bool,
     /// Busy polling before sleeping ([`EngineConfig::busy_poll`]).
     busy_poll: Option<Duration>,
+    /// TX writes queued since the last submit ([`TX_SUBMIT_EVERY`]).
+    tx_queued: usize,
 }
+
+/// TX writes queued before `fill_tx` submits them: a stop waits at most this many writes
+/// (plus those in flight) instead of a whole batch.
+const TX_SUBMIT_EVERY: usize = 32;
 
 /// What a busy-poll spell found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +214,13 @@ impl Loop {
                     self.tx_pending = false;
                     return Ok(());
                 }
+                TxPop::Stopped => {
+                    // Seen between chains: every chain popped so far is queued; they finish,
+                    // nothing more is popped.
+                    self.tx_free.push(slot);
+                    self.stop_seen();
+                    return Ok(());
+                }
             }
             let w = &self.tx[slot];
             // At most MAX_SEGMENTS (1024) iovecs.
@@ -222,6 +235,41 @@ impl Loop {
             // slot's iovec array is left alone until the write's completion frees the slot.
             unsafe { self.push(entry)? };
             self.tx_inflight += 1;
+            self.tx_queued += 1;
+            if self.tx_queued >= TX_SUBMIT_EVERY {
+                // The kernel runs a submitted TAP write inline: a batch submitted in pieces
+                // lets the stop request be seen between them, not only after the whole
+                // batch (issue 10, item 2).
+                self.tx_queued = 0;
+                self.submit_now()?;
+            }
+        }
+    }
+
+    /// Submits what is queued without waiting for completions.
+    fn submit_now(&mut self) -> Result<(), EngineError> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(EngineError::Io {
+                engine: EngineKind::Uring,
+                what: "io_uring_enter (submit)",
+                source,
+            }),
+        }
+    }
+
+    /// The stop request was seen: pop nothing more; TX writes in flight finish first.
+    fn stop_seen(&mut self) {
+        if self.phase == Phase::Running {
+            self.phase = Phase::Stopping;
         }
     }
 
@@ -275,6 +323,11 @@ impl Loop {
                 }
                 RxPrep::NoBuffers => {
                     self.rx_free.push(slot);
+                    break;
+                }
+                RxPrep::Stopped => {
+                    self.rx_free.push(slot);
+                    self.stop_seen();
                     break;
                 }
             }
@@ -495,6 +548,7 @@ impl Engine for UringEngine {
             again: false,
             call_nowait: true,
             busy_poll: self.cfg.busy_poll.filter(|d| !d.is_zero()),
+            tx_queued: 0,
         };
         if !ready(pair) {
             return Ok(Leftovers(Some(Box::new(lp))));
@@ -543,6 +597,9 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
     loop {
         pair.begin_pass();
         lp.again = false;
+        if pair.stop_requested() {
+            lp.stop_seen();
+        }
         if lp.phase == Phase::Running {
             if lp.tx_pending {
                 lp.fill_tx(pair)?;
@@ -576,6 +633,7 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
                 }
             }
         }
+        lp.tx_queued = 0;
         match lp.ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}

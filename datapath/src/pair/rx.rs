@@ -87,6 +87,8 @@ pub enum RxPrep {
     NoBuffers,
     /// This pass popped as many chains as it may: come back without waiting for a kick.
     Withheld,
+    /// The device asked the worker to stop: nothing was popped or prepared; post nothing.
+    Stopped,
 }
 /// What [`QueuePair::retry_deferred`] did with a frame waiting for guest buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,6 +225,9 @@ impl QueuePair {
     /// Frames carried over a stop or from a predecessor go first: while one waits for guest
     /// buffers, no read is prepared (frames behind it wait in the TAP, in order).
     pub fn prepare_rx(&mut self, r: &mut RxRead, others_posted: bool) -> RxPrep {
+        if self.stop_requested() {
+            return RxPrep::Stopped;
+        }
         loop {
             self.quiet(Direction::Rx);
             let step = match self.deliver_carried(r) {

@@ -37,6 +37,8 @@ pub enum TxPop {
     /// This pass popped as many chains as it may (see [`QueuePair::begin_pass`]): come back
     /// without waiting for a kick.
     Yield,
+    /// The device asked the worker to stop: nothing was popped; stop popping.
+    Stopped,
 }
 /// What [`QueuePair::next_tx`] found (one pop, without the notification protocol).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,8 +58,12 @@ impl QueuePair {
     /// Pops the next TX chain into `w`, with the notification protocol: kicks are off while
     /// chains are popped; when the ring runs dry the guest's kick is armed and the ring
     /// re-checked ([`TxPop::Idle`] only when it is really empty). Malformed chains are
-    /// completed with length 0 and counted on the way.
+    /// completed with length 0 and counted on the way. A requested stop is seen here, between
+    /// chains ([`TxPop::Stopped`], before anything is popped).
     pub fn pop_tx(&mut self, w: &mut TxWrite) -> TxPop {
+        if self.stop_requested() {
+            return TxPop::Stopped;
+        }
         loop {
             self.quiet(Direction::Tx);
             match self.next_tx(w) {
