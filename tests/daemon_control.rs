@@ -567,3 +567,145 @@ fn serve_busy_poll_us_reaches_the_workers_on_both_engines() {
         }
     }
 }
+
+/// Who serves the rings after they were stopped with a frame waiting for guest buffers.
+#[derive(Clone, Copy, Debug)]
+enum AfterStop {
+    /// A `tapir serve --takeover` successor, from the session blob.
+    Takeover,
+    /// The same daemon, the frontend starting the rings again (a VMM's stop and continue).
+    Restart,
+}
+
+/// A frame read from the TAP that waits for guest buffers when the frontend stops the rings
+/// (`GET_VRING_BASE`) stays with the session instead of being dropped: a `--takeover`
+/// successor gets it in the session blob, and whoever serves the rings when the frontend
+/// starts them again delivers it before anything newer, once.
+#[test]
+fn a_frame_waiting_for_buffers_at_a_ring_stop_is_delivered_when_the_rings_start_again() {
+    use common::frames::{parse_udp, verify_payload, write_payload};
+    use common::{GUEST_IP, GUEST_MAC};
+    use vhost::VhostBackend;
+    for engine in ["uring", "classic"] {
+        for after in [AfterStop::Takeover, AfterStop::Restart] {
+            let ctx = format!("{engine} {after:?}");
+            let ns = Netns::new();
+            let tap = format!("{}t", ns.name);
+            let socket = ns.socket("vu");
+            let control = ns.socket("control");
+            let handoff = ns.socket("handoff");
+            let first = ns.spawn(
+                &[],
+                &[
+                    "--socket",
+                    socket.to_str().unwrap(),
+                    "--tap",
+                    &tap,
+                    "--engine",
+                    engine,
+                    "--handoff-socket",
+                    handoff.to_str().unwrap(),
+                    "--control",
+                    control.to_str().unwrap(),
+                ],
+            );
+            first.event("listening");
+            // Nothing but the test's datagrams reaches the guest: no IPv6, a static neighbour.
+            common::daemon::sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns.name,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{tap}.disable_ipv6=1"),
+            ]);
+            ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap]);
+            ns.ip(&["link", "set", &tap, "up"]);
+            let mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
+            ns.ip(&[
+                "neigh",
+                "replace",
+                &GUEST_IP.to_string(),
+                "lladdr",
+                &mac,
+                "dev",
+                &tap,
+                "nud",
+                "permanent",
+            ]);
+            // 512-byte buffers: a 1054-byte frame needs three, the guest posts one.
+            let mut guest = tapir_simguest::SimGuest::new(common::GuestConfig {
+                queue_pairs: 1,
+                rx_buffer_size: 512,
+                queue_size: 16,
+                ..common::GuestConfig::default()
+            })
+            .unwrap();
+            let (mut rx, _txq) = guest.take_pair(0);
+            let fe = attach(&socket, &guest, 0);
+            first.event("\"running\":[0]");
+            assert_eq!(rx.refill_up_to(1), 1);
+            let send = |seq: u64| {
+                ns.thread(move || {
+                    let host = std::net::UdpSocket::bind((HOST_IP, 9000)).unwrap();
+                    let mut payload = vec![0u8; 1000];
+                    write_payload(&mut payload, 2, seq);
+                    host.send_to(&payload, (GUEST_IP, 7000)).unwrap();
+                })
+                .join()
+                .unwrap();
+            };
+            send(0);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while stats(&control)["queue_pairs"][0]["rx"]["deferred"] != 1 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{ctx}: the frame never waited for buffers: {}",
+                    stats(&control)
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let bases: Vec<u32> = (0..2).map(|i| fe.get_vring_base(i).unwrap()).collect();
+            let stopped = stats(&control);
+            assert_eq!(
+                stopped["queue_pairs"][0]["rx"]["drops"]["no_buffers"], 0,
+                "{ctx}: the ring stop dropped the waiting frame: {stopped}"
+            );
+            let mut successor = None;
+            if let AfterStop::Takeover = after {
+                let second = ns.spawn(
+                    &[],
+                    &["--takeover", handoff.to_str().unwrap(), "--engine", engine],
+                );
+                second.event("\"running\"");
+                first.event("handoff_committed");
+                successor = Some(second);
+            }
+            // The frontend starts the rings again where they stopped.
+            for (q, &base) in guest.queues().iter().zip(&bases) {
+                let i = usize::from(q.index);
+                fe.set_vring_base(i, u16::try_from(base).unwrap()).unwrap();
+                let kick = tapir_testkit::vhost_frontend::guest_eventfd(q.kick_fd).unwrap();
+                fe.set_vring_kick(i, &kick).unwrap();
+            }
+            let got = |rx: &mut tapir_simguest::RxDriver| {
+                let p = common::rx_recv(rx, std::time::Duration::from_secs(5), &ctx)
+                    .unwrap_or_else(|| panic!("{ctx}: no frame after the rings started again"));
+                verify_payload(parse_udp(&p.data).expect("a UDP datagram").payload)
+                    .expect("a verifiable payload")
+            };
+            assert_eq!(got(&mut rx), (2, 0), "{ctx}: the waiting frame first");
+            send(1);
+            assert_eq!(got(&mut rx), (2, 1), "{ctx}: then the next, once");
+            let v = stats(&control);
+            assert_eq!(
+                v["queue_pairs"][0]["rx"]["drops"]["no_buffers"], 0,
+                "{ctx}: {v}"
+            );
+            drop(fe);
+            drop(successor);
+            drop(first);
+        }
+    }
+}

@@ -203,6 +203,7 @@ fn parts(g: GuestConfig) -> (SimGuest, GuestMemory, QueuePairSpec) {
         tx: queue_config(&guest.tx_queue(0)).unwrap(),
         tap: tap.into_queues().pop().unwrap(),
         rx_in_flight: Vec::new(),
+        rx_carried: Vec::new(),
     };
     (guest, mem, spec)
 }

@@ -599,6 +599,7 @@ fn a_lying_serve_predecessor_is_refused() {
             },
             requests: 0,
             report: ReportState::default(),
+            carried: Vec::new(),
         };
         let tap_fd = tap.queues()[0].as_fd();
         type Case<'a> = (&'a str, SessionState, Vec<BorrowedFd<'a>>, &'a str);

@@ -614,6 +614,7 @@ fn rings_outside_guest_memory_are_refused_at_start() {
             tx,
             tap: tap.into_queues().pop().unwrap(),
             rx_in_flight: Vec::new(),
+            rx_carried: Vec::new(),
         };
         let r = Device::start(
             DeviceConfig::new(g.features(), engine),

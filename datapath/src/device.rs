@@ -224,6 +224,7 @@ impl Device {
                 Arc::new(QueuePairStats::default()),
             );
             pair.restore_rx_in_flight(&spec.rx_in_flight)?;
+            pair.set_carried(spec.rx_carried);
             built.push((pair, spec.tap));
         }
         Ok((built, resources))

@@ -335,6 +335,7 @@ fn start_parked(
             tx: queue_config(&state.tx, fds.tx_kick, fds.tx_call),
             tap: fds.tap,
             rx_in_flight: Vec::new(),
+            rx_carried: Vec::new(),
         })
         .collect();
     let config = DeviceConfig {

@@ -10,6 +10,9 @@
 //!   blob (layout and versioning rules in the module);
 //! - `validate`: [`DeviceSnapshot::validate`], every field against the memory map, the
 //!   queue sizes and the manifest; [`decode`] calls it, so a decoded snapshot is consistent;
+//! - `ring`: the one vocabulary for ring state ([`RingAddresses`], [`RingPositions`],
+//!   [`HeldHeads`], [`QueueSize`]), checked on the way in (`TryFrom`), shared by the
+//!   datapath, the handoff and the vhost-user backend;
 //! - `inspect`: [`to_json`] for `tapir state inspect`;
 //! - `example`: [`example_snapshot`], a valid snapshot for tests.
 //!
@@ -25,6 +28,7 @@ mod codec;
 mod error;
 mod example;
 mod inspect;
+mod ring;
 mod snapshot;
 mod validate;
 
@@ -35,6 +39,9 @@ pub use codec::{
 pub use error::{Direction, FdUser, QueueRef, Ring, StateError};
 pub use example::example_snapshot;
 pub use inspect::{feature_names, status_names, to_json};
+pub use ring::{
+    part_align, HeldHeads, QueueSize, RawRingAddresses, RingAddresses, RingError, RingPositions,
+};
 pub use snapshot::{
     CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction,
     MemoryRegionState, QueuePairState, SourceInfo, TapQueueState, VirtqueueState, F_EVENT_IDX,

@@ -217,6 +217,29 @@ pub struct VirtqueueState {
     pub broken: bool,
 }
 
+impl VirtqueueState {
+    /// Where the rings are, as the snapshot says (checked with `RingAddresses::try_from`).
+    #[must_use]
+    pub fn addresses(&self) -> crate::RawRingAddresses {
+        crate::RawRingAddresses {
+            size: self.size,
+            desc: self.desc_table,
+            avail: self.avail_ring,
+            used: self.used_ring,
+        }
+    }
+    /// Where the device is in the rings.
+    #[must_use]
+    pub fn positions(&self) -> crate::RingPositions {
+        crate::RingPositions::new(self.next_avail, self.next_used)
+    }
+    /// The heads in flight, in ring order (checked with `HeldHeads::at`).
+    #[must_use]
+    pub fn held_heads(&self) -> Vec<u16> {
+        self.in_flight.iter().map(|f| f.head).collect()
+    }
+}
+
 /// A descriptor chain the device popped from the available ring but has not put into the
 /// used ring yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,11 +4,12 @@
 //! Checks run in a fixed order (device, memory, queue pairs, fd manifest) and the first
 //! failure is returned. Nothing here indexes, casts or adds unchecked: a snapshot is input.
 
-use crate::error::{Direction, FdUser, QueueRef, Ring, StateError};
+use crate::error::{Direction, FdUser, QueueRef, StateError};
+use crate::ring::{HeldHeads, RingAddresses, RingError};
 use crate::snapshot::{
     DeviceSnapshot, FdEntry, FdKind, InFlightAction, MemoryRegionState, VirtqueueState,
-    F_EVENT_IDX, F_VERSION_1, MAX_CARRIED_BYTES, MAX_FDS, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
-    MAX_REGIONS, MAX_VERSION_LEN, TUN_F_KNOWN, VNET_HDR_LEN, VNET_HDR_LEN_LEGACY,
+    F_EVENT_IDX, F_VERSION_1, MAX_CARRIED_BYTES, MAX_FDS, MAX_QUEUE_PAIRS, MAX_REGIONS,
+    MAX_VERSION_LEN, TUN_F_KNOWN, VNET_HDR_LEN, VNET_HDR_LEN_LEGACY,
 };
 
 impl DeviceSnapshot {
@@ -168,41 +169,9 @@ impl DeviceSnapshot {
                 found: q.index,
             });
         }
-        if !q.size.is_power_of_two() || q.size > MAX_QUEUE_SIZE {
-            return Err(StateError::QueueSize {
-                queue,
-                size: q.size,
-            });
-        }
-        // virtio 1.2, 2.7: descriptor table 16 * size (align 16), available ring
-        // 6 + 2 * size (align 2), used ring 6 + 8 * size (align 4); the trailing 2 bytes of
-        // each ring are used_event / avail_event, counted whether or not EVENT_IDX is on.
-        let size = u64::from(q.size);
-        let rings = [
-            (Ring::Desc, q.desc_table, size.saturating_mul(16), 16u64),
-            (
-                Ring::Avail,
-                q.avail_ring,
-                size.saturating_mul(2).saturating_add(6),
-                2,
-            ),
-            (
-                Ring::Used,
-                q.used_ring,
-                size.saturating_mul(8).saturating_add(6),
-                4,
-            ),
-        ];
-        for (ring, addr, len, align) in rings {
-            // align is a power of two: the low bits of an aligned address are zero.
-            if addr & align.wrapping_sub(1) != 0 {
-                return Err(StateError::RingMisaligned {
-                    queue,
-                    ring,
-                    addr,
-                    align,
-                });
-            }
+        // Size, alignment and the address space: the ring vocabulary's own checks.
+        let addrs = RingAddresses::try_from(q.addresses()).map_err(|e| at(queue, e))?;
+        for (ring, addr, len) in addrs.parts() {
             if !self.memory.iter().any(|r| contains(r, addr, len)) {
                 return Err(StateError::RingOutsideMemory {
                     queue,
@@ -219,15 +188,10 @@ impl DeviceSnapshot {
                 negotiated: event_idx,
             });
         }
-        let popped = q.next_avail.wrapping_sub(q.next_used);
-        if popped > q.size {
-            return Err(StateError::AvailAheadOfUsed {
-                queue,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-                size: q.size,
-            });
-        }
+        let positions = q
+            .positions()
+            .check(addrs.size())
+            .map_err(|e| at(queue, e))?;
         let count = q.in_flight.len();
         if count > usize::from(q.size) {
             return Err(StateError::TooManyInFlight {
@@ -239,40 +203,24 @@ impl DeviceSnapshot {
         // Each chain is popped once (next_avail += 1) and used once (next_used += 1), and
         // a quiesced device holds every popped, unused chain: the in-flight list is exactly
         // those, no more (a head the guest never offered) and no fewer (a chain lost).
-        if count != usize::from(popped) {
+        if count != usize::from(positions.outstanding()) {
             return Err(StateError::InFlightCount {
                 queue,
                 count,
-                popped,
+                popped: positions.outstanding(),
             });
         }
-        let mut seen = vec![false; usize::from(q.size)];
+        HeldHeads::at(addrs.size(), positions, q.held_heads()).map_err(|e| at(queue, e))?;
         let wanted = match queue.dir {
             Direction::Rx => InFlightAction::RepostRx,
             Direction::Tx => InFlightAction::CompleteTx,
         };
-        for (position, f) in q.in_flight.iter().enumerate() {
-            let Some(slot) = seen.get_mut(usize::from(f.head)) else {
-                return Err(StateError::InFlightHeadOutOfRange {
-                    queue,
-                    position,
-                    head: f.head,
-                    size: q.size,
-                });
-            };
-            if std::mem::replace(slot, true) {
-                return Err(StateError::DuplicateInFlightHead {
-                    queue,
-                    head: f.head,
-                });
-            }
-            if f.action != wanted {
-                return Err(StateError::WrongInFlightAction {
-                    queue,
-                    head: f.head,
-                    action: f.action,
-                });
-            }
+        if let Some(f) = q.in_flight.iter().find(|f| f.action != wanted) {
+            return Err(StateError::WrongInFlightAction {
+                queue,
+                head: f.head,
+                action: f.action,
+            });
         }
         Ok(())
     }
@@ -392,6 +340,51 @@ fn claim(
     }
     *slot = Some(user);
     Ok(())
+}
+
+/// A ring rule broken by queue `queue`, as the snapshot's own error.
+fn at(queue: QueueRef, e: RingError) -> StateError {
+    match e {
+        RingError::Size(size) => StateError::QueueSize { queue, size },
+        RingError::Misaligned { ring, addr, align } => StateError::RingMisaligned {
+            queue,
+            ring,
+            addr,
+            align,
+        },
+        RingError::Wraps { ring, addr, len } => StateError::RingOutsideMemory {
+            queue,
+            ring,
+            addr,
+            len,
+        },
+        RingError::AheadOfUsed {
+            next_avail,
+            next_used,
+            size,
+        } => StateError::AvailAheadOfUsed {
+            queue,
+            next_avail,
+            next_used,
+            size,
+        },
+        RingError::HeadOutOfRange {
+            position,
+            head,
+            size,
+        } => StateError::InFlightHeadOutOfRange {
+            queue,
+            position,
+            head,
+            size,
+        },
+        RingError::HeadTwice(head) => StateError::DuplicateInFlightHead { queue, head },
+        RingError::HeldCount { count, outstanding } => StateError::InFlightCount {
+            queue,
+            count,
+            popped: outstanding,
+        },
+    }
 }
 
 /// Whether two regions share a guest address (both already known not to wrap).

@@ -156,6 +156,7 @@ impl Rig {
                 tx: queue_config(&guest.tx_queue(i))?,
                 tap: tap_queue,
                 rx_in_flight: Vec::new(),
+                rx_carried: Vec::new(),
             });
         }
         let device = Device::start(

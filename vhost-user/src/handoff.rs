@@ -9,6 +9,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
+use tapir_state::{CarriedFrame, CarriedFrames};
+
 use crate::session::{Session, Vring, VringAddrs};
 
 /// The frame's magic (tapir-state's header layout).
@@ -20,6 +22,9 @@ const VERSION: u16 = 2;
 /// only when there are some, so that a successor of an earlier build still takes over a
 /// daemon without them.
 const VERSION_WITH_REPORT: u16 = 3;
+/// The format version with carried RX frames ([`SessionState::carried`]) after the report
+/// endpoints: written only when a stopped pair keeps some, for the same reason.
+const VERSION_WITH_CARRIED: u16 = 4;
 /// Version 1's own header (no length, no checksum), still read: a successor of this build
 /// takes over from a `tapir serve` that wrote it.
 const LEGACY_MAGIC: &[u8; 4] = b"TVUS";
@@ -131,6 +136,13 @@ pub struct SessionState {
     /// The report endpoints (format version 3, after the rest).
     #[serde(skip)]
     pub report: ReportState,
+    /// Frames the device had read from the TAP and not delivered when its rings stopped, by
+    /// queue pair (one list each, or none at all), oldest first: the successor delivers
+    /// them before it reads from the TAP (format version 4, after the report endpoints).
+    /// A pair the handed-on device runs has none here: its frames ride in the device
+    /// snapshot.
+    #[serde(skip)]
+    pub carried: Vec<CarriedFrames>,
 }
 
 /// Errors of decoding a session blob.
@@ -138,7 +150,7 @@ pub struct SessionState {
 pub enum SessionStateError {
     /// Not a session blob (neither framed nor of the legacy version 1).
     #[error(
-        "not a tapir vhost-user session blob (versions {LEGACY_VERSION} to {VERSION_WITH_REPORT})"
+        "not a tapir vhost-user session blob (versions {LEGACY_VERSION} to {VERSION_WITH_CARRIED})"
     )]
     Header,
     /// The frame: magic, version, length or checksum.
@@ -232,17 +244,63 @@ pub fn export<'a>(
         endpoint,
         requests: session.requests,
         report: ReportState::default(),
+        carried: carried_of(session),
     }
 }
 
+/// The session's kept frames as the blob carries them: none at all when no pair keeps any.
+/// ([`Session`] keeps them within the blob's bounds, so nothing is lost here.)
+fn carried_of(session: &Session) -> Vec<CarriedFrames> {
+    let kept = session.carried();
+    if kept.iter().all(Vec::is_empty) {
+        return Vec::new();
+    }
+    kept.iter()
+        .map(|frames| {
+            let n = frames.len();
+            CarriedFrames::try_from(frames.clone()).unwrap_or_else(|e| {
+                tracing::error!(frames = n, error = %e, "carried frames over the bound: dropped");
+                CarriedFrames::default()
+            })
+        })
+        .collect()
+}
+
+/// The kept frames a session takes from a decoded blob, one list per queue pair.
+pub fn carried_frames(state: &SessionState) -> Vec<Vec<CarriedFrame>> {
+    state.carried.iter().map(|f| f.frames().to_vec()).collect()
+}
+
 /// Encodes a session state: postcard, framed by tapir-state's codec.
+///
+/// The oldest version that holds the state is written (2; 3 with report endpoints; 4 with
+/// carried frames), so that a successor of an earlier build still takes over a daemon that
+/// needs nothing newer. A blob over [`tapir_state::MAX_BLOB`] is an error, not sent.
 pub fn encode(state: &SessionState) -> Result<Vec<u8>, SessionStateError> {
     let mut payload = postcard::to_allocvec(state).map_err(SessionStateError::Encode)?;
-    if state.report == ReportState::default() {
-        return Ok(tapir_state::seal(MAGIC, VERSION, &payload));
+    let version = if !state.carried.is_empty() {
+        VERSION_WITH_CARRIED
+    } else if state.report != ReportState::default() {
+        VERSION_WITH_REPORT
+    } else {
+        VERSION
+    };
+    if version >= VERSION_WITH_REPORT {
+        payload.extend(postcard::to_allocvec(&state.report).map_err(SessionStateError::Encode)?);
     }
-    payload.extend(postcard::to_allocvec(&state.report).map_err(SessionStateError::Encode)?);
-    Ok(tapir_state::seal(MAGIC, VERSION_WITH_REPORT, &payload))
+    if version >= VERSION_WITH_CARRIED {
+        payload.extend(postcard::to_allocvec(&state.carried).map_err(SessionStateError::Encode)?);
+    }
+    let blob = tapir_state::seal(MAGIC, version, &payload);
+    if blob.len() > tapir_state::MAX_BLOB {
+        return Err(SessionStateError::Frame(
+            tapir_state::StateError::EncodedTooLarge {
+                len: blob.len(),
+                max: tapir_state::MAX_BLOB,
+            },
+        ));
+    }
+    Ok(blob)
 }
 
 /// The format version and payload of a blob: checked by tapir-state's frame (versions 2 and
@@ -259,7 +317,7 @@ fn payload_of(blob: &[u8]) -> Result<(u16, &[u8]), SessionStateError> {
     Ok(tapir_state::unseal(
         MAGIC,
         VERSION,
-        VERSION_WITH_REPORT,
+        VERSION_WITH_CARRIED,
         blob,
     )?)
 }
@@ -268,11 +326,54 @@ fn payload_of(blob: &[u8]) -> Result<(u16, &[u8]), SessionStateError> {
 pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionStateError> {
     let (version, payload) = payload_of(blob)?;
     let (mut state, rest): (SessionState, _) = postcard::take_from_bytes(payload)?;
-    if version == VERSION_WITH_REPORT {
-        state.report = postcard::from_bytes(rest)?;
+    let rest = if version >= VERSION_WITH_REPORT {
+        let (report, rest) = postcard::take_from_bytes(rest)?;
+        state.report = report;
+        rest
+    } else {
+        rest
+    };
+    let rest = if version >= VERSION_WITH_CARRIED {
+        // Each frame's length and each pair's count are checked as they are decoded.
+        let (carried, rest) = postcard::take_from_bytes(rest)?;
+        state.carried = carried;
+        rest
+    } else {
+        rest
+    };
+    if !rest.is_empty() {
+        return Err(SessionStateError::Invalid(format!(
+            "{} bytes after the session state",
+            rest.len()
+        )));
     }
     let bad = |s: String| Err(SessionStateError::Invalid(s));
     let pairs = usize::from(state.queue_pairs);
+    if !state.carried.is_empty() && state.carried.len() != pairs {
+        return bad(format!(
+            "carried frames for {} queue pairs, the session has {pairs}",
+            state.carried.len()
+        ));
+    }
+    let carried_bytes = state
+        .carried
+        .iter()
+        .map(CarriedFrames::total_bytes)
+        .fold(0usize, usize::saturating_add);
+    if carried_bytes > tapir_state::MAX_CARRIED_BYTES {
+        return bad(format!(
+            "{carried_bytes} bytes of carried frames, at most {}",
+            tapir_state::MAX_CARRIED_BYTES
+        ));
+    }
+    if state
+        .carried
+        .iter()
+        .zip(0u16..)
+        .any(|(f, p)| !f.is_empty() && state.running_pairs.contains(&p))
+    {
+        return bad("carried frames for a pair the handed-on device runs".into());
+    }
     if pairs == 0 || state.vrings.len() != 2 * pairs || state.vrings.len() > MAX_VRINGS {
         return bad(format!(
             "{} vrings for {} queue pairs",

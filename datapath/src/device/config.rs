@@ -116,6 +116,11 @@ pub struct QueuePairSpec {
     /// RX heads a predecessor popped and did not use, in ring order (empty for a fresh
     /// device): they are posted first, before anything new is popped.
     pub rx_in_flight: Vec<u16>,
+    /// Frames a predecessor (or this device before a ring stop) read from the TAP and did
+    /// not deliver, oldest first, vnet header included (empty for a fresh device): delivered
+    /// before anything is read from the TAP. Beyond 64, dropped and counted
+    /// (`rx_dropped_no_buffers`).
+    pub rx_carried: Vec<Vec<u8>>,
 }
 
 /// Errors of starting and stopping a device.

@@ -59,13 +59,21 @@ impl QueuePair {
         self.rx.set_positions(p.rx.0, p.rx.1);
         self.tx.set_positions(p.tx.0, p.tx.1);
         self.restore_rx_in_flight(&p.rx_in_flight)?;
-        self.rx_carried.clear();
-        // Bounded like a stop's carry (a frame the pair cannot take is dropped and counted
-        // when it is delivered).
-        for f in p.rx_carried.iter().take(MAX_CARRIED_FRAMES) {
-            self.rx_carried.push_back(f.clone());
-        }
+        self.set_carried(p.rx_carried.clone());
         Ok(())
+    }
+
+    /// Replaces the frames the pair delivers before it reads from the TAP (oldest first).
+    /// Bounded like a stop's carry: beyond [`MAX_CARRIED_FRAMES`] the youngest are dropped
+    /// and counted (`rx_dropped_no_buffers`); a frame the pair cannot take is dropped and
+    /// counted when it is delivered.
+    pub fn set_carried(&mut self, frames: Vec<Vec<u8>>) {
+        let over = frames.len().saturating_sub(MAX_CARRIED_FRAMES);
+        self.counters.rx_dropped_no_buffers = self
+            .counters
+            .rx_dropped_no_buffers
+            .saturating_add(u64::try_from(over).unwrap_or(u64::MAX));
+        self.rx_carried = frames.into_iter().take(MAX_CARRIED_FRAMES).collect();
     }
 
     /// Frames read from the TAP and not yet in guest buffers, oldest first (what a handoff

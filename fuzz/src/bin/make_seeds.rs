@@ -254,6 +254,7 @@ fn session_state() -> tapir_vhost_user::handoff::SessionState {
         },
         requests: 42,
         report: Default::default(),
+        carried: Vec::new(),
     }
 }
 

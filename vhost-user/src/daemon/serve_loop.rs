@@ -51,6 +51,7 @@ impl Daemon {
                 }
                 SessionEnd::Disconnected => {
                     session.stop_device();
+                    session.discard_carried();
                     event(format!(
                         "{{\"event\":\"disconnected\",\"requests\":{}}}",
                         session.requests

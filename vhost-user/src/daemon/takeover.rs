@@ -152,6 +152,7 @@ fn restore(
                 .table
                 .restore(regions)
                 .map_err(|e| ServeError::Restore(e.to_string()))?;
+            session.set_carried(handoff::carried_frames(&state));
             for (v, s) in session.vrings.iter_mut().zip(&state.vrings) {
                 *v = handoff::vring_of(s, &mut fds)?;
             }

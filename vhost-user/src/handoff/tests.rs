@@ -50,6 +50,7 @@ fn state() -> SessionState {
         },
         requests: 42,
         report: ReportState::default(),
+        carried: Vec::new(),
     }
 }
 
@@ -227,4 +228,92 @@ fn report_listeners_that_are_not_what_the_blob_says_are_refused() {
     let e = off_loopback.unwrap_err().to_string();
     assert!(e.contains("loopback"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A frame as the TAP hands it over: the vnet header, then `len` bytes.
+fn frame(len: usize, fill: u8) -> CarriedFrame {
+    CarriedFrame::try_from(vec![fill; 12 + len]).unwrap()
+}
+
+/// The state of a session whose rings are stopped (nothing runs) with frames kept.
+fn stopped_with_carried() -> SessionState {
+    let mut s = state();
+    s.running_pairs.clear();
+    s.carried = vec![CarriedFrames::try_from(vec![frame(1042, 1), frame(60, 2)]).unwrap()];
+    s
+}
+
+#[test]
+fn carried_frames_ride_in_version_4_and_only_then() {
+    let s = stopped_with_carried();
+    let blob = encode(&s);
+    assert_eq!(blob[8..10], VERSION_WITH_CARRIED.to_le_bytes());
+    let back = decode(&blob, 7).unwrap();
+    assert_eq!(back, s);
+    assert_eq!(back.carried, s.carried, "serde(skip) fields compared too");
+    // With report endpoints as well: both ride.
+    let mut both = s.clone();
+    both.report.metrics = Some(7);
+    assert_eq!(decode(&encode(&both), 8).unwrap().carried, s.carried);
+    // None kept: an earlier version, which an earlier successor still reads.
+    let mut none = s.clone();
+    none.carried.clear();
+    assert_eq!(encode(&none)[8..10], VERSION.to_le_bytes());
+}
+
+#[test]
+fn a_flipped_bit_in_a_blob_with_carried_frames_is_refused() {
+    let blob = encode(&stopped_with_carried());
+    for bit in [0, 8 * (blob.len() / 2) + 3, 8 * blob.len() - 1] {
+        let mut bad = blob.clone();
+        bad[bit / 8] ^= 1 << (bit % 8);
+        let e = decode(&bad, 7).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                SessionStateError::Frame(tapir_state::StateError::Checksum { .. })
+                    | SessionStateError::Frame(tapir_state::StateError::BadMagic { .. })
+            ),
+            "bit {bit}: {e}"
+        );
+        assert!(e.to_string().starts_with("session blob: "), "{e}");
+    }
+}
+
+#[test]
+fn carried_frames_that_do_not_add_up_are_refused() {
+    // One list per queue pair, or none.
+    let mut s = stopped_with_carried();
+    s.carried.push(CarriedFrames::default());
+    assert!(matches!(
+        decode(&encode(&s), 7),
+        Err(SessionStateError::Invalid(_))
+    ));
+    // A pair the handed-on device runs carries its frames in the device snapshot.
+    let mut s = stopped_with_carried();
+    s.running_pairs = vec![0];
+    assert!(matches!(
+        decode(&encode(&s), 7),
+        Err(SessionStateError::Invalid(_))
+    ));
+    // A frame shorter than a vnet header, in a blob made by hand (the types refuse it).
+    let s = stopped_with_carried();
+    let mut payload = postcard::to_allocvec(&s).unwrap();
+    payload.extend(postcard::to_allocvec(&s.report).unwrap());
+    payload.extend(postcard::to_allocvec(&vec![vec![vec![0u8; 4]]]).unwrap());
+    let blob = tapir_state::seal(MAGIC, VERSION_WITH_CARRIED, &payload);
+    assert!(matches!(
+        decode(&blob, 7),
+        Err(SessionStateError::Decode(_))
+    ));
+    // Bytes after the last part.
+    let mut payload = postcard::to_allocvec(&s).unwrap();
+    payload.extend(postcard::to_allocvec(&s.report).unwrap());
+    payload.extend(postcard::to_allocvec(&s.carried).unwrap());
+    payload.push(0);
+    let blob = tapir_state::seal(MAGIC, VERSION_WITH_CARRIED, &payload);
+    assert!(matches!(
+        decode(&blob, 7),
+        Err(SessionStateError::Invalid(_))
+    ));
 }

@@ -8,6 +8,8 @@ use tapir_datapath::{
     features, used_index, Device, DeviceConfig, QueueConfig, QueuePairSpec, TapQueue, Virtqueue,
 };
 
+use tapir_state::CarriedFrame;
+
 use super::{invalid, RequestError, Running, Session};
 use crate::link;
 
@@ -17,10 +19,91 @@ impl Session {
         self.stop_device();
         let config = self.config.clone();
         let generation = self.generation;
+        // A reset guest has no use for frames read before it: dropped, and counted.
+        self.discard_carried();
         let counters = std::mem::take(&mut self.stopped_counters);
         *self = Session::new(config, self.taps.clone());
         self.generation = generation;
         self.stopped_counters = counters;
+    }
+
+    /// The frames kept for each queue pair (see [`Session::keep_carried`]), oldest first.
+    pub fn carried(&self) -> &[Vec<CarriedFrame>] {
+        &self.carried
+    }
+
+    /// Takes a predecessor's carried frames (one list per queue pair, from a session blob).
+    pub fn set_carried(&mut self, carried: Vec<Vec<CarriedFrame>>) {
+        let pairs = self.carried.len();
+        self.carried = carried;
+        self.carried.resize_with(pairs, Vec::new);
+    }
+
+    /// Drops every kept frame, counting them (a reset, or the end of the session).
+    pub fn discard_carried(&mut self) {
+        for pair in 0..self.carried.len() {
+            self.drop_carried(pair);
+        }
+    }
+
+    /// Drops the frames kept for `pair`, counting them (`rx_dropped_no_buffers`).
+    fn drop_carried(&mut self, pair: usize) {
+        let Some(frames) = self.carried.get_mut(pair) else {
+            return;
+        };
+        let n = std::mem::take(frames).len();
+        if n == 0 {
+            return;
+        }
+        tracing::warn!(
+            pair,
+            frames = n,
+            "dropping frames that waited for RX buffers"
+        );
+        if let Some(total) = self.stopped_counters.get_mut(pair) {
+            total.rx_dropped_no_buffers = total
+                .rx_dropped_no_buffers
+                .saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+        }
+    }
+
+    /// Keeps frames a stopped pair had read from the TAP and not delivered (oldest first),
+    /// behind any it kept already, within what a session blob may carry: at most
+    /// [`tapir_state::MAX_CARRIED_FRAMES`] a pair and [`tapir_state::MAX_CARRIED_BYTES`] over
+    /// all pairs. The youngest beyond that are dropped and counted (`rx_dropped_no_buffers`).
+    fn keep_carried(&mut self, pair: usize, frames: Vec<Vec<u8>>) {
+        let mut bytes: usize = self
+            .carried
+            .iter()
+            .flatten()
+            .map(|f| f.bytes().len())
+            .fold(0, usize::saturating_add);
+        let mut dropped = 0u64;
+        for f in frames {
+            let len = f.len();
+            let room = self
+                .carried
+                .get(pair)
+                .is_some_and(|k| k.len() < tapir_state::MAX_CARRIED_FRAMES)
+                && bytes.saturating_add(len) <= tapir_state::MAX_CARRIED_BYTES;
+            match (room, CarriedFrame::try_from(f), self.carried.get_mut(pair)) {
+                (true, Ok(frame), Some(kept)) => {
+                    kept.push(frame);
+                    bytes = bytes.saturating_add(len);
+                }
+                _ => dropped = dropped.saturating_add(1),
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                pair,
+                frames = dropped,
+                "dropping frames that waited for RX buffers at a ring stop (beyond what a session carries)"
+            );
+            if let Some(total) = self.stopped_counters.get_mut(pair) {
+                total.rx_dropped_no_buffers = total.rx_dropped_no_buffers.saturating_add(dropped);
+            }
+        }
     }
 
     /// Stops vring `i` (`GET_VRING_BASE`) and returns where the frontend resumes it. The
@@ -88,20 +171,10 @@ impl Session {
                         rx.base = qp.rx_positions().0;
                         rx.held = qp.rx_in_flight();
                     }
-                    // Frames that waited for guest buffers at the stop: the datapath keeps
-                    // them for a successor (tapir datapath's handoff carries them), but a
-                    // vhost-user ring stop does not carry them yet: dropped, and counted.
-                    let carried = qp.rx_carried().len();
-                    if carried > 0 {
-                        tracing::warn!(
-                            pair = p,
-                            frames = carried,
-                            "dropping frames that waited for RX buffers at a ring stop"
-                        );
-                        if let Some(total) = self.stopped_counters.get_mut(usize::from(p)) {
-                            total.rx_dropped_no_buffers += u64::try_from(carried).unwrap_or(0);
-                        }
-                    }
+                    // Frames that waited for guest buffers at the stop stay with the
+                    // session: the next device that runs the pair (this daemon's, or a
+                    // successor's: the session blob carries them) delivers them first.
+                    self.keep_carried(usize::from(p), qp.rx_carried());
                     if let Some(tx) = self.vrings.get_mut(2 * usize::from(p) + 1) {
                         tx.base = qp.tx_positions().0;
                         tx.held.clear();
@@ -235,11 +308,18 @@ impl Session {
         let mut built = Vec::with_capacity(specs.len());
         for (p, rx, tx, rx_in_flight) in specs {
             let tap = self.tap_queue(p)?;
+            // Copies: the frames stay kept until the device runs.
+            let rx_carried = self
+                .carried
+                .get(usize::from(p))
+                .map(|k| k.iter().map(|f| f.bytes().to_vec()).collect())
+                .unwrap_or_default();
             built.push(QueuePairSpec {
                 rx,
                 tx,
                 tap,
                 rx_in_flight,
+                rx_carried,
             });
         }
         let cfg = DeviceConfig {
@@ -264,6 +344,9 @@ impl Session {
         for &p in &pairs {
             if let Some(rx) = self.vrings.get_mut(2 * usize::from(p)) {
                 rx.held.clear();
+            }
+            if let Some(kept) = self.carried.get_mut(usize::from(p)) {
+                kept.clear();
             }
         }
         self.running = Some(Running { device, pairs });

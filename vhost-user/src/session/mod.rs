@@ -192,6 +192,10 @@ pub struct Session {
     /// Counters of the devices this session stopped, by queue pair (a device's workers
     /// count from zero; see [`Session::counter_sources`]).
     stopped_counters: Vec<tapir_datapath::Counters>,
+    /// Frames the device had read from the TAP and not yet delivered when it stopped, by
+    /// queue pair, oldest first: the next device that runs the pair delivers them first, a
+    /// successor gets them in the session blob ([`Session::carried`]).
+    carried: Vec<Vec<tapir_state::CarriedFrame>>,
 }
 
 impl Session {
@@ -215,6 +219,7 @@ impl Session {
             announcements: 0,
             mtu: None,
             stopped_counters: vec![tapir_datapath::Counters::default(); pairs],
+            carried: vec![Vec::new(); pairs],
         }
     }
 
