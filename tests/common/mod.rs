@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 pub use matrix::{
     for_each_cell, for_each_cell_and, for_each_cell_of, Cell, Matrix, Offloads, Ring, EVIDX_ON_OFF,
-    EVIDX_RINGS, MRG_RINGS, NO_EVIDX_RINGS, RINGS,
+    EVIDX_RINGS, MRG_RINGS, NO_EVIDX_RINGS, NO_MRG_RINGS, RINGS,
 };
 pub use tapir_datapath::{Counters, EngineKind};
 pub use tapir_simguest::features as feat;
