@@ -102,20 +102,6 @@ pub fn for_each_engine(mut f: impl FnMut(EngineKind) + Send) {
     }
 }
 
-/// Runs `f(engine, name, config)` for every engine and every named configuration, each in its
-/// own namespace (a rig's TAP name is fixed, so one rig per namespace).
-pub fn for_each_engine_and<C: Clone + Send + Sync>(
-    configs: &[(&str, C)],
-    mut f: impl FnMut(EngineKind, &str, C) + Send,
-) {
-    for engine in engines() {
-        for (name, c) in configs {
-            let label = format!("engine {engine}, {name}");
-            in_netns(&label, || f(engine, name, c.clone()));
-        }
-    }
-}
-
 /// Polls `cond` every millisecond until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
