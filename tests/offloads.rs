@@ -3,7 +3,9 @@
 //! buffers, big buffers split over several descriptors, oversize frames dropped and counted
 //! (never truncated), and guest TX with partial checksums and TSO accepted by the host stack.
 //!
-//! Every scenario runs against both engines, each in its own network namespace.
+//! Every scenario runs over its part of the feature matrix (`common::matrix`: both engines,
+//! the rings and offloads it names, one queue pair), with the guest's buffer or chain layout
+//! as its own case, each cell in its own network namespace.
 
 mod common;
 
@@ -33,23 +35,66 @@ fn probe_offloads(features: u64) -> u32 {
     flags
 }
 
-/// A guest for big frames: 64-entry queues (fewer, bigger buffers), `rx_buffer_size` bytes per
-/// chain over `descs` descriptors.
-fn big_guest(features: u64, rx_buffer_size: u32, descs: u16) -> GuestConfig {
-    GuestConfig {
-        queue_size: if rx_buffer_size > 4096 { 64 } else { 256 },
-        rx_buffer_size,
-        rx_descs_per_chain: descs,
-        ..guest(1, features)
+/// How the guest posts RX buffers, a scenario's own case: `size` bytes per chain over `descs`
+/// descriptors, in queues of `queue` entries. Whether MRG_RXBUF merges them is the cell's.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    size: u32,
+    descs: u16,
+    queue: u16,
+}
+
+impl Layout {
+    /// `size` bytes over `descs` descriptors; 64-entry queues for big chains (fewer, bigger
+    /// buffers), 256 otherwise.
+    const fn new(size: u32, descs: u16) -> Layout {
+        Layout {
+            size,
+            descs,
+            queue: if size > 4096 { 64 } else { 256 },
+        }
+    }
+
+    /// This layout in queues of `queue` entries.
+    const fn queue(self, queue: u16) -> Layout {
+        Layout { queue, ..self }
+    }
+
+    /// The cell's guest posting these buffers.
+    fn guest(self, cell: &Cell) -> GuestConfig {
+        GuestConfig {
+            queue_size: self.queue,
+            rx_buffer_size: self.size,
+            rx_descs_per_chain: self.descs,
+            ..cell.guest()
+        }
+    }
+
+    /// The buffers a frame of `frame_len` bytes takes: as many as it needs with MRG_RXBUF,
+    /// else its one chain.
+    fn buffers(self, cell: &Cell, frame_len: usize) -> u16 {
+        if cell.mrg() {
+            u16::try_from((frame_len + 12).div_ceil(usize::try_from(self.size).unwrap())).unwrap()
+        } else {
+            1
+        }
     }
 }
 
-fn expect_buffers(features: u64, frame_len: usize, bufsize: u32) -> u16 {
-    if features & MRG != 0 {
-        u16::try_from((frame_len + 12).div_ceil(usize::try_from(bufsize).unwrap())).unwrap()
-    } else {
-        1
-    }
+/// One 65562-byte chain: what a guest without MRG_RXBUF posts for 64 KiB frames.
+const BIG: Layout = Layout::new(65562, 1);
+
+/// Runs `f(cell, name, layout)` over `matrix` on every ring: the rings with MRG_RXBUF once per
+/// `merged` layout, the others once per `whole` layout (without MRG_RXBUF a frame must fit one
+/// chain, so their layouts are big ones).
+fn for_each_ring_and_layout(
+    matrix: Matrix,
+    merged: &[(&str, Layout)],
+    whole: &[(&str, Layout)],
+    mut f: impl FnMut(Cell, &str, Layout) + Send,
+) {
+    for_each_cell_and(matrix.rings(&MRG_RINGS), merged, &mut f);
+    for_each_cell_and(matrix.rings(&NO_MRG_RINGS), whole, &mut f);
 }
 
 // ---- 3a. UDP_SEGMENT from the host --------------------------------------------------------
@@ -59,115 +104,115 @@ const USO_SEGMENTS: usize = 42;
 
 #[test]
 fn host_udp_gso_reaches_the_guest_as_one_frame() {
-    let uso = CSUM | feat::VIRTIO_NET_F_GUEST_USO4 | feat::VIRTIO_NET_F_GUEST_USO6;
-    let configs = [
-        ("uso big buffers", big_guest(uso | EVIDX, 65562, 1)),
-        ("uso mrg 2048", big_guest(uso | MRG | EVIDX, 2048, 1)),
-        ("uso mrg 1024 no evidx", big_guest(uso | MRG, 1024, 1)),
-        // Only USO4: the kernel takes USO4 and USO6 together or not at all, so tapir must
-        // drop USO from the TAP and the host segments in software.
-        (
-            "uso4 only (fallback)",
-            big_guest(CSUM | feat::VIRTIO_NET_F_GUEST_USO4 | MRG | EVIDX, 2048, 1),
-        ),
-    ];
-    for_each_engine_and(&configs, |engine, name, g| {
-        let ctx = format!("{engine} {name}");
-        let features = g.features;
-        let bufsize = g.rx_buffer_size;
-        // The one outcome right for this kernel: USO on the TAP (one GSO frame) exactly when
-        // the kernel takes it and the guest acked both USO4 and USO6 (the kernel takes them
-        // together or not at all); segmented datagrams otherwise. In CI the kernel must.
-        let kernel_uso =
-            capability::tap_uso("tcapuso0").expect("USO probe") == capability::Presence::Present;
-        let both = feat::VIRTIO_NET_F_GUEST_USO4 | feat::VIRTIO_NET_F_GUEST_USO6;
-        let uso_on = kernel_uso && features & both == both;
-        assert_eq!(
-            probe_offloads(features) & offload::USO4 != 0,
-            uso_on,
-            "{ctx}: tapir's TAP offloads for features {features:#x} (kernel USO: {kernel_uso})"
-        );
-        let mut rig = start(engine, g, &ctx);
-        let (mut rx, _tx) = rig.take(0);
-        rx.refill();
-        let sock = host_udp(HOST_IP, 9200);
-        set_udp_segment(&sock, GSO_SIZE).expect("UDP_SEGMENT");
-        let total = usize::from(GSO_SIZE) * USO_SEGMENTS;
-        let data = payload(total, 3, 77);
-        let sent = sock
-            .send_to(&data, (GUEST_IP, 7000))
-            .unwrap_or_else(|e| panic!("{ctx}: UDP_SEGMENT send: {e}"));
-        assert_eq!(sent, total, "{ctx}: short GSO send");
-        let mut got = Vec::new();
-        let mut frames_seen = Vec::new();
-        let ok = rx_poll_all(std::slice::from_mut(&mut rx), TIMEOUT, &ctx, |_, p| {
-            let u = frames::parse_udp(&p.data)
-                .unwrap_or_else(|| panic!("{ctx}: not a UDP frame: {:?}", p.hdr));
-            assert_eq!((u.src_port, u.dst_port), (9200, 7000), "{ctx}: ports");
-            got.extend_from_slice(u.payload);
-            frames_seen.push((p.hdr, p.buffers, p.data.len()));
-            got.len() >= total
-        });
-        assert!(
-            ok,
-            "{ctx}: guest got {} of {total} bytes in {} frames; counters {:?}",
-            got.len(),
-            frames_seen.len(),
-            rig.device().counters()
-        );
-        assert_eq!(got.len(), total, "{ctx}: payload bytes");
-        if let Some(at) = first_diff(&got, &data) {
-            panic!("{ctx}: payload differs at byte {at}");
-        }
-        if uso_on {
-            assert_eq!(
-                frames_seen.len(),
-                1,
-                "{ctx}: expected one USO frame: {frames_seen:?}"
-            );
-            let (hdr, buffers, len) = frames_seen[0];
-            assert_eq!(
-                hdr.gso_type,
-                tapir_simguest::VIRTIO_NET_HDR_GSO_UDP_L4,
-                "{ctx}: {hdr:?}"
-            );
-            assert_eq!(hdr.gso_size, GSO_SIZE, "{ctx}: gso_size {hdr:?}");
-            assert_ne!(
-                hdr.flags & tapir_simguest::VIRTIO_NET_HDR_F_NEEDS_CSUM,
-                0,
-                "{ctx}: NEEDS_CSUM {hdr:?}"
-            );
-            assert_eq!(
-                usize::from(hdr.csum_start),
-                frames::L4_OFF,
-                "{ctx}: csum_start"
-            );
-            assert_eq!(hdr.csum_offset, 6, "{ctx}: csum_offset");
-            assert_eq!(len, frames::UDP_PAYLOAD_OFF + total, "{ctx}: frame length");
-            assert_eq!(
-                buffers,
-                expect_buffers(features, len, bufsize),
-                "{ctx}: num_buffers"
-            );
-        } else {
-            // Segmented on the host: every segment is a datagram of gso_size bytes.
-            assert_eq!(
-                frames_seen.len(),
-                USO_SEGMENTS,
-                "{ctx}: segments {frames_seen:?}"
-            );
-            for (hdr, _, len) in &frames_seen {
-                assert_eq!(
-                    hdr.gso_type, 0,
-                    "{ctx}: GSO frame although USO is off: {hdr:?}"
-                );
-                assert_eq!(*len, frames::UDP_PAYLOAD_OFF + usize::from(GSO_SIZE));
-            }
-        }
-        let c = rig.device().counters()[0];
-        assert_eq!(c.rx_dropped_oversize, 0, "{ctx}: {c:?}");
-        rig.stop().unwrap_or_else(|e| panic!("{ctx}: stop: {e}"));
+    // Where one 64 KiB frame lands: every ring (small buffers merged with MRG_RXBUF, one big
+    // chain without), with USO acked.
+    let merged = [("1024-byte buffers", Layout::new(1024, 1))];
+    let whole = [("big buffers", BIG)];
+    let uso = Matrix::LINUX.offloads(&[Offloads::Uso]);
+    for_each_ring_and_layout(uso, &merged, &whole, udp_gso);
+}
+
+#[test]
+fn host_udp_gso_with_uso4_only_is_segmented_on_the_host() {
+    // The fallback is the TAP's offloads, not the ring's: what Linux acks of the ring.
+    let uso4 = Matrix::LINUX.offloads(&[Offloads::Uso4Only]);
+    let layouts = [("2048-byte buffers", Layout::new(2048, 1))];
+    for_each_cell_and(uso4, &layouts, udp_gso);
+}
+
+/// Sends one UDP_SEGMENT write of [`USO_SEGMENTS`] segments from the host and checks what the
+/// guest gets: one USO frame where the TAP takes USO, the datagrams segmented otherwise.
+fn udp_gso(cell: Cell, name: &str, layout: Layout) {
+    let ctx = format!("{} {name}", cell.name());
+    let features = cell.features();
+    // The one outcome right for this kernel: USO on the TAP (one GSO frame) exactly when
+    // the kernel takes it and the guest acked both USO4 and USO6 (the kernel takes them
+    // together or not at all); segmented datagrams otherwise. In CI the kernel must.
+    let kernel_uso =
+        capability::tap_uso("tcapuso0").expect("USO probe") == capability::Presence::Present;
+    let both = feat::VIRTIO_NET_F_GUEST_USO4 | feat::VIRTIO_NET_F_GUEST_USO6;
+    let uso_on = kernel_uso && features & both == both;
+    assert_eq!(
+        probe_offloads(features) & offload::USO4 != 0,
+        uso_on,
+        "{ctx}: tapir's TAP offloads for features {features:#x} (kernel USO: {kernel_uso})"
+    );
+    let mut rig = start(cell.engine, layout.guest(&cell), &ctx);
+    let (mut rx, _tx) = rig.take(0);
+    rx.refill();
+    let sock = host_udp(HOST_IP, 9200);
+    set_udp_segment(&sock, GSO_SIZE).expect("UDP_SEGMENT");
+    let total = usize::from(GSO_SIZE) * USO_SEGMENTS;
+    let data = payload(total, 3, 77);
+    let sent = sock
+        .send_to(&data, (GUEST_IP, 7000))
+        .unwrap_or_else(|e| panic!("{ctx}: UDP_SEGMENT send: {e}"));
+    assert_eq!(sent, total, "{ctx}: short GSO send");
+    let mut got = Vec::new();
+    let mut frames_seen = Vec::new();
+    let ok = rx_poll_all(std::slice::from_mut(&mut rx), TIMEOUT, &ctx, |_, p| {
+        let u = frames::parse_udp(&p.data)
+            .unwrap_or_else(|| panic!("{ctx}: not a UDP frame: {:?}", p.hdr));
+        assert_eq!((u.src_port, u.dst_port), (9200, 7000), "{ctx}: ports");
+        got.extend_from_slice(u.payload);
+        frames_seen.push((p.hdr, p.buffers, p.data.len()));
+        got.len() >= total
     });
+    assert!(
+        ok,
+        "{ctx}: guest got {} of {total} bytes in {} frames; counters {:?}",
+        got.len(),
+        frames_seen.len(),
+        rig.device().counters()
+    );
+    assert_eq!(got.len(), total, "{ctx}: payload bytes");
+    if let Some(at) = first_diff(&got, &data) {
+        panic!("{ctx}: payload differs at byte {at}");
+    }
+    if uso_on {
+        assert_eq!(
+            frames_seen.len(),
+            1,
+            "{ctx}: expected one USO frame: {frames_seen:?}"
+        );
+        let (hdr, buffers, len) = frames_seen[0];
+        assert_eq!(
+            hdr.gso_type,
+            tapir_simguest::VIRTIO_NET_HDR_GSO_UDP_L4,
+            "{ctx}: {hdr:?}"
+        );
+        assert_eq!(hdr.gso_size, GSO_SIZE, "{ctx}: gso_size {hdr:?}");
+        assert_ne!(
+            hdr.flags & tapir_simguest::VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            0,
+            "{ctx}: NEEDS_CSUM {hdr:?}"
+        );
+        assert_eq!(
+            usize::from(hdr.csum_start),
+            frames::L4_OFF,
+            "{ctx}: csum_start"
+        );
+        assert_eq!(hdr.csum_offset, 6, "{ctx}: csum_offset");
+        assert_eq!(len, frames::UDP_PAYLOAD_OFF + total, "{ctx}: frame length");
+        assert_eq!(buffers, layout.buffers(&cell, len), "{ctx}: num_buffers");
+    } else {
+        // Segmented on the host: every segment is a datagram of gso_size bytes.
+        assert_eq!(
+            frames_seen.len(),
+            USO_SEGMENTS,
+            "{ctx}: segments {frames_seen:?}"
+        );
+        for (hdr, _, len) in &frames_seen {
+            assert_eq!(
+                hdr.gso_type, 0,
+                "{ctx}: GSO frame although USO is off: {hdr:?}"
+            );
+            assert_eq!(*len, frames::UDP_PAYLOAD_OFF + usize::from(GSO_SIZE));
+        }
+    }
+    let c = rig.device().counters()[0];
+    assert_eq!(c.rx_dropped_oversize, 0, "{ctx}: {c:?}");
+    rig.stop().unwrap_or_else(|e| panic!("{ctx}: stop: {e}"));
 }
 
 // ---- 3b / 4. A TSO frame injected on the host side ----------------------------------------
@@ -244,51 +289,39 @@ fn inject_tso(rig: &mut Rig, rx: &mut RxDriver, frame_len: usize, ctx: &str) -> 
 
 #[test]
 fn host_tso_frame_reaches_the_guest_as_one_frame() {
-    let tso = CSUM | feat::VIRTIO_NET_F_GUEST_TSO4;
-    let configs = [
-        ("tso big buffers", big_guest(tso | EVIDX, 65562, 1)),
-        ("tso mrg 2048", big_guest(tso | MRG | EVIDX, 2048, 1)),
-    ];
-    for_each_engine_and(&configs, |engine, name, g| {
-        let ctx = format!("{engine} {name}");
-        let (features, bufsize) = (g.features, g.rx_buffer_size);
-        let mut rig = start(engine, g, &ctx);
+    // Where one 60 KB frame lands: every ring (small buffers merged with MRG_RXBUF, one big
+    // chain without), with TSO acked.
+    let merged = [("2048-byte buffers", Layout::new(2048, 1))];
+    let whole = [("big buffers", BIG)];
+    let tso = Matrix::LINUX.offloads(&[Offloads::Tso]);
+    for_each_ring_and_layout(tso, &merged, &whole, |cell, name, layout| {
+        let ctx = format!("{} {name}", cell.name());
+        let mut rig = start(cell.engine, layout.guest(&cell), &ctx);
         let (mut rx, _tx) = rig.take(0);
         rx.refill();
         let pkt = inject_tso(&mut rig, &mut rx, 60_000, &ctx);
-        assert_eq!(
-            pkt.buffers,
-            expect_buffers(features, 60_000, bufsize),
-            "{ctx}: buffers"
-        );
+        assert_eq!(pkt.buffers, layout.buffers(&cell, 60_000), "{ctx}: buffers");
         rig.stop().unwrap_or_else(|e| panic!("{ctx}: stop: {e}"));
     });
 }
 
 #[test]
 fn mrg_rxbuf_reassembles_a_64k_frame_over_small_buffers() {
-    let tso = CSUM | feat::VIRTIO_NET_F_GUEST_TSO4;
-    let configs = [
-        ("mrg 1024", big_guest(tso | MRG | EVIDX, 1024, 1)),
-        ("mrg 2048 no evidx", big_guest(tso | MRG, 2048, 1)),
+    // Every ring: small buffers (one or two descriptors a chain) merged with MRG_RXBUF; without
+    // it one 65562-byte chain per frame, split over 4 descriptors that are not contiguous in
+    // guest memory.
+    let merged = [
+        ("1024-byte buffers", Layout::new(1024, 1)),
         (
-            "mrg 1500 2 descs per chain queue 512",
-            GuestConfig {
-                queue_size: 512,
-                ..big_guest(tso | MRG | EVIDX, 1500, 2)
-            },
-        ),
-        // No MRG_RXBUF: one 65562-byte chain per frame, split over 4 descriptors that are not
-        // contiguous in guest memory.
-        (
-            "big buffers 4 descs per chain",
-            big_guest(tso | EVIDX, 65562, 4),
+            "1500-byte buffers 2 descs per chain queue 512",
+            Layout::new(1500, 2).queue(512),
         ),
     ];
-    for_each_engine_and(&configs, |engine, name, g| {
-        let ctx = format!("{engine} {name}");
-        let (features, bufsize) = (g.features, g.rx_buffer_size);
-        let mut rig = start(engine, g, &ctx);
+    let whole = [("big buffers 4 descs per chain", Layout::new(65562, 4))];
+    let tso = Matrix::LINUX.offloads(&[Offloads::Tso]);
+    for_each_ring_and_layout(tso, &merged, &whole, |cell, name, layout| {
+        let ctx = format!("{} {name}", cell.name());
+        let mut rig = start(cell.engine, layout.guest(&cell), &ctx);
         let (mut rx, _tx) = rig.take(0);
         rx.refill();
         // Twice, so that the second frame lands in recycled (re-walked) buffers.
@@ -299,9 +332,9 @@ fn mrg_rxbuf_reassembles_a_64k_frame_over_small_buffers() {
                 frames::MAX_GSO_FRAME,
                 &format!("{ctx} round {round}"),
             );
-            let want = expect_buffers(features, frames::MAX_GSO_FRAME, bufsize);
+            let want = layout.buffers(&cell, frames::MAX_GSO_FRAME);
             assert_eq!(pkt.buffers, want, "{ctx}: num_buffers");
-            if features & MRG != 0 {
+            if cell.mrg() {
                 assert!(
                     pkt.buffers > 1,
                     "{ctx}: a 64 KiB frame in one small buffer?"
@@ -330,28 +363,19 @@ fn mrg_rxbuf_reassembles_a_64k_frame_over_small_buffers() {
 /// buffers parked in idle reads must not make the device drop it for "no buffers".
 #[test]
 fn mrg_rxbuf_64k_frame_with_few_chains_posted() {
-    let tso = CSUM | feat::VIRTIO_NET_F_GUEST_TSO4;
-    let configs = [
-        (
-            "mrg 1500 2 descs per chain",
-            big_guest(tso | MRG | EVIDX, 1500, 2),
-        ),
-        (
-            "mrg 2048 queue 64",
-            GuestConfig {
-                queue_size: 64,
-                ..big_guest(tso | MRG | EVIDX, 2048, 1)
-            },
-        ),
+    let layouts = [
+        ("1500-byte buffers 2 descs per chain", Layout::new(1500, 2)),
+        ("2048-byte buffers queue 64", Layout::new(2048, 1).queue(64)),
     ];
-    for_each_engine_and(&configs, |engine, name, g| {
-        let ctx = format!("{engine} {name}");
-        let (features, bufsize) = (g.features, g.rx_buffer_size);
-        let mut rig = start(engine, g, &ctx);
+    // Few chains is MRG_RXBUF's case (the frame is spread over them); EVENT_IDX as Linux acks.
+    let tso = Matrix::LINUX.offloads(&[Offloads::Tso]);
+    for_each_cell_and(tso, &layouts, |cell, name, layout| {
+        let ctx = format!("{} {name}", cell.name());
+        let mut rig = start(cell.engine, layout.guest(&cell), &ctx);
         let (mut rx, _tx) = rig.take(0);
         rx.refill();
         let pkt = inject_tso(&mut rig, &mut rx, frames::MAX_GSO_FRAME, &ctx);
-        let want = expect_buffers(features, frames::MAX_GSO_FRAME, bufsize);
+        let want = layout.buffers(&cell, frames::MAX_GSO_FRAME);
         assert_eq!(pkt.buffers, want, "{ctx}: num_buffers");
         rig.stop().unwrap_or_else(|e| panic!("{ctx}: stop: {e}"));
     });
@@ -361,13 +385,17 @@ fn mrg_rxbuf_64k_frame_with_few_chains_posted() {
 
 #[test]
 fn oversize_frames_are_dropped_and_counted_never_truncated() {
-    let configs = [
-        ("512-byte buffers", big_guest(CSUM | EVIDX, 512, 1)),
-        ("512-byte buffers 2 descs", big_guest(0, 512, 2)),
+    let layouts = [
+        ("512-byte buffers", Layout::new(512, 1)),
+        ("512-byte buffers 2 descs", Layout::new(512, 2)),
     ];
-    for_each_engine_and(&configs, |engine, name, g| {
-        let ctx = format!("{engine} {name}");
-        let mut rig = start(engine, g, &ctx);
+    // Without MRG_RXBUF (with it the frame is merged), EVENT_IDX as Linux acks (a dropped
+    // frame takes no chain, so it notifies nothing); checksum offloads as Linux acks (they
+    // change no frame's size).
+    let matrix = Matrix::LINUX.rings(&[Ring::Evidx]);
+    for_each_cell_and(matrix, &layouts, |cell, name, layout| {
+        let ctx = format!("{} {name}", cell.name());
+        let mut rig = start(cell.engine, layout.guest(&cell), &ctx);
         let (mut rx, _tx) = rig.take(0);
         rx.refill();
         let hs = host_udp(HOST_IP, 9100);
@@ -417,13 +445,14 @@ fn oversize_frames_are_dropped_and_counted_never_truncated() {
 /// MRG_RXBUF: a 60 KB frame must be dropped and counted, not truncated.
 #[test]
 fn oversize_gso_frame_is_dropped_for_a_guest_with_small_buffers() {
-    let configs = [(
-        "tso no mrg 2048",
-        big_guest(CSUM | feat::VIRTIO_NET_F_GUEST_TSO4 | EVIDX, 2048, 1),
-    )];
-    for_each_engine_and(&configs, |engine, name, g| {
-        let ctx = format!("{engine} {name}");
-        let mut rig = start(engine, g, &ctx);
+    // The rings without MRG_RXBUF, by definition, with TSO acked.
+    let matrix = Matrix::LINUX
+        .rings(&NO_MRG_RINGS)
+        .offloads(&[Offloads::Tso]);
+    let layouts = [("2048-byte buffers", Layout::new(2048, 1))];
+    for_each_cell_and(matrix, &layouts, |cell, name, layout| {
+        let ctx = format!("{} {name}", cell.name());
+        let mut rig = start(cell.engine, layout.guest(&cell), &ctx);
         let (mut rx, _tx) = rig.take(0);
         rx.refill();
         let flow = FlowSpec {
@@ -458,21 +487,48 @@ fn oversize_gso_frame_is_dropped_for_a_guest_with_small_buffers() {
 
 // ---- 3c. Guest TX with partial checksums and TSO ------------------------------------------
 
+/// How the guest lays out a TX chain, a scenario's own case.
+#[derive(Clone, Copy, Debug)]
+enum TxChain {
+    /// Header and frame in one descriptor.
+    Contiguous,
+    /// The header in a descriptor of its own.
+    SplitHeader,
+    /// The header in a descriptor of its own, the chain in an indirect table
+    /// (INDIRECT_DESC acked).
+    IndirectSplitHeader,
+}
+
+impl TxChain {
+    /// The cell's guest sending such chains.
+    fn guest(self, cell: &Cell) -> GuestConfig {
+        let g = cell.guest();
+        match self {
+            TxChain::Contiguous => g,
+            TxChain::SplitHeader => GuestConfig {
+                tx_split_header: true,
+                ..g
+            },
+            TxChain::IndirectSplitHeader => GuestConfig {
+                tx_split_header: true,
+                features: g.features | feat::VIRTIO_RING_F_INDIRECT_DESC,
+                ..g
+            },
+        }
+    }
+}
+
 #[test]
 fn guest_partial_checksum_frames_are_accepted_by_the_host() {
-    let configs = [
-        ("csum", guest(1, CSUM | MRG | EVIDX)),
-        (
-            "csum split header",
-            GuestConfig {
-                tx_split_header: true,
-                ..guest(1, CSUM | EVIDX)
-            },
-        ),
+    let chains = [
+        ("one descriptor", TxChain::Contiguous),
+        ("split header", TxChain::SplitHeader),
     ];
-    for_each_engine_and(&configs, |engine, name, g| {
-        let ctx = format!("{engine} {name}");
-        let mut rig = start(engine, g, &ctx);
+    // TX: EVENT_IDX on and off (completions notify), MRG_RXBUF is RX's; checksums acked.
+    let matrix = Matrix::LINUX.rings(&EVIDX_ON_OFF);
+    for_each_cell_and(matrix, &chains, |cell, name, chain| {
+        let ctx = format!("{} {name}", cell.name());
+        let mut rig = start(cell.engine, chain.guest(&cell), &ctx);
         let (_rx, mut tx) = rig.take(0);
         let sock = host_udp(HOST_IP, 9000);
         let flow = rig.guest_to_host(5000, 9000);
@@ -510,20 +566,17 @@ fn guest_partial_checksum_frames_are_accepted_by_the_host() {
 
 #[test]
 fn guest_tso_frame_is_accepted_by_the_host() {
-    let host_tso = CSUM | feat::VIRTIO_NET_F_HOST_TSO4;
-    let configs = [
-        ("tso", guest(1, host_tso | MRG | EVIDX)),
-        (
-            "tso indirect split",
-            GuestConfig {
-                tx_split_header: true,
-                ..guest(1, host_tso | feat::VIRTIO_RING_F_INDIRECT_DESC)
-            },
-        ),
+    let chains = [
+        ("one descriptor", TxChain::Contiguous),
+        ("indirect split header", TxChain::IndirectSplitHeader),
     ];
-    for_each_engine_and(&configs, |engine, name, g| {
-        let ctx = format!("{engine} {name}");
-        let mut rig = start(engine, g, &ctx);
+    // TX: EVENT_IDX on and off (completions notify), MRG_RXBUF is RX's; TSO acked.
+    let matrix = Matrix::LINUX
+        .rings(&EVIDX_ON_OFF)
+        .offloads(&[Offloads::Tso]);
+    for_each_cell_and(matrix, &chains, |cell, name, chain| {
+        let ctx = format!("{} {name}", cell.name());
+        let mut rig = start(cell.engine, chain.guest(&cell), &ctx);
         let (mut rx, mut tx) = rig.take(0);
         rx.refill();
         let flow = FlowSpec {

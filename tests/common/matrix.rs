@@ -32,6 +32,9 @@ impl Ring {
     }
 }
 
+/// UDP segmentation towards the guest, both IP versions.
+const USO: u64 = feat::VIRTIO_NET_F_GUEST_USO4 | feat::VIRTIO_NET_F_GUEST_USO6;
+
 /// The offloads of a cell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Offloads {
@@ -40,8 +43,27 @@ pub enum Offloads {
     /// Checksums and TCP segmentation both ways (`HOST_TSO4/6`, `GUEST_TSO4/6`): with
     /// [`Ring::MrgEvidx`], what a Linux guest acks (`tapir_testkit::linux_guest_features`).
     Tso,
+    /// Checksums and UDP segmentation towards the guest (`GUEST_USO4/6`): the TAP carries
+    /// USO frames exactly when the kernel takes USO (`tapir_testkit::capability::tap_uso`).
+    Uso,
+    /// Checksums and `GUEST_USO4` without `GUEST_USO6`: the kernel takes the two together or
+    /// not at all, so tapir leaves USO off the TAP and the host segments in software.
+    Uso4Only,
     /// None: every frame carries its full checksum.
     None,
+}
+
+impl Offloads {
+    /// The virtio features a guest with these offloads acks.
+    pub fn acks(self) -> u64 {
+        match self {
+            Offloads::Csum => CSUM,
+            Offloads::Tso => CSUM | TSO,
+            Offloads::Uso => CSUM | USO,
+            Offloads::Uso4Only => CSUM | feat::VIRTIO_NET_F_GUEST_USO4,
+            Offloads::None => 0,
+        }
+    }
 }
 
 /// Every ring combination.
@@ -52,6 +74,8 @@ pub const EVIDX_RINGS: [Ring; 2] = [Ring::MrgEvidx, Ring::Evidx];
 pub const NO_EVIDX_RINGS: [Ring; 2] = [Ring::Mrg, Ring::Plain];
 /// The rings with MRG_RXBUF.
 pub const MRG_RINGS: [Ring; 2] = [Ring::MrgEvidx, Ring::Mrg];
+/// The rings without MRG_RXBUF (a frame must fit one chain).
+pub const NO_MRG_RINGS: [Ring; 2] = [Ring::Evidx, Ring::Plain];
 /// EVENT_IDX on and off, MRG_RXBUF along with it: for a TX-side scenario, where MRG_RXBUF
 /// (an RX feature) changes nothing.
 pub const EVIDX_ON_OFF: [Ring; 2] = [Ring::MrgEvidx, Ring::Plain];
@@ -74,12 +98,7 @@ impl Cell {
             Ring::Evidx => EVIDX,
             Ring::Plain => 0,
         };
-        let offloads = match self.offloads {
-            Offloads::Csum => CSUM,
-            Offloads::Tso => CSUM | TSO,
-            Offloads::None => 0,
-        };
-        ring | offloads
+        ring | self.offloads.acks()
     }
 
     /// The cell's guest, other settings default.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 pub use matrix::{
     for_each_cell, for_each_cell_and, for_each_cell_of, Cell, Matrix, Offloads, Ring, EVIDX_ON_OFF,
-    EVIDX_RINGS, MRG_RINGS, NO_EVIDX_RINGS, RINGS,
+    EVIDX_RINGS, MRG_RINGS, NO_EVIDX_RINGS, NO_MRG_RINGS, RINGS,
 };
 pub use tapir_datapath::{Counters, EngineKind};
 pub use tapir_simguest::features as feat;
@@ -99,20 +99,6 @@ pub fn engines() -> Vec<EngineKind> {
 pub fn for_each_engine(mut f: impl FnMut(EngineKind) + Send) {
     for engine in engines() {
         in_netns(&format!("engine {engine}"), || f(engine));
-    }
-}
-
-/// Runs `f(engine, name, config)` for every engine and every named configuration, each in its
-/// own namespace (a rig's TAP name is fixed, so one rig per namespace).
-pub fn for_each_engine_and<C: Clone + Send + Sync>(
-    configs: &[(&str, C)],
-    mut f: impl FnMut(EngineKind, &str, C) + Send,
-) {
-    for engine in engines() {
-        for (name, c) in configs {
-            let label = format!("engine {engine}, {name}");
-            in_netns(&label, || f(engine, name, c.clone()));
-        }
     }
 }
 
