@@ -1,6 +1,6 @@
 //! The io_uring engine: one ring per queue pair, batched submissions, zero copy. This file
-//! is the worker's loop; `op` is what an SQE's user data says, `setup` builds a worker's
-//! restricted ring.
+//! is the worker's loop; `op` is what an SQE's user data says, `rx` posts the TAP reads,
+//! `complete` handles completions, `setup` builds a worker's restricted ring.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -9,11 +9,12 @@ use io_uring::types::{CancelBuilder, Fixed};
 use io_uring::{opcode, squeue, IoUring};
 
 use super::{Engine, EngineConfig, EngineError, EngineKind, Leftovers};
-use crate::pair::{Direction, QueuePair, RxPrep, RxRead, RxRetry, TxPop, TxWrite};
+use crate::pair::{Direction, QueuePair, RxRead, TxPop, TxWrite};
 use crate::tap::TapQueue;
 
 mod complete;
 mod op;
+mod rx;
 mod setup;
 
 use op::Op;
@@ -271,113 +272,6 @@ impl Loop {
         if self.phase == Phase::Running {
             self.phase = Phase::Stopping;
         }
-    }
-
-    /// Completes waiting frames in order while the guest has buffers for them; when one still
-    /// waits, the guest's RX kick is armed (and re-checked) for it.
-    fn drain_rx_waiting(&mut self, pair: &mut QueuePair) {
-        while let Some(&slot) = self.rx_waiting.front() {
-            match pair.retry_deferred(&mut self.rx[slot]) {
-                RxRetry::Done => {
-                    self.rx_waiting.pop_front();
-                    self.rx_free.push(slot);
-                }
-                RxRetry::Waiting => return,
-                RxRetry::Yield => {
-                    // Buffers may be there (no kick will come for them): try again at once.
-                    self.rx_pending = true;
-                    self.again = true;
-                    return;
-                }
-            }
-        }
-    }
-
-    fn fill_rx(&mut self, pair: &mut QueuePair) -> Result<(), EngineError> {
-        self.rx_pending = false;
-        self.drain_rx_waiting(pair);
-        if !self.rx_waiting.is_empty() || self.rx_gate == RxGate::Paused {
-            // A frame waits for guest buffers: read nothing more (frames wait in the TAP).
-            return Ok(());
-        }
-        // Prepare the burst, then post it. (Linking the reads so that the first EAGAIN
-        // cancels the rest was measured 15x slower: a linked read runs from task work after
-        // its predecessor completes, i.e. one read per io_uring_enter under DEFER_TASKRUN.)
-        self.rx_batch.clear();
-        while self.rx_posted + self.rx_batch.len() < self.rx_burst {
-            let Some(slot) = self.rx_free.pop() else {
-                break;
-            };
-            let others = self.rx_posted + self.rx_batch.len() > 0;
-            let Some(r) = self.rx.get_mut(slot) else {
-                break;
-            };
-            match pair.prepare_rx(r, others) {
-                RxPrep::Ready => {}
-                RxPrep::Withheld => {
-                    // The pass's budget is spent: come back without waiting for a kick.
-                    self.rx_free.push(slot);
-                    self.rx_pending = true;
-                    self.again = true;
-                    break;
-                }
-                RxPrep::NoBuffers => {
-                    self.rx_free.push(slot);
-                    break;
-                }
-                RxPrep::Stopped => {
-                    self.rx_free.push(slot);
-                    self.stop_seen();
-                    break;
-                }
-            }
-            self.rx_batch.push(slot);
-        }
-        let n = self.rx_batch.len();
-        for k in 0..n {
-            let slot = self.rx_batch[k];
-            let r = &self.rx[slot];
-            // At most MAX_SEGMENTS chains' iovecs plus the spill area.
-            let entry = opcode::Readv::new(
-                Fixed(FILE_TAP),
-                r.seg.iov.as_ptr(),
-                iov_count(r.seg.iov.len()),
-            )
-            .rw_flags(libc::RWF_NOWAIT)
-            .build()
-            .user_data(Op::Rx(slot).user_data());
-            // SAFETY: the iovecs point into guest memory (mapped for the worker's life) and
-            // into the slot's spill area (owned by the slot, which outlives the loop); the
-            // slot is untouched until the read's completion.
-            unsafe { self.push(entry)? };
-            self.rx_posted += 1;
-        }
-        Ok(())
-    }
-
-    /// A read found nothing or failed: stop posting reads until the TAP is readable again
-    /// (EAGAIN: the TAP queue is empty; one POLLIN wait replaces a pending read per slot) or
-    /// for 10 ms (other errors: a detached queue, a link that went away), so a failing TAP
-    /// never makes the loop spin.
-    fn pause_rx(&mut self, pair: &QueuePair, res: i32) -> Result<(), EngineError> {
-        self.rx_gate = RxGate::Paused;
-        let entry = if res == -libc::EAGAIN {
-            // POLLIN fits in u32 (it is 1).
-            opcode::PollAdd::new(Fixed(FILE_TAP), libc::POLLIN.unsigned_abs().into())
-                .build()
-                .user_data(Op::RxRetry.user_data())
-        } else {
-            tracing::warn!(
-                pair = pair.index,
-                errno = -res,
-                "TAP read failed; pausing RX for 10 ms"
-            );
-            opcode::Timeout::new(&RX_RETRY)
-                .build()
-                .user_data(Op::RxRetry.user_data())
-        };
-        // SAFETY: a poll carries no buffer; `RX_RETRY` is a static.
-        unsafe { self.push(entry) }
     }
 
     fn signal(&mut self, dir: Direction) -> Result<(), EngineError> {
