@@ -86,13 +86,7 @@ fn quick_bench_reports_every_engine_latency_and_the_handoff() {
         let rows: Vec<String> = latency
             .iter()
             .filter(|l| l["placement"] == placement)
-            .map(|l| {
-                format!(
-                    "{} {}",
-                    l["engine"].as_str().unwrap(),
-                    l["load"].as_str().unwrap()
-                )
-            })
+            .map(latency_row)
             .collect();
         assert_eq!(
             rows,
@@ -234,13 +228,7 @@ fn quick_bench_reports_each_busy_poll_budget_and_the_drop_early_sink() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| {
-            format!(
-                "{} {}",
-                l["engine"].as_str().unwrap(),
-                l["load"].as_str().unwrap()
-            )
-        })
+        .map(latency_row)
         .collect();
     for load in ["idle", "loaded"] {
         for engine in ["uring", "uring+bp50", "classic", "classic+bp50", "floor"] {
@@ -260,6 +248,15 @@ fn quick_bench_reports_each_busy_poll_budget_and_the_drop_early_sink() {
 }
 
 /// Processes whose command line mentions `needle` (the test's unique socket path).
+/// A latency row of the JSON report as `ENGINE LOAD` (`uring+bp50 idle`).
+fn latency_row(l: &serde_json::Value) -> String {
+    format!(
+        "{} {}",
+        l["engine"].as_str().unwrap(),
+        l["load"].as_str().unwrap()
+    )
+}
+
 fn processes_mentioning(needle: &str) -> Vec<i32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {

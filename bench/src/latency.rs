@@ -173,7 +173,6 @@ pub fn summarize(
     let p50_spread_us = medians.fold([f64::INFINITY, 0.0f64], |[lo, hi], m| {
         [lo.min(m), hi.max(m)]
     });
-    let h = &h;
     Ok(LatencyResult {
         lost: runs.iter().map(|r| r.lost).sum(),
         engine: row.label(),
