@@ -575,19 +575,23 @@ enum AfterStop {
     Takeover,
     /// The same daemon, the frontend starting the rings again (a VMM's stop and continue).
     Restart,
+    /// Nobody: the frontend resets the device (`RESET_OWNER`), and the guest that would have
+    /// taken the frame is gone. The frame is dropped, and counted.
+    Reset,
 }
 
 /// A frame read from the TAP that waits for guest buffers when the frontend stops the rings
 /// (`GET_VRING_BASE`) stays with the session instead of being dropped: a `--takeover`
 /// successor gets it in the session blob, and whoever serves the rings when the frontend
-/// starts them again delivers it before anything newer, once.
+/// starts them again delivers it before anything newer, once. A reset instead drops it and
+/// counts it (`no_buffers`).
 #[test]
 fn a_frame_waiting_for_buffers_at_a_ring_stop_is_delivered_when_the_rings_start_again() {
     use common::frames::{parse_udp, verify_payload, write_payload};
     use common::{GUEST_IP, GUEST_MAC};
     use vhost::VhostBackend;
     for engine in ["uring", "classic"] {
-        for after in [AfterStop::Takeover, AfterStop::Restart] {
+        for after in [AfterStop::Takeover, AfterStop::Restart, AfterStop::Reset] {
             let ctx = format!("{engine} {after:?}");
             let ns = Netns::new();
             let tap = format!("{}t", ns.name);
@@ -672,6 +676,17 @@ fn a_frame_waiting_for_buffers_at_a_ring_stop_is_delivered_when_the_rings_start_
                 stopped["queue_pairs"][0]["rx"]["drops"]["no_buffers"], 0,
                 "{ctx}: the ring stop dropped the waiting frame: {stopped}"
             );
+            if let AfterStop::Reset = after {
+                fe.reset_owner().unwrap();
+                let v = stats(&control);
+                assert_eq!(
+                    v["queue_pairs"][0]["rx"]["drops"]["no_buffers"], 1,
+                    "{ctx}: the kept frame dropped at the reset and counted: {v}"
+                );
+                drop(fe);
+                drop(first);
+                continue;
+            }
             let mut successor = None;
             if let AfterStop::Takeover = after {
                 let second = ns.spawn(

@@ -455,7 +455,8 @@ fn quiesce_scenario(check_order: bool) {
             assert_eq!(pairs.len(), 1, "{ctx}: quiesced pairs");
             let qp = &pairs[0];
 
-            let (tx_avail, tx_used) = qp.tx_positions();
+            let tx_ring = qp.tx_positions();
+            let (tx_avail, tx_used) = (tx_ring.next_avail, tx_ring.next_used);
             assert_eq!(
                 tx_avail, chains,
                 "{ctx}: TX next_avail (guest sent {chains} chains)"
@@ -467,7 +468,8 @@ fn quiesce_scenario(check_order: bool) {
                 "{ctx}: TX used.idx in guest memory"
             );
 
-            let (rx_avail, rx_used) = qp.rx_positions();
+            let rx_ring = qp.rx_positions();
+            let (rx_avail, rx_used) = (rx_ring.next_avail, rx_ring.next_used);
             assert_eq!(rx_used, used_idx, "{ctx}: RX next_used vs used.idx");
             assert!(
                 rx_avail.wrapping_sub(rx_used) <= posted.wrapping_sub(rx_used),

@@ -604,11 +604,13 @@ fn rings_outside_guest_memory_are_refused_at_start() {
         let (hole, _) = mem.hole();
         let q = |info: tapir_simguest::VirtqueueInfo| queue_config(&info).unwrap();
         let mut tx = q(g.tx_queue(0));
+        let mut raw = tx.ring.raw();
         match which {
-            0 => tx.desc_table = hole + 0x1000,
-            1 => tx.avail_ring = mem.region_end() + 0x1000,
-            _ => tx.used_ring = hole - 0x100,
+            0 => raw.desc = hole + 0x1000,
+            1 => raw.avail = mem.region_end() + 0x1000,
+            _ => raw.used = hole - 0x100,
         }
+        tx.ring = tapir_state::RingAddresses::try_from(raw).unwrap();
         let spec = QueuePairSpec {
             rx: q(g.rx_queue(0)),
             tx,

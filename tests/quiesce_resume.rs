@@ -62,15 +62,16 @@ fn quiesce_and_resume_loses_nothing() {
                 // Quiesce: nothing in flight; then resume where it stopped.
                 let q = device.quiesce().unwrap();
                 let p = &q.pairs[0];
-                let (tx_avail, tx_used) = p.tx_positions();
+                let tx_ring = p.tx_positions();
                 assert_eq!(
-                    tx_avail, tx_used,
+                    tx_ring.outstanding(),
+                    0,
                     "{engine}: a TX chain in flight after quiesce"
                 );
+                let tx_used = tx_ring.next_used;
                 assert_eq!(u64::from(tx_used), (round + 1) * 20, "{engine}");
-                let (rx_avail, rx_used) = p.rx_positions();
                 assert_eq!(
-                    usize::from(rx_avail.wrapping_sub(rx_used)),
+                    usize::from(p.rx_positions().outstanding()),
                     p.rx_in_flight().len(),
                     "{engine}"
                 );
@@ -133,11 +134,13 @@ fn a_stop_during_a_full_tx_batch_is_seen_between_chains() {
                 next_host += 1;
                 let q = device.quiesce().unwrap();
                 let p = &q.pairs[0];
-                let (tx_avail, tx_used) = p.tx_positions();
+                let tx_ring = p.tx_positions();
                 assert_eq!(
-                    tx_avail, tx_used,
+                    tx_ring.outstanding(),
+                    0,
                     "{engine}: a TX chain in flight after quiesce"
                 );
+                let tx_used = tx_ring.next_used;
                 let done = u64::from(tx_used.wrapping_sub(used_before));
                 assert!(done >= 1 && done <= pushed, "{engine}: {done} of {pushed}");
                 if done < pushed {

@@ -76,12 +76,14 @@ fn chain_to_iovecs(c: &mut Criterion) {
 fn used_ring_publish(c: &mut Criterion) {
     let mem = memory();
     let cfg = QueueConfig {
-        size: SIZE,
-        desc_table: DESC,
-        avail_ring: AVAIL,
-        used_ring: USED,
-        next_avail: 0,
-        next_used: 0,
+        ring: tapir_state::RingAddresses::try_from(tapir_state::RawRingAddresses {
+            size: SIZE,
+            desc: DESC,
+            avail: AVAIL,
+            used: USED,
+        })
+        .expect("ring addresses"),
+        positions: tapir_state::RingPositions::default(),
         kick: eventfd(),
         call: eventfd(),
     };

@@ -13,6 +13,8 @@ use crate::engine::{self, EngineError, EngineKind, Leftovers};
 use crate::fd_check;
 use crate::features;
 use crate::memory::GuestMemory;
+use tapir_state::RingPositions;
+
 use crate::pair::{PairPositions, PairSettings, QueuePair, StopRequest};
 
 use crate::stats::{Counters, QueuePairStats};
@@ -23,7 +25,7 @@ mod config;
 mod gate;
 mod handback;
 
-pub use config::{DeviceConfig, DeviceError, PairResources, QueuePairSpec, RingAddrs};
+pub use config::{DeviceConfig, DeviceError, PairResources, QueuePairSpec};
 use gate::{Decision, Gate};
 use handback::{Exiting, Handback};
 
@@ -136,13 +138,23 @@ pub struct QuiescedPair {
 }
 
 impl QuiescedPair {
-    /// (next_avail, next_used) of the RX queue.
-    pub fn rx_positions(&self) -> (u16, u16) {
+    /// Where the RX queue stopped.
+    pub fn rx_positions(&self) -> RingPositions {
         self.pair.rx.positions()
     }
-    /// (next_avail, next_used) of the TX queue.
-    pub fn tx_positions(&self) -> (u16, u16) {
+    /// Where the TX queue stopped.
+    pub fn tx_positions(&self) -> RingPositions {
         self.pair.tx.positions()
+    }
+    /// Where the pair resumes: both queues' positions, the RX heads held, the frames that
+    /// wait for guest buffers (what a handoff's snapshot and switch carry).
+    pub fn positions(&self) -> PairPositions {
+        PairPositions {
+            rx: self.rx_positions(),
+            tx: self.tx_positions(),
+            rx_in_flight: self.rx_in_flight(),
+            rx_carried: self.rx_carried(),
+        }
     }
     /// RX heads popped but not used, in ring order (a successor re-posts them first).
     pub fn rx_in_flight(&self) -> Vec<u16> {

@@ -61,13 +61,16 @@ pub fn queue_config(
         let e = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
         Ok(OwnedFd::from(e))
     };
-    Ok(QueueConfig {
+    let ring = tapir_state::RingAddresses::try_from(tapir_state::RawRingAddresses {
         size,
-        desc_table,
-        avail_ring,
-        used_ring,
-        next_avail: 0,
-        next_used: 0,
+        desc: desc_table,
+        avail: avail_ring,
+        used: used_ring,
+    })
+    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    Ok(QueueConfig {
+        ring,
+        positions: tapir_state::RingPositions::default(),
         kick: efd()?,
         call: efd()?,
     })
@@ -269,7 +272,8 @@ impl PairHarness {
             (&mut self.rx_watch, &self.pair.rx),
             (&mut self.tx_watch, &self.pair.tx),
         ] {
-            (w.avail_seen, w.seen) = q.positions();
+            let p = q.positions();
+            (w.avail_seen, w.seen) = (p.next_avail, p.next_used);
             w.held.iter_mut().for_each(|h| *h = None);
         }
         for &head in &positions.rx_in_flight {

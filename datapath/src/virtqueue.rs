@@ -21,6 +21,8 @@ const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// `VRING_USED_F_NO_NOTIFY`.
 const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
+use tapir_state::{RingAddresses, RingPositions};
+
 use crate::chain::DescTable;
 use crate::memory::GuestMemory;
 use crate::ring_view::RingView;
@@ -28,18 +30,10 @@ use crate::ring_view::RingView;
 /// Where a virtqueue lives and where to resume it (from the VMM or a snapshot).
 #[derive(Debug)]
 pub struct QueueConfig {
-    /// Number of descriptors (a power of two, at most 32768).
-    pub size: u16,
-    /// Guest-physical address of the descriptor table.
-    pub desc_table: u64,
-    /// Guest-physical address of the available ring.
-    pub avail_ring: u64,
-    /// Guest-physical address of the used ring.
-    pub used_ring: u64,
-    /// Next available-ring index to process (0 for a fresh queue).
-    pub next_avail: u16,
-    /// Next used-ring index to fill (0 for a fresh queue).
-    pub next_used: u16,
+    /// Where the rings are (guest-physical; size and alignment checked on the way in).
+    pub ring: RingAddresses,
+    /// Where to resume (0, 0 for a fresh queue).
+    pub positions: RingPositions,
     /// The guest's kick eventfd (the device reads it).
     pub kick: OwnedFd,
     /// The call eventfd (the device signals it to interrupt the guest).
@@ -142,29 +136,33 @@ impl Virtqueue {
         event_idx: bool,
         mem: &GuestMemory,
     ) -> Result<Virtqueue, QueueError> {
-        let view = RingView::new(mem, cfg.size, cfg.desc_table, cfg.avail_ring, cfg.used_ring)
-            .map_err(|e| QueueError::InvalidConfig {
-                index,
-                reason: e.to_string(),
+        let ring = cfg.ring;
+        let size = ring.size().get();
+        let view =
+            RingView::new(mem, size, ring.desc(), ring.avail(), ring.used()).map_err(|e| {
+                QueueError::InvalidConfig {
+                    index,
+                    reason: e.to_string(),
+                }
             })?;
         Ok(Virtqueue {
             index,
             view,
             table: DescTable {
-                addr: cfg.desc_table,
-                size: cfg.size,
+                addr: ring.desc(),
+                size,
             },
-            used_ring: cfg.used_ring,
+            used_ring: ring.used(),
             event_idx,
-            next_avail: cfg.next_avail,
-            avail_seen: cfg.next_avail,
-            next_used: cfg.next_used,
-            published: cfg.next_used,
+            next_avail: cfg.positions.next_avail,
+            avail_seen: cfg.positions.next_avail,
+            next_used: cfg.positions.next_used,
+            published: cfg.positions.next_used,
             num_added: 0,
             kick: cfg.kick,
             call: cfg.call,
             broken: false,
-            held: vec![false; usize::from(cfg.size)],
+            held: vec![false; usize::from(size)],
         })
     }
 
@@ -393,18 +391,18 @@ impl Virtqueue {
 
     /// Moves the queue to these ring positions (a successor resuming a predecessor's rings).
     /// Nothing is held afterwards (see [`hold`](Self::hold)).
-    pub fn set_positions(&mut self, next_avail: u16, next_used: u16) {
-        self.next_avail = next_avail;
-        self.avail_seen = next_avail;
-        self.next_used = next_used;
-        self.published = next_used;
+    pub fn set_positions(&mut self, p: RingPositions) {
+        self.next_avail = p.next_avail;
+        self.avail_seen = p.next_avail;
+        self.next_used = p.next_used;
+        self.published = p.next_used;
         self.num_added = 0;
         self.held.iter_mut().for_each(|h| *h = false);
     }
 
-    /// Next available index (ring position) and next used index.
-    pub fn positions(&self) -> (u16, u16) {
-        (self.next_avail, self.next_used)
+    /// Where the device is in the rings: next available index and next used index.
+    pub fn positions(&self) -> RingPositions {
+        RingPositions::new(self.next_avail, self.next_used)
     }
 
     /// The head the guest put at avail-ring position `pos` (a free-running index).
@@ -426,7 +424,7 @@ impl Virtqueue {
     /// made then).
     pub fn give_back(&mut self, mem: &GuestMemory, held: &[u16]) -> GiveBack {
         let _ = mem;
-        let (mut base, _) = self.positions();
+        let mut base = self.positions().next_avail;
         // Which heads are still to be given back, by head (a head listed twice, or out of
         // range, counts once or not at all): linear in the queue size, whatever the guest
         // made available.

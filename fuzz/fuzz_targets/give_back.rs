@@ -16,6 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use tapir_datapath::{used_index, Virtqueue};
 use tapir_datapath::{GuestMemory, QueueConfig};
 use tapir_fuzz::{eventfd, guest_memory, write_clipped, zero, Input};
+use tapir_state::{RawRingAddresses, RingAddresses, RingPositions};
 use vm_memory::{Bytes, GuestAddress};
 
 const DESC: u64 = 0;
@@ -70,13 +71,16 @@ fuzz_target!(|data: &[u8]| {
         .write_obj(next_used.to_le(), GuestAddress(USED + 2))
         .expect("used idx");
 
-    let cfg = QueueConfig {
+    let ring = RingAddresses::try_from(RawRingAddresses {
         size,
-        desc_table: DESC,
-        avail_ring: AVAIL,
-        used_ring: USED,
-        next_avail,
-        next_used,
+        desc: DESC,
+        avail: AVAIL,
+        used: USED,
+    })
+    .expect("a power-of-two size, aligned parts");
+    let cfg = QueueConfig {
+        ring,
+        positions: RingPositions::new(next_avail, next_used),
         kick: eventfd(),
         call: eventfd(),
     };
@@ -108,7 +112,7 @@ fuzz_target!(|data: &[u8]| {
         "base moved by exactly the rewound count"
     );
     assert_eq!(
-        vq.positions().0,
+        vq.positions().next_avail,
         given.base,
         "the queue resumes at the base"
     );

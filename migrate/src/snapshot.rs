@@ -5,60 +5,18 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use tapir_datapath::features::{tap_offload_flags, F_EVENT_IDX};
 use tapir_datapath::VNET_HDR_LEN;
-use tapir_datapath::{DeviceConfig, GuestMemory, PairResources, QuiescedPair, RingAddrs};
+use tapir_datapath::{DeviceConfig, GuestMemory, PairPositions, PairResources};
 use tapir_state::{
     CarriedFrame, CarriedFrames, DeviceSnapshot, FdEntry, FdKind, InFlight, InFlightAction,
-    MemoryRegionState, QueuePairState, SourceInfo, TapQueueState, VirtqueueState,
+    MemoryRegionState, QueuePairState, RingAddresses, RingPositions, SourceInfo, TapQueueState,
+    VirtqueueState,
 };
-
-/// A virtqueue's position: (next_avail, next_used) and the heads it holds.
-#[derive(Clone, Debug, Default)]
-pub struct Position {
-    /// Next available index.
-    pub next_avail: u16,
-    /// Next used index.
-    pub next_used: u16,
-    /// Heads popped and not used, in ring order.
-    pub in_flight: Vec<u16>,
-}
-
-/// The positions of one queue pair.
-#[derive(Clone, Debug, Default)]
-pub struct PairPosition {
-    /// RX queue.
-    pub rx: Position,
-    /// TX queue.
-    pub tx: Position,
-    /// Frames read from the TAP that wait for guest buffers, oldest first.
-    pub rx_carried: Vec<Vec<u8>>,
-}
-
-impl PairPosition {
-    /// Where a quiesced pair stopped.
-    pub fn of(p: &QuiescedPair) -> PairPosition {
-        let (rx_avail, rx_used) = p.rx_positions();
-        let (tx_avail, tx_used) = p.tx_positions();
-        PairPosition {
-            rx: Position {
-                next_avail: rx_avail,
-                next_used: rx_used,
-                in_flight: p.rx_in_flight(),
-            },
-            tx: Position {
-                next_avail: tx_avail,
-                next_used: tx_used,
-                in_flight: Vec::new(),
-            },
-            rx_carried: p.rx_carried(),
-        }
-    }
-}
 
 /// The carried frames of every pair, as the snapshot holds them: at most
 /// [`tapir_state::MAX_CARRIED_BYTES`] over all pairs (the youngest frames beyond it, and any
 /// frame of a length no TAP hands over, are dropped and logged: a successor would refuse
 /// the snapshot, and the handoff with it).
-fn carried_frames(positions: Option<&[PairPosition]>, pairs: usize) -> Vec<CarriedFrames> {
+fn carried_frames(positions: Option<&[PairPositions]>, pairs: usize) -> Vec<CarriedFrames> {
     let mut budget = tapir_state::MAX_CARRIED_BYTES;
     let mut out = Vec::with_capacity(pairs);
     for i in 0..pairs {
@@ -101,7 +59,7 @@ pub fn describe<'a>(
     config: &DeviceConfig,
     memory: &'a GuestMemory,
     resources: &'a [PairResources],
-    positions: Option<&[PairPosition]>,
+    positions: Option<&[PairPositions]>,
     generation: u64,
 ) -> (DeviceSnapshot, Vec<BorrowedFd<'a>>) {
     let mut fds: Vec<BorrowedFd<'a>> = Vec::new();
@@ -146,26 +104,23 @@ pub fn describe<'a>(
             .cloned()
             .unwrap_or_default();
         let queue = |index: u16,
-                     addrs: &RingAddrs,
-                     pos: &Position,
+                     addrs: &RingAddresses,
+                     pos: RingPositions,
+                     held: &[u16],
                      kick: u16,
                      call: u16,
                      action: InFlightAction| {
             VirtqueueState {
                 index,
-                size: addrs.size,
-                desc_table: addrs.desc_table,
-                avail_ring: addrs.avail_ring,
-                used_ring: addrs.used_ring,
+                size: addrs.size().get(),
+                desc_table: addrs.desc(),
+                avail_ring: addrs.avail(),
+                used_ring: addrs.used(),
                 next_avail: pos.next_avail,
                 next_used: pos.next_used,
                 event_idx,
                 signalled_used: None,
-                in_flight: pos
-                    .in_flight
-                    .iter()
-                    .map(|&head| InFlight { head, action })
-                    .collect(),
+                in_flight: held.iter().map(|&head| InFlight { head, action }).collect(),
                 kick_fd: kick,
                 call_fd: call,
                 broken: false,
@@ -176,7 +131,8 @@ pub fn describe<'a>(
             rx: queue(
                 index.saturating_mul(2),
                 &res.rx,
-                &pos.rx,
+                pos.rx,
+                &pos.rx_in_flight,
                 rx_kick,
                 rx_call,
                 InFlightAction::RepostRx,
@@ -184,7 +140,9 @@ pub fn describe<'a>(
             tx: queue(
                 index.saturating_mul(2).saturating_add(1),
                 &res.tx,
-                &pos.tx,
+                pos.tx,
+                // tapir's source waits for every TX write before it stops: none held.
+                &[],
                 tx_kick,
                 tx_call,
                 InFlightAction::CompleteTx,

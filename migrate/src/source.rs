@@ -9,7 +9,7 @@ use tapir_state::DeviceSnapshot;
 
 use crate::fence::Fence;
 use crate::protocol::{self, expect, MigrateError, Timeouts, Versions};
-use crate::snapshot::{describe, PairPosition};
+use crate::snapshot::describe;
 use crate::switch_v3::SourceWord;
 use crate::transport::{deadline_after, Channel, MAX_FDS_PER_MESSAGE};
 
@@ -344,7 +344,11 @@ fn prepare(
 /// Describes a quiesced device for a successor in this process (the embedding API's
 /// snapshot): the snapshot, and its fds in manifest order (duplicate them to hand them on).
 pub fn snapshot_of(q: &QuiescedDevice, generation: u64) -> (DeviceSnapshot, Vec<BorrowedFd<'_>>) {
-    let positions: Vec<PairPosition> = q.pairs.iter().map(PairPosition::of).collect();
+    let positions: Vec<_> = q
+        .pairs
+        .iter()
+        .map(tapir_datapath::QuiescedPair::positions)
+        .collect();
     describe(
         &q.config,
         &q.memory,

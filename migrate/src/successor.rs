@@ -12,7 +12,7 @@ use tapir_datapath::{
     Device, DeviceConfig, EngineKind, GuestMemory, PairPositions, PausedDevice, QueueConfig,
     QueuePairSpec, TapQueue,
 };
-use tapir_state::{DeviceSnapshot, FdKind, VirtqueueState};
+use tapir_state::{DeviceSnapshot, FdKind, RingAddresses, RingPositions, VirtqueueState};
 
 use crate::ownership::OwnershipWord;
 use crate::protocol::{self, expect, MigrateError, Timeouts, Versions};
@@ -330,14 +330,16 @@ fn start_parked(
         .pairs
         .into_iter()
         .zip(&layout.queue_pairs)
-        .map(|(fds, state)| QueuePairSpec {
-            rx: queue_config(&state.rx, fds.rx_kick, fds.rx_call),
-            tx: queue_config(&state.tx, fds.tx_kick, fds.tx_call),
-            tap: fds.tap,
-            rx_in_flight: Vec::new(),
-            rx_carried: Vec::new(),
+        .map(|(fds, state)| {
+            Ok(QueuePairSpec {
+                rx: queue_config(&state.rx, fds.rx_kick, fds.rx_call)?,
+                tx: queue_config(&state.tx, fds.tx_kick, fds.tx_call)?,
+                tap: fds.tap,
+                rx_in_flight: Vec::new(),
+                rx_carried: Vec::new(),
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, MigrateError>>()?;
     let config = DeviceConfig {
         features: layout.features,
         mtu: layout.mtu,
@@ -355,9 +357,9 @@ fn positions(snapshot: &DeviceSnapshot) -> Result<Vec<PairPositions>, MigrateErr
     let mut positions = Vec::with_capacity(snapshot.queue_pairs.len());
     for p in &snapshot.queue_pairs {
         let pos = PairPositions {
-            rx: (p.rx.next_avail, p.rx.next_used),
-            tx: (p.tx.next_avail, p.tx.next_used),
-            rx_in_flight: p.rx.in_flight.iter().map(|f| f.head).collect(),
+            rx: p.rx.positions(),
+            tx: p.tx.positions(),
+            rx_in_flight: p.rx.held_heads(),
             rx_carried: p
                 .rx_carried
                 .frames()
@@ -435,17 +437,20 @@ pub(crate) fn final_positions(
 /// A queue at position 0: the real positions (and the RX heads held at them) come with
 /// `go_at`. (Taking the snapshot's positions here made [`restore`] of a snapshot with held
 /// RX heads fail: the heads are not in the spec.)
-fn queue_config(q: &VirtqueueState, kick: OwnedFd, call: OwnedFd) -> QueueConfig {
-    QueueConfig {
-        size: q.size,
-        desc_table: q.desc_table,
-        avail_ring: q.avail_ring,
-        used_ring: q.used_ring,
-        next_avail: 0,
-        next_used: 0,
+fn queue_config(
+    q: &VirtqueueState,
+    kick: OwnedFd,
+    call: OwnedFd,
+) -> Result<QueueConfig, MigrateError> {
+    // The layout was validated: the addresses pass (checked again, as a type).
+    let ring = RingAddresses::try_from(q.addresses())
+        .map_err(|e| MigrateError::Positions(format!("virtqueue {}: {e}", q.index)))?;
+    Ok(QueueConfig {
+        ring,
+        positions: RingPositions::default(),
         kick,
         call,
-    }
+    })
 }
 
 /// PREPARE, the FDS chunks, EXTENSION and (version 3) OWNERSHIP, all received before any

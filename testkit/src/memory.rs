@@ -8,8 +8,9 @@ use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use tapir_datapath::{GuestMemory, MemoryRegionSpec, PairResources, QueueConfig, RingAddrs};
+use tapir_datapath::{GuestMemory, MemoryRegionSpec, PairResources, QueueConfig};
 use tapir_simguest::{SimGuest, VirtqueueInfo};
+use tapir_state::{RawRingAddresses, RingAddresses};
 
 /// Errors of building guest-memory fixtures.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,9 @@ pub enum FixtureError {
     /// Mapping the guest's memory.
     #[error(transparent)]
     Memory(#[from] tapir_datapath::MemoryError),
+    /// The guest's rings are not where a split ring may be (size, alignment).
+    #[error("guest rings: {0}")]
+    Ring(#[from] tapir_state::RingError),
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> FixtureError {
@@ -116,29 +120,27 @@ pub fn memfd_guest_memory(regions: &[(u64, u64)]) -> Result<GuestMemory, Fixture
 }
 
 /// A queue's rings as the device gets them.
-#[must_use]
-pub fn ring_addrs(q: &VirtqueueInfo) -> RingAddrs {
-    RingAddrs {
+///
+/// # Errors
+/// The simulated guest put them where a split ring may not be (size, alignment).
+pub fn ring_addrs(q: &VirtqueueInfo) -> Result<RingAddresses, FixtureError> {
+    Ok(RingAddresses::try_from(RawRingAddresses {
         size: q.size,
-        desc_table: q.desc_table,
-        avail_ring: q.avail_ring,
-        used_ring: q.used_ring,
-    }
+        desc: q.desc_table,
+        avail: q.avail_ring,
+        used: q.used_ring,
+    })?)
 }
 
 /// A fresh queue's configuration (rings, positions 0, duplicated kick and call fds). `q` must
 /// describe a queue of a live [`SimGuest`] (see [`dup_guest_fd`]).
 ///
 /// # Errors
-/// A `dup` failed.
+/// The rings are not where a split ring may be (see [`ring_addrs`]), or a `dup` failed.
 pub fn queue_config(q: &VirtqueueInfo) -> Result<QueueConfig, FixtureError> {
     Ok(QueueConfig {
-        size: q.size,
-        desc_table: q.desc_table,
-        avail_ring: q.avail_ring,
-        used_ring: q.used_ring,
-        next_avail: 0,
-        next_used: 0,
+        ring: ring_addrs(q)?,
+        positions: tapir_state::RingPositions::default(),
         kick: dup_guest_fd(q.kick_fd)?,
         call: dup_guest_fd(q.call_fd)?,
     })
@@ -156,8 +158,8 @@ pub fn pair_resources(
 ) -> Result<PairResources, FixtureError> {
     let (rx, tx) = (guest.rx_queue(pair), guest.tx_queue(pair));
     Ok(PairResources {
-        rx: ring_addrs(&rx),
-        tx: ring_addrs(&tx),
+        rx: ring_addrs(&rx)?,
+        tx: ring_addrs(&tx)?,
         tap,
         rx_kick: dup_guest_fd(rx.kick_fd)?,
         rx_call: dup_guest_fd(rx.call_fd)?,
@@ -179,7 +181,7 @@ mod tests {
         let rx = guest.rx_queue(0);
         let q = queue_config(&rx).unwrap();
         assert_eq!(
-            (q.size, q.desc_table, q.next_avail),
+            (q.ring.size().get(), q.ring.desc(), q.positions.next_avail),
             (rx.size, rx.desc_table, 0)
         );
         assert_ne!(
@@ -188,7 +190,7 @@ mod tests {
             "a duplicate, not the guest's own fd"
         );
         let r = pair_resources(&guest, 0, memfd(4096).unwrap()).unwrap();
-        assert_eq!(r.tx, ring_addrs(&guest.tx_queue(0)));
+        assert_eq!(r.tx, ring_addrs(&guest.tx_queue(0)).unwrap());
     }
 
     #[test]

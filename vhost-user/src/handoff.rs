@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-use tapir_state::{CarriedFrame, CarriedFrames};
+use tapir_state::{CarriedFrame, CarriedFrames, HeldHeads, QueueSize};
 
 use crate::session::{Session, Vring, VringAddrs};
 
@@ -422,20 +422,18 @@ pub fn decode(blob: &[u8], fd_count: usize) -> Result<SessionState, SessionState
         for f in [v.kick, v.call, v.err].into_iter().flatten() {
             claim(f)?;
         }
-        if v.size != 0 && !v.size.is_power_of_two() {
-            return bad(format!("vring size {}", v.size));
-        }
-        if v.held.iter().any(|&h| v.size == 0 || h >= v.size) {
-            return bad("held head beyond the vring size".into());
-        }
-        // Each head is held once: a head posted twice is a chain used twice.
-        let mut held = vec![false; usize::from(v.size)];
-        for &h in &v.held {
-            match held.get_mut(usize::from(h)) {
-                Some(seen) if !*seen => *seen = true,
-                _ => return bad(format!("held head {h} listed twice")),
+        // Size 0: not set yet (nothing may be held then).
+        if v.size == 0 {
+            if !v.held.is_empty() {
+                return bad("held heads on a vring without a size".into());
             }
+            continue;
         }
+        // Each head below the size and held once (a head posted twice is a chain used twice):
+        // the ring vocabulary's checks.
+        QueueSize::try_from(v.size)
+            .and_then(|size| HeldHeads::try_from((size, v.held.clone())))
+            .map_err(|e| SessionStateError::Invalid(format!("vring: {e}")))?;
     }
     if let Some(l) = &state.log {
         claim(l.fd)?;

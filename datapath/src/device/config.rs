@@ -3,6 +3,8 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
+use tapir_state::RingAddresses;
+
 use crate::engine::{EngineConfig, EngineError, EngineKind};
 use crate::features;
 use crate::tap::{TapError, TapQueue};
@@ -39,38 +41,14 @@ impl DeviceConfig {
     }
 }
 
-/// Where a virtqueue's rings are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingAddrs {
-    /// Number of descriptors.
-    pub size: u16,
-    /// Descriptor table.
-    pub desc_table: u64,
-    /// Available ring.
-    pub avail_ring: u64,
-    /// Used ring.
-    pub used_ring: u64,
-}
-
-impl RingAddrs {
-    pub(super) fn of(q: &QueueConfig) -> RingAddrs {
-        RingAddrs {
-            size: q.size,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
-}
-
 /// What a successor needs of a queue pair besides its ring positions: ring addresses and
 /// duplicates of its fds (taken at start, so they can be sent while the workers run).
 #[derive(Debug)]
 pub struct PairResources {
     /// RX rings.
-    pub rx: RingAddrs,
+    pub rx: RingAddresses,
     /// TX rings.
-    pub tx: RingAddrs,
+    pub tx: RingAddresses,
     /// The TAP queue.
     pub tap: OwnedFd,
     /// RX kick eventfd.
@@ -93,8 +71,8 @@ pub(super) fn dup_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, DeviceE
 impl PairResources {
     pub(super) fn of(spec: &QueuePairSpec) -> Result<PairResources, DeviceError> {
         Ok(PairResources {
-            rx: RingAddrs::of(&spec.rx),
-            tx: RingAddrs::of(&spec.tx),
+            rx: spec.rx.ring,
+            tx: spec.tx.ring,
             tap: dup_fd(spec.tap.as_fd())?,
             rx_kick: dup_fd(spec.rx.kick.as_fd())?,
             rx_call: dup_fd(spec.rx.call.as_fd())?,

@@ -1,5 +1,7 @@
 //! Where a queue pair resumes: ring positions and the RX heads a predecessor held.
 
+use tapir_state::{HeldHeads, QueueSize, RingPositions};
+
 use super::{bump, Direction, QueuePair};
 use crate::virtqueue::QueueError;
 
@@ -8,14 +10,16 @@ use crate::virtqueue::QueueError;
 /// are dropped and counted (`rx_dropped_no_buffers`).
 pub const MAX_CARRIED_FRAMES: usize = 64;
 
-/// Where a queue pair resumes: each queue's (next_avail, next_used), the RX heads a
-/// predecessor held, in ring order, and the frames it had read and not yet delivered.
+/// Where a queue pair resumes: each queue's positions, the RX heads a predecessor held, in
+/// ring order, and the frames it had read and not yet delivered. (The one form of a pair's
+/// position: the datapath's stop, the handoff's snapshot and switch, and the vhost-user
+/// session's ring stop all use it.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PairPositions {
-    /// RX (next_avail, next_used).
-    pub rx: (u16, u16),
-    /// TX (next_avail, next_used).
-    pub tx: (u16, u16),
+    /// RX positions.
+    pub rx: RingPositions,
+    /// TX positions.
+    pub tx: RingPositions,
     /// RX heads popped and not used, in ring order.
     pub rx_in_flight: Vec<u16>,
     /// Frames read from the TAP and not yet in guest buffers (vnet header included), oldest
@@ -26,14 +30,12 @@ impl PairPositions {
     /// Checks positions against a queue size: as many RX heads held as the ring positions
     /// say are outstanding, each below the size and listed once, no TX chain outstanding.
     pub fn check(&self, size_rx: u16, size_tx: u16) -> Result<(), String> {
-        let outstanding = usize::from(self.rx.0.wrapping_sub(self.rx.1));
-        if outstanding > usize::from(size_rx) || self.rx_in_flight.len() != outstanding {
-            return Err(format!(
-                "{} RX heads held, ring positions say {outstanding}",
-                self.rx_in_flight.len()
-            ));
-        }
-        if self.tx.0 != self.tx.1 || size_tx == 0 {
+        let rx_size = QueueSize::try_from(size_rx).map_err(|e| format!("RX: {e}"))?;
+        let tx_size = QueueSize::try_from(size_tx).map_err(|e| format!("TX: {e}"))?;
+        HeldHeads::at(rx_size, self.rx, self.rx_in_flight.clone())
+            .map_err(|e| format!("RX: {e}"))?;
+        self.tx.check(tx_size).map_err(|e| format!("TX: {e}"))?;
+        if self.tx.outstanding() != 0 {
             return Err("TX chains outstanding at a switch".into());
         }
         if self.rx_carried.len() > MAX_CARRIED_FRAMES {
@@ -42,13 +44,6 @@ impl PairPositions {
                 self.rx_carried.len()
             ));
         }
-        let mut seen = vec![false; usize::from(size_rx)];
-        for &h in &self.rx_in_flight {
-            match seen.get_mut(usize::from(h)) {
-                Some(s) if !*s => *s = true,
-                _ => return Err(format!("RX head {h} out of range or listed twice")),
-            }
-        }
         Ok(())
     }
 }
@@ -56,8 +51,8 @@ impl PairPositions {
 impl QueuePair {
     /// Moves the pair to where a predecessor stopped (before its worker services anything).
     pub fn reposition(&mut self, p: &PairPositions) -> Result<(), QueueError> {
-        self.rx.set_positions(p.rx.0, p.rx.1);
-        self.tx.set_positions(p.tx.0, p.tx.1);
+        self.rx.set_positions(p.rx);
+        self.tx.set_positions(p.tx);
         self.restore_rx_in_flight(&p.rx_in_flight)?;
         self.set_carried(p.rx_carried.clone());
         Ok(())
@@ -86,8 +81,7 @@ impl QueuePair {
     /// below the queue size and listed once, and there must be exactly as many as the ring
     /// positions say are outstanding (`next_avail - next_used`).
     pub fn restore_rx_in_flight(&mut self, heads: &[u16]) -> Result<(), QueueError> {
-        let (next_avail, next_used) = self.rx.positions();
-        let outstanding = usize::from(next_avail.wrapping_sub(next_used));
+        let outstanding = usize::from(self.rx.positions().outstanding());
         let size = usize::from(self.rx.table().size);
         let mut seen = vec![false; size];
         let bad = |reason: String| QueueError::InvalidConfig {

@@ -44,8 +44,8 @@ pub(super) struct UsedWatch {
 impl UsedWatch {
     pub(super) fn new(q: &Virtqueue) -> UsedWatch {
         UsedWatch {
-            seen: q.positions().1,
-            avail_seen: q.positions().0,
+            seen: q.positions().next_used,
+            avail_seen: q.positions().next_avail,
             held: vec![None; usize::from(q.table().size)],
         }
     }
@@ -362,7 +362,7 @@ fn runs_after(runs: &[(u64, u32)], from: usize) -> impl Iterator<Item = (u64, u3
 
 /// The used entries the device added to `q` since `seen` (which is advanced).
 fn used_entries(mem: &GuestMemory, q: &Virtqueue, seen: &mut u16) -> Vec<(u32, u32)> {
-    let (_, next_used) = q.positions();
+    let next_used = q.positions().next_used;
     let size = q.table().size.max(1);
     let used_ring = q.used_ring();
     let mut out = Vec::new();
@@ -383,7 +383,7 @@ fn used_entries(mem: &GuestMemory, q: &Virtqueue, seen: &mut u16) -> Vec<(u32, u
 /// Notes the heads popped from `q` since `watch.avail_seen`, with their chains as they are
 /// now (what the device walked when it popped them: nothing ran in between).
 fn note_pops(mem: &GuestMemory, q: &Virtqueue, access: Access, watch: &mut UsedWatch) {
-    let (next, _) = q.positions();
+    let next = q.positions().next_avail;
     if next.wrapping_sub(watch.avail_seen) > q.table().size {
         // Rewound (a give-back) or a jump the queue refused: start over from here.
         watch.avail_seen = next;

@@ -13,6 +13,7 @@ use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver, VirtioNetHdr, Vi
 use super::*;
 use crate::memory::MemoryRegionSpec;
 use crate::pair::{PairPositions, TxNext};
+use tapir_state::RingPositions;
 
 const WRITE: u16 = tapir_simguest::VIRTQ_DESC_F_WRITE;
 
@@ -25,12 +26,14 @@ fn dup(fd: RawFd) -> OwnedFd {
 
 fn queue(info: VirtqueueInfo) -> QueueConfig {
     QueueConfig {
-        size: info.size,
-        desc_table: info.desc_table,
-        avail_ring: info.avail_ring,
-        used_ring: info.used_ring,
-        next_avail: 0,
-        next_used: 0,
+        ring: tapir_state::RingAddresses::try_from(tapir_state::RawRingAddresses {
+            size: info.size,
+            desc: info.desc_table,
+            avail: info.avail_ring,
+            used: info.used_ring,
+        })
+        .expect("ring addresses"),
+        positions: tapir_state::RingPositions::default(),
         kick: dup(info.kick_fd),
         call: dup(info.call_fd),
     }
@@ -327,8 +330,8 @@ fn event_idx_interrupts_across_the_index_wrap() {
     raw.publish();
     raw.set_used_event(0xffff);
     fx.h.reposition(&PairPositions {
-        rx: (0xfffe, 0xfffe),
-        tx: (0, 0),
+        rx: RingPositions::new(0xfffe, 0xfffe),
+        tx: RingPositions::default(),
         rx_in_flight: Vec::new(),
         rx_carried: Vec::new(),
     })
@@ -343,7 +346,7 @@ fn event_idx_interrupts_across_the_index_wrap() {
     assert!(fx.h.interrupts().rx, "used index 0: past used_event 0xffff");
     let d = fx.h.counters().delta(&before);
     assert_eq!((d.rx_packets, d.rx_interrupts), (2, 1));
-    assert_eq!(fx.h.pair().rx.positions(), (0, 0));
+    assert_eq!(fx.h.pair().rx.positions(), RingPositions::new(0, 0));
     fx.h.check().expect("invariants");
 }
 

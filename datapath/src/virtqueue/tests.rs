@@ -46,12 +46,14 @@ fn memory(regions: &[(u64, u64)]) -> GuestMemory {
 
 fn config(desc_table: u64, avail_ring: u64, used_ring: u64) -> QueueConfig {
     QueueConfig {
-        size: SIZE,
-        desc_table,
-        avail_ring,
-        used_ring,
-        next_avail: 0,
-        next_used: 0,
+        ring: tapir_state::RingAddresses::try_from(tapir_state::RawRingAddresses {
+            size: SIZE,
+            desc: desc_table,
+            avail: avail_ring,
+            used: used_ring,
+        })
+        .unwrap(),
+        positions: tapir_state::RingPositions::default(),
         kick: eventfd(),
         call: eventfd(),
     }
@@ -114,7 +116,7 @@ fn pops_what_the_guest_made_available_in_order() {
     make_available(&mem, 0, &[3, 1, 2]);
     assert_eq!(pop_all(&mut q).unwrap(), vec![3, 1, 2]);
     assert_eq!(pop_all(&mut q).unwrap(), Vec::<u16>::new());
-    assert_eq!(q.positions(), (3, 0));
+    assert_eq!(q.positions(), tapir_state::RingPositions::new(3, 0));
     // Wrapping around the ring.
     for h in [3, 1, 2] {
         q.add_used(h, 0).unwrap();
@@ -208,7 +210,7 @@ fn a_guest_rewriting_the_used_index_is_corrected_at_the_next_publish() {
     q.add_used(1, 0).unwrap();
     q.publish_used();
     assert_eq!(guest_used_idx(&mem), 2);
-    assert_eq!(q.positions(), (2, 2));
+    assert_eq!(q.positions(), tapir_state::RingPositions::new(2, 2));
 }
 
 #[test]
@@ -264,7 +266,7 @@ fn interrupts_follow_used_event_and_the_no_interrupt_flag() {
     );
     // Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT.
     let mut q = queue(&mem, false);
-    q.set_positions(0, 0);
+    q.set_positions(tapir_state::RingPositions::default());
     make_available(&mem, 0, &[0]);
     pop_all(&mut q).unwrap();
     q.add_used(0, 0).unwrap();

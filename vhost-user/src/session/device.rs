@@ -8,7 +8,7 @@ use tapir_datapath::{
     features, used_index, Device, DeviceConfig, QueueConfig, QueuePairSpec, TapQueue, Virtqueue,
 };
 
-use tapir_state::CarriedFrame;
+use tapir_state::{CarriedFrame, RawRingAddresses, RingAddresses, RingPositions};
 
 use super::{invalid, RequestError, Running, Session};
 use crate::link;
@@ -168,7 +168,7 @@ impl Session {
             Ok(q) => {
                 for (qp, &p) in q.pairs.iter().zip(&running.pairs) {
                     if let Some(rx) = self.vrings.get_mut(2 * usize::from(p)) {
-                        rx.base = qp.rx_positions().0;
+                        rx.base = qp.rx_positions().next_avail;
                         rx.held = qp.rx_in_flight();
                     }
                     // Frames that waited for guest buffers at the stop stay with the
@@ -176,7 +176,7 @@ impl Session {
                     // successor's: the session blob carries them) delivers them first.
                     self.keep_carried(usize::from(p), qp.rx_carried());
                     if let Some(tx) = self.vrings.get_mut(2 * usize::from(p) + 1) {
-                        tx.base = qp.tx_positions().0;
+                        tx.base = qp.tx_positions().next_avail;
                         tx.held.clear();
                     }
                 }
@@ -259,14 +259,18 @@ impl Session {
             next_avail = used;
             held.clear();
         }
+        // The frontend's size and addresses, translated, as a split ring must have them.
+        let ring = RingAddresses::try_from(RawRingAddresses {
+            size: v.size,
+            desc: self.gpa(addrs.desc, "descriptor table", i)?,
+            avail: self.gpa(addrs.avail, "avail ring", i)?,
+            used: self.gpa(addrs.used, "used ring", i)?,
+        })
+        .map_err(|e| invalid(format!("vring {i}: {e}")))?;
         Ok((
             QueueConfig {
-                size: v.size,
-                desc_table: self.gpa(addrs.desc, "descriptor table", i)?,
-                avail_ring: self.gpa(addrs.avail, "avail ring", i)?,
-                used_ring: self.gpa(addrs.used, "used ring", i)?,
-                next_avail,
-                next_used: used,
+                ring,
+                positions: RingPositions::new(next_avail, used),
                 kick,
                 call,
             },
