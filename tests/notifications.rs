@@ -259,16 +259,10 @@ fn event_idx_interrupts_only_when_the_guest_asks() {
             r.dev.rx_interrupts,
             r.rx.waits
         );
-        assert!(
-            r.dev.tx_interrupts < PACKETS / 10,
-            "{ctx}: TX interrupts per packet too high: {:?}",
-            r.dev
-        );
-        assert!(
-            r.dev.rx_interrupts < PACKETS / 10,
-            "{ctx}: RX interrupts per packet too high: {:?}",
-            r.dev
-        );
+        // How often a waiting guest waits is up to the scheduler (a guest that drains each
+        // datagram as the worker publishes it waits once per datagram), so no per-packet bound
+        // holds here; the device's side of the contract is the bound above. The per-packet
+        // bound of a guest that never re-arms is `event_idx_suppresses_kicks_and_interrupts`.
         rig.stop().unwrap_or_else(|e| panic!("{ctx}: stop: {e}"));
     });
 }
