@@ -40,7 +40,7 @@ use crate::stats::{Counters, QueuePairStats};
 use crate::tap::VNET_HDR_LEN;
 use crate::virtqueue::{QueueConfig, QueueError, Virtqueue};
 
-use check::{Delivered, UsedChain, UsedWatch};
+use check::{Delivered, Placement, UsedChain, UsedWatch};
 
 /// The descriptor-chain walker on its own (one walker for both directions), for fuzz targets
 /// and benchmarks of it: a chain's buffers as host iovecs, every rule a guest can break a
@@ -466,16 +466,24 @@ impl PairHarness {
                 self.rx_order.pop_front();
                 continue;
             };
-            let before = self.pair.counters.rx_packets;
+            let before = self.pair.counters;
+            // Before the device clears the read.
+            let posted = state.read.posted_len() as usize;
             if self.pair.retry_rx(&mut state.read) == RxCompletion::Deferred {
                 self.pair.publish_used();
                 return RxCompletion::Deferred;
             }
-            if self.pair.counters.rx_packets > before {
+            let after = &self.pair.counters;
+            if after.rx_packets > before.rx_packets {
                 self.delivered.push_back(Delivered {
                     frame: std::mem::take(&mut state.frame),
                     written: std::mem::take(&mut state.written_at),
-                    posted: state.read.posted_len() as usize,
+                    posted,
+                    placement: if after.rx_reordered > before.rx_reordered {
+                        Placement::Moved
+                    } else {
+                        Placement::InPlace
+                    },
                 });
             }
             state.in_use = false;

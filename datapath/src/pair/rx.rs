@@ -366,7 +366,7 @@ impl QueuePair {
             return RxCompletion::Done;
         }
         if n > r.posted as usize {
-            match self.spill_into_chains(r, n) {
+            match self.add_spill_chains(r, n) {
                 Spill::Done => {}
                 Spill::Wait => {
                     if !r.deferred {
@@ -483,10 +483,18 @@ impl QueuePair {
             return Placed::Kept;
         }
         bump(&mut self.counters.rx_reordered);
+        // What the kernel put into the posted chains, then the spill area's bytes (not
+        // copied into the chains yet: a spill chain overlapping a posted buffer would
+        // otherwise overwrite kernel bytes before they are read back).
         let mut frame = std::mem::take(&mut self.rx_reorder);
         frame.clear();
         frame.resize(n, 0);
-        self.read_pieces(&r.seg.gpa, &mut frame);
+        let posted = (r.posted as usize).min(n);
+        let (kernel, spilled) = frame.split_at_mut(posted);
+        self.read_pieces(&r.seg.gpa, kernel);
+        if let Some(src) = r.spill.get(..spilled.len()) {
+            spilled.copy_from_slice(src);
+        }
         self.rx_pool.give_back_all(&r.chains);
         let frame_len = r.frame;
         r.clear();
@@ -513,8 +521,10 @@ impl QueuePair {
     }
 
     fn finish_rx(&mut self, r: &mut RxRead, n: usize) {
-        if self.keep_ring_order(r, n) == Placed::Dropped {
-            return;
+        match self.keep_ring_order(r, n) {
+            Placed::Dropped => return,
+            Placed::Kept => self.copy_spill(r, n),
+            Placed::Moved => {}
         }
         // Moving average of frame sizes (1/8 weight), for sizing the next reads.
         let n32 = u32::try_from(n).unwrap_or(u32::MAX);
@@ -564,9 +574,10 @@ impl QueuePair {
     }
 
     /// A frame of `n` bytes overran the posted chains into the spill area: add chains until it
-    /// fits and copy the spilled bytes into them. False (frame dropped, counted) when the
-    /// frame is larger than the TAP may produce or the guest has not posted enough buffers.
-    fn spill_into_chains(&mut self, r: &mut RxRead, n: usize) -> Spill {
+    /// fits (`finish_rx` copies the spilled bytes once it knows where the frame goes).
+    /// [`Spill::Drop`] (counted) when the frame is larger than the TAP may produce,
+    /// [`Spill::Wait`] while the guest has not posted enough buffers.
+    fn add_spill_chains(&mut self, r: &mut RxRead, n: usize) -> Spill {
         let posted = r.posted as usize;
         // The caller checked n > posted.
         let spilled = n.saturating_sub(posted);
@@ -581,13 +592,21 @@ impl QueuePair {
                 return Spill::Wait;
             }
         }
-        self.write_at(
-            &r.seg.gpa,
-            posted,
-            r.spill.get(..spilled).unwrap_or_default(),
-        );
         bump(&mut self.counters.rx_spilled);
         Spill::Done
+    }
+
+    /// Copies the bytes of a frame of `n` bytes beyond the posted chains from the spill area
+    /// into the chains `add_spill_chains` added.
+    fn copy_spill(&self, r: &RxRead, n: usize) {
+        let posted = r.posted as usize;
+        if n > posted {
+            self.write_at(
+                &r.seg.gpa,
+                posted,
+                r.spill.get(..n.saturating_sub(posted)).unwrap_or_default(),
+            );
+        }
     }
 
     /// Writes `bytes` at `offset` of the frame laid out over `gpas` (not dirty-logged: the
