@@ -240,9 +240,14 @@ impl Loop {
             if self.tx_queued >= TX_SUBMIT_EVERY {
                 // The kernel runs a submitted TAP write inline: a batch submitted in pieces
                 // lets the stop request be seen between them, not only after the whole
-                // batch (issue 10, item 2).
+                // batch (issue 10, item 2); and the piece's completions are there at once:
+                // used and shown to the guest now, not after the rest of a long backlog
+                // (a successor resuming on a full TX ring completed nothing for 200 µs
+                // p50, 1.1 ms p99, while it wrote the backlog).
                 self.tx_queued = 0;
                 self.submit_now()?;
+                self.reap(pair)?;
+                pair.publish_used();
             }
         }
     }
@@ -518,8 +523,13 @@ fn run_loop(lp: &mut Loop, pair: &mut QueuePair) -> Result<(), EngineError> {
         // Publish before blocking: what this iteration counted (malformed chains completed
         // while popping, a queue found broken, interrupts) must not wait for the next event.
         pair.publish();
-        // Known work left (see `again`): enter the kernel without waiting.
-        let mut want = usize::from(!lp.again || lp.phase != Phase::Running);
+        // Known work left (see `again`), or the quiesce's next step due (the stop was seen
+        // and no TX write is in flight: the cancel goes out on the next pass; its wake-up, the
+        // stop's or a write's completion, may have been reaped already): enter the kernel
+        // without waiting.
+        let next_step_due = lp.phase == Phase::Stopping && lp.tx_inflight == 0;
+        let known_work = lp.again && lp.phase == Phase::Running;
+        let mut want = usize::from(!known_work && !next_step_due);
         if want == 1 && lp.phase == Phase::Running {
             if let Some(budget) = lp.busy_poll {
                 if lp.poll_busily(pair, budget)? == Polled::Work {
