@@ -24,8 +24,8 @@ fn guest(pairs: u16) -> GuestConfig {
 /// a full TAP queue or socket buffer, never inside tapir.
 fn assert_clean(what: &str, r: &TrafficReport, kernel_drops_allowed: bool) {
     for (dir, d) in [
-        ("guest->host", r.guest_to_host),
-        ("host->guest", r.host_to_guest),
+        ("guest->host", &r.guest_to_host),
+        ("host->guest", &r.host_to_guest),
     ] {
         assert!(d.sent > 1000, "{what} {dir}: only {} sent", d.sent);
         assert_eq!(d.duplicated, 0, "{what} {dir}: {d:?}");

@@ -118,8 +118,8 @@ fn expect_abort(ch: &Channel, contains: &str, ctx: &str) {
 
 fn assert_traffic_flowed(what: &str, r: &TrafficReport) {
     for (dir, d) in [
-        ("guest->host", r.guest_to_host),
-        ("host->guest", r.host_to_guest),
+        ("guest->host", &r.guest_to_host),
+        ("host->guest", &r.host_to_guest),
     ] {
         assert!(d.received > 100, "{what} {dir}: {d:?}");
         assert_eq!(d.duplicated, 0, "{what} {dir}: {d:?}");

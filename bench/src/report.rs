@@ -128,11 +128,22 @@ pub struct HandoffResult {
     pub downtime_us_max: f64,
     /// Median quiesce start to RUNNING.
     pub switch_us_p50: f64,
-    /// Largest inter-arrival gap seen by the traffic endpoints (either direction).
+    /// Largest inter-arrival gap of one flow (a queue pair's direction) at the traffic
+    /// endpoints, µs.
     pub gap_us_max: f64,
-    /// Largest inter-arrival gap of the same traffic in a window without handoffs (1 s,
-    /// before the first), µs: what the loaded machine does on its own.
+    /// Largest gap of a flow that overlaps a blackout (quiesce start to the successor's
+    /// first used-ring update), µs.
+    pub handoff_gap_us_max: f64,
+    /// Largest gap of a flow while the handoffs ran but away from every blackout (the
+    /// successors' start-up and the predecessors' teardown overlap these), µs (0: none of
+    /// at least 250 µs, the traffic's 100 µs ticks being the rest).
+    pub between_gap_us_max: f64,
+    /// Largest inter-arrival gap of a flow of the same traffic in a window without handoffs
+    /// as long as the handoffs took (after the last, every predecessor gone), µs: what the
+    /// loaded machine does on its own over a run of that length.
     pub baseline_gap_us_max: f64,
+    /// Datagrams the kernel dropped in that window (TAP queue and host socket).
+    pub baseline_kernel_drops: u64,
     /// Datagrams lost (both directions): `lost_by_tapir` + `dropped_by_kernel`.
     pub lost: u64,
     /// Sent, never received, and not dropped by the kernel (both directions).
@@ -288,8 +299,8 @@ impl Report {
             "downtime p50 µs",
             "p99 µs",
             "max µs",
-            "gap max µs",
-            "baseline gap µs",
+            "gap max µs (handoff/between)",
+            "baseline gap µs (drops)",
             "lost by tapir",
             "kernel drops (TAP/sock)",
             "dup",
@@ -308,8 +319,17 @@ impl Report {
                 format!("{:.0}", h.downtime_us_p50),
                 format!("{:.0}", h.downtime_us_p99),
                 format!("{:.0}", h.downtime_us_max),
-                format!("{:.0}", h.gap_us_max),
-                format!("{:.0}", h.baseline_gap_us_max),
+                format!(
+                    "{:.0} ({:.0}/{})",
+                    h.gap_us_max,
+                    h.handoff_gap_us_max,
+                    if h.between_gap_us_max > 0.0 {
+                        format!("{:.0}", h.between_gap_us_max)
+                    } else {
+                        "<250".to_owned()
+                    }
+                ),
+                format!("{:.0} ({})", h.baseline_gap_us_max, h.baseline_kernel_drops),
                 h.lost_by_tapir.to_string(),
                 format!(
                     "{} ({}/{})",

@@ -1,7 +1,7 @@
 //! The handoff scenario: successive handoffs between datapath processes under steady
 //! bidirectional traffic.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tapir_datapath::EngineKind;
@@ -33,10 +33,8 @@ pub(super) fn measure_handoffs(
     let traffic = tapir_testkit::SteadyTraffic::start(&mut rig, opts.handoff_pps)?;
     std::thread::sleep(Duration::from_millis(200));
     let rss_kib = rig.datapath_rss_anon_kib().unwrap_or(0);
-    // The same traffic without handoffs: what the machine's own scheduling does to it.
-    traffic.start_window();
-    std::thread::sleep(Duration::from_secs(1));
-    let baseline_gap = traffic.end_window();
+    let handoffs_start = Instant::now();
+    let mut blackouts = Vec::with_capacity(opts.handoffs);
     let mut downtime = Vec::with_capacity(opts.handoffs);
     let mut switch = Vec::with_capacity(opts.handoffs);
     let mut phases = Vec::with_capacity(opts.handoffs);
@@ -45,8 +43,20 @@ pub(super) fn measure_handoffs(
         downtime.push(s.downtime_us);
         switch.push(s.switch_us);
         phases.push(s.phases_us);
+        blackouts.push(s.blackout_ns);
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The same traffic as long again without handoffs (every predecessor gone): what the
+    // machine's own scheduling does to it over a run of that length.
+    let handoffs_took = handoffs_start.elapsed();
+    let handoffs_end_ns = tapir_datapath::monotonic_ns();
+    rig.reap_all()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let drops0 = traffic.kernel_drops_so_far();
+    traffic.start_window();
+    std::thread::sleep(handoffs_took);
+    let baseline_gap = traffic.end_window();
+    let baseline_drops = traffic.kernel_drops_so_far().saturating_sub(drops0);
     std::thread::sleep(Duration::from_millis(200));
     let t = traffic.finish()?;
     rig.shutdown()?;
@@ -66,6 +76,15 @@ pub(super) fn measure_handoffs(
         s[i.min(s.len() - 1)]
     };
     let (g, h) = (t.guest_to_host, t.host_to_guest);
+    // Gaps of the handoff phase only (the baseline window's are its own column).
+    let (handoff_gap, between_gap) = split_gaps(
+        g.gaps
+            .0
+            .iter()
+            .chain(&h.gaps.0)
+            .filter(|gap| gap.0 <= handoffs_end_ns),
+        &mut blackouts,
+    );
     Ok(HandoffResult {
         queues,
         handoffs: opts.handoffs,
@@ -75,7 +94,10 @@ pub(super) fn measure_handoffs(
         downtime_us_max: pct(&downtime, 100.0),
         switch_us_p50: pct(&switch, 50.0),
         gap_us_max: g.max_gap_us.max(h.max_gap_us),
+        handoff_gap_us_max: handoff_gap,
+        between_gap_us_max: between_gap,
         baseline_gap_us_max: baseline_gap,
+        baseline_kernel_drops: baseline_drops,
         lost: g.lost + h.lost,
         lost_by_tapir: g.lost.saturating_sub(g.dropped_by_kernel)
             + h.lost.saturating_sub(h.dropped_by_kernel),
@@ -95,4 +117,49 @@ pub(super) fn measure_handoffs(
         }),
         downtime_us: downtime,
     })
+}
+
+/// The largest gap (µs) that overlaps a blackout, and the largest that overlaps none. Gaps are
+/// (end, length) in CLOCK_MONOTONIC ns, blackouts (start, end) in the same clock.
+fn split_gaps<'a>(
+    gaps: impl Iterator<Item = &'a (u64, u64)>,
+    blackouts: &mut [(u64, u64)],
+) -> (f64, f64) {
+    blackouts.sort_unstable();
+    let (mut during, mut between) = (0u64, 0u64);
+    for &(end, len) in gaps {
+        let start = end.saturating_sub(len);
+        // Blackouts are disjoint (one handoff after another): of those starting before the
+        // gap ends, only the last can reach into it.
+        let before = blackouts.partition_point(|b| b.0 <= end);
+        let overlaps = blackouts[..before].last().is_some_and(|b| b.1 >= start);
+        if overlaps {
+            during = during.max(len);
+        } else {
+            between = between.max(len);
+        }
+    }
+    #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+    let us = |ns: u64| ns as f64 / 1e3;
+    (us(during), us(between))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_gaps;
+
+    #[test]
+    fn gaps_are_told_apart_by_whether_they_overlap_a_blackout() {
+        let mut blackouts = vec![(10_000, 12_000), (1_000, 2_000)];
+        // (end, length): 1_500..2_500 overlaps the first blackout; 3_000..5_000 overlaps
+        // none; 9_000..10_000 touches the second at its start; 12_500..13_000 is after it.
+        let gaps = [
+            (2_500, 1_000),
+            (5_000, 2_000),
+            (10_000, 1_000),
+            (13_000, 500),
+        ];
+        let (during, between) = split_gaps(gaps.iter(), &mut blackouts);
+        assert_eq!((during, between), (1.0, 2.0));
+    }
 }

@@ -86,6 +86,9 @@ pub struct HandoffSample {
     pub phases_us: [f64; 5],
     /// The handoff protocol version the two processes agreed on.
     pub protocol: u16,
+    /// The downtime's span: the quiesce start and the successor's first used-ring update,
+    /// CLOCK_MONOTONIC ns (the traffic's gaps carry the same clock).
+    pub blackout_ns: (u64, u64),
 }
 
 /// How datapath children run.
@@ -340,7 +343,7 @@ impl HandoffRig {
                 / 1000;
             if r("protocol") >= 3 {
                 eprintln!(
-                    "handoff trace v3 (µs from quiesce): switch sent {} | successor got switch {} | claimed {} | worker resumed {} | first service {} | ack sent {} | source got ack {}",
+                    "handoff trace v3 (µs from quiesce): switch sent {} | successor got switch {} | claimed {} | worker resumed {} | first service {} | ack sent {} | source got ack {} | quiesce at {q} ns (CLOCK_MONOTONIC) | source pid {} successor pid {}",
                     c("switch_sent_ns").saturating_sub(q) / 1000,
                     r("switch_ns").saturating_sub(q) / 1000,
                     r("go_ns").saturating_sub(q) / 1000,
@@ -348,6 +351,8 @@ impl HandoffRig {
                     served,
                     r("running_ns").saturating_sub(q) / 1000,
                     c("running_ns").saturating_sub(q) / 1000,
+                    old.pid(),
+                    new.pid(),
                 );
             } else {
                 eprintln!(
@@ -393,6 +398,7 @@ impl HandoffRig {
                 us(r, f),
             ],
             protocol,
+            blackout_ns: (at("quiesce_ns"), f),
         })
     }
 
@@ -426,6 +432,12 @@ impl HandoffRig {
 
     /// Reaps predecessors that have exited, and waits for the oldest while more than `keep`
     /// are left; each must have exited cleanly.
+    /// Waits until every predecessor has finished its teardown (see
+    /// [`defer_teardown`](Self::defer_teardown)) and checks how each exited.
+    pub fn reap_all(&mut self) -> Result<()> {
+        self.reap(0)
+    }
+
     fn reap(&mut self, keep: usize) -> Result<()> {
         let mut left = std::collections::VecDeque::new();
         let mut failed = None;

@@ -13,7 +13,7 @@ use crate::netns;
 use crate::rig::{self, GUEST_MAC, TAP_NAME};
 
 /// Per-direction result of a steady traffic run.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct DirectionReport {
     /// Datagrams sent.
     pub sent: u64,
@@ -25,12 +25,33 @@ pub struct DirectionReport {
     pub duplicated: u64,
     /// Received after a later one of the same flow.
     pub reordered: u64,
-    /// Largest time between two consecutive arrivals, in µs.
+    /// Largest time between two consecutive arrivals of one flow, in µs.
     pub max_gap_us: f64,
+    /// Every gap between two consecutive arrivals of a flow of at least [`GAP_NOTED`]:
+    /// (CLOCK_MONOTONIC ns of the arrival that ended it, its length in ns), so that a gap can
+    /// be told to be a handoff's or not.
+    #[serde(skip)]
+    pub gaps: Gaps,
     /// Frames the kernel itself dropped on the way, outside tapir: a full TAP queue
     /// (host->guest, when the datapath or the guest is starved of CPU) or a full socket
     /// buffer (guest->host).
     pub dropped_by_kernel: u64,
+}
+
+/// Gaps of a flow: (CLOCK_MONOTONIC ns of the arrival that ended it, length in ns). Its
+/// `Debug` shows how many and the longest, not thousands of pairs.
+#[derive(Clone, Default)]
+pub struct Gaps(pub Vec<(u64, u64)>);
+
+impl std::fmt::Debug for Gaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let longest = self.0.iter().map(|g| g.1).max().unwrap_or(0);
+        write!(
+            f,
+            "{} gaps of at least {GAP_NOTED} ns, longest {longest} ns",
+            self.0.len()
+        )
+    }
 }
 
 #[derive(Default)]
@@ -39,7 +60,13 @@ struct FlowTrack {
     seen: SeenSet,
     duplicated: u64,
     reordered: u64,
+    /// CLOCK_MONOTONIC ns of the last arrival.
+    last: Option<u64>,
 }
+
+/// Gaps of a flow at least this long are kept with their time (ns): the traffic comes in
+/// 100 µs ticks, so shorter ones are the ticks themselves.
+pub const GAP_NOTED: u64 = 250_000;
 
 /// Sequence numbers already received, one bit each: constant time per arrival at any length
 /// of run. A `HashSet` here rehashed all it held whenever it grew (110 ms at 3.7 M entries),
@@ -84,27 +111,34 @@ impl SeenSet {
     }
 }
 
-/// Sequence tracking over many flows plus the largest inter-arrival gap.
+/// Sequence tracking over many flows plus the inter-arrival gaps of each flow (one queue
+/// pair stalled while the other delivers is a gap of its flow, not of the traffic as a whole).
 #[derive(Default)]
 struct Tracker {
     flows: std::collections::HashMap<u32, FlowTrack>,
-    last: Option<Instant>,
-    max_gap: Duration,
+    /// Largest gap of any flow, ns.
+    max_gap: u64,
+    /// Gaps of at least [`GAP_NOTED`]: (end, length), ns.
+    gaps: Vec<(u64, u64)>,
     /// The largest gap since [`SteadyTraffic::start_window`], while a window is open.
-    window_gap: Option<Duration>,
+    window_gap: Option<u64>,
 }
 
 impl Tracker {
     fn record(&mut self, flow: u32, seq: u64) {
-        let now = Instant::now();
-        if let Some(last) = self.last {
-            self.max_gap = self.max_gap.max(now - last);
+        let now = tapir_datapath::monotonic_ns();
+        let f = self.flows.entry(flow).or_default();
+        if let Some(last) = f.last {
+            let gap = now.saturating_sub(last);
+            self.max_gap = self.max_gap.max(gap);
+            if gap >= GAP_NOTED {
+                self.gaps.push((now, gap));
+            }
             if let Some(w) = &mut self.window_gap {
-                *w = (*w).max(now - last);
+                *w = (*w).max(gap);
             }
         }
-        self.last = Some(now);
-        let f = self.flows.entry(flow).or_default();
+        f.last = Some(now);
         if !f.seen.insert(seq) {
             f.duplicated += 1;
         } else if seq < f.next {
@@ -127,13 +161,15 @@ impl Tracker {
             lost: sent.saturating_sub(received),
             duplicated: self.flows.values().map(|f| f.duplicated).sum(),
             reordered: self.flows.values().map(|f| f.reordered).sum(),
-            max_gap_us: self.max_gap.as_secs_f64() * 1e6,
+            #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+            max_gap_us: self.max_gap as f64 / 1e3,
+            gaps: Gaps(self.gaps.clone()),
         }
     }
 }
 
 /// Both directions.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct TrafficReport {
     /// Guest to host.
     pub guest_to_host: DirectionReport,
@@ -193,20 +229,28 @@ impl SteadyTraffic {
     pub fn start_window(&self) {
         for t in [&self.host_track, &self.guest_track] {
             if let Ok(mut t) = t.lock() {
-                t.window_gap = Some(Duration::ZERO);
+                t.window_gap = Some(0);
             }
         }
     }
 
-    /// Closes the window: the largest gap in it, µs.
+    /// Closes the window: the largest gap of a flow in it, µs.
     pub fn end_window(&self) -> f64 {
-        let mut gap = Duration::ZERO;
+        let mut gap = 0u64;
         for t in [&self.host_track, &self.guest_track] {
             if let Ok(mut t) = t.lock() {
                 gap = gap.max(t.window_gap.take().unwrap_or_default());
             }
         }
-        gap.as_secs_f64() * 1e6
+        #[allow(clippy::cast_precision_loss, reason = "microseconds")]
+        let us = gap as f64 / 1e3;
+        us
+    }
+
+    /// Datagrams the kernel dropped (TAP queue, host socket) since the traffic started.
+    pub fn kernel_drops_so_far(&self) -> u64 {
+        let (tap, udp) = kernel_drops();
+        tap.saturating_sub(self.kernel_drops0.0) + udp.saturating_sub(self.kernel_drops0.1)
     }
 
     /// Starts `pps` datagrams per second per direction (split over the queue pairs). Takes
