@@ -237,7 +237,11 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool, 
         let left = match deadline {
             None => PollTimeout::NONE,
             Some(d) => {
-                let ms = d.saturating_duration_since(Instant::now()).as_millis();
+                // Rounded up: poll(2) counts whole milliseconds, and 0.9 ms left rounded
+                // down is a poll that returns at once (a busy loop for a caller that waits
+                // 1 ms at a time).
+                let left = d.saturating_duration_since(Instant::now());
+                let ms = left.as_nanos().div_ceil(1_000_000);
                 i32::try_from(ms)
                     .ok()
                     .and_then(|ms| PollTimeout::try_from(ms).ok())

@@ -56,3 +56,30 @@ fn a_message_with_too_many_fds_is_refused_and_its_fds_closed() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(m.fds.len(), 250);
 }
+
+/// A timeout below a millisecond still waits (poll(2) counts whole milliseconds: rounding
+/// the time left down made `accept(Some(1 ms))` return at once, a busy loop for a caller that
+/// polls the listener every millisecond).
+#[test]
+fn a_sub_millisecond_timeout_waits_its_length() {
+    // It opens fds: not while another test counts them.
+    let _one = FD_COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("tapir-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listener = Listener::bind(&dir.join("s")).unwrap_or_else(|e| panic!("{e}"));
+    for wait in [Duration::from_micros(300), Duration::from_millis(1)] {
+        for _ in 0..20 {
+            let start = std::time::Instant::now();
+            let got = listener.accept(Some(wait));
+            assert!(matches!(got, Err(ChannelError::Timeout(_))), "{got:?}");
+            // A lower bound only: the clock is monotonic and poll never returns early.
+            assert!(
+                start.elapsed() >= wait,
+                "{wait:?} timeout returned after {:?}",
+                start.elapsed()
+            );
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_dir_all(&dir);
+}
