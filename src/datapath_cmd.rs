@@ -82,7 +82,7 @@ pub fn run(args: DatapathArgs) -> Result<()> {
     lockdown.confine().context("entering the sandbox")?;
     let took = take_over(&channel, &opts).context("taking the device over")?;
     drop(channel);
-    event(format!(
+    let running = format!(
         "{{\"event\":\"running\",\"pid\":{},\"protocol\":{},\"generation\":{},\"quiesce_ns\":{},\"switch_ns\":{},\"ready_ns\":{},\"go_ns\":{},\"running_ns\":{}}}",
         std::process::id(),
         took.version,
@@ -92,8 +92,8 @@ pub fn run(args: DatapathArgs) -> Result<()> {
         took.ready_ns,
         took.go_ns,
         took.running_ns
-    ));
-    watch_first_service(&took.device, took.quiesce_ns);
+    );
+    let mut first = FirstService::new(&took.device, took.quiesce_ns, running);
     let mut source = DeviceSource::new(took.device, took.generation);
     install_sigterm()?;
     loop {
@@ -103,7 +103,13 @@ pub fn run(args: DatapathArgs) -> Result<()> {
             }
             return Ok(());
         }
-        let ch = match listener.accept(Some(Duration::from_millis(100))) {
+        first.report();
+        let wait = if first.pending() {
+            FirstService::POLL
+        } else {
+            Duration::from_millis(100)
+        };
+        let ch = match listener.accept(Some(wait)) {
             Ok(ch) => ch,
             Err(tapir_migrate::ChannelError::Timeout(_)) => continue,
             Err(e) => {
@@ -111,6 +117,8 @@ pub fn run(args: DatapathArgs) -> Result<()> {
                 continue;
             }
         };
+        // A successor before the first service: say `running` first, as a supervisor expects.
+        first.print_running();
         match hand_off(&mut source, &ch, timeouts)? {
             Outcome::Committed(r) => {
                 // The successor runs now. Tear this process down (unmapping, closing rings,
@@ -143,31 +151,78 @@ pub fn run(args: DatapathArgs) -> Result<()> {
     }
 }
 
-/// Reports when the first worker serviced a ring (the end of the blackout).
-fn watch_first_service(device: &tapir_datapath::Device, quiesce_ns: u64) {
-    let stats = device.worker_stats();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(t) = stats.iter().filter_map(|s| s.first_service_ns()).min() {
-                let resumed = stats
-                    .iter()
-                    .filter_map(|s| s.resumed_ns())
-                    .min()
-                    .unwrap_or(0);
-                event(format!(
-                    "{{\"event\":\"first_service\",\"pid\":{},\"first_service_ns\":{t},\"resumed_ns\":{resumed},\"downtime_ns\":{}}}",
-                    std::process::id(),
-                    if quiesce_ns > 0 { t.saturating_sub(quiesce_ns) } else { 0 }
-                ));
-                return;
-            }
-            // The worker stamps the time itself: reporting it a millisecond late costs the
-            // measurement nothing, while waking every 50 µs (as this did) put 20,000 wake-ups
-            // a second of the successor's own into its blackout on a 2-CPU machine.
-            std::thread::sleep(Duration::from_millis(1));
+/// The `running` and `first_service` events of a successor, printed from the main loop once
+/// a worker has serviced a ring (the end of the blackout): nothing is printed, and no thread
+/// started, inside the blackout (a pipe write wakes the supervisor's reader, a thread spawn
+/// costs ~50 µs, both competing with the resuming workers on a small machine). The workers
+/// stamp the times themselves, so reporting a little later changes no number.
+struct FirstService {
+    stats: Vec<std::sync::Arc<tapir_datapath::QueuePairStats>>,
+    quiesce_ns: u64,
+    /// The `running` event, until printed.
+    running: Option<String>,
+    since: Instant,
+    done: bool,
+}
+
+impl FirstService {
+    /// How often the main loop looks while the first service is pending.
+    const POLL: Duration = Duration::from_millis(1);
+    /// `running` is printed by then even if no ring was serviced yet (no traffic).
+    const RUNNING_BY: Duration = Duration::from_millis(20);
+    /// `first_service` is given up on after this.
+    const GIVE_UP: Duration = Duration::from_secs(10);
+
+    fn new(device: &tapir_datapath::Device, quiesce_ns: u64, running: String) -> FirstService {
+        FirstService {
+            stats: device.worker_stats(),
+            quiesce_ns,
+            running: Some(running),
+            since: Instant::now(),
+            done: false,
         }
-    });
+    }
+
+    fn pending(&self) -> bool {
+        !self.done
+    }
+
+    fn print_running(&mut self) {
+        if let Some(r) = self.running.take() {
+            event(r);
+        }
+    }
+
+    fn report(&mut self) {
+        if self.done {
+            return;
+        }
+        let served = self.stats.iter().filter_map(|s| s.first_service_ns()).min();
+        let waited = self.since.elapsed();
+        if served.is_some() || waited >= Self::RUNNING_BY {
+            self.print_running();
+        }
+        if let Some(t) = served {
+            let resumed = self
+                .stats
+                .iter()
+                .filter_map(|s| s.resumed_ns())
+                .min()
+                .unwrap_or(0);
+            let downtime = if self.quiesce_ns > 0 {
+                t.saturating_sub(self.quiesce_ns)
+            } else {
+                0
+            };
+            event(format!(
+                "{{\"event\":\"first_service\",\"pid\":{},\"first_service_ns\":{t},\"resumed_ns\":{resumed},\"downtime_ns\":{downtime}}}",
+                std::process::id(),
+            ));
+            self.done = true;
+        } else if waited >= Self::GIVE_UP {
+            self.done = true;
+        }
+    }
 }
 
 /// Set by SIGTERM: stop the device cleanly and exit.
