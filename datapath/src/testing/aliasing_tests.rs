@@ -117,6 +117,21 @@ fn post(fx: &mut Fixture, bufs: &[(u64, u32)]) {
     raw.publish();
 }
 
+/// Two reads prepared one after the other, each posted with 2048 bytes of buffers.
+fn two_reads_of_2048(fx: &mut Fixture) -> (RxSlot, RxSlot) {
+    let first = fx.h.rx_prepare().expect("read 1");
+    let second = fx.h.rx_prepare().expect("read 2");
+    assert_eq!(fx.h.rx_posted_len(first), 2048);
+    assert_eq!(fx.h.rx_posted_len(second), 2048);
+    (first, second)
+}
+
+/// The TAP's `readv` into a prepared read returns `frame`, and the read completes.
+fn deliver(fx: &mut Fixture, slot: RxSlot, frame: &[u8]) {
+    fx.h.rx_write(slot, frame);
+    assert_eq!(fx.h.rx_complete(slot), RxCompletion::Done);
+}
+
 /// rx_pair fuzz finding 15: a read's own chains overlap (the kernel's later bytes overwrite
 /// earlier ones in guest memory), and the read is younger than a spare chain, so the device
 /// moves the frame into the older chains (ring order). The moved frame is what the guest's
@@ -134,16 +149,11 @@ fn a_moved_frame_keeps_what_its_overlapping_source_chains_held() {
         &mut fx,
         &[(a, 1024), (a + 1024, 1024), (b, 1024), (b + 1000, 1024)],
     );
-    let first = fx.h.rx_prepare().expect("read 1");
-    let second = fx.h.rx_prepare().expect("read 2");
-    assert_eq!(fx.h.rx_posted_len(first), 2048);
-    assert_eq!(fx.h.rx_posted_len(second), 2048);
+    let (first, second) = two_reads_of_2048(&mut fx);
     let before = fx.h.counters();
     // Frame 1 takes a alone: a+1024 goes back, older than read 2's chains.
-    fx.h.rx_write(first, &frame(500, 1));
-    assert_eq!(fx.h.rx_complete(first), RxCompletion::Done);
-    fx.h.rx_write(second, &frame(1500, 2));
-    assert_eq!(fx.h.rx_complete(second), RxCompletion::Done);
+    deliver(&mut fx, first, &frame(500, 1));
+    deliver(&mut fx, second, &frame(1500, 2));
     let c = fx.h.counters().delta(&before);
     assert_eq!((c.rx_packets, c.rx_reordered), (2, 1), "{c:?}");
     fx.h.check().expect("invariants");
@@ -167,17 +177,11 @@ fn a_moved_spilled_frame_is_copied_from_the_kernels_bytes_not_its_own() {
         &mut fx,
         &[(a, 1024), (b + 1500, 1024), (b, 2048), (spare, 128 * 1024)],
     );
-    let first = fx.h.rx_prepare().expect("read 1");
-    let second = fx.h.rx_prepare().expect("read 2");
-    assert_eq!(fx.h.rx_posted_len(first), 2048);
-    assert_eq!(fx.h.rx_posted_len(second), 2048);
+    let (first, second) = two_reads_of_2048(&mut fx);
     let before = fx.h.counters();
-    fx.h.rx_write(first, &frame(500, 1));
-    assert_eq!(fx.h.rx_complete(first), RxCompletion::Done);
+    deliver(&mut fx, first, &frame(500, 1));
     // 3000 bytes: 2048 in b, the rest spills into b+1500 (older than b: the frame moves).
-    let fr = frame(3000 - VNET_HDR_LEN, 2);
-    fx.h.rx_write(second, &fr);
-    assert_eq!(fx.h.rx_complete(second), RxCompletion::Done);
+    deliver(&mut fx, second, &frame(3000 - VNET_HDR_LEN, 2));
     let c = fx.h.counters().delta(&before);
     assert_eq!(
         (c.rx_packets, c.rx_reordered, c.rx_spilled),
