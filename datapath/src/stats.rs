@@ -71,6 +71,10 @@ counters! {
     rx_deferred,
     /// Times the worker found no RX buffers while it wanted to post a read.
     rx_no_buffers,
+    /// Frames brought by the read the io_uring engine leaves waiting on an empty TAP (armed
+    /// on io_uring's own poll: the frame is in guest buffers when the worker wakes). 0 in the
+    /// classic engine, and where the kernel fails such reads (the engine polls instead).
+    rx_woken_reads,
     /// RX descriptor chains refused as malformed (used with length 0).
     rx_malformed,
     /// Kicks received on the RX queue.

@@ -104,6 +104,7 @@ fn direction(c: &Counters, rx: bool) -> Value {
                 "no_buffers": c.rx_dropped_no_buffers,
             },
             "no_buffers_waits": c.rx_no_buffers,
+            "woken_reads": c.rx_woken_reads,
             "deferred": c.rx_deferred,
             "spilled": c.rx_spilled,
             "reordered": c.rx_reordered,

@@ -77,11 +77,27 @@ enum Phase {
 /// Whether RX posts reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RxGate {
-    /// Reads are posted as guest buffers allow.
+    /// Bursts of `RWF_NOWAIT` reads are posted as guest buffers allow.
     Open,
-    /// A read found the TAP empty or failing: none are posted until the TAP poll (or the
-    /// retry timeout) completes.
+    /// A read found the TAP empty: the next pass posts one read that waits in the kernel
+    /// (see [`RxWait`]) once every read of the burst is back.
+    Empty,
+    /// That one waiting read (or the TAP poll) is posted: nothing else is.
+    Waiting,
+    /// A read failed: none are posted until the retry timeout completes.
     Paused,
+}
+
+/// How RX waits for the TAP once it is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RxWait {
+    /// One read without `RWF_NOWAIT`: io_uring arms its own poll on the TAP and runs the read
+    /// in the wake-up's task work, so the frame is in guest buffers when the worker wakes
+    /// (one `io_uring_enter` per RX wake-up, not a poll's completion and then a read's).
+    Read,
+    /// A `POLLIN` poll, then reads: for a kernel that completes such a read with `EAGAIN`
+    /// (it honours the TAP's `O_NONBLOCK` instead of polling).
+    Poll,
 }
 
 /// One of the three eventfd reads the loop keeps pending.
@@ -118,9 +134,11 @@ struct Loop {
     tx_pending: bool,
     rx_pending: bool,
     rx_gate: RxGate,
+    rx_wait: RxWait,
     /// Reads posted per burst: grows by one per read that found a frame, halves on a read
-    /// that found none (RX reads are RWF_NOWAIT: they complete inline, with a frame or
-    /// EAGAIN, and never wait in the kernel or in io-wq, so frames land in ring order).
+    /// that found none (a burst's reads are RWF_NOWAIT: they complete inline, with a frame or
+    /// EAGAIN, and never wait in the kernel or in io-wq, so frames land in ring order; the
+    /// read that waits for an empty TAP is posted alone, [`RxGate::Waiting`]).
     rx_burst: usize,
     rx_depth: usize,
     /// Slots of the RX burst being prepared.
@@ -439,6 +457,7 @@ impl Engine for UringEngine {
             tx_pending: true,
             rx_pending: true,
             rx_gate: RxGate::Open,
+            rx_wait: RxWait::Read,
             rx_burst: 4.min(rx_depth),
             rx_depth,
             rx_batch: Vec::with_capacity(rx_depth),

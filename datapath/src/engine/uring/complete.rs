@@ -1,6 +1,6 @@
 //! What each completion does to the loop and the queue pair.
 
-use super::{EventRead, Loop, Op, Phase, RxGate};
+use super::{EventRead, Loop, Op, Phase, RxGate, RxWait};
 use crate::engine::{EngineError, EngineKind, WorkerFault};
 use crate::pair::{Direction, QueuePair};
 
@@ -21,8 +21,14 @@ impl Loop {
             }
             Op::Rx(slot) => {
                 self.rx_posted -= 1;
+                // The one read waiting in the kernel (`RxGate::Waiting`) is back.
+                let waited = self.rx_gate == RxGate::Waiting;
                 match usize::try_from(res) {
                     Ok(n) if n > 0 => {
+                        if waited {
+                            self.rx_gate = RxGate::Open;
+                            pair.counters.rx_woken_reads += 1;
+                        }
                         // Frames complete in order: behind a frame waiting for guest buffers,
                         // the next ones wait too.
                         self.rx[slot].set_frame(n);
@@ -33,14 +39,21 @@ impl Loop {
                         return Ok(());
                     }
                     _ => {
+                        pair.return_rx(&mut self.rx[slot]);
                         if res == -libc::EAGAIN {
                             self.rx_burst = (self.rx_burst / 2).max(1);
-                        }
-                        pair.return_rx(&mut self.rx[slot]);
-                        if res != -libc::ECANCELED
-                            && self.phase == Phase::Running
-                            && self.rx_gate == RxGate::Open
-                        {
+                            if waited {
+                                // This kernel does not wait in such a read: poll instead.
+                                self.rx_wait = RxWait::Poll;
+                            }
+                            if self.rx_gate != RxGate::Paused {
+                                self.rx_gate = RxGate::Empty;
+                            }
+                        } else if res == -libc::ECANCELED {
+                            if waited {
+                                self.rx_gate = RxGate::Empty;
+                            }
+                        } else if self.phase == Phase::Running && self.rx_gate != RxGate::Paused {
                             self.pause_rx(pair, res)?;
                         }
                     }

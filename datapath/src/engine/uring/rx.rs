@@ -1,11 +1,11 @@
 //! Posting the TAP reads: frames waiting for guest buffers first, then a burst of reads
-//! (each a `Readv` into guest chains and the slot's spill area), and pausing RX when the TAP
-//! is empty or failing.
+//! (each a `Readv` into guest chains and the slot's spill area), one read that waits in the
+//! kernel when the TAP is empty, and pausing RX when the TAP fails.
 
 use io_uring::opcode;
 use io_uring::types::Fixed;
 
-use super::{iov_count, Loop, Op, RxGate, FILE_TAP, RX_RETRY};
+use super::{iov_count, Loop, Op, RxGate, RxWait, FILE_TAP, RX_RETRY};
 use crate::engine::EngineError;
 use crate::pair::{QueuePair, RxPrep, RxRetry};
 
@@ -33,9 +33,15 @@ impl Loop {
     pub(super) fn fill_rx(&mut self, pair: &mut QueuePair) -> Result<(), EngineError> {
         self.rx_pending = false;
         self.drain_rx_waiting(pair);
-        if !self.rx_waiting.is_empty() || self.rx_gate == RxGate::Paused {
+        if !self.rx_waiting.is_empty() {
             // A frame waits for guest buffers: read nothing more (frames wait in the TAP).
             return Ok(());
+        }
+        match self.rx_gate {
+            RxGate::Open => {}
+            // Every read of the last burst is back (so frames stay in ring order): wait.
+            RxGate::Empty if self.rx_posted == 0 => return self.wait_for_frame(pair),
+            RxGate::Empty | RxGate::Waiting | RxGate::Paused => return Ok(()),
         }
         // Prepare the burst, then post it. (Linking the reads so that the first EAGAIN
         // cancels the rest was measured 15x slower: a linked read runs from task work after
@@ -92,28 +98,75 @@ impl Loop {
         Ok(())
     }
 
-    /// A read found nothing or failed: stop posting reads until the TAP is readable again
-    /// (EAGAIN: the TAP queue is empty; one POLLIN wait replaces a pending read per slot) or
-    /// for 10 ms (other errors: a detached queue, a link that went away), so a failing TAP
-    /// never makes the loop spin.
+    /// The TAP was found empty and no read is out: post one read that waits in the kernel
+    /// for the next frame ([`RxWait::Read`]), or a poll ([`RxWait::Poll`]). Nothing else is
+    /// posted until it completes, so the frame it brings is the next in ring order.
+    fn wait_for_frame(&mut self, pair: &mut QueuePair) -> Result<(), EngineError> {
+        if self.rx_wait == RxWait::Poll {
+            self.rx_gate = RxGate::Waiting;
+            // POLLIN fits in u32 (it is 1).
+            let entry = opcode::PollAdd::new(Fixed(FILE_TAP), libc::POLLIN.unsigned_abs().into())
+                .build()
+                .user_data(Op::RxRetry.user_data());
+            // SAFETY: a poll carries no buffer.
+            return unsafe { self.push(entry) };
+        }
+        let Some(slot) = self.rx_free.pop() else {
+            return Ok(());
+        };
+        let Some(r) = self.rx.get_mut(slot) else {
+            return Ok(());
+        };
+        match pair.prepare_rx(r, false) {
+            RxPrep::Ready => {}
+            RxPrep::Withheld => {
+                self.rx_free.push(slot);
+                self.rx_pending = true;
+                self.again = true;
+                return Ok(());
+            }
+            // The guest's RX kick (armed by `prepare_rx`) brings this back.
+            RxPrep::NoBuffers => {
+                self.rx_free.push(slot);
+                return Ok(());
+            }
+            RxPrep::Stopped => {
+                self.rx_free.push(slot);
+                self.stop_seen();
+                return Ok(());
+            }
+        }
+        let r = &self.rx[slot];
+        // No RWF_NOWAIT: on an empty TAP io_uring arms its poll (the TAP's O_NONBLOCK does not
+        // make it fail, measured by tests/uring_tap_read.rs) and reads in the wake-up.
+        let entry = opcode::Readv::new(
+            Fixed(FILE_TAP),
+            r.seg.iov.as_ptr(),
+            iov_count(r.seg.iov.len()),
+        )
+        .build()
+        .user_data(Op::Rx(slot).user_data());
+        // SAFETY: as for the burst's reads in `fill_rx`; the quiesce's cancel ends this read
+        // if no frame comes, and the loop ends only once it has completed.
+        unsafe { self.push(entry)? };
+        self.rx_posted += 1;
+        self.rx_gate = RxGate::Waiting;
+        Ok(())
+    }
+
+    /// A read failed (not `EAGAIN`): stop posting reads for 10 ms (a detached queue, a link
+    /// that went away), so a failing TAP never makes the loop spin.
     pub(super) fn pause_rx(&mut self, pair: &QueuePair, res: i32) -> Result<(), EngineError> {
         self.rx_gate = RxGate::Paused;
-        let entry = if res == -libc::EAGAIN {
-            // POLLIN fits in u32 (it is 1).
-            opcode::PollAdd::new(Fixed(FILE_TAP), libc::POLLIN.unsigned_abs().into())
-                .build()
-                .user_data(Op::RxRetry.user_data())
-        } else {
-            tracing::warn!(
-                pair = pair.index,
-                errno = -res,
-                "TAP read failed; pausing RX for 10 ms"
-            );
-            opcode::Timeout::new(&RX_RETRY)
-                .build()
-                .user_data(Op::RxRetry.user_data())
-        };
-        // SAFETY: a poll carries no buffer; `RX_RETRY` is a static.
+        tracing::warn!(
+            pair = pair.index,
+            errno = -res,
+            "TAP read failed; pausing RX for 10 ms"
+        );
+        let entry = opcode::Timeout::new(&RX_RETRY)
+            .build()
+            .user_data(Op::RxRetry.user_data());
+        // SAFETY: `RX_RETRY` is a static.
         unsafe { self.push(entry) }
     }
 }
