@@ -9,6 +9,16 @@ use super::{iov_count, Loop, Op, RxGate, RxWait, FILE_TAP, RX_RETRY};
 use crate::engine::EngineError;
 use crate::pair::{QueuePair, RxPrep, RxRetry};
 
+/// How a TAP read is issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadKind {
+    /// `RWF_NOWAIT`: completes inline, with a frame or `EAGAIN` (a burst's reads).
+    NoWait,
+    /// Without it: on an empty TAP io_uring arms its poll (the TAP's `O_NONBLOCK` does not
+    /// make it fail, tests/uring_tap_read.rs) and reads in the wake-up.
+    Waiting,
+}
+
 impl Loop {
     /// Completes waiting frames in order while the guest has buffers for them; when one still
     /// waits, the guest's RX kick is armed (and re-checked) for it.
@@ -48,53 +58,59 @@ impl Loop {
         // its predecessor completes, i.e. one read per io_uring_enter under DEFER_TASKRUN.)
         self.rx_batch.clear();
         while self.rx_posted + self.rx_batch.len() < self.rx_burst {
-            let Some(slot) = self.rx_free.pop() else {
-                break;
-            };
             let others = self.rx_posted + self.rx_batch.len() > 0;
-            let Some(r) = self.rx.get_mut(slot) else {
+            let Some(slot) = self.prepare_slot(pair, others) else {
                 break;
             };
-            match pair.prepare_rx(r, others) {
-                RxPrep::Ready => {}
-                RxPrep::Withheld => {
-                    // The pass's budget is spent: come back without waiting for a kick.
-                    self.rx_free.push(slot);
-                    self.rx_pending = true;
-                    self.again = true;
-                    break;
-                }
-                RxPrep::NoBuffers => {
-                    self.rx_free.push(slot);
-                    break;
-                }
-                RxPrep::Stopped => {
-                    self.rx_free.push(slot);
-                    self.stop_seen();
-                    break;
-                }
-            }
             self.rx_batch.push(slot);
         }
-        let n = self.rx_batch.len();
-        for k in 0..n {
+        for k in 0..self.rx_batch.len() {
             let slot = self.rx_batch[k];
-            let r = &self.rx[slot];
-            // At most MAX_SEGMENTS chains' iovecs plus the spill area.
-            let entry = opcode::Readv::new(
-                Fixed(FILE_TAP),
-                r.seg.iov.as_ptr(),
-                iov_count(r.seg.iov.len()),
-            )
-            .rw_flags(libc::RWF_NOWAIT)
-            .build()
-            .user_data(Op::Rx(slot).user_data());
-            // SAFETY: the iovecs point into guest memory (mapped for the worker's life) and
-            // into the slot's spill area (owned by the slot, which outlives the loop); the
-            // slot is untouched until the read's completion.
-            unsafe { self.push(entry)? };
-            self.rx_posted += 1;
+            self.post_read(slot, ReadKind::NoWait)?;
         }
+        Ok(())
+    }
+
+    /// A free slot filled with guest buffers by `prepare_rx`, or None (the slot back in the
+    /// free list) when no read can be posted now: the pass's budget is spent (come back
+    /// without waiting for a kick), the guest has no buffers (its RX kick, armed by
+    /// `prepare_rx`, brings this back) or the stop was seen.
+    fn prepare_slot(&mut self, pair: &mut QueuePair, others: bool) -> Option<usize> {
+        let slot = self.rx_free.pop()?;
+        let r = self.rx.get_mut(slot)?;
+        match pair.prepare_rx(r, others) {
+            RxPrep::Ready => return Some(slot),
+            RxPrep::Withheld => {
+                self.rx_pending = true;
+                self.again = true;
+            }
+            RxPrep::NoBuffers => {}
+            RxPrep::Stopped => self.stop_seen(),
+        }
+        self.rx_free.push(slot);
+        None
+    }
+
+    /// Posts the `Readv` of a prepared slot: at most MAX_SEGMENTS chains' iovecs plus the
+    /// spill area.
+    fn post_read(&mut self, slot: usize, kind: ReadKind) -> Result<(), EngineError> {
+        let r = &self.rx[slot];
+        let read = opcode::Readv::new(
+            Fixed(FILE_TAP),
+            r.seg.iov.as_ptr(),
+            iov_count(r.seg.iov.len()),
+        );
+        let read = match kind {
+            ReadKind::NoWait => read.rw_flags(libc::RWF_NOWAIT),
+            ReadKind::Waiting => read,
+        };
+        let entry = read.build().user_data(Op::Rx(slot).user_data());
+        // SAFETY: the iovecs point into guest memory (mapped for the worker's life) and into
+        // the slot's spill area (owned by the slot, which outlives the loop); the slot is
+        // untouched until the read's completion (a waiting read is ended by the quiesce's
+        // cancel if no frame comes, and the loop ends only once it has completed).
+        unsafe { self.push(entry)? };
+        self.rx_posted += 1;
         Ok(())
     }
 
@@ -111,45 +127,10 @@ impl Loop {
             // SAFETY: a poll carries no buffer.
             return unsafe { self.push(entry) };
         }
-        let Some(slot) = self.rx_free.pop() else {
+        let Some(slot) = self.prepare_slot(pair, false) else {
             return Ok(());
         };
-        let Some(r) = self.rx.get_mut(slot) else {
-            return Ok(());
-        };
-        match pair.prepare_rx(r, false) {
-            RxPrep::Ready => {}
-            RxPrep::Withheld => {
-                self.rx_free.push(slot);
-                self.rx_pending = true;
-                self.again = true;
-                return Ok(());
-            }
-            // The guest's RX kick (armed by `prepare_rx`) brings this back.
-            RxPrep::NoBuffers => {
-                self.rx_free.push(slot);
-                return Ok(());
-            }
-            RxPrep::Stopped => {
-                self.rx_free.push(slot);
-                self.stop_seen();
-                return Ok(());
-            }
-        }
-        let r = &self.rx[slot];
-        // No RWF_NOWAIT: on an empty TAP io_uring arms its poll (the TAP's O_NONBLOCK does not
-        // make it fail, measured by tests/uring_tap_read.rs) and reads in the wake-up.
-        let entry = opcode::Readv::new(
-            Fixed(FILE_TAP),
-            r.seg.iov.as_ptr(),
-            iov_count(r.seg.iov.len()),
-        )
-        .build()
-        .user_data(Op::Rx(slot).user_data());
-        // SAFETY: as for the burst's reads in `fill_rx`; the quiesce's cancel ends this read
-        // if no frame comes, and the loop ends only once it has completed.
-        unsafe { self.push(entry)? };
-        self.rx_posted += 1;
+        self.post_read(slot, ReadKind::Waiting)?;
         self.rx_gate = RxGate::Waiting;
         Ok(())
     }
