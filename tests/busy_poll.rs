@@ -10,7 +10,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tapir_datapath::EngineConfig;
 
 const PACKETS: u64 = 200;
 
@@ -55,12 +54,7 @@ const BUSY_POLL: Matrix = Matrix::LINUX.rings(&EVIDX_ON_OFF);
 
 fn run(cell: Cell, busy_poll: Option<Duration>) -> Counters {
     let ctx = format!("{}, busy poll {busy_poll:?}", cell.name());
-    let mut cfg = rig_config(cell.engine, cell.guest());
-    cfg.engine_config = EngineConfig {
-        busy_poll,
-        ..EngineConfig::default()
-    };
-    let mut rig = Rig::start(&cfg).unwrap_or_else(|e| panic!("{ctx}: Rig::start: {e}"));
+    let mut rig = start_busy_polling(cell, busy_poll, &ctx);
     ping_pong(&mut rig, &ctx);
     let pairs = rig.stop().unwrap_or_else(|e| panic!("{ctx}: stop: {e}"));
     let c = pairs[0].pair.counters;

@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tapir_datapath::{EngineConfig, EngineKind};
+use tapir_datapath::EngineKind;
 
 const PACKETS: u64 = 200;
 
@@ -22,12 +22,7 @@ const RX_WAKE: Matrix = Matrix::LINUX.rings(&EVIDX_ON_OFF);
 
 fn one_at_a_time(cell: Cell, busy_poll: Option<Duration>) -> Counters {
     let ctx = format!("{}, busy poll {busy_poll:?}", cell.name());
-    let mut cfg = rig_config(cell.engine, cell.guest());
-    cfg.engine_config = EngineConfig {
-        busy_poll,
-        ..EngineConfig::default()
-    };
-    let mut rig = Rig::start(&cfg).unwrap_or_else(|e| panic!("{ctx}: Rig::start: {e}"));
+    let mut rig = start_busy_polling(cell, busy_poll, &ctx);
     let (mut rx, _tx) = rig.take(0);
     rx.refill();
     let sock = host_udp(HOST_IP, 9000);

@@ -66,6 +66,16 @@ pub fn start(engine: EngineKind, guest: GuestConfig, ctx: &str) -> Rig {
     Rig::start(&rig_config(engine, guest)).unwrap_or_else(|e| panic!("{ctx}: Rig::start: {e}"))
 }
 
+/// Starts a rig for `cell` with this busy-poll budget ([`EngineConfig::busy_poll`]).
+pub fn start_busy_polling(cell: Cell, busy_poll: Option<Duration>, ctx: &str) -> Rig {
+    let mut cfg = rig_config(cell.engine, cell.guest());
+    cfg.engine_config = tapir_datapath::EngineConfig {
+        busy_poll,
+        ..tapir_datapath::EngineConfig::default()
+    };
+    Rig::start(&cfg).unwrap_or_else(|e| panic!("{ctx}: Rig::start: {e}"))
+}
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
