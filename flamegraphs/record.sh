@@ -33,7 +33,7 @@ record() { # scenario frame engine
 if [ $# -eq 2 ]; then
     for e in uring classic floor; do record "$1" "$2" "$e"; done
 else
-    for s in "tx 64" "rx 64" "tx 65536"; do
+    for s in "tx 64" "tx-drop 64" "rx 64" "tx 65536" "rx 65536"; do
         for e in uring classic floor; do record $s "$e"; done
     done
 fi
