@@ -156,13 +156,23 @@ struct Loop {
     call_nowait: bool,
     /// Busy polling before sleeping ([`EngineConfig::busy_poll`]).
     busy_poll: Option<Duration>,
-    /// TX writes queued since the last submit ([`TX_SUBMIT_EVERY`]).
+    /// TX writes queued since the last submit.
     tx_queued: usize,
+    /// Writes per submitted piece: [`TX_FIRST_PIECE`] when the worker starts (a successor
+    /// resuming on a TX ring the guest filled during the blackout), doubling per piece up to
+    /// [`TX_SUBMIT_EVERY`].
+    tx_piece: usize,
 }
 
 /// TX writes queued before `fill_tx` submits them: a stop waits at most this many writes
 /// (plus those in flight) instead of a whole batch.
 const TX_SUBMIT_EVERY: usize = 32;
+
+/// The first piece a starting worker submits: its completion is shown to the guest after one
+/// write, not after 32 (at 64 B through the host's UDP delivery a write is ~4 µs on the 2-CPU
+/// machine, and a successor resuming on the TX ring the guest filled during the blackout made
+/// its first used entry 240-270 µs p50 after it ran; 75-80 µs with this, 90-100 with 4).
+const TX_FIRST_PIECE: usize = 1;
 
 /// What a busy-poll spell found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,7 +265,7 @@ impl Loop {
             unsafe { self.push(entry)? };
             self.tx_inflight += 1;
             self.tx_queued += 1;
-            if self.tx_queued >= TX_SUBMIT_EVERY {
+            if self.tx_queued >= self.tx_piece {
                 // The kernel runs a submitted TAP write inline: a batch submitted in pieces
                 // lets the stop request be seen between them, not only after the whole
                 // batch (issue 10, item 2); and the piece's completions are there at once:
@@ -263,6 +273,7 @@ impl Loop {
                 // (a successor resuming on a full TX ring completed nothing for 200 µs
                 // p50, 1.1 ms p99, while it wrote the backlog).
                 self.tx_queued = 0;
+                self.tx_piece = (self.tx_piece * 2).min(TX_SUBMIT_EVERY);
                 self.submit_now()?;
                 self.reap(pair)?;
                 pair.publish_used();
@@ -467,6 +478,7 @@ impl Engine for UringEngine {
             call_nowait: true,
             busy_poll: self.cfg.busy_poll.filter(|d| !d.is_zero()),
             tx_queued: 0,
+            tx_piece: TX_FIRST_PIECE,
         };
         if !ready(pair) {
             return Ok(Leftovers(Some(Box::new(lp))));
