@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Where an idle round trip's CPU goes, per thread (issue 11, item 3): runs the latency scenario's
 # idle rows one engine and placement at a time and, 1.2 s into each, reads every thread's
-# scheduler run time (/proc/PID/task/TID/schedstat, ns) around a 1.5 s window in which perf
-# counts the machine's round trips (net:netif_receive_skb: each request passes the host stack
-# once), syscalls and context switches. Prints medians over the repeats, per round trip.
+# scheduler run time (/proc/PID/task/TID/schedstat, ns) around a 1.5 s window (`window`) in
+# which perf counts the machine's round trips (net:netif_receive_skb: each request passes the
+# host stack once), syscalls and context switches. Prints medians over the repeats, per round trip.
 #
 #   bench/scripts/latency-cpu.sh                 # uring and classic, split and shared, 3 repeats
 #   TAPIR=/path/to/tapir REPEATS=5 bench/scripts/latency-cpu.sh
@@ -12,6 +12,7 @@
 set -euo pipefail
 tapir=${TAPIR:-$(dirname "$0")/../../target/release/tapir}
 repeats=${REPEATS:-3}
+window=1.5   # seconds counted per run
 out=$(mktemp -d /tmp/tapir-latency-cpu.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 snap() { for t in /proc/"$1"/task/*; do echo "$(cat "$t"/comm) $(cat "$t"/schedstat)"; done; }
@@ -25,15 +26,15 @@ for i in $(seq "$repeats"); do
             sleep 1.2
             snap "$bench" >"$out/s0-$tag"
             perf stat -x, -a -e net:netif_receive_skb,raw_syscalls:sys_enter,context-switches \
-                -o "$out/c-$tag.csv" -- sleep 1.5
+                -o "$out/c-$tag.csv" -- sleep "$window"
             snap "$bench" >"$out/s1-$tag"
             wait "$bench"
         done
     done
 done
-python3 - "$out" <<'PY'
+python3 - "$out" "$window" <<'PY'
 import collections, glob, os, statistics as st, sys
-d = sys.argv[1]
+d, window = sys.argv[1], float(sys.argv[2])
 res = collections.defaultdict(list)
 def threads(fn):
     t = collections.defaultdict(int)
@@ -46,7 +47,7 @@ for f in sorted(glob.glob(os.path.join(d, "c-*.csv"))):
     p, e, _ = tag.split("-")
     rts, sys_, cs = [float(l.split(",")[0]) for l in open(f) if l.strip() and not l.startswith("#")]
     a, b = threads(os.path.join(d, f"s0-{tag}")), threads(os.path.join(d, f"s1-{tag}"))
-    res[(p, e)].append((1.5e6 / rts, sys_ / rts, cs / rts, {c: (b[c] - a[c]) / rts / 1000 for c in b}))
+    res[(p, e)].append((window * 1e6 / rts, sys_ / rts, cs / rts, {c: (b[c] - a[c]) / rts / 1000 for c in b}))
 print("placement engine  mean round trip us  syscalls  ctx switches  CPU us per round trip: worker (tapir-qp0), echo, guest (netns)")
 for (p, e), runs in sorted(res.items()):
     med = lambda k: st.median(r[3].get(k, 0) for r in runs)
