@@ -345,12 +345,17 @@ impl Device {
                             message: engine::panic_message(p.as_ref()),
                         })
                     });
+                    // The start-up channel closes here, not when the parked thread exits: a
+                    // worker that failed its set-up without signalling is seen at once.
+                    drop(ready);
                     pair.settle_rx_order();
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "worker failed");
                         pair.mark_broken(&e.to_string());
                     }
-                    worker_handback.put((pair, tap, result));
+                    // Parked here until the stopper is done with the pair (after a handoff's
+                    // blackout): the engine's drop and the thread's exit happen then.
+                    worker_handback.put_and_park((pair, tap, result));
                 })
                 .map_err(|source| DeviceError::Os {
                     what: "spawning a worker",
@@ -457,7 +462,6 @@ impl Device {
         let mut first_err = None;
         for w in self.workers.drain(..) {
             let (end, thread) = w.handback.wait(w.thread);
-            let thread = Exiting::new(thread);
             match end {
                 Some((pair, tap, Ok(leftovers))) => pairs.push(QuiescedPair {
                     pair,

@@ -246,15 +246,18 @@ impl Engine for ClassicEngine {
         add(pair.rx.kick.as_fd(), TOKEN_RX_KICK)?;
         add(stop.as_fd(), TOKEN_STOP)?;
         add(tap.as_fd(), TOKEN_TAP)?;
-        if !ready(pair) {
-            return Ok(Leftovers(None));
-        }
-        let mut tap_armed = true;
+        // Allocated before the start gate, not after it: the read's spill area is a fresh
+        // mapping, and a successor paid for it inside the blackout (mark_resumed -> loop
+        // start 14 µs p50, 42 µs p90 under the handoff bench's traffic; 3 and 5 after).
         let mut w = TxWrite::new();
         let mut rx = ClassicRx {
             read: RxRead::new(pair.rx_read_chains()),
             waiting: RxWait::Free,
         };
+        if !ready(pair) {
+            return Ok(Leftovers(None));
+        }
+        let mut tap_armed = true;
         let burst = self.cfg.tx_depth.max(1);
         let rx_burst = self.cfg.rx_depth.max(1);
         let mut events = [EpollEvent::empty(); 8];
