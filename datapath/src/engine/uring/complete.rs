@@ -107,7 +107,7 @@ impl Loop {
                 self.rx_gate = RxGate::Open;
                 self.rx_pending = true;
             }
-            Op::Call(_) | Op::Cancel => {}
+            Op::Call(_) | Op::Cancel | Op::WarmUp => {}
         }
         Ok(())
     }

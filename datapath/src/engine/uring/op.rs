@@ -21,6 +21,8 @@ pub(super) enum Op {
     Cancel,
     /// The poll (or timeout) that lets RX post reads again.
     RxRetry,
+    /// The zero timeout a worker enters the kernel with once before its start gate.
+    WarmUp,
 }
 
 const OP_TX: u64 = 1;
@@ -30,6 +32,7 @@ const OP_STOP: u64 = 4;
 const OP_CALL: u64 = 5;
 const OP_CANCEL: u64 = 6;
 const OP_RX_RETRY: u64 = 7;
+const OP_WARM_UP: u64 = 8;
 
 fn dir_code(dir: Direction) -> u64 {
     match dir {
@@ -48,6 +51,7 @@ impl Op {
             Op::Call(dir) => (OP_CALL, dir_code(dir)),
             Op::Cancel => (OP_CANCEL, 0),
             Op::RxRetry => (OP_RX_RETRY, 0),
+            Op::WarmUp => (OP_WARM_UP, 0),
         };
         (op << 32) | (low & 0xffff_ffff)
     }
@@ -69,7 +73,34 @@ impl Op {
             OP_CALL => dir.map(Op::Call),
             OP_CANCEL => Some(Op::Cancel),
             OP_RX_RETRY => Some(Op::RxRetry),
+            OP_WARM_UP => Some(Op::WarmUp),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_operation_round_trips_through_its_user_data() {
+        for op in [
+            Op::Tx(0),
+            Op::Tx(255),
+            Op::Rx(7),
+            Op::Kick(Direction::Rx),
+            Op::Kick(Direction::Tx),
+            Op::Stop,
+            Op::Call(Direction::Rx),
+            Op::Call(Direction::Tx),
+            Op::Cancel,
+            Op::RxRetry,
+            Op::WarmUp,
+        ] {
+            assert_eq!(Op::from_user_data(op.user_data()), Some(op), "{op:?}");
+        }
+        assert_eq!(Op::from_user_data(0), None);
+        assert_eq!(Op::from_user_data(99 << 32), None);
     }
 }
