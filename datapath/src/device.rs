@@ -26,6 +26,7 @@ mod gate;
 mod handback;
 
 pub use config::{DeviceConfig, DeviceError, PairResources, QueuePairSpec};
+pub use gate::Decider;
 use gate::{Decision, Gate};
 use handback::{Exiting, Handback};
 
@@ -90,6 +91,18 @@ impl PausedDevice {
         self.device
     }
 
+    /// Lets the first worker at the start gate decide on its own thread ([`Decider`]) and,
+    /// if it returns positions, run at them at once; the other workers follow the same
+    /// decision. Returns when it was made: the running device, or, when the decider said no
+    /// (or panicked), the pairs untouched, as [`abort`](Self::abort) returns them.
+    pub fn go_when_decided(self, decider: Decider) -> Decided {
+        self.gate.decide_by(decider, self.device.workers.len());
+        match self.gate.decided() {
+            Decision::Go(_) => Decided::Running(self.device),
+            Decision::Abort => Decided::Aborted(self.device.stop()),
+        }
+    }
+
     /// Ends the workers without servicing anything; returns the pairs untouched.
     pub fn abort(self) -> Result<Vec<QuiescedPair>, DeviceError> {
         self.gate.decide(Decision::Abort);
@@ -100,6 +113,15 @@ impl PausedDevice {
     pub fn worker_stats(&self) -> Vec<Arc<QueuePairStats>> {
         self.device.worker_stats()
     }
+}
+
+/// What [`PausedDevice::go_when_decided`] ended in.
+#[derive(Debug)]
+pub enum Decided {
+    /// The decider gave positions: the workers run.
+    Running(Device),
+    /// It did not: the workers ended without servicing anything; the pairs, untouched.
+    Aborted(Result<Vec<QuiescedPair>, DeviceError>),
 }
 
 /// A device whose workers are stopped with nothing in flight.

@@ -39,8 +39,8 @@ mod vnet_hdr;
 
 // The device lifecycle and its configuration.
 pub use device::{
-    Device, DeviceConfig, DeviceError, PairResources, PausedDevice, QueuePairSpec, QuiescedDevice,
-    QuiescedPair,
+    Decided, Decider, Device, DeviceConfig, DeviceError, PairResources, PausedDevice,
+    QueuePairSpec, QuiescedDevice, QuiescedPair,
 };
 pub use pair::{PairPositions, MAX_CARRIED_FRAMES};
 pub use virtqueue::{QueueConfig, QueueError};

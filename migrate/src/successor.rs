@@ -227,7 +227,7 @@ fn take_over_inner(
     // files, buffers) and worker threads set up and parked.
     let (layout, paused) = start_parked(prepared, opts)?;
     let mut took = match word {
-        Some(word) => crate::switch_v3::claim_and_run(ch, opts, &layout, paused, &word)?,
+        Some(word) => crate::switch_v3::claim_and_run(ch, opts, &layout, paused, word)?,
         None => switch_v2(ch, opts, &layout, paused)?,
     };
     took.extension = extension;

@@ -5,10 +5,11 @@
 //! (RUNNING) outside the blackout. See `docs/HANDOFF.md`, "Version 3: one message in the
 //! blackout", for why this keeps one owner of every ring at every instant.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tapir_datapath::monotonic_ns;
-use tapir_datapath::PausedDevice;
+use tapir_datapath::{Decided, PausedDevice};
 use tapir_state::DeviceSnapshot;
 
 use crate::fence::Fence;
@@ -188,47 +189,74 @@ fn decide(acked: Result<(), MigrateError>, word: &SourceWord, pid: u32) -> Decis
     }
 }
 
-/// The successor's switch: PREPARED (armed), SWITCH, claim, run, RUNNING.
+/// The successor's switch: PREPARED, then SWITCH, claim and run on the thread of the first
+/// worker at the start gate (it waits on the channel itself, so the switch wakes the thread
+/// that services the rings, not this one, which would then have to wake it: a cross-CPU
+/// wake-up less inside the blackout), then RUNNING from here, after it runs.
 pub(crate) fn claim_and_run(
     ch: &Channel,
     opts: &SuccessorOptions,
     layout: &DeviceSnapshot,
     paused: PausedDevice,
-    word: &(OwnershipWord, u32),
+    word: (OwnershipWord, u32),
 ) -> Result<TakeOver, MigrateError> {
-    let (word, attempt) = (&word.0, word.1);
-    let me = std::process::id();
-    let switched = ch
-        .send(protocol::PREPARED, &[], &[])
-        .map_err(MigrateError::from)
-        .and_then(|()| {
-            ch.recv_spinning(Some(opts.timeouts.prepare))
-                .map_err(MigrateError::from)
-        })
-        .and_then(|msg| {
-            // Wake the parked workers now: they wait spinning while the switch is checked.
-            paused.arm();
-            final_positions(&msg, opts, layout)
-        })
-        .and_then(|sw| {
-            fail_here(opts, FailPoint::BeforeRunning);
-            // The claim comes before any ring is touched: if the source took the word back
-            // first, this process never runs.
-            word.claim(me, attempt).map_err(|found| {
-                MigrateError::Ownership(format!("cannot claim the device: the word says {found}"))
-            })?;
-            Ok(sw)
-        });
-    let (switch_ns, sw) = match switched {
-        Ok(v) => v,
+    let receiver = match ch.try_clone() {
+        Ok(c) => c,
         Err(e) => {
             let _ = paused.abort();
-            return Err(e);
+            return Err(e.into());
         }
     };
-    let claimed_ns = monotonic_ns();
-    let device = paused.go_at(sw.positions);
+    if let Err(e) = ch.send(protocol::PREPARED, &[], &[]) {
+        let _ = paused.abort();
+        return Err(e.into());
+    }
+    let switched: Arc<Mutex<Option<Switched>>> = Arc::default();
+    let decider = {
+        let (opts, layout, slot) = (opts.clone(), layout.clone(), switched.clone());
+        Box::new(move || {
+            let (positions, claimed) = match receive_and_claim(&receiver, &opts, &layout, &word) {
+                Ok((positions, claimed)) => (Some(positions), Ok(claimed)),
+                Err(e) => (None, Err(e)),
+            };
+            // Everything the decider holds goes back to this thread, to be dropped here
+            // after the blackout, not on the worker's thread before its first service (the
+            // receive buffer and the word's page are mappings).
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Switched {
+                claimed,
+                held: (receiver, word, layout, opts),
+            });
+            positions
+        })
+    };
+    let decided = paused.go_when_decided(decider);
     let running_ns = monotonic_ns();
+    // Dropped when this returns (after RUNNING), with what the decider held.
+    let taken = switched.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let (claimed, _held) = match taken {
+        Some(s) => (s.claimed, Some(s.held)),
+        None => (
+            Err(MigrateError::Ownership(
+                "the switch was not decided (its decider panicked)".to_owned(),
+            )),
+            None,
+        ),
+    };
+    let (device, claimed) = match (decided, claimed) {
+        (Decided::Running(device), Ok(claimed)) => (device, claimed),
+        (Decided::Aborted(_), Err(e)) => return Err(e),
+        (Decided::Running(device), Err(e)) => {
+            // Cannot happen (the decider gives positions only with a claim); never run
+            // without one.
+            let _ = device.stop();
+            return Err(e);
+        }
+        (Decided::Aborted(_), Ok(_)) => {
+            return Err(MigrateError::Ownership(
+                "claimed the device, but the workers did not start".to_owned(),
+            ))
+        }
+    };
     if opts.fail_at == Some(FailPoint::NoAck) {
         tracing::error!("test hook: running without acknowledging the switch");
     } else if let Err(e) = ch.send(protocol::RUNNING, &[], &[]) {
@@ -237,13 +265,56 @@ pub(crate) fn claim_and_run(
     }
     Ok(TakeOver {
         device,
-        quiesce_ns: sw.quiesce_ns,
+        quiesce_ns: claimed.quiesce_ns,
         running_ns,
-        switch_ns,
-        ready_ns: claimed_ns,
-        go_ns: claimed_ns,
-        generation: sw.generation,
+        switch_ns: claimed.switch_ns,
+        ready_ns: claimed.claimed_ns,
+        go_ns: claimed.claimed_ns,
+        generation: claimed.generation,
         version: 3,
         extension: crate::successor::Extension::default(),
     })
+}
+
+/// What the decider hands back: its outcome, and what it held.
+struct Switched {
+    claimed: Result<Claimed, MigrateError>,
+    held: (
+        Channel,
+        (OwnershipWord, u32),
+        DeviceSnapshot,
+        SuccessorOptions,
+    ),
+}
+
+/// What the deciding worker learnt from SWITCH, besides the positions it runs at.
+struct Claimed {
+    switch_ns: u64,
+    claimed_ns: u64,
+    quiesce_ns: u64,
+    generation: u64,
+}
+
+/// On the deciding worker's thread: receives SWITCH, checks it against the layout, claims
+/// the word. The claim comes before any ring is touched: if the source took the word back
+/// first, this process never runs.
+fn receive_and_claim(
+    ch: &Channel,
+    opts: &SuccessorOptions,
+    layout: &DeviceSnapshot,
+    word: &(OwnershipWord, u32),
+) -> Result<(Vec<tapir_datapath::PairPositions>, Claimed), MigrateError> {
+    let msg = ch.recv_spinning(Some(opts.timeouts.prepare))?;
+    let (switch_ns, sw) = final_positions(&msg, opts, layout)?;
+    fail_here(opts, FailPoint::BeforeRunning);
+    word.0.claim(std::process::id(), word.1).map_err(|found| {
+        MigrateError::Ownership(format!("cannot claim the device: the word says {found}"))
+    })?;
+    let claimed = Claimed {
+        switch_ns,
+        claimed_ns: monotonic_ns(),
+        quiesce_ns: sw.quiesce_ns,
+        generation: sw.generation,
+    };
+    Ok((sw.positions, claimed))
 }

@@ -275,6 +275,9 @@ pub struct Channel {
 static SPARE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 /// How many receive buffers [`SPARE`] keeps.
 const SPARE_BUFFERS: usize = 2;
+/// How much of a cloned channel's receive buffer is faulted in at once (a switch with a few
+/// carried frames fits).
+const WARM_BYTES: usize = 256 * 1024;
 
 /// A channel's receive buffer: on first use one a dropped channel left (its pages already
 /// faulted in) or a new one; given back when the channel is dropped. A process that hands
@@ -384,6 +387,29 @@ impl Channel {
             fd,
             peer_pid: cred.pid(),
             buf: std::sync::Mutex::new(RecvBuf::default()),
+            child: None,
+        })
+    }
+
+    /// A second handle on the same connection: a dup of its fd, with its own receive
+    /// buffer, whose first pages are touched now (not when a message lands in them). For a
+    /// thread that receives one message while this one waits: the successor's SWITCH,
+    /// received on the worker that runs first. Only one of the two may receive at a time.
+    pub(crate) fn try_clone(&self) -> Result<Channel, ChannelError> {
+        let fd = self.fd.try_clone().map_err(|source| ChannelError::Os {
+            what: "dup",
+            source,
+        })?;
+        let mut buf = RecvBuf::default();
+        for page in buf.full().iter_mut().take(WARM_BYTES).step_by(4096) {
+            // SAFETY: a valid, aligned pointer into the buffer; the volatile write makes
+            // sure the page is faulted in now.
+            unsafe { std::ptr::write_volatile(page, 0) };
+        }
+        Ok(Channel {
+            fd,
+            peer_pid: self.peer_pid,
+            buf: std::sync::Mutex::new(buf),
             child: None,
         })
     }
