@@ -26,7 +26,8 @@ if ! nice "${fuzz[@]}" build >ci-build.log 2>&1; then
 fi
 echo "fuzz: targets built in $(( $(date +%s) - started )) s"
 
-bin=target/x86_64-unknown-linux-gnu/release
+# cargo fuzz builds under $CARGO_TARGET_DIR when it is set (as .ci/run allows).
+bin=${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release
 mkdir -p ci-logs
 failed=()
 found=()
