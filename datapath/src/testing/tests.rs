@@ -699,3 +699,37 @@ fn rx_reorder_without_mrg_rxbuf_never_splits_a_frame() {
     assert_eq!(fx.rx.take_foreign_used(), vec![(u32::from(d[0]), 112)]);
     assert_eq!(fx.rx.stats().device_errors, 0);
 }
+
+/// What the first-service hook saw: the TX used index the guest could read when it ran.
+static USED_AT_HOOK: std::sync::Mutex<Option<(GuestMemory, u64, Option<u16>)>> =
+    std::sync::Mutex::new(None);
+
+fn record_used_at_hook() {
+    let mut seen = USED_AT_HOOK.lock().unwrap();
+    if let Some((mem, used_ring, at)) = seen.as_mut() {
+        *at = crate::virtqueue::used_index(mem, *used_ring);
+    }
+}
+
+#[test]
+fn the_first_service_hook_runs_once_the_guest_can_see_the_entry() {
+    // A realtime worker returns to ordinary scheduling in this hook: demoted before the used
+    // index is out, it could be preempted with the entry written and not shown.
+    let mut fx = fixture(config(0, 64));
+    let used_ring = fx.guest.tx_queue(0).used_ring;
+    *USED_AT_HOOK.lock().unwrap() = Some((fx.h.pair().mem.clone(), used_ring, None));
+    fx.h.pair_mut().on_first_service(record_used_at_hook);
+    assert!(fx.tx.push(&VirtioNetHdr::default(), &[7u8; 60]).unwrap());
+    fx.tx.flush();
+    fx.h.tx_send().expect("a TX chain");
+    let seen = USED_AT_HOOK
+        .lock()
+        .unwrap()
+        .take()
+        .and_then(|(_, _, at)| at);
+    assert_eq!(
+        seen,
+        Some(1),
+        "the hook ran before the used index showed the entry"
+    );
+}
