@@ -13,6 +13,12 @@ use tapir_migrate::{hand_off, LaunchSource, Listener, Outcome, Timeouts};
 use tapir_simguest::{GuestConfig, RxDriver, SimGuest, TxDriver};
 
 use crate::memory::{guest_memory, pair_resources};
+
+/// The hidden environment variable that starts the rig's datapath children with
+/// `--no-sandbox` (measurements only: on a machine where the sandbox cannot raise
+/// `RLIMIT_RTPRIO`, without `CAP_SYS_RESOURCE`, `--handoff-rt-priority` needs the children's
+/// own `CAP_SYS_NICE`).
+pub const CHILD_NO_SANDBOX_ENV: &str = "TAPIR_HANDOFF_CHILD_NO_SANDBOX";
 use crate::netns;
 use crate::rig::{self, GUEST_MAC, TAP_NAME};
 
@@ -219,6 +225,9 @@ impl HandoffRig {
         }
         if let Some(p) = self.child.rt_priority {
             cmd.arg("--rt-priority").arg(p.to_string());
+        }
+        if std::env::var_os(CHILD_NO_SANDBOX_ENV).is_some() {
+            cmd.arg("--no-sandbox");
         }
         let mut child = cmd
             .spawn()
