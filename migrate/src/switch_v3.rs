@@ -200,17 +200,16 @@ pub(crate) fn claim_and_run(
     paused: PausedDevice,
     word: (OwnershipWord, u32),
 ) -> Result<TakeOver, MigrateError> {
-    let receiver = match ch.try_clone() {
-        Ok(c) => c,
+    let prepared = ch
+        .try_clone()
+        .and_then(|receiver| ch.send(protocol::PREPARED, &[], &[]).map(|()| receiver));
+    let receiver = match prepared {
+        Ok(receiver) => receiver,
         Err(e) => {
             let _ = paused.abort();
             return Err(e.into());
         }
     };
-    if let Err(e) = ch.send(protocol::PREPARED, &[], &[]) {
-        let _ = paused.abort();
-        return Err(e.into());
-    }
     let switched: Arc<Mutex<Option<Switched>>> = Arc::default();
     let decider = {
         let (opts, layout, slot) = (opts.clone(), layout.clone(), switched.clone());
